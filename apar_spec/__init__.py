@@ -1,0 +1,1 @@
+"""apar-spec: APAR decoding + speculative decoding."""
