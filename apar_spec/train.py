@@ -1,0 +1,637 @@
+"""Training: tokenizer, packing of answer trees, and one training loop for all three models.
+
+Why pack a whole tree into ONE sequence: an APAR answer with ``k`` forks is ``1 + k``
+branches that share prefixes. The official APAR code writes ``1 + k`` separate causal
+examples (each branch after its full context). Packing writes each token once, gives
+node ``i`` a *tree mask* (it sees itself and its ancestors only) and ``position_id =
+depth``, which is exactly what the tree decoder does at inference time. The loss is the
+same token-for-token: :func:`separate_sequences` is the reference formulation and the
+tests check the two agree in float64.
+
+Glossary (see DESIGN.md): *node* = one token with a parent; *branch* = a chain of
+nodes decoded as one sequence; a branch's ``[Fork]`` spawns a child branch whose
+first node is a forced ``[Child]`` hanging under the ``[Fork]`` node.
+
+Labels are stored per *predicting* node (``labels[i]`` = the token that follows node
+``i`` in its own branch), because in a packed tree the successor of a node is not
+always the next position: a ``[Fork]`` node's successor in its branch comes after the
+whole rest of the branch's tokens, and its ``[Child]`` node sits further still. So the
+loss is a plain ``cross_entropy(logits, labels)`` with no shift.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from apar_spec.answer_tree import AnswerTree
+from apar_spec.tokens import CHILD_TOKEN, FORK_TOKEN, AparTokens, add_apar_tokens, find_apar_tokens
+
+IGNORE = -100
+PAD_TOKEN = "<pad>"
+EOS_TOKEN = "<eos>"
+
+# The prompt format the embedded models are trained with. The chat template below
+# renders exactly this string, so `apply_chat_template` and `format_prompt` agree.
+PROMPT_FORMAT = "Question: {prompt}\nAnswer:"
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{ 'Question: ' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ 'Answer:' + message['content'] + eos_token + '\\n' }}"
+    "{%- else -%}"
+    "{{ message['content'] + '\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Answer:' }}{%- endif -%}"
+)
+
+
+def format_prompt(prompt: str) -> str:
+    """The prompt string the embedded models were trained on: ``Question: p\\nAnswer:``."""
+    return PROMPT_FORMAT.format(prompt=prompt)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 2048):
+    """Train a byte-level BPE tokenizer on ``texts``; returns a ``PreTrainedTokenizerFast``.
+
+    Byte-level so any text round-trips; no prefix space, so a child's leading ``" details"``
+    tokenises the same whether or not it follows its parent's text. ``<pad>``, ``<eos>``,
+    ``[Fork]`` and ``[Child]`` are special (never split, hidden by
+    ``skip_special_tokens``). Nothing is added automatically: EOS is appended by the packer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, EOS_TOKEN, FORK_TOKEN, CHILD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        additional_special_tokens=[FORK_TOKEN, CHILD_TOKEN],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def segment_token_ids(tree: AnswerTree, tokenizer) -> list[list[int]]:
+    """Token ids of each segment of ``tree``'s own text, tokenised separately.
+
+    Separate tokenisation makes every fork offset a token boundary, so the decoder's
+    output tokens of a branch are exactly the concatenation of these lists.
+    """
+    segments = tree.segments()
+    return [tokenizer(s, add_special_tokens=False)["input_ids"] if s else [] for s in segments]
+
+
+def branch_token_ids(tree: AnswerTree, tokenizer, apar: AparTokens | None) -> tuple[list[int], list[int]]:
+    """One branch's own tokens ``seg0 [Fork] seg1 [Fork] ... segK EOS`` and the positions of its ``[Fork]``s."""
+    if tree.forks and apar is None:
+        raise ValueError("the answer tree forks but the tokenizer has no [Fork]/[Child] tokens (use add_apar_tokens)")
+    tokens: list[int] = []
+    fork_positions: list[int] = []
+    for k, ids in enumerate(segment_token_ids(tree, tokenizer)):
+        tokens.extend(ids)
+        if k < len(tree.forks):
+            fork_positions.append(len(tokens))
+            tokens.append(apar.fork_id)
+    tokens.append(tokenizer.eos_token_id)
+    return tokens, fork_positions
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@dataclass
+class PackedExample:
+    """One answer tree (or plain answer) laid out as a token tree of ``L`` nodes."""
+
+    input_ids: torch.Tensor  # [L] long
+    position_ids: torch.Tensor  # [L] long: depth of each node (prompt starts at 0)
+    attention: torch.Tensor  # [L, L] bool: attention[i, j] iff j is i or an ancestor of i
+    labels: torch.Tensor  # [L] long: token of node i's successor in its branch, or IGNORE
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def truncate(self, max_len: int) -> "PackedExample":
+        """The first ``max_len`` nodes. Parents precede children, so a prefix is still a tree."""
+        if len(self) <= max_len:
+            return self
+        n = max_len
+        return PackedExample(self.input_ids[:n], self.position_ids[:n], self.attention[:n, :n], self.labels[:n])
+
+    def num_trained(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+class _TreeBuilder:
+    """Appends nodes (token, parent) and records per-node labels."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.labels: list[int] = []
+
+    def add(self, token: int, parent: int) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.labels.append(IGNORE)
+        return len(self.tokens) - 1
+
+    def add_branch(self, tree: AnswerTree, start: int, tokenizer, apar: AparTokens | None) -> None:
+        """Append ``tree``'s own tokens under node ``start``, then each child as ``[Child]`` + its branch.
+
+        ``start`` (the last prompt node, or a ``[Child]`` node) is trained to predict the
+        branch's first token; every branch node predicts the next one of its own branch.
+        """
+        tokens, fork_positions = branch_token_ids(tree, tokenizer, apar)
+        prev = start
+        nodes: list[int] = []
+        for tok in tokens:
+            node = self.add(tok, prev)
+            self.labels[prev] = tok
+            nodes.append(node)
+            prev = node
+        for pos, fork in zip(fork_positions, tree.forks):
+            child_node = self.add(apar.child_id, nodes[pos])  # [Child] hangs under its [Fork]; no loss on it
+            self.add_branch(fork.child, child_node, tokenizer, apar)
+
+    def finish(self) -> PackedExample:
+        n = len(self.tokens)
+        depth = torch.zeros(n, dtype=torch.long)  # [L]
+        attention = torch.zeros(n, n, dtype=torch.bool)  # [L, L]
+        for i, p in enumerate(self.parents):
+            if p >= 0:  # parents always precede: copy the parent's ancestor row, add self
+                depth[i] = depth[p] + 1
+                attention[i] = attention[p]
+            attention[i, i] = True
+        return PackedExample(
+            input_ids=torch.tensor(self.tokens, dtype=torch.long),
+            position_ids=depth,
+            attention=attention,
+            labels=torch.tensor(self.labels, dtype=torch.long),
+        )
+
+
+def _prompt_builder(prompt_ids: Sequence[int]) -> _TreeBuilder:
+    if len(prompt_ids) == 0:
+        raise ValueError("prompt_ids is empty: the first answer token is predicted from the last prompt token")
+    b = _TreeBuilder()
+    for i, tok in enumerate(prompt_ids):
+        b.add(int(tok), i - 1)
+    return b
+
+
+def pack_tree(prompt_ids: Sequence[int], tree: AnswerTree, tokenizer, apar: AparTokens | None) -> PackedExample:
+    """Pack prompt + answer tree into one token tree (each token once).
+
+    Layout: prompt; main branch ``seg0 [Fork] seg1 ... EOS``; then for each fork in
+    order ``[Child]`` (parent: that ``[Fork]`` node) + the child's layout, recursively.
+    Loss on every branch token incl. ``[Fork]`` and EOS; never on the prompt nor on
+    ``[Child]`` (both are inputs only).
+    """
+    b = _prompt_builder(prompt_ids)
+    b.add_branch(tree, len(prompt_ids) - 1, tokenizer, apar)
+    return b.finish()
+
+
+def pack_plain(prompt_ids: Sequence[int], answer_text: str, tokenizer) -> PackedExample:
+    """An ordinary causal example: prompt + answer + EOS (the AR/base-model format)."""
+    return pack_tree(prompt_ids, AnswerTree(answer_text), tokenizer, find_apar_tokens(tokenizer))
+
+
+def separate_sequences(
+    prompt_ids: Sequence[int], tree: AnswerTree, tokenizer, apar: AparTokens | None
+) -> list[PackedExample]:
+    """Reference formulation: one plain causal sequence per branch (1 + k of them).
+
+    Branch sequence = prompt + every ancestor's tokens up to and including the ``[Fork]``
+    that spawned it (with the ancestors' ``[Child]`` nodes) + ``[Child]`` + its own tokens
+    + EOS; loss only on its own tokens. The main branch's context is just the prompt.
+    """
+    out: list[PackedExample] = []
+
+    def visit(context: list[int], branch: AnswerTree) -> None:
+        tokens, fork_positions = branch_token_ids(branch, tokenizer, apar)
+        b = _TreeBuilder()
+        for i, tok in enumerate(context + tokens):
+            b.add(tok, i - 1)
+        for j, tok in enumerate(tokens):
+            b.labels[len(context) - 1 + j] = tok
+        out.append(b.finish())
+        for pos, fork in zip(fork_positions, branch.forks):
+            visit(context + tokens[: pos + 1] + [apar.child_id], fork.child)
+
+    if len(prompt_ids) == 0:
+        raise ValueError("prompt_ids is empty")
+    visit([int(t) for t in prompt_ids], tree)
+    return out
+
+
+# --------------------------------------------------------------------------- batches and loss
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L] long, right-padded with pad_id
+    position_ids: torch.Tensor  # [B, L] long
+    attention_mask: torch.Tensor  # [B, 1, L, L] bool
+    labels: torch.Tensor  # [B, L] long, IGNORE on padding
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.input_ids, self.position_ids, self.attention_mask, self.labels)))
+
+
+def collate(examples: Sequence[PackedExample], pad_id: int, multiple_of: int = 8) -> Batch:
+    """Right-pad packed examples into one batch with a 4D boolean tree mask.
+
+    Padding nodes attend only to themselves: a fully masked row would make SDPA
+    return NaN, which would leak into the gradients even though its label is ignored.
+    """
+    L = max(len(e) for e in examples)
+    L = -(-L // multiple_of) * multiple_of
+    B = len(examples)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(B, L, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE, dtype=torch.long)
+    mask = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1)  # [B, L, L]
+    for b, e in enumerate(examples):
+        n = len(e)
+        input_ids[b, :n] = e.input_ids
+        position_ids[b, :n] = e.position_ids
+        labels[b, :n] = e.labels
+        mask[b, :n, :n] = e.attention
+    return Batch(input_ids, position_ids, mask[:, None], labels)
+
+
+def model_attention_mask(mask: torch.Tensor, model) -> torch.Tensor:
+    """Boolean masks go to SDPA as-is; eager attention *adds* its mask, so it needs 0/-inf."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    if impl == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def summed_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Token-summed cross-entropy over labelled nodes (no shift: labels are per predicting node)."""
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=model_attention_mask(batch.attention_mask, model),
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).logits  # [B, L, V]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # the softmax over the vocabulary wants full precision
+    loss = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int((batch.labels != IGNORE).sum())
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class TrainExample:
+    """A prompt and its answer tree (a tree without forks is an unstructured answer)."""
+
+    prompt: str
+    tree: AnswerTree
+
+    @property
+    def structured(self) -> bool:
+        return bool(self.tree.forks)
+
+
+def _row_to_example(row: Any, mode: str, max_depth: int, where: str) -> TrainExample:
+    get = row.get if isinstance(row, dict) else (lambda k, d=None: getattr(row, k, d))
+    prompt = get("prompt")
+    tree = get("tree")
+    answer = get("answer")
+    if not isinstance(prompt, str) or (tree is None and not isinstance(answer, str)):
+        raise ValueError(f"{where}: a row needs a string 'prompt' and an 'answer' string or a 'tree'")
+    if isinstance(tree, dict):
+        try:
+            tree = AnswerTree.from_dict(tree)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: invalid 'tree' ({e!r})") from None
+    if mode == "plain":
+        return TrainExample(prompt, AnswerTree(answer if isinstance(answer, str) else tree.reassemble()))
+    if tree is None:
+        from apar_spec.restructure import restructure  # raw prompt/answer row: restructure it here
+
+        tree = restructure(answer, max_depth=max_depth)
+    return TrainExample(prompt, tree)
+
+
+def read_examples(data: str | Path | Iterable[Any], mode: str = "apar", max_depth: int = 1) -> list[TrainExample]:
+    """Training examples from a JSONL path or a list of rows (dicts or objects with ``prompt``/``answer``/``tree``).
+
+    ``mode="apar"``: rows with a ``tree`` use it, raw rows are restructured; ``mode="plain"``:
+    every answer becomes sequential text (reassembled from the tree if only a tree is given).
+    Errors name the file and line, in one line.
+    """
+    if mode not in ("apar", "plain"):
+        raise ValueError(f"mode must be 'apar' or 'plain', not {mode!r}")
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"training data file not found: {path}")
+        examples = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                examples.append(_row_to_example(row, mode, max_depth, where))
+        if not examples:
+            raise ValueError(f"{path}: no training rows")
+        return examples
+    examples = [_row_to_example(r, mode, max_depth, f"example {i}") for i, r in enumerate(data)]
+    if not examples:
+        raise ValueError("no training examples")
+    return examples
+
+
+def pack_example(ex: TrainExample, tokenizer, apar: AparTokens | None) -> PackedExample:
+    prompt_ids = tokenizer(format_prompt(ex.prompt), add_special_tokens=False)["input_ids"]
+    return pack_tree(prompt_ids, ex.tree, tokenizer, apar)
+
+
+class BatchSchedule:
+    """Which examples form the batch of step ``s``: a pure function of (seed, step).
+
+    Each pool (structured / unstructured) is walked in epochs of seeded permutations,
+    so a resumed run sees exactly the batches the uninterrupted run would have.
+    """
+
+    def __init__(self, pool_sizes: Sequence[int], per_batch: Sequence[int], seed: int, stride: int = 1, offset: int = 0):
+        self.pool_sizes, self.per_batch, self.seed = list(pool_sizes), list(per_batch), seed
+        self.stride, self.offset = stride, offset  # processes: stride = world size, offset = rank
+        self._perms: dict[tuple[int, int], list[int]] = {}
+
+    def _perm(self, pool: int, epoch: int) -> list[int]:
+        key = (pool, epoch)
+        if key not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + pool * 7919 + epoch)
+            self._perms[key] = torch.randperm(self.pool_sizes[pool], generator=g).tolist()
+        return self._perms[key]
+
+    def indices(self, step: int) -> list[tuple[int, int]]:
+        out = []
+        for pool, (n, k) in enumerate(zip(self.pool_sizes, self.per_batch)):
+            start = (step * self.stride + self.offset) * k
+            for pos in range(start, start + k):
+                out.append((pool, self._perm(pool, pos // n)[pos % n]))
+        return out
+
+
+# --------------------------------------------------------------------------- training loop
+
+
+@dataclass
+class TrainReport:
+    out_dir: str
+    steps: int  # optimizer steps done in total (including those before a resume)
+    start_step: int  # 0, or the step a resumed run started from
+    final_loss: float  # mean of the per-step losses (per trained token) over the last ~10% of steps
+    losses: list[float] = field(default_factory=list)  # per step of this run
+    wall_time_s: float = 0.0
+    trained_tokens: int = 0
+    num_examples: int = 0
+    num_structured: int = 0
+    num_truncated: int = 0
+    num_parameters: int = 0
+
+
+def _resolve_model(model, tokenizer):
+    """A loaded model, an HF id / local path, or a config (fresh random init)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        if tokenizer is None:
+            raise ValueError("training from a config needs tokenizer=")
+        return AutoModelForCausalLM.from_config(model), tokenizer
+    if isinstance(model, (str, Path)):
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(str(model))
+        return AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32), tokenizer
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    return model, tokenizer
+
+
+def _save_model(model, tokenizer, out_dir: Path, dtype: torch.dtype | None) -> None:
+    """safetensors weights (optionally cast, e.g. bf16 for the embedded models) + tokenizer files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    to_save = model if dtype is None else copy.deepcopy(model).to(dtype)
+    to_save.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def train(
+    model,
+    data,
+    out_dir: str | Path,
+    *,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    mix_ratio: float = 0.5,
+    max_len: int = 512,
+    resume: bool = False,
+    progress: bool = True,
+    tokenizer=None,
+    mode: str = "apar",
+    max_depth: int = 1,
+    warmup_steps: int | None = None,
+    schedule: str = "cosine",
+    weight_decay: float = 0.1,
+    grad_clip: float = 1.0,
+    save_every: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    keep_checkpoint: bool = True,
+    save_dtype: torch.dtype | None = None,
+    log_every: int = 0,
+    mixed_precision: str = "no",
+    stop_after: int | None = None,
+) -> TrainReport:
+    """Train ``model`` on answer trees (``mode="apar"``) or sequential answers (``mode="plain"``).
+
+    Built on ``accelerate`` so the same code runs on CPU, one GPU, or ``accelerate launch``
+    (``batch_size`` is per process). In apar mode each batch holds
+    ``round(batch_size * mix_ratio)`` structured examples (trees with forks) and the rest
+    unstructured ones, as in the paper's 0.5/0.5 mix; if one pool is empty the other fills
+    the batch. Examples longer than ``max_len`` nodes are truncated (a prefix of a
+    packed tree is still a tree).
+
+    Resuming: every ``save_every`` steps (and at the end) model weights, optimizer,
+    scheduler and step go to ``checkpoint_dir`` (default ``out_dir/checkpoint``);
+    ``resume=True`` continues from there. Batches depend only on (seed, step), so a
+    resumed run sees the same data as an uninterrupted one. The final model is saved to
+    ``out_dir`` with ``save_pretrained`` (safetensors, cast to ``save_dtype`` if given).
+    ``stop_after=n`` stops after step ``n`` with a checkpoint and no final model (for
+    time-limited jobs, and to test resuming); the schedule still spans ``steps``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    if schedule not in ("cosine", "linear"):
+        raise ValueError(f"schedule must be 'cosine' or 'linear', not {schedule!r}")
+    if not 0.0 <= mix_ratio <= 1.0:
+        raise ValueError(f"mix_ratio must be in [0, 1], got {mix_ratio}")
+    examples = read_examples(data, mode=mode, max_depth=max_depth)  # fail on bad data before loading a model
+    out_dir = Path(out_dir)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoint"
+    t0 = time.perf_counter()
+
+    set_seed(seed)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    model, tokenizer = _resolve_model(model, tokenizer)
+    apar = add_apar_tokens(model, tokenizer) if mode == "apar" else find_apar_tokens(tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    packed = [pack_example(e, tokenizer, apar) for e in examples]
+    num_truncated = sum(len(p) > max_len for p in packed)
+    packed = [p.truncate(max_len) for p in packed]
+    pools = [[p for p, e in zip(packed, examples) if e.structured], [p for p, e in zip(packed, examples) if not e.structured]]
+    n_struct = round(batch_size * mix_ratio)
+    per_batch = [n_struct, batch_size - n_struct]
+    if not pools[0]:
+        per_batch = [0, batch_size]
+    if not pools[1]:
+        per_batch = [batch_size, 0]
+    keep = [i for i in range(2) if per_batch[i] > 0]
+    pools, per_batch = [pools[i] for i in keep], [per_batch[i] for i in keep]
+    batches = BatchSchedule([len(p) for p in pools], per_batch, seed, accelerator.num_processes, accelerator.process_index)
+
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+    )
+    warmup = warmup_steps if warmup_steps is not None else min(100, max(1, steps // 10))
+    make_sched = get_cosine_schedule_with_warmup if schedule == "cosine" else get_linear_schedule_with_warmup
+    scheduler = make_sched(optimizer, warmup, steps)
+
+    start_step = 0
+    state_file = ckpt_dir / "trainer_state.pt"
+    if resume and state_file.is_file():
+        from safetensors.torch import load_file
+
+        weights = {}
+        for f in sorted(ckpt_dir.glob("*.safetensors")):
+            weights.update(load_file(str(f)))
+        missing, unexpected = model.load_state_dict(weights, strict=False)  # a tied lm_head is stored once
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
+            raise ValueError(f"checkpoint {ckpt_dir} does not fit the model (missing {missing}, unexpected {unexpected})")
+        state = torch.load(state_file, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = int(state["step"])
+        accelerator.print(f"resuming from {ckpt_dir} at step {start_step}")
+
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    def save_checkpoint(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _save_model(accelerator.unwrap_model(model), tokenizer, ckpt_dir, None)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}, state_file)
+
+    losses: list[float] = []
+    trained_tokens = 0
+    bar = None
+    if progress and accelerator.is_main_process:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("[bold]train[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+        bar.start()
+        task = bar.add_task(str(out_dir.name), total=steps, completed=start_step, loss="-")
+    end = steps if stop_after is None else min(steps, stop_after)
+    try:
+        for step in range(start_step, end):
+            chosen = [pools[pool][i] for pool, i in batches.indices(step)]
+            batch = collate(chosen, tokenizer.pad_token_id).to(accelerator.device)
+            with accelerator.autocast():
+                loss_sum, n_tok = summed_loss(model, batch)
+            loss = loss_sum / max(n_tok, 1)
+            accelerator.backward(loss)
+            if grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            trained_tokens += n_tok
+            if bar is not None:
+                bar.update(task, advance=1, loss=f"{losses[-1]:.3f}")
+            if log_every and (step + 1) % log_every == 0:
+                recent = losses[-log_every:]
+                accelerator.print(
+                    f"step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
+                    f"lr {scheduler.get_last_lr()[0]:.2e} {time.perf_counter() - t0:.0f}s",
+                    flush=True,
+                )
+            if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+                save_checkpoint(step + 1)
+    finally:
+        if bar is not None:
+            bar.stop()
+
+    if keep_checkpoint or end < steps:
+        save_checkpoint(end)
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process and end == steps:
+        _save_model(unwrapped, tokenizer, out_dir, save_dtype)
+        if not keep_checkpoint and ckpt_dir.is_dir() and ckpt_dir.resolve() != out_dir.resolve():
+            shutil.rmtree(ckpt_dir)
+    tail = losses[-max(1, len(losses) // 10):] if losses else [math.nan]
+    return TrainReport(
+        out_dir=str(out_dir),
+        steps=end,
+        start_step=start_step,
+        final_loss=sum(tail) / len(tail),
+        losses=losses,
+        wall_time_s=time.perf_counter() - t0,
+        trained_tokens=trained_tokens,
+        num_examples=len(examples),
+        num_structured=sum(e.structured for e in examples),
+        num_truncated=num_truncated,
+        num_parameters=sum(p.numel() for p in unwrapped.parameters()),
+    )

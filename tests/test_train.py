@@ -1,0 +1,216 @@
+"""Training format and loop: packing equals separate sequences (float64), mask by hand, micro training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from apar_spec.answer_tree import AnswerTree, ForkPoint
+from apar_spec.tokens import AparTokens, find_apar_tokens
+from apar_spec.train import (
+    IGNORE,
+    build_tokenizer,
+    collate,
+    format_prompt,
+    pack_plain,
+    pack_tree,
+    read_examples,
+    separate_sequences,
+    summed_loss,
+    train,
+)
+
+TEXTS = [
+    format_prompt("Name three fruits."),
+    "1. Apples: red and sweet.\n2. Pears: green and soft.\n3. Plums: purple.",
+    format_prompt("Why is the sky blue?"),
+    "The sky looks blue because air scatters short wavelengths of sunlight more than long ones.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(TEXTS * 20, vocab_size=400)
+
+
+def fruit_tree() -> AnswerTree:
+    """Three children; the second forks once more (a nested child)."""
+    pears = AnswerTree(" green and soft; kinds:", [ForkPoint(len(" green and soft; kinds:"), AnswerTree(" Bosc, Anjou."))])
+    main = "1. Apples:\n2. Pears:\n3. Plums:"
+    cuts = [main.index(":") + 1, main.index(":", main.index("2.")) + 1, len(main)]
+    children = [AnswerTree(" red and sweet."), pears, AnswerTree(" purple.")]
+    return AnswerTree(main, [ForkPoint(c, ch) for c, ch in zip(cuts, children)])
+
+
+def tiny_llama(vocab_size: int, dtype=torch.float64, attn: str = "sdpa"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, attn_implementation=attn,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+class CharTokenizer:
+    """One token per character (ord), EOS = 1: makes the hand-written layout readable."""
+
+    eos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_hand_layout_mask_positions_labels():
+    apar = AparTokens(fork_id=2, child_id=3)
+    tree = AnswerTree("ab", [ForkPoint(1, AnswerTree("c"))])
+    p = pack_tree([10, 11], tree, CharTokenizer(), apar)
+    # nodes: 0:10 1:11 | 2:'a' 3:[Fork] 4:'b' 5:EOS | 6:[Child] 7:'c' 8:EOS
+    assert p.input_ids.tolist() == [10, 11, 97, 2, 98, 1, 3, 99, 1]
+    assert p.position_ids.tolist() == [0, 1, 2, 3, 4, 5, 4, 5, 6]
+    a, f, b, c = 97, 2, 98, 99
+    assert p.labels.tolist() == [IGNORE, a, f, b, 1, IGNORE, c, 1, IGNORE]
+    parents = [-1, 0, 1, 2, 3, 4, 3, 6, 7]
+    for i in range(9):
+        ancestors = {i}
+        j = parents[i]
+        while j >= 0:
+            ancestors.add(j)
+            j = parents[j]
+        assert {j for j in range(9) if p.attention[i, j]} == ancestors, i
+    assert p.num_trained() == 6  # a [Fork] b EOS c EOS; never the prompt nor [Child]
+
+
+def test_hand_separate_sequences():
+    apar = AparTokens(fork_id=2, child_id=3)
+    tree = AnswerTree("ab", [ForkPoint(1, AnswerTree("c"))])
+    main, child = separate_sequences([10, 11], tree, CharTokenizer(), apar)
+    assert main.input_ids.tolist() == [10, 11, 97, 2, 98, 1]
+    assert main.labels.tolist() == [IGNORE, 97, 2, 98, 1, IGNORE]
+    assert child.input_ids.tolist() == [10, 11, 97, 2, 3, 99, 1]
+    assert child.labels.tolist() == [IGNORE] * 4 + [99, 1, IGNORE]
+    assert child.position_ids.tolist() == list(range(7))
+
+
+def test_packed_loss_equals_separate_sequences_float64(tokenizer):
+    apar = find_apar_tokens(tokenizer)
+    tree = fruit_tree()
+    assert tree.num_branches() == 5 and tree.depth() == 2
+    prompt_ids = tokenizer(format_prompt("Name three fruits."), add_special_tokens=False)["input_ids"]
+    model = tiny_llama(len(tokenizer))
+    packed = pack_tree(prompt_ids, tree, tokenizer, apar)
+    seqs = separate_sequences(prompt_ids, tree, tokenizer, apar)
+    assert len(seqs) == 5
+    assert packed.num_trained() == sum(s.num_trained() for s in seqs)
+    with torch.no_grad():
+        packed_loss, n = summed_loss(model, collate([packed], tokenizer.pad_token_id))
+        separate = [summed_loss(model, collate([s], tokenizer.pad_token_id)) for s in seqs]
+        # batched with padding and a plain example beside it: padding must not change anything
+        plain = pack_plain(prompt_ids, "Just words.", tokenizer)
+        both, _ = summed_loss(model, collate([plain, packed], tokenizer.pad_token_id))
+        plain_alone, _ = summed_loss(model, collate([plain], tokenizer.pad_token_id))
+    assert n == sum(k for _, k in separate)
+    assert abs(packed_loss.item() - sum(l.item() for l, _ in separate)) < 1e-8
+    assert abs(both.item() - plain_alone.item() - packed_loss.item()) < 1e-8
+
+
+def test_eager_attention_gets_an_additive_mask(tokenizer):
+    apar = find_apar_tokens(tokenizer)
+    prompt_ids = tokenizer(format_prompt("Name three fruits."), add_special_tokens=False)["input_ids"]
+    batch = collate([pack_tree(prompt_ids, fruit_tree(), tokenizer, apar)], tokenizer.pad_token_id)
+    with torch.no_grad():
+        sdpa, _ = summed_loss(tiny_llama(len(tokenizer)), batch)
+        eager, _ = summed_loss(tiny_llama(len(tokenizer), attn="eager"), batch)
+    assert abs(sdpa.item() - eager.item()) < 1e-4  # eager's softmax runs in float32
+
+
+def test_segments_are_token_boundaries_and_plain_is_causal(tokenizer):
+    apar = find_apar_tokens(tokenizer)
+    tree = fruit_tree()
+    packed = pack_tree([5, 6], tree, tokenizer, apar)
+    text = tokenizer.decode(packed.input_ids[2:].tolist(), skip_special_tokens=False)
+    assert text.startswith("1. Apples:[Fork]\n2. Pears:[Fork]\n3. Plums:[Fork]<eos>[Child] red and sweet.<eos>")
+    plain = pack_plain([5, 6], tree.reassemble(), tokenizer)
+    L = len(plain)
+    assert torch.equal(plain.attention, torch.tril(torch.ones(L, L, dtype=torch.bool)))
+    assert plain.position_ids.tolist() == list(range(L))
+    assert plain.labels[:-1].tolist()[1:] == plain.input_ids[2:].tolist()
+    assert plain.labels[-1] == IGNORE and plain.labels[0] == IGNORE
+
+
+def test_chat_template_is_format_prompt(tokenizer):
+    got = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name three fruits."}], add_generation_prompt=True, tokenize=False
+    )
+    assert got == format_prompt("Name three fruits.") == "Question: Name three fruits.\nAnswer:"
+    assert tokenizer.eos_token == "<eos>" and tokenizer.pad_token == "<pad>"
+    ids = tokenizer("x[Fork]y[Child]", add_special_tokens=False)["input_ids"]
+    apar = find_apar_tokens(tokenizer)
+    assert apar.fork_id in ids and apar.child_id in ids
+
+
+def test_data_errors_name_file_and_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        read_examples(tmp_path / "nope.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "answer": "a"}) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
+        read_examples(bad, mode="plain")
+    bad.write_text(json.dumps({"prompt": "p"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: .*'answer'"):
+        read_examples(bad)
+
+
+def micro_rows(n: int = 8) -> list[dict]:
+    rows = []
+    for i in range(n):
+        if i % 2 == 0:
+            tree = fruit_tree()
+            rows.append({"prompt": "Name three fruits.", "answer": tree.reassemble(), "structured": True, "tree": tree.to_dict()})
+        else:
+            rows.append({"prompt": "Why is the sky blue?", "answer": TEXTS[3], "structured": False,
+                         "tree": AnswerTree(TEXTS[3]).to_dict()})
+    return rows
+
+
+def test_micro_training_loss_goes_down_and_reloads(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in micro_rows()))
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    report = train(cfg, data, tmp_path / "out", tokenizer=tokenizer, steps=40, batch_size=4, lr=1e-2, seed=0,
+                   max_len=256, progress=False, save_dtype=torch.bfloat16, keep_checkpoint=False)
+    assert report.steps == 40 and report.num_structured == 4 and report.num_examples == 8
+    assert sum(report.losses[-3:]) < 0.5 * sum(report.losses[:3])
+    assert not (tmp_path / "out" / "checkpoint").exists()
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert find_apar_tokens(tok) == find_apar_tokens(tokenizer)
+    assert tok.apply_chat_template([{"role": "user", "content": "q"}], add_generation_prompt=True, tokenize=False) == format_prompt("q")
+    ex = read_examples(data)[0]
+    from apar_spec.train import pack_example
+
+    with torch.no_grad():
+        loss, n = summed_loss(model.eval(), collate([pack_example(ex, tok, find_apar_tokens(tok))], tok.pad_token_id))
+    assert loss.item() / n < report.losses[0] / 2
+
+
+def test_resume_continues_exactly(tmp_path, tokenizer):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
+    kw = dict(tokenizer=tokenizer, steps=6, batch_size=2, lr=3e-3, seed=1, max_len=256, progress=False)
+    full = train(cfg, micro_rows(6), tmp_path / "full", **kw)
+    part = train(cfg, micro_rows(6), tmp_path / "part", stop_after=4, **kw)
+    assert part.steps == 4 and not (tmp_path / "part" / "model.safetensors").exists()
+    rest = train(cfg, micro_rows(6), tmp_path / "part", resume=True, **kw)
+    assert rest.start_step == 4 and len(rest.losses) == 2
+    assert rest.losses == pytest.approx(full.losses[4:], rel=1e-5)
+    assert (tmp_path / "part" / "model.safetensors").exists()
