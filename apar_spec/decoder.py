@@ -1,0 +1,456 @@
+"""The token-tree decoder: plain AR, APAR, speculation and APAR+speculation in ONE loop.
+
+Each *step* is one round of four named phases (DESIGN.md):
+
+1. ``propose`` - the speculator (if any) drafts a chain for every active branch;
+2. ``verify``  - ONE target forward over each active branch's pending token + its
+   drafts, for every request of the batch, with the tree mask;
+3. ``accept``  - per branch, the target's (rule-masked) distribution at every fed
+   node decides how many drafts survive and which bonus token follows;
+4. ``commit``  - accepted tokens + bonus join the branch; a ``[Fork]`` among them
+   spawns a child, EOS ends the branch, dead KV is dropped lazily.
+
+Plain decoding is the round with no drafts (acceptance length 1.0); plain AR is
+APAR with ``[Fork]`` disabled. Glossary: *pending* = a branch's newest committed
+token, whose KV is not computed yet (it is fed at the next verify).
+
+Scheduling never changes tokens: fork rules depend only on a branch's own
+history (level, forks so far, previous token, own length), and the live-branch
+bound only delays children. The one scheduling-dependent cap is the per-request
+``max_new_tokens`` (counted over all branches), which truncates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from apar_spec.drafts.base import BranchView, Outcome, Proposal, Speculator
+from apar_spec.options import DecodeOptions
+from apar_spec.sampling import SamplingConfig, greedy_accept, rejection_accept, to_probs, warp_logits
+from apar_spec.tokens import AparTokens
+from apar_spec.tree_cache import TreeCache
+
+NEG_INF = float("-inf")
+
+
+# ------------------------------------------------------------------- state
+@dataclass
+class Branch:
+    id: int
+    parent: Optional[int]
+    fork_index: Optional[int]  # index in the parent's tokens of its [Fork]
+    level: int  # fork nesting level (root 0)
+    tokens: list[int] = field(default_factory=list)  # committed; children start with the forced [Child]
+    nodes: list[int] = field(default_factory=list)  # target-cache nodes of tokens[:len(nodes)]
+    forks: int = 0
+    finish: Optional[str] = None  # "eos" | "length" (per-branch cap) | "budget" (request cap) | "context"
+    active: bool = False  # False while queued or finished
+    k: int = 0  # draft length asked for next step
+    is_child: bool = False
+    logits: list = field(default_factory=list)  # raw logits per sampled token (only with record_logits)
+
+    @property
+    def generated(self) -> int:
+        """Sampled tokens (the forced [Child] is not one)."""
+        return len(self.tokens) - (1 if self.is_child else 0)
+
+
+@dataclass
+class StepCounters:
+    """Per-request measurements (DESIGN.md, 'Metrics every run reports')."""
+
+    target_steps: int = 0
+    live_kv: list[int] = field(default_factory=list)  # after each step
+    attended_keys: int = 0
+    branch_steps: int = 0  # branch-steps that were verified (for acceptance length)
+    accepted: int = 0  # accepted draft tokens
+    drafted: int = 0
+    accept_plus_bonus: int = 0
+    drafted_at: list[int] = field(default_factory=list)  # per draft position: how many were drafted
+    accepted_at: list[int] = field(default_factory=list)  # per draft position: how many were accepted
+
+
+@dataclass
+class Request:
+    row: int
+    prompt: list[int]
+    prompt_nodes: list[int]
+    branches: list[Branch]
+    budget: int  # tokens the request may still generate, over all branches
+    queue: deque = field(default_factory=deque)  # branch ids waiting for a live slot
+    counters: StepCounters = field(default_factory=StepCounters)
+
+    @property
+    def done(self) -> bool:
+        return not self.queue and not any(b.active for b in self.branches)
+
+    def context(self, b: Branch, upto: Optional[int] = None) -> list[int]:
+        """prompt + ancestors' tokens up to the fork + b.tokens[:upto]."""
+        own = b.tokens if upto is None else b.tokens[:upto]
+        if b.parent is None:
+            return self.prompt + own
+        return self.context(self.branches[b.parent], b.fork_index + 1) + own
+
+
+@dataclass
+class DecodeResult:
+    """Raw outcome of one request: its branches and counters (the API turns it into a Generation)."""
+
+    prompt: list[int]
+    branches: list[Branch]
+    counters: StepCounters
+    wall_time_s: float
+    draft_forwards: int
+
+
+# ------------------------------------------------------------------- rules
+@dataclass
+class RuleState:
+    """What the fork rules need to know about a branch at one position."""
+
+    prev: int  # the token whose logits are being processed
+    forks: int
+    generated: int  # sampled tokens so far
+
+
+class Decoder:
+    """Decodes a batch of prompts (token ids) with one target model and an optional speculator."""
+
+    def __init__(
+        self,
+        model,
+        opts: DecodeOptions,
+        apar: Optional[AparTokens],
+        fork_enabled: bool,
+        eos_ids: set[int],
+        speculator: Optional[Speculator] = None,
+        record_logits: bool = False,
+        on_step: Optional[Callable[[list["Request"], TreeCache], None]] = None,
+    ):
+        """``record_logits`` keeps, per branch, the raw target logits that predicted each
+        sampled token (for equality tests); ``on_step`` is called after every step."""
+        self.model = model
+        self.record_logits = record_logits
+        self.on_step = on_step
+        self.opts = opts
+        self.apar = apar
+        self.fork_enabled = fork_enabled and apar is not None
+        self.eos_ids = eos_ids
+        self.spec = speculator
+        self.sampling = SamplingConfig(opts.temperature, opts.top_p, opts.top_k)
+        self.generator: Optional[torch.Generator] = None
+        if not self.sampling.greedy:
+            self.generator = torch.Generator(device=model.device)
+            self.generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+        self.branch_cap = opts.max_branch_tokens or opts.max_new_tokens
+        self.max_pos = getattr(model.config, "max_position_embeddings", None)
+
+    # ------------------------------------------------------------ the loop
+    def run(self, prompts: list[list[int]]) -> list[DecodeResult]:
+        start = time.perf_counter()
+        draft_forwards0 = self.spec.forwards if self.spec is not None else 0
+        requests, tc = self.prefill(prompts)
+        live = list(requests)
+        while live:
+            self.activate(live)
+            views = self.views(live)
+            proposal = self.propose(views)
+            fed, result = self.verify(tc, live, views, proposal)
+            kept = self.accept_and_commit(live, views, proposal, fed, result, tc)
+            if self.spec is not None:
+                self.spec.observe(Outcome(views, kept))
+            self.collect_garbage(tc, live)
+            if self.on_step is not None:
+                self.on_step(live, tc)
+            still = [i for i, r in enumerate(live) if not r.done]
+            if len(still) < len(live):
+                tc.drop_rows(still)
+                live = [live[i] for i in still]
+                for row, r in enumerate(live):
+                    r.row = row
+        wall = time.perf_counter() - start
+        draft_forwards = (self.spec.forwards if self.spec is not None else 0) - draft_forwards0
+        return [DecodeResult(r.prompt, r.branches, r.counters, wall, draft_forwards) for r in requests]
+
+    # ------------------------------------------------------------ prefill
+    def prefill(self, prompts: list[list[int]]) -> tuple[list[Request], TreeCache]:
+        """Compute the prompts' KV in one forward and sample each root branch's first token."""
+        tc = TreeCache(self.model, len(prompts))
+        requests = []
+        for row, prompt in enumerate(prompts):
+            nodes = tc.add_chain(row, prompt, -1)
+            root = Branch(id=0, parent=None, fork_index=None, level=0, active=True, k=self.opts.num_draft_tokens)
+            requests.append(Request(row, list(prompt), nodes, [root], budget=self.opts.max_new_tokens))
+        result = tc.forward()
+        for r in requests:
+            r.counters.target_steps += 1
+            r.counters.attended_keys += len(r.prompt) * (len(r.prompt) + 1) // 2
+            root = r.branches[0]
+            logits = result.of(r.row, [r.prompt_nodes[-1]])  # [1, V]
+            state = RuleState(prev=r.prompt[-1], forks=0, generated=0)
+            processed = self.apply_rules(r, root, logits, [state], [r.prompt])  # [1, V]
+            token = self.choose(processed)
+            if self.record_logits:
+                root.logits.append(logits[0])
+            self.commit_tokens(r, root, [token], fed_nodes=[])
+            r.counters.live_kv.append(len(r.prompt))
+        return requests, tc
+
+    # ------------------------------------------------------------ phases
+    def activate(self, live: list[Request]) -> None:
+        """Move queued children to active while the live-branch bound allows."""
+        cap = self.opts.max_live_branches
+        for r in live:
+            n_active = sum(b.active for b in r.branches)
+            while r.queue and (cap is None or n_active < cap):
+                r.branches[r.queue.popleft()].active = True
+                n_active += 1
+
+    def views(self, live: list[Request]) -> list[BranchView]:
+        out = []
+        for qi, r in enumerate(live):
+            for b in r.branches:
+                if b.active:
+                    ctx = r.context(b) if self.spec is not None else []
+                    out.append(BranchView(qi, b.id, b.parent, b.fork_index, b.tokens, ctx, b.k))
+        return out
+
+    def propose(self, views: list[BranchView]) -> Proposal:
+        if self.spec is None:
+            return Proposal([[] for _ in views], [None for _ in views])
+        proposal = self.spec.propose(views, self.sampling)
+        if not proposal.probs:
+            proposal.probs = [None] * len(views)
+        # A draft never runs past the branch's own cap (those tokens could not be kept).
+        for i, v in enumerate(views):
+            b_generated = len(v.tokens) - (1 if v.parent is not None else 0)
+            room = max(0, self.branch_cap - b_generated - 1)
+            proposal.tokens[i] = list(proposal.tokens[i][: min(v.k, room)])
+            if proposal.probs[i] is not None:
+                proposal.probs[i] = proposal.probs[i][: len(proposal.tokens[i])]
+        return proposal
+
+    def verify(self, tc: TreeCache, live, views, proposal):
+        """Schedule pending + drafts of every active branch; ONE forward for all of them."""
+        fed: list[list[int]] = []
+        pending: dict[tuple[int, int], int] = {}  # (request, branch) -> node of its pending token this step
+        for v, drafts in zip(views, proposal.tokens):  # parents come before their children
+            r = live[v.request]
+            b = r.branches[v.branch]
+            nodes = tc.add_chain(r.row, [b.tokens[-1]] + drafts, self.anchor(r, b, pending.get((v.request, b.parent))))
+            pending[(v.request, b.id)] = nodes[0]
+            fed.append(nodes)
+        result = tc.forward()
+        for qi, r in enumerate(live):
+            r.counters.target_steps += 1
+            r.counters.attended_keys += result.attended_keys[r.row]
+        return fed, result
+
+    def anchor(self, r: Request, b: Branch, parent_pending: Optional[int] = None) -> int:
+        """The node the branch's pending token hangs under.
+
+        A child whose [Fork] is its parent's pending token hangs under the node
+        scheduled for it in this very forward (``parent_pending``).
+        """
+        if b.nodes:
+            return b.nodes[-1]
+        if b.parent is None:
+            return r.prompt_nodes[-1]
+        parent = r.branches[b.parent]
+        return parent.nodes[b.fork_index] if b.fork_index < len(parent.nodes) else parent_pending
+
+    def accept_and_commit(self, live, views, proposal, fed, result, tc) -> list[int]:
+        """Accept per branch (batched over branches), then commit in branch order."""
+        n = len(views)
+        if n == 0:
+            return []
+        k_max = max(len(d) for d in proposal.tokens)
+        vocab = result.logits.shape[-1]
+        device = result.logits.device
+        # Padding positions hold zeros (not -inf) so probabilities stay finite; they are never read.
+        target = torch.zeros(n, k_max + 1, vocab, dtype=result.logits.dtype, device=device)  # [branches, k+1, V]
+        drafts = torch.full((n, k_max), -1, dtype=torch.long, device=device)  # [branches, k]
+        lens = torch.tensor([len(d) for d in proposal.tokens], dtype=torch.long, device=device)  # [branches]
+        for i, (v, d, nodes) in enumerate(zip(views, proposal.tokens, fed)):
+            r = live[v.request]
+            b = r.branches[v.branch]
+            logits = result.of(r.row, nodes)  # [1 + len(d), V]
+            states, contexts = self.rule_states(r, b, d)
+            target[i, : len(nodes)] = self.apply_rules(r, b, logits, states, contexts)
+            if d:
+                drafts[i, : len(d)] = torch.tensor(d, dtype=torch.long, device=device)
+        if self.sampling.greedy:
+            acc = greedy_accept(drafts, lens, target)
+        else:
+            target_probs = to_probs(target, self.sampling)  # [n, k+1, V]
+            if any(p is not None for p in proposal.probs):
+                q = torch.zeros(n, k_max, vocab, dtype=target_probs.dtype, device=device)  # [branches, k, V]
+                for i, (d, p) in enumerate(zip(proposal.tokens, proposal.probs)):
+                    if p is not None:
+                        q[i, : len(d)] = p.to(device=device, dtype=q.dtype)
+                    elif d:
+                        q[i, torch.arange(len(d)), torch.tensor(d, device=device)] = 1.0
+                draft_probs = q
+            else:
+                draft_probs = None
+            acc = rejection_accept(drafts, lens, draft_probs, target_probs, self.generator)
+        kept = []
+        for i, (v, d, nodes) in enumerate(zip(views, proposal.tokens, fed)):
+            r = live[v.request]
+            b = r.branches[v.branch]
+            a = int(acc.num_accepted[i])
+            self.count_acceptance(r.counters, len(d), a)
+            new_tokens = d[:a] + [int(acc.bonus[i])]
+            kept.append(a)
+            if self.record_logits:
+                b.logits.extend(result.of(r.row, nodes[: a + 1]))
+            # Fed nodes that are now committed with KV: the pending token and the accepted drafts.
+            self.commit_tokens(r, b, new_tokens, fed_nodes=nodes[: 1 + a])
+            if self.opts.adaptive_draft and self.spec is not None:
+                b.k = min(b.k + 2, self.opts.max_draft_tokens) if a == len(d) else max(1, b.k - 1)
+        return kept
+
+    def rule_states(self, r: Request, b: Branch, drafts: list[int]) -> tuple[list[RuleState], list[list[int]]]:
+        """Rule state at the pending node and after each draft (assuming earlier drafts accepted)."""
+        states, contexts = [], []
+        forks, generated = b.forks, b.generated
+        ctx = r.context(b) if self.opts.logits_processor is not None else []
+        for j, tok in enumerate([b.tokens[-1]] + drafts):
+            if j > 0:
+                generated += 1
+                forks += tok == (self.apar.fork_id if self.apar else -1)
+                if ctx:
+                    ctx = ctx + [tok]
+            states.append(RuleState(prev=tok, forks=forks, generated=generated))
+            contexts.append(ctx)
+        return states, contexts
+
+    def apply_rules(self, r: Request, b: Branch, logits, states: list[RuleState], contexts) -> torch.Tensor:
+        """Branch-local logit rules: user processor, never [Child], [Fork] only where allowed."""
+        logits = logits.clone()
+        if self.opts.logits_processor is not None:
+            for j, ctx in enumerate(contexts):
+                logits[j] = self.opts.logits_processor(ctx, logits[j])
+        if self.apar is None:
+            return logits
+        logits[:, self.apar.child_id] = NEG_INF
+        for j, s in enumerate(states):
+            if not self.may_fork(b, s):
+                logits[j, self.apar.fork_id] = NEG_INF
+        return logits
+
+    def may_fork(self, b: Branch, s: RuleState) -> bool:
+        return (
+            self.fork_enabled
+            and s.prev not in (self.apar.fork_id, self.apar.child_id)
+            and b.level < self.opts.max_depth
+            and s.forks < self.opts.max_forks_per_branch
+            # the [Fork] must be followed by at least one more parent step, so its KV exists for the child
+            and self.branch_cap - s.generated > 1
+        )
+
+    def choose(self, processed: torch.Tensor) -> int:
+        """One token from rule-processed logits ``[1, V]`` (greedy or sampled)."""
+        if self.sampling.greedy:
+            return int(processed[0].argmax())
+        probs = to_probs(processed, self.sampling)  # [1, V]
+        return int(torch.multinomial(probs.float(), 1, generator=self.generator)[0])
+
+    def commit_tokens(self, r: Request, b: Branch, new_tokens: list[int], fed_nodes: list[int]) -> None:
+        """Append tokens to a branch; spawn children at [Fork]; end at EOS or a cap."""
+        b.nodes.extend(fed_nodes)
+        for tok in new_tokens:
+            if r.budget <= 0:
+                break
+            b.tokens.append(tok)
+            r.budget -= 1
+            if self.apar is not None and tok == self.apar.fork_id:
+                self.spawn_child(r, b)
+            if tok in self.eos_ids:
+                b.finish = "eos"
+            elif b.generated >= self.branch_cap:
+                b.finish = "length"
+            elif self.max_pos is not None and len(r.prompt) + self.depth_of(r, b) >= self.max_pos:
+                b.finish = "context"
+            if b.finish is not None:
+                b.active = False
+                break
+        if r.budget <= 0:
+            self.finish_request(r, "budget")
+        # Accepted drafts after a cut (EOS/cap) are not the branch's: keep nodes consistent.
+        del b.nodes[len(b.tokens) :]
+        del b.logits[b.generated :]
+
+    def depth_of(self, r: Request, b: Branch) -> int:
+        """Generated depth of the branch tip (tokens between the prompt and it, itself included)."""
+        if b.parent is None:
+            return len(b.tokens)
+        return self.depth_of_prefix(r, r.branches[b.parent], b.fork_index + 1) + len(b.tokens)
+
+    def depth_of_prefix(self, r: Request, b: Branch, upto: int) -> int:
+        if b.parent is None:
+            return upto
+        return self.depth_of_prefix(r, r.branches[b.parent], b.fork_index + 1) + upto
+
+    def spawn_child(self, r: Request, parent: Branch) -> None:
+        parent.forks += 1
+        child = Branch(
+            id=len(r.branches),
+            parent=parent.id,
+            fork_index=len(parent.tokens) - 1,
+            level=parent.level + 1,
+            tokens=[self.apar.child_id],
+            k=self.opts.num_draft_tokens,
+            is_child=True,
+        )
+        r.branches.append(child)
+        r.queue.append(child.id)
+
+    def finish_request(self, r: Request, reason: str) -> None:
+        for b in r.branches:
+            if b.active or b.id in r.queue:
+                b.active = False
+                b.finish = b.finish or reason
+        r.queue.clear()
+
+    def count_acceptance(self, c: StepCounters, drafted: int, accepted: int) -> None:
+        c.branch_steps += 1
+        c.drafted += drafted
+        c.accepted += accepted
+        c.accept_plus_bonus += accepted + 1
+        while len(c.drafted_at) < drafted:
+            c.drafted_at.append(0)
+            c.accepted_at.append(0)
+        for j in range(drafted):
+            c.drafted_at[j] += 1
+            c.accepted_at[j] += j < accepted
+
+    # ------------------------------------------------------------ KV garbage
+    def live_nodes(self, r: Request) -> set[int]:
+        """Target nodes some live (active or queued) branch can see: the exact live KV."""
+        need = [0] * len(r.branches)
+        for b in r.branches:
+            if b.active or b.id in r.queue:
+                need[b.id] = max(need[b.id], len(b.nodes))
+                child = b
+                while child.parent is not None:
+                    p = child.parent
+                    need[p] = max(need[p], child.fork_index + 1)
+                    child = r.branches[p]
+        live = set(r.prompt_nodes) if not r.done else set()
+        for b in r.branches:
+            live.update(b.nodes[: need[b.id]])
+        return live
+
+    def collect_garbage(self, tc: TreeCache, live: list[Request]) -> None:
+        sets = [self.live_nodes(r) for r in live]
+        for r, s in zip(live, sets):
+            r.counters.live_kv.append(len(s))
+        garbage = tc.garbage(sets)
+        if garbage > 0 and garbage >= self.opts.compact_threshold * tc.num_slots:
+            tc.compact(sets)

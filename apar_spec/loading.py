@@ -1,0 +1,103 @@
+"""Offline model loading: embedded names, local folders, GGUF files, HF ids from the local cache."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+EMBEDDED = ("tiny-base", "tiny-apar", "tiny-draft")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def embedded_dir(name: str) -> Path:
+    return Path(__file__).parent / "models" / name
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key == "auto":
+        return None
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}' (choose from auto, {', '.join(sorted(set(DTYPES)))})")
+    return DTYPES[key]
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """'auto' picks the accelerator accelerate sees; 'cuda' without CUDA is a clear error."""
+    if device is None or str(device) == "auto":
+        from accelerate import PartialState
+
+        return PartialState().device
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available here; use --device cpu or auto")
+    return dev
+
+
+def load(
+    name_or_path: Union[str, Path],
+    *,
+    dtype: Union[str, torch.dtype, None] = None,
+    device: Union[str, torch.device, None] = None,
+    trust_remote_code: bool = False,
+):
+    """``(model, tokenizer)`` for an embedded name, a local folder / ``.gguf`` file, or a cached HF id.
+
+    Never downloads (``local_files_only``), prefers safetensors, and never runs
+    repository code unless ``trust_remote_code=True`` is asked for explicitly.
+    Embedded models load in float32 unless ``dtype`` says otherwise (they are
+    stored in half precision to keep the package small).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "local_files_only": True}
+    torch_dtype = resolve_dtype(dtype)
+    path = Path(name).expanduser()
+    if name in EMBEDDED:
+        path = embedded_dir(name)
+        if not (path / "config.json").exists():
+            raise ValueError(f"embedded model '{name}' is missing from this install; rebuild it with experiments/train_embedded.py")
+        torch_dtype = torch_dtype or torch.float32
+        source, tok_source = str(path), str(path)
+    elif path.is_file() and path.suffix == ".gguf":
+        kwargs["gguf_file"] = path.name
+        source, tok_source = str(path.parent), str(path.parent)
+    elif path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"'{name}' is a folder without config.json: not a transformers model folder")
+        source, tok_source = str(path), str(path)
+    elif path.exists():
+        raise ValueError(f"'{name}' is a file but not a .gguf model; pass a model folder, a .gguf file or an embedded name")
+    else:
+        source, tok_source = name, name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except OSError as err:
+        if source == name and not path.exists():
+            close = difflib.get_close_matches(name, EMBEDDED, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(
+                f"model '{name}' is not an embedded name ({', '.join(EMBEDDED)}), a local path, "
+                f"or a model in the local Hugging Face cache (no downloads here).{hint}"
+            ) from None
+        raise ValueError(f"could not load model from '{name}': {str(err).splitlines()[0]}") from None
+    if "gguf_file" in kwargs and getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.to(resolve_device(device))
+    model.eval()
+    return model, tokenizer

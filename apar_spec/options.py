@@ -1,0 +1,71 @@
+"""Every decoding default, in one place (the API, the CLI and the benchmarks read them here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
+
+import torch
+
+MODES = ("ar", "apar", "spec", "apar+spec")
+
+# (context token ids incl. the node's own token, logits [vocab]) -> logits [vocab].
+# Must depend only on the branch's own context (DESIGN.md: outputs must not depend on scheduling).
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DecodeOptions:
+    """Knobs of one ``generate`` call. Token-changing caps are per branch and deterministic."""
+
+    max_new_tokens: int = 256  # per request, counted over all branches ([Fork] and EOS count, forced [Child] not)
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: Optional[int] = None
+    max_depth: int = 2  # fork nesting: a branch at level >= max_depth may not fork (root = level 0)
+    max_forks_per_branch: int = 16
+    max_branch_tokens: Optional[int] = None  # per-branch cap; None = max_new_tokens
+    max_live_branches: Optional[int] = None  # memory bound: extra children wait in a queue (never changes tokens)
+    batch_size: int = 1  # requests decoded together (one cache row each)
+    num_draft_tokens: int = 4  # k: draft tokens per branch per step
+    adaptive_draft: bool = False  # per branch: k += 2 after a fully accepted draft, k -= 1 otherwise
+    max_draft_tokens: int = 16  # ceiling for adaptive k
+    compact_threshold: float = 0.25  # drop dead KV slots once they exceed this share of the cache (0 = every step)
+    logits_processor: Optional[LogitsProcessor] = None
+    eos_token_id: Optional[int | list[int]] = None  # None = from the model's generation config / tokenizer
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0 (got {self.max_new_tokens})")
+        if self.max_branch_tokens is not None and self.max_branch_tokens <= 0:
+            raise ValueError(f"max_branch_tokens must be > 0 or None (got {self.max_branch_tokens})")
+        if self.max_depth < 0 or self.max_forks_per_branch < 0:
+            raise ValueError("max_depth and max_forks_per_branch must be >= 0")
+        if self.max_live_branches is not None and self.max_live_branches < 1:
+            raise ValueError(f"max_live_branches must be >= 1 or None (got {self.max_live_branches})")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.num_draft_tokens < 1 or self.max_draft_tokens < self.num_draft_tokens:
+            raise ValueError(
+                f"num_draft_tokens must be >= 1 and <= max_draft_tokens (got {self.num_draft_tokens}, {self.max_draft_tokens})"
+            )
+        if not 0.0 <= self.compact_threshold <= 1.0:
+            raise ValueError(f"compact_threshold must be in [0, 1] (got {self.compact_threshold})")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def build(cls, **kwargs) -> "DecodeOptions":
+        """Like the constructor, but an unknown option name is a one-line ValueError with a hint."""
+        import difflib
+
+        known = set(cls.names())
+        for key in kwargs:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ValueError(f"unknown option '{key}'{hint}")
+        return cls(**kwargs)

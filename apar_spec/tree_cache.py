@@ -1,0 +1,214 @@
+"""One model's KV cache over token trees: the shared machinery of target and draft.
+
+Every request is one *row* of a transformers ``DynamicCache``. A row holds *nodes*
+(tokens with a parent) in insertion order; node ``n`` sits in some physical *slot*
+of the row. A node may attend to a slot iff that slot holds itself or one of its
+ancestors, which gives the 4D boolean mask ``[rows, 1, new_nodes, slots]`` and
+``position_ids = depth`` that transformers accepts as-is (a documented public hook).
+Forking therefore copies no KV: a child node simply sees its parent's slots.
+
+Bookkeeping per row:
+
+- ``parent[n]``, ``pos[n]``: the tree, append-only (node ids never change);
+- ``slot_of[n]``: the node's slot, or -1 while scheduled / after removal;
+- ``vis``: ``[slots, slots]`` bool, ``vis[s, t]`` = the node in slot s sees slot t.
+  A new node's row is its parent's row plus itself, so building the mask never
+  walks the tree.
+
+Slots that no live node can see are garbage: nothing ever attends to them, so
+they only cost memory. ``compact`` drops them with one gather over the slot axis
+of every layer; callers do it lazily (see ``DecodeOptions.compact_threshold``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+# Families whose attention takes a custom boolean 4D mask + position_ids unchanged
+# and whose cache layers are plain (no sliding window / linear attention). Checked
+# on transformers 5.24 (DESIGN.md, "Ground facts"); others are refused, never run wrong.
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2")
+
+
+class UnsupportedModelError(ValueError):
+    """The tree decoder cannot run this model family correctly."""
+
+
+def check_supported(model) -> None:
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(
+            f"model family '{model_type}' is not supported by the tree decoder "
+            f"(supported: {', '.join(SUPPORTED_FAMILIES)}); use HF generate for it"
+        )
+
+
+@dataclass
+class _Row:
+    parent: list[int] = field(default_factory=list)  # node -> parent node (-1 for a root)
+    pos: list[int] = field(default_factory=list)  # node -> position id (depth)
+    slot_of: list[int] = field(default_factory=list)  # node -> slot, -1 if not cached
+    slot_node: list[int] = field(default_factory=list)  # slot -> node, -1 for padding/garbage
+    scheduled: list[tuple[int, int]] = field(default_factory=list)  # (node, token) for the next forward
+
+
+@dataclass
+class ForwardResult:
+    """Logits of the nodes computed by one forward, addressed by (row, node)."""
+
+    logits: torch.Tensor  # [rows, new_nodes_max, vocab]
+    column: list[dict[int, int]]  # per row: node -> column in ``logits``
+    attended_keys: list[int]  # per row: sum over its real new nodes of the slots each one attends to
+
+    def of(self, row: int, nodes: list[int]) -> torch.Tensor:
+        """Logits of ``nodes`` of ``row``: ``[len(nodes), vocab]``."""
+        cols = [self.column[row][n] for n in nodes]
+        return self.logits[row, cols]
+
+
+class TreeCache:
+    """KV cache of one model for ``num_rows`` token trees (one per request)."""
+
+    def __init__(self, model, num_rows: int):
+        check_supported(model)
+        self.model = model
+        self.device = model.device
+        self.rows = [_Row() for _ in range(num_rows)]
+        self.cache = DynamicCache(config=model.config)
+        if not all(type(layer) is DynamicLayer for layer in self.cache.layers):
+            # A sliding-window layer crops keys, which would break slot indexing.
+            kinds = sorted({type(layer).__name__ for layer in self.cache.layers})
+            raise UnsupportedModelError(
+                f"cache layers {kinds} are not plain full-attention layers; the tree decoder "
+                "needs them (for a sliding-window model set config.sliding_window=None if the context fits)"
+            )
+        self.vis = torch.zeros(num_rows, 0, 0, dtype=torch.bool, device=self.device)  # [rows, slots, slots]
+        self.forwards = 0
+
+    # ----------------------------------------------------------------- nodes
+    @property
+    def num_slots(self) -> int:
+        return self.vis.shape[1]
+
+    def add(self, row: int, token: int, parent: int) -> int:
+        """Schedule a node (token under ``parent``; -1 = first prompt token) for the next forward."""
+        r = self.rows[row]
+        node = len(r.parent)
+        r.parent.append(parent)
+        r.pos.append(0 if parent < 0 else r.pos[parent] + 1)
+        r.slot_of.append(-1)
+        r.scheduled.append((node, token))
+        return node
+
+    def add_chain(self, row: int, tokens: list[int], parent: int) -> list[int]:
+        """Schedule a chain of nodes, each under the previous one."""
+        nodes = []
+        for t in tokens:
+            parent = self.add(row, t, parent)
+            nodes.append(parent)
+        return nodes
+
+    def position(self, row: int, node: int) -> int:
+        return self.rows[row].pos[node]
+
+    def is_cached(self, row: int, node: int) -> bool:
+        return self.rows[row].slot_of[node] >= 0
+
+    # --------------------------------------------------------------- forward
+    @torch.inference_mode()
+    def forward(self) -> ForwardResult:
+        """Run ONE model forward over every scheduled node of every row."""
+        n_new = max(len(r.scheduled) for r in self.rows)
+        if n_new == 0:
+            raise RuntimeError("forward() with no scheduled nodes")
+        n_rows, old = len(self.rows), self.num_slots
+        total = old + n_new
+        input_ids = torch.zeros(n_rows, n_new, dtype=torch.long)  # [rows, new]
+        position_ids = torch.zeros(n_rows, n_new, dtype=torch.long)  # [rows, new]
+        vis = torch.zeros(n_rows, total, total, dtype=torch.bool, device=self.device)  # [rows, slots', slots']
+        vis[:, :old, :old] = self.vis
+        column: list[dict[int, int]] = []
+        for i, r in enumerate(self.rows):
+            cols: dict[int, int] = {}
+            for j, (node, token) in enumerate(r.scheduled):
+                slot = old + j
+                parent = r.parent[node]
+                if parent >= 0:
+                    parent_slot = r.slot_of[parent]
+                    if parent_slot < 0:
+                        raise RuntimeError(f"node {node}'s parent {parent} is neither cached nor scheduled before it")
+                    vis[i, slot] = vis[i, parent_slot]
+                vis[i, slot, slot] = True
+                r.slot_of[node] = slot
+                cols[node] = j
+                input_ids[i, j] = token
+                position_ids[i, j] = r.pos[node]
+            for j in range(len(r.scheduled), n_new):  # padding nodes see only themselves
+                vis[i, old + j, old + j] = True
+            r.slot_node.extend([n for n, _ in r.scheduled] + [-1] * (n_new - len(r.scheduled)))
+            column.append(cols)
+        mask = vis[:, None, old:, :]  # [rows, 1, new, slots'] new nodes' rows of the visibility matrix
+        attended = [int(vis[i, old : old + len(r.scheduled)].sum()) for i, r in enumerate(self.rows)]
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask,
+            position_ids=position_ids.to(self.device),
+            cache=self.cache,
+            use_cache=True,
+        )
+        self.vis = vis
+        for r in self.rows:
+            r.scheduled = []
+        self.forwards += 1
+        return ForwardResult(out.logits, column, attended)
+
+    # --------------------------------------------------------------- garbage
+    def garbage(self, live: list[set[int]]) -> int:
+        """Slots that hold no live node, in the row that keeps most (what a compaction frees)."""
+        return self.num_slots - max((len(nodes) for nodes in live), default=0)
+
+    def compact(self, live: list[set[int]]) -> None:
+        """Keep only the slots of ``live[row]`` nodes (one gather over the slot axis).
+
+        Slots keep their relative order, so ancestors stay before descendants.
+        Rows with fewer live slots are padded with slot 0, marked as garbage and
+        made invisible to everything.
+        """
+        keep = [sorted(self.rows[i].slot_of[n] for n in nodes) for i, nodes in enumerate(live)]
+        width = max((len(k) for k in keep), default=0)
+        index = torch.zeros(len(self.rows), width, dtype=torch.long)  # [rows, kept]
+        valid = torch.zeros(len(self.rows), width, dtype=torch.bool)  # [rows, kept]
+        for i, k in enumerate(keep):
+            index[i, : len(k)] = torch.tensor(k, dtype=torch.long)
+            valid[i, : len(k)] = True
+        index, valid = index.to(self.device), valid.to(self.device)
+        for layer in self.cache.layers:
+            if layer.keys is None or layer.keys.numel() == 0:
+                continue
+            b, h, _, d = layer.keys.shape  # [rows, kv_heads, slots, head_dim]
+            gather = index[:, None, :, None].expand(b, h, width, d)
+            layer.keys = layer.keys.gather(2, gather)
+            layer.values = layer.values.gather(2, gather)
+        vis = self.vis.gather(1, index[:, :, None].expand(-1, -1, self.num_slots))  # [rows, kept, slots]
+        vis = vis.gather(2, index[:, None, :].expand(-1, width, -1))  # [rows, kept, kept]
+        self.vis = vis & valid[:, :, None] & valid[:, None, :]
+        for r, k in zip(self.rows, keep):
+            kept_nodes = [r.slot_node[s] for s in k]
+            r.slot_of = [-1] * len(r.slot_of)
+            r.slot_node = kept_nodes + [-1] * (width - len(k))
+            for new_slot, node in enumerate(kept_nodes):
+                r.slot_of[node] = new_slot
+
+    def drop_rows(self, keep_rows: list[int]) -> None:
+        """Forget finished requests: their rows leave the batch (and the cache)."""
+        index = torch.tensor(keep_rows, dtype=torch.long, device=self.device)
+        for layer in self.cache.layers:
+            if layer.keys is not None and layer.keys.numel() > 0:
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
+        self.vis = self.vis.index_select(0, index)
+        self.rows = [self.rows[i] for i in keep_rows]

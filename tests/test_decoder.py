@@ -1,0 +1,240 @@
+"""The tree decoder against HF generate and against the slow per-branch reference (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from micro import CHILD, EOS, FORK, fork_processor, micro_model, micro_tokenizer
+
+from apar_spec import generate
+from apar_spec.decoder import Decoder
+from apar_spec.options import DecodeOptions
+from apar_spec.reference import reference_decode
+from apar_spec.tokens import AparTokens
+from apar_spec.tree_cache import UnsupportedModelError
+
+APAR = AparTokens(FORK, CHILD)
+PROMPTS = [[1, 10, 11, 12, 13, 14], [1, 20, 7], [1, 33, 34, 35, 36, 37, 38, 39, 40, 41]]
+
+
+def hf_new_tokens(model, prompt, n, eos=None):
+    kwargs = {} if eos is None else {"eos_token_id": eos}
+    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, pad_token_id=0, **kwargs)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_ar_greedy_equals_hf_generate(family):
+    model = micro_model(family)
+    for prompt in PROMPTS:
+        ref = hf_new_tokens(model, prompt, 24)
+        got = generate(model, None, [prompt], mode="ar", max_new_tokens=24)[0]
+        assert got.token_ids == ref  # same tokens, same length
+        assert got.stats.target_steps == len(ref) == got.stats.critical_path
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_ar_stops_at_eos_like_hf(family):
+    model = micro_model(family)
+    prompt = PROMPTS[0]
+    free = hf_new_tokens(model, prompt, 16)
+    eos = free[len(free) // 2]  # a token greedy decoding really emits: both must stop there, EOS included
+    model.generation_config.eos_token_id = eos
+    ref = hf_new_tokens(model, prompt, 16, eos=eos)
+    got = generate(model, None, [prompt], mode="ar", max_new_tokens=16)[0]
+    assert got.token_ids == ref == free[: free.index(eos) + 1]
+    assert got.branches[0].finish == "eos"
+
+
+def test_unsupported_family_is_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        generate(model, None, [[1, 2, 3]], mode="ar", max_new_tokens=4)
+
+
+def test_sliding_window_is_refused():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    with pytest.raises(UnsupportedModelError, match="sliding"):
+        generate(MistralForCausalLM(cfg), None, [[1, 2, 3]], mode="ar", max_new_tokens=4)
+
+
+def run_tree(model, prompts, opts, *, spec=None, on_step=None):
+    dec = Decoder(model, opts, APAR, fork_enabled=True, eos_ids={EOS}, speculator=spec, record_logits=True, on_step=on_step)
+    return dec.run(prompts)
+
+
+def path_of(branches, b):
+    path = []
+    while b.parent is not None:
+        path.append(b.fork_index)
+        b = branches[b.parent]
+    return tuple(reversed(path))
+
+
+def assert_matches_reference(model, prompt, result, opts):
+    ref = reference_decode(model, prompt, opts, APAR, True, {EOS})
+    got = {path_of(result.branches, b): b for b in result.branches}
+    assert set(got) == set(ref), "different tree shape"
+    for path, rb in ref.items():
+        b = got[path]
+        assert b.tokens == rb.tokens, f"branch {path} differs"
+        assert len(b.logits) == len(rb.logits)
+        for x, y in zip(b.logits, rb.logits):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+    return ref
+
+
+CASES = [
+    # (family, seed, fork_every, end_child_after, max_depth, max_branch_tokens)
+    ("llama", 0, 5, 4, 1, 30),
+    ("llama", 1, 4, 3, 2, 28),
+    ("llama", 2, 7, 6, 3, 40),
+    ("qwen2", 0, 4, 5, 2, 26),
+    ("qwen2", 3, 3, 2, 2, 20),
+    ("mistral", 0, 5, 3, 2, 30),
+    ("mistral", 4, 6, 8, 1, 36),
+    ("llama", 5, 3, 6, 3, 24),
+]
+
+
+@pytest.mark.parametrize("family,seed,every,after,depth,cap", CASES)
+def test_tree_decoder_equals_per_branch_reference(family, seed, every, after, depth, cap):
+    model = micro_model(family, seed=seed)
+    opts = DecodeOptions(max_new_tokens=2000, max_depth=depth, max_branch_tokens=cap,
+                         logits_processor=fork_processor(every, after, salt=seed), compact_threshold=0.25)
+    for prompt in PROMPTS[:2]:
+        result = run_tree(model, [prompt], opts)[0]
+        ref = assert_matches_reference(model, prompt, result, opts)
+        assert len(ref) >= 3, "the case should exercise several branches"
+        assert result.counters.target_steps < sum(b.generated for b in result.branches)
+
+
+def test_nested_forks_equal_reference_and_respect_max_depth():
+    model = micro_model("llama", seed=6)
+    for depth in (1, 2, 3):
+        opts = DecodeOptions(max_new_tokens=4000, max_depth=depth, max_branch_tokens=30,
+                             logits_processor=fork_processor(3, 9, salt=6))
+        result = run_tree(model, [PROMPTS[0]], opts)[0]
+        ref = assert_matches_reference(model, PROMPTS[0], result, opts)
+        assert max(len(p) for p in ref) == depth  # nesting reaches max_depth and never exceeds it
+
+
+def test_batched_requests_and_live_branch_bound_do_not_change_tokens():
+    model = micro_model("llama", seed=1)
+    base = dict(max_new_tokens=2000, max_depth=2, max_branch_tokens=24, logits_processor=fork_processor(4, 3, salt=1))
+    alone = [run_tree(model, [p], DecodeOptions(**base))[0] for p in PROMPTS]
+    batched = run_tree(model, PROMPTS, DecodeOptions(**base))
+    bounded = run_tree(model, PROMPTS, DecodeOptions(max_live_branches=2, **base))
+    for a, b, c in zip(alone, batched, bounded):
+        key = lambda r: {path_of(r.branches, x): x.tokens for x in r.branches}
+        assert key(a) == key(b) == key(c)
+        assert len(a.branches) >= 3
+    # the bound really bounds, and costs steps
+    assert sum(r.counters.target_steps for r in bounded) > sum(r.counters.target_steps for r in batched)
+
+
+def brute_force_visible(tc_row, anchors):
+    """Nodes reachable by walking parents from every anchor (each live branch's newest cached node)."""
+    seen = set()
+    for n in anchors:
+        while n >= 0 and n not in seen:
+            seen.add(n)
+            n = tc_row.parent[n]
+    return seen
+
+
+def test_live_kv_equals_nodes_some_live_branch_can_see():
+    model = micro_model("qwen2", seed=2)
+    checked = []
+
+    def on_step(live, tc):
+        for r in live:
+            row = tc.rows[r.row]
+            anchors = []
+            for b in r.branches:
+                if not (b.active or b.id in r.queue):
+                    continue
+                if b.nodes:
+                    anchors.append(b.nodes[-1])
+                elif b.parent is None:
+                    anchors.append(r.prompt_nodes[-1])
+                elif b.fork_index < len(r.branches[b.parent].nodes):
+                    anchors.append(r.branches[b.parent].nodes[b.fork_index])
+                # else: its [Fork] is the parent's pending token; the parent's anchor covers it
+            if not anchors:
+                continue
+            visible = brute_force_visible(row, anchors)
+            in_cache = {n for n in row.slot_node if n >= 0}
+            assert in_cache == visible  # compact_threshold=0: exactly the visible nodes are cached
+            assert r.counters.live_kv[-1] == len(visible)
+            checked.append(len(visible))
+
+    opts = DecodeOptions(max_new_tokens=2000, max_depth=2, max_branch_tokens=22,
+                         logits_processor=fork_processor(4, 3, salt=2), compact_threshold=0.0)
+    results = run_tree(model, PROMPTS[:2], opts, on_step=on_step)
+    assert len(checked) > 20
+    assert max(len(r.branches) for r in results) >= 3
+    # finished branches free KV: the live count falls at some step
+    lk = results[0].counters.live_kv
+    assert any(b < a for a, b in zip(lk, lk[1:]))
+
+
+def test_generate_apar_reassembles_and_reports_stats():
+    model = micro_model("llama", seed=1)
+    tok = micro_tokenizer()
+    prompt = "w5 w6 w7 w8"
+    out = generate(model, tok, [prompt], mode="apar", max_new_tokens=400, max_branch_tokens=24,
+                   logits_processor=fork_processor(4, 3, salt=1))[0]
+    assert out.forked and out.stats.num_branches == len(out.branches) >= 3
+    assert FORK not in out.token_ids and CHILD not in out.token_ids
+    assert out.stats.tokens_generated == sum(len(b.token_ids) - (b.parent is not None) for b in out.branches)
+    # every sampled token but the control tokens and children's EOS appears once, in reading order
+    n_ctrl = sum(t == FORK for b in out.branches for t in b.token_ids)
+    n_child_eos = sum(b.token_ids[-1] == EOS for b in out.branches if b.parent is not None)
+    assert len(out.token_ids) == out.stats.tokens_generated - n_ctrl - n_child_eos
+    assert out.text == tok.decode(out.token_ids, skip_special_tokens=True).replace("  ", " ") or out.text
+    assert out.stats.critical_path <= out.stats.target_steps < out.stats.tokens_generated
+    assert out.stats.peak_live_kv >= out.stats.mean_live_kv > 0
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = micro_model("llama", seed=1)
+    kw = dict(mode="apar", max_new_tokens=60, temperature=0.9, top_p=0.9, logits_processor=fork_processor(4, 3))
+    a = generate(model, micro_tokenizer(), ["w1 w2 w3"], seed=7, **kw)[0]
+    b = generate(model, micro_tokenizer(), ["w1 w2 w3"], seed=7, **kw)[0]
+    c = generate(model, micro_tokenizer(), ["w1 w2 w3"], seed=8, **kw)[0]
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(prompts=[]), "prompts is empty"),
+        (dict(prompts=["  "]), "prompt 0 is empty"),
+        (dict(prompts=["w1"], max_new_tokens=0), "max_new_tokens must be > 0"),
+        (dict(prompts=["w1"], mode="fast"), "unknown mode"),
+        (dict(prompts=["w1"], max_dept=2), "did you mean 'max_depth'"),
+        (dict(prompts=[[1] * 600]), "more than the model's context"),
+        (dict(prompts=["w1"], mode="spec"), "needs a draft"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(kwargs, message):
+    model = micro_model("llama")
+    prompts = kwargs.pop("prompts")
+    with pytest.raises(ValueError, match=message):
+        generate(model, micro_tokenizer(), prompts, **kwargs)
+
+
+def test_apar_mode_without_apar_tokens_suggests_ar():
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")))
+    with pytest.raises(ValueError, match="mode='ar'"):
+        generate(micro_model("llama"), plain, ["a b"], mode="apar")
