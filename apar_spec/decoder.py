@@ -77,7 +77,8 @@ class StepCounters:
 
 @dataclass
 class Request:
-    row: int
+    index: int  # position in the batch, stable (speculators key their state on it)
+    row: int  # current cache row (changes when finished requests leave the batch)
     prompt: list[int]
     prompt_nodes: list[int]
     branches: list[Branch]
@@ -149,12 +150,15 @@ class Decoder:
             self.generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
         self.branch_cap = opts.max_branch_tokens or opts.max_new_tokens
         self.max_pos = getattr(model.config, "max_position_embeddings", None)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
 
     # ------------------------------------------------------------ the loop
     def run(self, prompts: list[list[int]]) -> list[DecodeResult]:
         start = time.perf_counter()
         draft_forwards0 = self.spec.forwards if self.spec is not None else 0
         requests, tc = self.prefill(prompts)
+        if self.spec is not None:
+            self.spec.reset(len(requests), vocab_size=self.vocab_size, generator=self.generator)
         live = list(requests)
         while live:
             self.activate(live)
@@ -185,7 +189,7 @@ class Decoder:
         for row, prompt in enumerate(prompts):
             nodes = tc.add_chain(row, prompt, -1)
             root = Branch(id=0, parent=None, fork_index=None, level=0, active=True, k=self.opts.num_draft_tokens)
-            requests.append(Request(row, list(prompt), nodes, [root], budget=self.opts.max_new_tokens))
+            requests.append(Request(row, row, list(prompt), nodes, [root], budget=self.opts.max_new_tokens))
         result = tc.forward()
         for r in requests:
             r.counters.target_steps += 1
@@ -213,11 +217,11 @@ class Decoder:
 
     def views(self, live: list[Request]) -> list[BranchView]:
         out = []
-        for qi, r in enumerate(live):
+        for r in live:
             for b in r.branches:
                 if b.active:
                     ctx = r.context(b) if self.spec is not None else []
-                    out.append(BranchView(qi, b.id, b.parent, b.fork_index, b.tokens, ctx, b.k))
+                    out.append(BranchView(r.index, b.id, b.parent, b.fork_index, b.tokens, ctx, b.k))
         return out
 
     def propose(self, views: list[BranchView]) -> Proposal:
@@ -237,16 +241,17 @@ class Decoder:
 
     def verify(self, tc: TreeCache, live, views, proposal):
         """Schedule pending + drafts of every active branch; ONE forward for all of them."""
+        by_index = {r.index: r for r in live}
         fed: list[list[int]] = []
         pending: dict[tuple[int, int], int] = {}  # (request, branch) -> node of its pending token this step
         for v, drafts in zip(views, proposal.tokens):  # parents come before their children
-            r = live[v.request]
+            r = by_index[v.request]
             b = r.branches[v.branch]
             nodes = tc.add_chain(r.row, [b.tokens[-1]] + drafts, self.anchor(r, b, pending.get((v.request, b.parent))))
             pending[(v.request, b.id)] = nodes[0]
             fed.append(nodes)
         result = tc.forward()
-        for qi, r in enumerate(live):
+        for r in live:
             r.counters.target_steps += 1
             r.counters.attended_keys += result.attended_keys[r.row]
         return fed, result
@@ -269,6 +274,7 @@ class Decoder:
         n = len(views)
         if n == 0:
             return []
+        by_index = {r.index: r for r in live}
         k_max = max(len(d) for d in proposal.tokens)
         vocab = result.logits.shape[-1]
         device = result.logits.device
@@ -277,7 +283,7 @@ class Decoder:
         drafts = torch.full((n, k_max), -1, dtype=torch.long, device=device)  # [branches, k]
         lens = torch.tensor([len(d) for d in proposal.tokens], dtype=torch.long, device=device)  # [branches]
         for i, (v, d, nodes) in enumerate(zip(views, proposal.tokens, fed)):
-            r = live[v.request]
+            r = by_index[v.request]
             b = r.branches[v.branch]
             logits = result.of(r.row, nodes)  # [1 + len(d), V]
             states, contexts = self.rule_states(r, b, d)
@@ -301,7 +307,7 @@ class Decoder:
             acc = rejection_accept(drafts, lens, draft_probs, target_probs, self.generator)
         kept = []
         for i, (v, d, nodes) in enumerate(zip(views, proposal.tokens, fed)):
-            r = live[v.request]
+            r = by_index[v.request]
             b = r.branches[v.branch]
             a = int(acc.num_accepted[i])
             self.count_acceptance(r.counters, len(d), a)

@@ -19,7 +19,7 @@ import torch
 class BranchView:
     """What a speculator may know about one active branch."""
 
-    request: int  # index of the request in the decoder's batch
+    request: int  # index of the request in the decoder's batch (stable while the batch runs)
     branch: int  # branch id within the request
     parent: Optional[int]  # parent branch id (None for the root)
     fork_index: Optional[int]  # index in the parent's tokens of the [Fork] this branch hangs under
@@ -49,6 +49,11 @@ class Outcome:
 @runtime_checkable
 class Speculator(Protocol):
     name: str
+
+    def reset(self, num_requests: int, vocab_size: int, generator: Optional[torch.Generator] = None) -> None:
+        """A new batch starts: forget all state. ``vocab_size`` is the target's logits width;
+        ``generator`` is the decoder's seeded RNG (for sampled drafts)."""
+        ...
 
     def propose(self, views: list[BranchView], sampling) -> Proposal: ...
 

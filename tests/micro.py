@@ -55,7 +55,8 @@ def micro_model(family: str = "llama", seed: int = 0, dtype=torch.float64, layer
 def fork_processor(fork_every: int = 7, end_child_after: int = 6, salt: int = 0):
     """Force [Fork] and EOS deterministically from the branch's own context only.
 
-    A branch forks when a hash of its last two tokens hits ``fork_every``; a
+    A branch forks when a hash of its last two tokens hits ``fork_every`` (or
+    ``2 * fork_every`` tokens passed without a control token, so loops fork too); a
     child ends (EOS) once it has written ``end_child_after`` + (hash % 4) tokens,
     so children finish at different steps (early-finishing branches). The root
     never ends by EOS (it runs to its per-branch cap), so every tree branches.
@@ -64,7 +65,10 @@ def fork_processor(fork_every: int = 7, end_child_after: int = 6, salt: int = 0)
     def proc(ctx: list[int], logits: torch.Tensor) -> torch.Tensor:
         logits = logits.clone()
         last = ctx[-1]
-        if last not in (FORK, CHILD) and (ctx[-1] * 31 + ctx[-2] * 17 + salt) % fork_every == 0:
+        controls = [i for i, t in enumerate(ctx) if t in (FORK, CHILD)]
+        since_control = len(ctx) - 1 - (controls[-1] if controls else 0)
+        hit = (ctx[-1] * 31 + ctx[-2] * 17 + salt) % fork_every == 0
+        if last not in (FORK, CHILD) and (hit or since_control >= 2 * fork_every):
             logits[FORK] = logits.max() + 10.0
         if CHILD not in ctx:  # the root ends at its cap, so trees have room to branch
             logits[EOS] = float("-inf")

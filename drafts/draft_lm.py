@@ -1,0 +1,161 @@
+"""Draft-LM speculator: a small causal LM on the same token-tree machinery as the target.
+
+The draft keeps its own ``TreeCache`` mirroring the committed token tree: for
+every branch, the draft nodes of the branch's tokens it has already computed.
+Each ``propose`` costs exactly ``k`` draft forwards, whatever the number of
+branches: the first forward catches every branch up on its newly committed
+tokens (the pending token included) and yields draft 1; each further forward
+feeds the previous draft of every branch still drafting. ``observe`` keeps the
+draft nodes of accepted drafts; the rest become garbage, dropped lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from apar_spec.drafts.base import BranchView, Outcome, Proposal
+from apar_spec.sampling import SamplingConfig, to_probs
+from apar_spec.tree_cache import TreeCache
+
+Key = tuple[int, int]  # (request, branch)
+
+
+class DraftModelSpeculator:
+    name = "draft-lm"
+
+    def __init__(self, model, name: Optional[str] = None, mask_ids: tuple[int, ...] = (), logits_processor=None):
+        """``mask_ids``: tokens the target never samples (``[Child]``); drafting them is waste.
+        ``logits_processor``: applied to the draft's logits with the branch's context, as the
+        decoder applies it to the target's (so a draft can follow the same steering)."""
+        self.model = model
+        self.logits_processor = logits_processor
+        if name:
+            self.name = name
+        self.mask_ids = mask_ids
+        self.tc: Optional[TreeCache] = None
+        self._forwards = 0
+
+    @property
+    def forwards(self) -> int:
+        return self._forwards
+
+    def reset(self, num_requests: int, vocab_size: int, generator: Optional[torch.Generator] = None) -> None:
+        self.tc = TreeCache(self.model, num_requests)
+        self.vocab_size = vocab_size
+        self.generator = generator
+        self.prompt_last: dict[int, int] = {}  # request -> draft node of its last prompt token
+        self.nodes: dict[Key, list[int]] = {}  # draft nodes of the branch's tokens[:len]
+        self.drafted: dict[Key, list[int]] = {}  # draft nodes fed for d_1..d_{k-1} this step
+        self.grown = 0
+
+    # ------------------------------------------------------------ propose
+    @torch.inference_mode()
+    def propose(self, views: list[BranchView], sampling: SamplingConfig) -> Proposal:
+        tc = self.tc
+        last: list[Optional[int]] = []  # per view: the draft node whose logits give d_1
+        for v in views:
+            last.append(self._catch_up(v))
+        tokens: list[list[int]] = [[] for _ in views]
+        probs: list[list[torch.Tensor]] = [[] for _ in views]
+        self.drafted = {(v.request, v.branch): [] for v in views}
+        k_max = max((v.k for v in views), default=0)
+        for j in range(k_max):
+            if j > 0:  # feed d_j of every branch that still drafts
+                for i, v in enumerate(views):
+                    if len(tokens[i]) == j and j < v.k and last[i] is not None:
+                        last[i] = tc.add(v.request, tokens[i][-1], last[i])
+                        self.drafted[(v.request, v.branch)].append(last[i])
+                    elif len(tokens[i]) == j:
+                        last[i] = None  # done drafting
+            if not any(tc.rows[r].scheduled for r in range(len(tc.rows))):
+                break
+            result = tc.forward()
+            self._forwards += 1
+            for i, v in enumerate(views):
+                if last[i] is None or len(tokens[i]) != j:
+                    continue
+                logits = result.of(v.request, [last[i]])[0].float()  # [V_draft]
+                logits = self._fit_vocab(logits)
+                if self.logits_processor is not None:
+                    logits = self.logits_processor(v.context + tokens[i], logits)
+                for t in self.mask_ids:
+                    logits[t] = float("-inf")
+                if sampling.greedy:
+                    tokens[i].append(int(logits.argmax()))
+                else:
+                    p = to_probs(logits[None], sampling)[0]  # [V]
+                    tokens[i].append(int(torch.multinomial(p, 1, generator=self.generator)))
+                    probs[i].append(p)
+        out_probs = [torch.stack(p) if p else None for p in probs] if not sampling.greedy else [None] * len(views)
+        return Proposal(tokens, out_probs)
+
+    def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft logits over the target's vocabulary width (embedding padding may differ)."""
+        v = self.vocab_size
+        if logits.shape[0] == v:
+            return logits
+        if logits.shape[0] > v:
+            return logits[:v]
+        return torch.cat([logits, logits.new_full((v - logits.shape[0],), float("-inf"))])
+
+    def _catch_up(self, v: BranchView) -> int:
+        """Schedule the branch's committed tokens the draft has not computed; return its tip node."""
+        tc = self.tc
+        key = (v.request, v.branch)
+        if v.request not in self.prompt_last:
+            # a request is first seen through its root branch (the only branch at its first step)
+            assert v.parent is None, "a request's first view must be its root branch"
+            prompt = v.context[: len(v.context) - len(v.tokens)]
+            self.prompt_last[v.request] = tc.add_chain(v.request, prompt, -1)[-1]
+        nodes = self.nodes.setdefault(key, [])
+        if nodes:
+            anchor = nodes[-1]
+        elif v.parent is None:
+            anchor = self.prompt_last[v.request]
+        else:
+            anchor = self._parent_fork_node(v)
+        nodes.extend(tc.add_chain(v.request, v.tokens[len(nodes) :], anchor))
+        return nodes[-1]
+
+    def _parent_fork_node(self, v: BranchView) -> int:
+        """The draft node of the parent's [Fork]; catches the parent up from the child's context if needed."""
+        pkey = (v.request, v.parent)
+        pnodes = self.nodes.setdefault(pkey, [])
+        need = v.fork_index + 1
+        if len(pnodes) < need:
+            # the parent committed its [Fork] (and maybe finished) since the draft last saw it:
+            # its tokens up to the fork are the part of the child's context just before the child's own.
+            prefix = v.context[len(v.context) - len(v.tokens) - need : len(v.context) - len(v.tokens)]
+            pnodes.extend(self.tc.add_chain(v.request, prefix[len(pnodes) :], pnodes[-1]))
+        return pnodes[v.fork_index]
+
+    # ------------------------------------------------------------ observe
+    def observe(self, outcome: Outcome) -> None:
+        for v, a in zip(outcome.views, outcome.accepted):
+            key = (v.request, v.branch)
+            self.nodes[key].extend(self.drafted.get(key, [])[:a])
+        self.drafted = {}
+        self._maybe_compact(outcome.views)
+
+    def _maybe_compact(self, views: list[BranchView]) -> None:
+        """Drop draft slots no active branch can see, once they are a quarter of the cache."""
+        tc = self.tc
+        if tc.num_slots < 64 or tc.num_slots < self.grown + 64:
+            return
+        live: list[set[int]] = [set() for _ in tc.rows]
+        for v in views:
+            n = self.nodes[(v.request, v.branch)][-1]
+            row = tc.rows[v.request]
+            seen = live[v.request]
+            while n >= 0 and n not in seen:
+                seen.add(n)
+                n = row.parent[n]
+        # Committed nodes all stay (a queued child may need a finished parent's prefix);
+        # what goes is the rejected drafts.
+        for (req, br), nodes in self.nodes.items():
+            live[req].update(n for n in nodes if tc.rows[req].slot_of[n] >= 0)
+        if tc.garbage(live) >= 0.25 * tc.num_slots:
+            tc.compact(live)
+        self.grown = tc.num_slots

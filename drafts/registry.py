@@ -1,0 +1,158 @@
+"""The draft registry: named speculators, with the vocabulary they fit.
+
+Built-in entries name the embedded draft and the n-gram speculator. Users add
+their own in a JSON file (a list of entry objects), found at
+``$APAR_SPEC_DRAFTS`` or ``$XDG_CONFIG_HOME/apar-spec/drafts.json``
+(``~/.config/apar-spec/drafts.json``)::
+
+    [{"name": "qwen-0.5b", "kind": "model", "weights": "/models/Qwen2.5-0.5B-Instruct",
+      "targets": ["Qwen2.5-7B-Instruct"], "notes": "same tokenizer as the 7B"}]
+
+A draft LM must share the target's tokenizer: ``resolve`` compares vocabulary
+fingerprints and refuses a mismatch with both sizes and fingerprints named.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from apar_spec.drafts.base import Speculator
+
+KINDS = ("model", "ngram")
+
+
+@dataclass
+class DraftEntry:
+    name: str
+    kind: str  # "model" (a draft LM) or "ngram" (prompt lookup, no model)
+    weights: Optional[str] = None  # embedded name, local path or cached HF id (kind "model")
+    fingerprint: Optional[str] = None  # vocabulary fingerprint it fits (None = checked at load time)
+    vocab_size: Optional[int] = None
+    targets: list[str] = field(default_factory=list)  # models it is meant for
+    notes: str = ""
+    acceptance_length: Optional[float] = None  # measured mean acceptance length (incl. bonus), if known
+    source: str = "built-in"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+BUILTIN = [
+    DraftEntry(
+        name="tiny-draft",
+        kind="model",
+        weights="tiny-draft",
+        targets=["tiny-apar", "tiny-base"],
+        notes="embedded 2-layer draft trained on the APAR corpus; shares the embedded tokenizer",
+    ),
+    DraftEntry(
+        name="ngram",
+        kind="ngram",
+        targets=["any"],
+        notes="prompt lookup: copies what followed the latest match of the branch's last 1-3 tokens in its own context",
+    ),
+]
+
+
+def user_file() -> Path:
+    if os.environ.get("APAR_SPEC_DRAFTS"):
+        return Path(os.environ["APAR_SPEC_DRAFTS"]).expanduser()
+    base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+    return base / "apar-spec" / "drafts.json"
+
+
+def load_user_entries(path: Optional[Path] = None) -> list[DraftEntry]:
+    path = path or user_file()
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"draft registry file {path} is not valid JSON ({err}); fix or remove it") from None
+    if not isinstance(data, list):
+        raise ValueError(f"draft registry file {path} must hold a JSON list of entries")
+    entries = []
+    allowed = set(DraftEntry.__dataclass_fields__) - {"source"}
+    for i, item in enumerate(data):
+        if not isinstance(item, dict) or "name" not in item or "kind" not in item:
+            raise ValueError(f"draft registry file {path}: entry {i} needs at least 'name' and 'kind'")
+        unknown = set(item) - allowed
+        if unknown:
+            raise ValueError(f"draft registry file {path}: entry {i} has unknown field(s) {sorted(unknown)}")
+        if item["kind"] not in KINDS:
+            raise ValueError(f"draft registry file {path}: entry {i} has kind '{item['kind']}' (choose from {', '.join(KINDS)})")
+        if item["kind"] == "model" and not item.get("weights"):
+            raise ValueError(f"draft registry file {path}: entry {i} ('{item['name']}') of kind 'model' needs 'weights'")
+        entries.append(DraftEntry(**item, source=str(path)))
+    return entries
+
+
+def entries() -> list[DraftEntry]:
+    """Built-in entries, then the user's (a user entry with a built-in name replaces it)."""
+    by_name = {e.name: e for e in BUILTIN}
+    for e in load_user_entries():
+        by_name[e.name] = e
+    return list(by_name.values())
+
+
+def get(name: str) -> DraftEntry:
+    found = {e.name: e for e in entries()}
+    if name in found:
+        return found[name]
+    close = difflib.get_close_matches(name, list(found), n=2)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"unknown draft '{name}' (see `apar-spec drafts list`){hint}")
+
+
+def vocab_fingerprint(tokenizer) -> tuple[int, str]:
+    """(vocabulary size, short hash of the token -> id map): equal iff the tokenizers agree on ids."""
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:12]
+    return len(vocab), digest
+
+
+def check_vocab(draft_tokenizer, target_tokenizer, draft_name: str) -> None:
+    dn, dfp = vocab_fingerprint(draft_tokenizer)
+    tn, tfp = vocab_fingerprint(target_tokenizer)
+    if dfp != tfp:
+        raise ValueError(
+            f"draft '{draft_name}' does not fit the target's vocabulary: draft has {dn} tokens "
+            f"(fingerprint {dfp}), target has {tn} (fingerprint {tfp}); use a draft with the target's tokenizer"
+        )
+
+
+def resolve(draft: Any, target, tokenizer) -> Speculator:
+    """A speculator object from: a speculator, a loaded model, a registry name, or a model path/id."""
+    from apar_spec.drafts.draft_lm import DraftModelSpeculator
+    from apar_spec.drafts.ngram import NGramSpeculator
+    from apar_spec.tokens import find_apar_tokens
+
+    apar = find_apar_tokens(tokenizer) if tokenizer is not None else None
+    mask = (apar.child_id,) if apar else ()
+    if isinstance(draft, Speculator) and hasattr(draft, "propose"):
+        return draft
+    if hasattr(draft, "config") and hasattr(draft, "forward"):  # a loaded model
+        return DraftModelSpeculator(draft, mask_ids=mask)
+    if not isinstance(draft, (str, os.PathLike)):
+        raise ValueError(f"draft must be a registry name, a model path, a model or a speculator (got {type(draft).__name__})")
+    name = str(draft)
+    try:
+        entry = get(name)
+    except ValueError:
+        if not Path(name).expanduser().exists():
+            raise
+        entry = DraftEntry(name=name, kind="model", weights=name, source="path")
+    if entry.kind == "ngram":
+        return NGramSpeculator()
+    from apar_spec.loading import load
+
+    model, draft_tok = load(entry.weights, dtype=target.dtype, device=target.device)
+    if tokenizer is not None:
+        check_vocab(draft_tok, tokenizer, entry.name)
+    return DraftModelSpeculator(model, name=entry.name, mask_ids=mask)
