@@ -1,0 +1,456 @@
+"""Benchmark drivers: ``compare`` (configurations x prompts) and ``sweep`` (draft x k).
+
+Method (why each choice):
+
+- Every row is ONE request (batch size 1): we measure latency, which is what APAR
+  and speculation shorten. Wall time is taken around the whole call (tokenising aside)
+  with a CUDA sync on both ends, for our decoder and for ``model.generate`` alike.
+- Configurations are *interleaved per prompt and repeat* (prompt 1: every config, repeat
+  0, then repeat 1, ...), so machine noise (other jobs on a shared CPU, clock changes)
+  hits every configuration alike; speed-ups are ratios of medians from the same run.
+- Warm-up calls (not recorded) run every configuration first: the first forward of a
+  model pays for allocation and kernel selection.
+- Each row is written and flushed as soon as it is measured, so Ctrl-C (or a crash)
+  keeps every finished row, and ``resume`` skips rows already in the file. A file of
+  another setup (other models, budget, temperature...) is refused on resume instead of
+  silently mixing numbers.
+
+Row schema: see :func:`make_row` and ``tests/test_bench.py``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from apar_spec.api import eos_ids_of, generate
+from apar_spec.hf_baselines import hf_generate
+from apar_spec.options import DecodeOptions
+
+from .models import DEFAULT_TARGET, ModelSet, default_draft, encode_prompt, load_models
+from .prompts import DEFAULT_SET, Prompt, load_prompts
+
+_D = DecodeOptions
+CONFIGS = ("hf-generate", "hf-assisted", "ar", "apar", "spec", "apar+spec")
+DRAFT_CONFIGS = ("hf-assisted", "spec", "apar+spec")
+APAR_CONFIGS = ("apar", "apar+spec")
+SCHEMA = 1
+TEXT_CHARS = 200  # rows keep the first characters of each answer, for eyeballing
+
+
+@dataclass
+class BenchSettings:
+    """Everything a run depends on. Decoding defaults come from ``DecodeOptions``."""
+
+    target: str = DEFAULT_TARGET
+    base: Optional[str] = None  # None: the target's known base (tiny-apar -> tiny-base), else the target
+    draft: Optional[str] = None  # None: tiny-draft for embedded targets, the n-gram draft otherwise
+    modes: Optional[Sequence[str]] = None  # None: every configuration that applies
+    prompts: str = DEFAULT_SET
+    category: Optional[str] = None
+    limit: Optional[int] = None
+    turn: int = 0
+    max_new_tokens: int = _D.max_new_tokens
+    k: int = _D.num_draft_tokens
+    temperature: float = _D.temperature
+    top_p: float = _D.top_p
+    top_k: int = _D.top_k
+    seed: Optional[int] = _D.seed
+    repeats: int = 3
+    warmup: int = 1
+    dtype: Optional[str] = None
+    device: Optional[str] = "auto"
+    chat_template: Optional[bool] = None  # None: use the tokenizer's template when it has one
+    out: Path = Path("results.jsonl")
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1 (got {self.repeats})")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0 (got {self.warmup})")
+        if self.k < 1:
+            raise ValueError(f"-k must be >= 1 (got {self.k})")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other; pick one")
+        DecodeOptions.build(  # the decoder's own checks, before anything is loaded
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            num_draft_tokens=self.k, max_draft_tokens=max(self.k, _D.max_draft_tokens),
+        )
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0 (got {self.temperature})")
+        if self.modes is not None:
+            self.modes = tuple(parse_modes(self.modes))
+
+    @property
+    def draft_name(self) -> str:
+        return self.draft if self.draft is not None else default_draft(self.target)
+
+    def setup(self) -> dict:
+        """What makes two rows comparable; ``resume`` refuses a file whose rows differ here."""
+        return {
+            "target": self.target,
+            "base": self.base,
+            "prompts": self.prompts,
+            "turn": self.turn,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "dtype": self.dtype,
+            "device": self.device,
+            "chat_template": self.chat_template,
+        }
+
+    def setup_id(self) -> str:
+        return hashlib.sha1(json.dumps(self.setup(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One measured configuration: a config name plus the draft and k it uses (if any)."""
+
+    config: str
+    draft: Optional[str] = None
+    k: Optional[int] = None
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or self.config
+
+
+@dataclass
+class BenchResult:
+    out: Path
+    written: int  # rows written by this call
+    skipped: int  # rows found finished (resume)
+    planned: int  # rows this call meant to have in the file
+    interrupted: bool
+    notes: list[str] = field(default_factory=list)
+    models: dict = field(default_factory=dict)  # config -> model name
+
+
+@dataclass
+class RowEvent:
+    """Passed to the progress callback after each row (and once with ``row=None`` at start)."""
+
+    done: int
+    total: int
+    row: Optional[dict]
+
+
+Progress = Callable[[RowEvent], None]
+
+
+def parse_modes(modes: Iterable[str] | str) -> list[str]:
+    """Configuration names from a list or a comma-separated string; unknown -> close-name hint."""
+    items = [m.strip() for m in (modes.split(",") if isinstance(modes, str) else modes) for m in str(m).split(",")]
+    items = [m for m in items if m]
+    if not items:
+        raise ValueError(f"--modes is empty (choose from {', '.join(CONFIGS)})")
+    for m in items:
+        if m not in CONFIGS:
+            close = difflib.get_close_matches(m, CONFIGS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"unknown mode '{m}' (choose from {', '.join(CONFIGS)}){hint}")
+    return list(dict.fromkeys(items))
+
+
+# ------------------------------------------------------------------ the two drivers
+
+
+def compare(settings: BenchSettings, *, progress: Optional[Progress] = None) -> BenchResult:
+    """Every configuration on every prompt (one draft, one k)."""
+    return _run(settings, lambda ms: _compare_variants(settings, ms), progress)
+
+
+def sweep(
+    settings: BenchSettings,
+    *,
+    drafts: Sequence[str],
+    ks: Sequence[int],
+    progress: Optional[Progress] = None,
+) -> BenchResult:
+    """Speculative configurations for every (draft, k), next to their baselines.
+
+    Baselines (``hf-generate``, ``ar``, ``apar`` where they apply) run once per prompt
+    and repeat; ``spec``/``apar+spec`` (or ``settings.modes``' draft configurations)
+    run for each draft and k. Rows are labelled ``spec ngram k=4``.
+    """
+    if not drafts:
+        raise ValueError("sweep needs at least one draft")
+    if not ks or any(k < 1 for k in ks):
+        raise ValueError(f"sweep needs draft lengths >= 1 (got {list(ks)})")
+    return _run(settings, lambda ms: _sweep_variants(settings, ms, drafts, ks), progress, drafts)
+
+
+def _compare_variants(settings: BenchSettings, ms: ModelSet) -> tuple[list[Variant], list[str]]:
+    wanted = list(settings.modes or CONFIGS)
+    explicit = settings.modes is not None
+    variants, notes = [], []
+    for config in wanted:
+        reason = _not_applicable(config, ms)
+        if reason:
+            if explicit:
+                raise ValueError(f"mode '{config}' cannot run: {reason}")
+            notes.append(f"{config} skipped: {reason}")
+            continue
+        uses_draft = config in DRAFT_CONFIGS
+        variants.append(Variant(config, ms.draft.name if uses_draft else None, settings.k if uses_draft else None))
+    if not variants:
+        raise ValueError("no configuration can run with these models; see --modes")
+    return variants, notes
+
+
+def _sweep_variants(settings: BenchSettings, ms: ModelSet, drafts: Sequence[str], ks: Sequence[int]):
+    wanted = list(settings.modes or CONFIGS)
+    base = [c for c in wanted if c not in DRAFT_CONFIGS and not _not_applicable(c, ms)]
+    for needed in ("ar",):  # speed-ups need the AR baseline
+        if needed not in base:
+            base.insert(0, needed)
+    variants = [Variant(c) for c in base]
+    notes = []
+    for name in drafts:
+        for k in ks:
+            for config in (c for c in wanted if c in DRAFT_CONFIGS):
+                reason = _not_applicable(config, ms, draft=name)
+                if reason:
+                    notes.append(f"{config} {name} skipped: {reason}")
+                    continue
+                variants.append(Variant(config, name, k, f"{config} {name} k={k}"))
+    return variants, sorted(set(notes))
+
+
+def _not_applicable(config: str, ms: ModelSet, draft: Optional[str] = None) -> Optional[str]:
+    if config in APAR_CONFIGS and not ms.target.has_apar_tokens:
+        return f"target '{ms.target.name}' has no [Fork]/[Child] tokens (not an APAR model)"
+    if config in DRAFT_CONFIGS:
+        d = ms.drafts.get(draft) if draft else ms.draft
+        if d is None:
+            return "no draft given (--draft)"
+        if config == "hf-assisted" and d.kind == "model":
+            tv = ms.baseline.model.config.vocab_size
+            dv = d.model.config.vocab_size
+            if tv != dv:
+                return f"HF assisted generation needs equal vocabulary sizes (draft {dv}, target {tv})"
+    return None
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def _run(settings: BenchSettings, plan, progress: Optional[Progress], sweep_drafts: Sequence[str] = ()) -> BenchResult:
+    prompts = load_prompts(settings.prompts, category=settings.category, limit=settings.limit, turn=settings.turn)
+    finished = _prepare_output(settings)
+    drafts = list(sweep_drafts) or ([settings.draft_name] if settings.draft_name else [])
+    ms = load_models(settings.target, settings.base, drafts, dtype=settings.dtype, device=settings.device)
+    variants, notes = plan(ms)
+    runner = _Runner(settings, ms, prompts)
+    todo = [
+        (p, r, v)
+        for p in prompts
+        for r in range(settings.repeats)
+        for v in variants
+        if (v.name, p.id, r) not in finished
+    ]
+    planned = len(prompts) * settings.repeats * len(variants)
+    result = BenchResult(settings.out, 0, planned - len(todo), planned, False, notes,
+                         {v.name: ms.for_config(v.config).name for v in variants})
+    if progress:
+        progress(RowEvent(result.skipped, planned, None))
+    try:
+        if todo:
+            for _ in range(settings.warmup):
+                for v in variants:
+                    runner.measure(v, prompts[0], repeat=-1)
+        with settings.out.open("a", encoding="utf-8") as f:
+            for p, r, v in todo:
+                row = runner.measure(v, p, r)
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+                result.written += 1
+                if progress:
+                    progress(RowEvent(result.skipped + result.written, planned, row))
+    except KeyboardInterrupt:
+        result.interrupted = True
+    return result
+
+
+def _prepare_output(settings: BenchSettings) -> set[tuple[str, str, int]]:
+    """Check the output file can be written; return the keys of rows already finished (resume)."""
+    out = settings.out
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name such as {out / 'results.jsonl'}")
+    existing = read_rows(out) if out.is_file() and out.stat().st_size > 0 else []
+    if existing and not settings.resume and not settings.overwrite:
+        raise ValueError(
+            f"{out} already holds {len(existing)} rows; pass --resume to continue it or --overwrite to start again"
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w" if settings.overwrite else "a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write the output file {out}: {err.strerror or err}") from None
+    if not settings.resume:
+        return set()
+    sid = settings.setup_id()
+    other = [r for r in existing if r.get("setup_id") != sid]
+    if other:
+        raise ValueError(
+            f"{out} holds {len(other)} rows of a different setup (models, budget, sampling, dtype, device or prompts differ); "
+            "resume with the same options, or write to another --out"
+        )
+    return {(r["variant"], str(r["prompt_id"]), int(r["repeat"])) for r in existing}
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a results file. A last line cut short by a crash is ignored; any other bad
+    line is an error naming it (a results file is written by us, so it means corruption)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if n == len(lines):
+                break  # an interrupted write
+            raise ValueError(f"{path} line {n}: not a JSON row ({err.msg})") from None
+        if not isinstance(row, dict) or "variant" not in row or "prompt_id" not in row:
+            raise ValueError(f"{path} line {n}: not a benchmark row (needs 'variant' and 'prompt_id')")
+        rows.append(row)
+    return rows
+
+
+class _Runner:
+    """Runs one (variant, prompt) and turns it into a row."""
+
+    def __init__(self, settings: BenchSettings, ms: ModelSet, prompts: list[Prompt]):
+        self.s = settings
+        self.ms = ms
+        self.setup_id = settings.setup_id()
+        self._ids: dict[tuple[int, str], list[int]] = {}
+        for p in prompts:  # encode up front: a template problem fails before the first row
+            for loaded in (ms.target, ms.baseline):
+                self.ids(loaded, p)
+
+    def ids(self, loaded, prompt: Prompt) -> list[int]:
+        key = (id(loaded), prompt.id)
+        if key not in self._ids:
+            self._ids[key] = encode_prompt(loaded, prompt.text, self.s.chat_template)
+        return self._ids[key]
+
+    def measure(self, v: Variant, prompt: Prompt, repeat: int) -> dict:
+        s, ms = self.s, self.ms
+        loaded = ms.for_config(v.config)
+        ids = self.ids(loaded, prompt)
+        k = v.k or s.k
+        draft = ms.drafts.get(v.draft) if v.draft else None
+        sampling = dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
+        eos = eos_ids_of(loaded.model, loaded.tokenizer)
+        if v.config.startswith("hf-"):
+            assist = {}
+            if v.config == "hf-assisted":
+                assist = {"assistant_model": draft.model, "num_assistant_tokens": k} if draft.kind == "model" else {"prompt_lookup_num_tokens": k}
+            run = hf_generate(loaded.model, loaded.tokenizer, ids, max_new_tokens=s.max_new_tokens, eos_ids=eos, **sampling, **assist)
+            out_ids, wall, text = run.token_ids, run.wall_time_s, loaded.tokenizer.decode(run.token_ids, skip_special_tokens=True)
+            stats = _hf_stats(run, len(out_ids))
+            extra = {"hf": run.settings}
+        else:
+            device = loaded.model.device
+            _sync(device)
+            start = time.perf_counter()
+            gen = generate(
+                loaded.model, loaded.tokenizer, [ids], mode=v.config, draft=draft.arg if draft else None,
+                max_new_tokens=s.max_new_tokens, num_draft_tokens=k, max_draft_tokens=max(k, _D.max_draft_tokens),
+                **sampling,
+            )[0]
+            _sync(device)
+            wall = time.perf_counter() - start
+            out_ids, text, stats, extra = gen.token_ids, gen.text, gen.stats.to_dict(), {}
+        return make_row(self, v, prompt, repeat, loaded.name, len(ids), out_ids, text, wall, stats, extra)
+
+
+def _sync(device) -> None:
+    if getattr(device, "type", None) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _hf_stats(run, tokens: int) -> dict:
+    """The GenerationStats fields HF can honestly report: forwards are counted, the
+    tree-decoder-only measures (live KV, attended keys) are None, not invented."""
+    return {
+        "target_steps": run.target_forwards,
+        "draft_forwards": run.draft_forwards,
+        "tokens_generated": tokens,
+        "peak_live_kv": None,
+        "mean_live_kv": None,
+        "attended_keys": None,
+        "critical_path": tokens,  # one sequence: every token depends on the previous one
+        "wall_time_s": run.wall_time_s,
+        "num_branches": 1,
+        "accepted": None,
+        "drafted": None,
+        "mean_acceptance_length": None,
+        "acceptance_rate_per_position": [],
+        "steps_per_critical_path": run.target_forwards / tokens if tokens else 0.0,
+    }
+
+
+def make_row(runner: _Runner, v: Variant, prompt: Prompt, repeat: int, model: str, prompt_tokens: int,
+             out_ids: list[int], text: str, wall: float, stats: dict, extra: dict) -> dict:
+    """One JSONL row. ``tokens`` = tokens generated over all branches ([Fork] and EOS count,
+    as in GenerationStats); ``tokens_per_s`` = tokens / ``wall_s`` (measured around the call);
+    ``wall_time_s`` is the decoder's own timing, kept for reference."""
+    s = runner.s
+    tokens = int(stats["tokens_generated"])
+    stats = dict(stats)
+    stats.pop("tokens_per_s", None)  # the decoder's own rate; ours is measured around the call
+    row = {
+        "schema": SCHEMA,
+        "setup_id": runner.setup_id,
+        "variant": v.name,
+        "config": v.config,
+        "prompt_id": prompt.id,
+        "category": prompt.category,
+        "repeat": repeat,
+        "model": model,
+        "draft": v.draft,
+        "k": v.k,
+        "temperature": s.temperature,
+        "max_new_tokens": s.max_new_tokens,
+        "device": runner.ms.device,
+        "dtype": str(runner.ms.for_config(v.config).model.dtype).removeprefix("torch."),
+        "prompt_tokens": prompt_tokens,
+        "tokens": tokens,
+        "answer_tokens": len(out_ids),
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        **stats,
+        "steps_per_token": stats["target_steps"] / tokens if tokens else None,
+        "output_ids": list(out_ids),
+        "text": text[:TEXT_CHARS],
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+    return row

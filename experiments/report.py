@@ -1,0 +1,320 @@
+"""The benchmark report: per configuration and per category, from the rows of one run.
+
+How each column is computed (all from rows of the same run, so machine drift cancels):
+
+- per prompt, a metric is first reduced to its **median over repeats**; a column is
+  then the **median over prompts** of those (a mean where noted). A prompt counts
+  for a configuration once it has at least one row.
+- ``tok/s``: tokens / wall, with tokens = tokens generated over all branches
+  (``[Fork]`` and EOS included, as in ``GenerationStats``) and wall measured around
+  the call.
+- ``xAR`` / ``xHF``: speed-up = median tok/s of the configuration / median tok/s of
+  ``ar`` (resp. ``hf-generate``), both over the prompts *both* finished (so an
+  interrupted run does not compare different prompt sets).
+- ``steps``: target forwards (prefill included); ``steps/tok`` = steps / tokens.
+- ``acc.len``: mean acceptance length per branch-step **including the bonus token**
+  (vLLM's convention: plain decoding is exactly 1.0); mean over rows. ``acc@pos``:
+  per draft position, the mean over rows of that row's accepted/drafted rate at the
+  position (rows that never drafted that far do not vote).
+- ``KVxAR`` / ``attnxAR``: median peak live KV (resp. attended keys) over the same
+  quantity for ``ar``, over common prompts. HF rows have no such counters (``-``).
+- ``steps/crit``: target steps / critical path (the longest root-to-leaf chain of
+  generated tokens); 1.0 for plain AR, below 1 once a step yields several tokens.
+- ``lossless``: greedy runs only. ``spec`` must equal ``ar``, ``apar+spec`` equal
+  ``apar``, ``ar`` and ``hf-assisted`` equal ``hf-generate``: whole token lists are
+  compared (length included, never zipped), on the first repeat both have, and only
+  when both rows used the same model.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+ALL = "all"
+# configuration -> the configuration its greedy output must equal
+LOSSLESS_REFERENCE = {"spec": "ar", "apar+spec": "apar", "ar": "hf-generate", "hf-assisted": "hf-generate"}
+
+
+@dataclass
+class Lossless:
+    reference: str  # the variant compared against
+    equal: int = 0
+    compared: int = 0
+    first_difference: Optional[str] = None  # "prompt P: lengths 12 vs 10, first differs at token 7"
+    skipped: Optional[str] = None  # why no comparison was made ("sampled", "different models")
+
+    @property
+    def ok(self) -> Optional[bool]:
+        return None if self.skipped or not self.compared else self.equal == self.compared
+
+    def short(self) -> str:
+        if self.skipped:
+            return f"n/a ({self.skipped})"
+        if not self.compared:
+            return "n/a (no common prompts)"
+        return f"{'yes' if self.ok else 'NO'} {self.equal}/{self.compared}"
+
+
+@dataclass
+class VariantSummary:
+    variant: str
+    config: str
+    model: str
+    draft: Optional[str]
+    k: Optional[int]
+    prompts: int
+    rows: int
+    tokens: Optional[float]
+    wall_s: Optional[float]
+    tokens_per_s: Optional[float]
+    speedup_vs_ar: Optional[float]
+    speedup_vs_hf: Optional[float]
+    target_steps: Optional[float]
+    steps_per_token: Optional[float]
+    acceptance_length: Optional[float]
+    acceptance_per_position: list[float] = field(default_factory=list)
+    peak_kv_vs_ar: Optional[float] = None
+    attended_keys_vs_ar: Optional[float] = None
+    steps_per_critical_path: Optional[float] = None
+    lossless: Optional[Lossless] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Report:
+    groups: dict[str, list[VariantSummary]]  # "all" first, then each category
+    setup_ids: list[str]
+    repeats: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "setup_ids": self.setup_ids,
+            "repeats": self.repeats,
+            "notes": self.notes,
+            "groups": {g: [v.to_dict() for v in vs] for g, vs in self.groups.items()},
+        }
+
+
+# ------------------------------------------------------------------ math
+
+
+def _median(xs: Iterable[Optional[float]]) -> Optional[float]:
+    vals = [x for x in xs if x is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _mean(xs: Iterable[Optional[float]]) -> Optional[float]:
+    vals = [x for x in xs if x is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def per_prompt(rows: Sequence[dict], key: str) -> dict[str, float]:
+    """prompt id -> median over that prompt's repeats of ``row[key]`` (None values ignored)."""
+    by_prompt: dict[str, list] = defaultdict(list)
+    for r in rows:
+        by_prompt[str(r["prompt_id"])].append(r.get(key))
+    out = {}
+    for p, vals in by_prompt.items():
+        m = _median(vals)
+        if m is not None:
+            out[p] = m
+    return out
+
+
+def ratio_of_medians(rows: Sequence[dict], base_rows: Sequence[dict], key: str) -> Optional[float]:
+    """median over common prompts of ``key`` for ``rows``, divided by the same for ``base_rows``."""
+    mine, base = per_prompt(rows, key), per_prompt(base_rows, key)
+    common = sorted(set(mine) & set(base))
+    if not common:
+        return None
+    num, den = _median(mine[p] for p in common), _median(base[p] for p in common)
+    return num / den if den else None
+
+
+def acceptance_per_position(rows: Sequence[dict]) -> list[float]:
+    """Mean over rows of each draft position's acceptance rate (rows without that position abstain)."""
+    columns: dict[int, list[float]] = defaultdict(list)
+    for r in rows:
+        for j, rate in enumerate(r.get("acceptance_rate_per_position") or []):
+            columns[j].append(rate)
+    return [sum(columns[j]) / len(columns[j]) for j in sorted(columns)]
+
+
+def compare_outputs(rows: Sequence[dict], ref_rows: Sequence[dict], reference: str) -> Lossless:
+    """Greedy-equality of whole token lists, per prompt, on the first repeat both have."""
+    result = Lossless(reference)
+    if any((r.get("temperature") or 0) > 0 for r in [*rows, *ref_rows]):
+        result.skipped = "sampled"
+        return result
+    models = {r.get("model") for r in rows} | {r.get("model") for r in ref_rows}
+    if len(models) > 1:
+        result.skipped = "different models"
+        return result
+    mine = _first_repeat(rows)
+    ref = _first_repeat(ref_rows)
+    for p in sorted(set(mine) & set(ref), key=str):
+        a, b = mine[p]["output_ids"], ref[p]["output_ids"]
+        result.compared += 1
+        if a == b:  # list equality compares lengths too: a truncated output is a difference
+            result.equal += 1
+        elif result.first_difference is None:
+            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            result.first_difference = f"prompt {p}: lengths {len(a)} vs {len(b)}, first differs at token {at}"
+    return result
+
+
+def _first_repeat(rows: Sequence[dict]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: r["repeat"]):
+        out.setdefault(str(r["prompt_id"]), r)
+    return out
+
+
+def summarize(rows: Sequence[dict]) -> Report:
+    """Summaries for all prompts and for each category (see the module docstring)."""
+    if not rows:
+        raise ValueError("no rows to report (the results file is empty)")
+    groups: dict[str, list[dict]] = {ALL: list(rows)}
+    for r in rows:
+        groups.setdefault(str(r.get("category", "?")), []).append(r)
+    if len(groups) == 2:  # one category: its table would repeat "all"
+        groups = {ALL: groups[ALL]}
+    report = Report({}, sorted({r.get("setup_id", "?") for r in rows}), max(int(r["repeat"]) for r in rows) + 1)
+    if len(report.setup_ids) > 1:
+        report.notes.append(f"rows of {len(report.setup_ids)} different setups are mixed in this file: ratios may mean nothing")
+    for name, group_rows in groups.items():
+        report.groups[name] = _summarize_group(group_rows)
+    return report
+
+
+def _summarize_group(rows: Sequence[dict]) -> list[VariantSummary]:
+    by_variant: dict[str, list[dict]] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], []).append(r)
+    by_config = {}
+    for name, vrows in by_variant.items():
+        by_config.setdefault(vrows[0]["config"], name)  # the first variant of a config is its baseline
+    ar = by_variant.get(by_config.get("ar", ""), [])
+    hf = by_variant.get(by_config.get("hf-generate", ""), [])
+    out = []
+    for name, vrows in by_variant.items():
+        first = vrows[0]
+        config = first["config"]
+        ref_config = LOSSLESS_REFERENCE.get(config)
+        lossless = None
+        if ref_config and ref_config in by_config:
+            lossless = compare_outputs(vrows, by_variant[by_config[ref_config]], by_config[ref_config])
+        out.append(
+            VariantSummary(
+                variant=name,
+                config=config,
+                model=", ".join(sorted({str(r.get("model")) for r in vrows})),
+                draft=first.get("draft"),
+                k=first.get("k"),
+                prompts=len({r["prompt_id"] for r in vrows}),
+                rows=len(vrows),
+                tokens=_median(per_prompt(vrows, "tokens").values()),
+                wall_s=_median(per_prompt(vrows, "wall_s").values()),
+                tokens_per_s=_median(per_prompt(vrows, "tokens_per_s").values()),
+                speedup_vs_ar=ratio_of_medians(vrows, ar, "tokens_per_s") if ar else None,
+                speedup_vs_hf=ratio_of_medians(vrows, hf, "tokens_per_s") if hf else None,
+                target_steps=_median(per_prompt(vrows, "target_steps").values()),
+                steps_per_token=_median(per_prompt(vrows, "steps_per_token").values()),
+                acceptance_length=_mean(r.get("mean_acceptance_length") for r in vrows),
+                acceptance_per_position=acceptance_per_position(vrows),
+                peak_kv_vs_ar=ratio_of_medians(vrows, ar, "peak_live_kv") if ar else None,
+                attended_keys_vs_ar=ratio_of_medians(vrows, ar, "attended_keys") if ar else None,
+                steps_per_critical_path=_median(per_prompt(vrows, "steps_per_critical_path").values()),
+                lossless=lossless,
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _f(x: Optional[float], fmt: str = "{:.2f}", suffix: str = "") -> str:
+    return "-" if x is None else fmt.format(x) + suffix
+
+
+def _table_rows(vs: list[VariantSummary]) -> tuple[list[str], list[list[str]]]:
+    headers = ["config", "model", "prompts", "tokens", "tok/s", "xAR", "xHF", "steps", "steps/tok",
+               "acc.len", "acc@pos", "KVxAR", "attnxAR", "steps/crit", "lossless"]
+    body = []
+    for v in vs:
+        acc_pos = " ".join(f"{a:.2f}" for a in v.acceptance_per_position[:4]) or "-"
+        body.append([
+            v.variant, v.model, str(v.prompts), _f(v.tokens, "{:.0f}"), _f(v.tokens_per_s, "{:.1f}"),
+            _f(v.speedup_vs_ar, suffix="x"), _f(v.speedup_vs_hf, suffix="x"), _f(v.target_steps, "{:.0f}"),
+            _f(v.steps_per_token), _f(v.acceptance_length), acc_pos, _f(v.peak_kv_vs_ar), _f(v.attended_keys_vs_ar),
+            _f(v.steps_per_critical_path), v.lossless.short() if v.lossless else "ref" if v.config in ("hf-generate", "apar") else "-",
+        ])
+    return headers, body
+
+
+def _plain_table(title: str, headers: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _bars(items: list[tuple[str, float]], width: int = 40, char: str = "#") -> list[str]:
+    """A horizontal bar per item, scaled to the largest; a '|' marks 1.0x where it fits."""
+    if not items:
+        return []
+    top = max(max(v for _, v in items), 1.0)
+    label_w = max(len(n) for n, _ in items)
+    lines = []
+    for name, value in items:
+        n = max(1, round(value / top * width)) if value > 0 else 0
+        bar = list(char * n + " " * (width - n))
+        one = round(1.0 / top * width)
+        if 0 < one <= width and one - 1 >= n:
+            bar[one - 1] = "|"
+        lines.append(f"{name.ljust(label_w)}  {''.join(bar)} {value:.2f}x")
+    return lines
+
+
+def render(report: Report, console: Optional[Console] = None) -> None:
+    """Rich tables and a bar chart on a terminal; plain aligned text otherwise."""
+    console = console or Console()
+    plain = not console.is_terminal
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    for group, vs in report.groups.items():
+        title = f"{'all prompts' if group == ALL else 'category ' + group} ({report.repeats} repeat(s); medians)"
+        headers, body = _table_rows(vs)
+        if plain:
+            console.print(_plain_table(title, headers, body) + "\n", markup=False, highlight=False, soft_wrap=True)
+        else:
+            table = Table(title=title, title_justify="left", header_style="bold")
+            for h in headers:
+                table.add_column(h, justify="left" if h in ("config", "model", "acc@pos", "lossless") else "right")
+            for row in body:
+                table.add_row(*[("[red]" + c + "[/]") if c.startswith("NO") else c for c in row])
+            console.print(table)
+    vs = report.groups[ALL]
+    for label, attr in (("vs AR", "speedup_vs_ar"), ("vs hf-generate", "speedup_vs_hf")):
+        items = [(v.variant, getattr(v, attr)) for v in vs if getattr(v, attr) is not None]
+        if not items:
+            continue
+        console.print(f"speed-up {label} (tokens/s, ratio of medians)", markup=False, highlight=False)
+        for line in _bars(items, char="#" if plain else "█"):
+            console.print(line, markup=False, highlight=False, style=None if plain else "cyan", soft_wrap=True)
+        console.print("")
+    diffs = [v for v in report.groups[ALL] if v.lossless and v.lossless.first_difference]
+    for v in diffs:
+        console.print(f"lossless check failed for {v.variant} vs {v.lossless.reference}: {v.lossless.first_difference}",
+                      markup=False, highlight=False)
