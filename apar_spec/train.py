@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -103,7 +104,9 @@ def segment_token_ids(tree: AnswerTree, tokenizer) -> list[list[int]]:
     output tokens of a branch are exactly the concatenation of these lists.
     """
     segments = tree.segments()
-    return [tokenizer(s, add_special_tokens=False)["input_ids"] if s else [] for s in segments]
+    nonempty = [s for s in segments if s]
+    ids = iter(tokenizer(nonempty, add_special_tokens=False)["input_ids"] if nonempty else [])
+    return [next(ids) if s else [] for s in segments]
 
 
 def branch_token_ids(tree: AnswerTree, tokenizer, apar: AparTokens | None) -> tuple[list[int], list[int]]:
@@ -181,8 +184,8 @@ class _TreeBuilder:
 
     def finish(self) -> PackedExample:
         n = len(self.tokens)
-        depth = torch.zeros(n, dtype=torch.long)  # [L]
-        attention = torch.zeros(n, n, dtype=torch.bool)  # [L, L]
+        depth = [0] * n
+        attention = np.zeros((n, n), dtype=bool)  # [L, L]; numpy rows copy ~10x faster than torch's
         for i, p in enumerate(self.parents):
             if p >= 0:  # parents always precede: copy the parent's ancestor row, add self
                 depth[i] = depth[p] + 1
@@ -190,8 +193,8 @@ class _TreeBuilder:
             attention[i, i] = True
         return PackedExample(
             input_ids=torch.tensor(self.tokens, dtype=torch.long),
-            position_ids=depth,
-            attention=attention,
+            position_ids=torch.tensor(depth, dtype=torch.long),
+            attention=torch.from_numpy(attention),
             labels=torch.tensor(self.labels, dtype=torch.long),
         )
 

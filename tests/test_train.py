@@ -61,6 +61,8 @@ class CharTokenizer:
     eos_token_id = 1
 
     def __call__(self, text, add_special_tokens=False):
+        if isinstance(text, list):
+            return {"input_ids": [[ord(c) for c in t] for t in text]}
         return {"input_ids": [ord(c) for c in text]}
 
 
