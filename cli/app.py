@@ -1,0 +1,432 @@
+"""The ``apar-spec`` command line: thin typer commands over library functions.
+
+Every command parses options, calls one library function (``apar_spec.generate``,
+``experiments.bench.compare`` / ``sweep``, ``experiments.report.summarize``,
+``restructure.convert_file``, ``train.train``, ``drafts.registry``) and prints the
+result: rich on a terminal, plain text when piped, JSON with ``--json``. Defaults are
+read from where they live (``DecodeOptions``, ``BenchSettings``, the library
+functions' signatures), never written here a second time. Input errors become one
+``Error: ...`` line and exit code 2 (``cli/errors.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from apar_spec.options import DecodeOptions
+
+from .errors import EXIT_INTERRUPTED, fail, handle_errors
+from .output import print_json, show_generation, stdout_console
+
+app = typer.Typer(
+    name="apar-spec",
+    help="APAR + speculative decoding: generate, benchmark against honest baselines, report.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+drafts_app = typer.Typer(help="The draft registry: which speculators exist and which targets they fit.", no_args_is_help=True)
+app.add_typer(drafts_app, name="drafts")
+
+
+def _default(obj: Any, name: str) -> Any:
+    """A default from its one source: a dataclass field or a function parameter."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: f.default for f in dataclasses.fields(obj)}[name]
+    return inspect.signature(obj).parameters[name].default
+
+
+def _bench_default(name: str) -> Any:
+    from apar_spec.experiments.bench import BenchSettings
+
+    return _default(BenchSettings, name)
+
+
+def _generate_default(name: str) -> Any:
+    from apar_spec.api import generate
+
+    return _default(generate, name)
+
+
+def _quiet_transformers() -> None:
+    """HF's per-call warnings and weight-loading bars would drown the report."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - logging is cosmetic
+        pass
+
+
+# ------------------------------------------------------------------ shared options
+
+Target = Annotated[str, typer.Option("--target", help="Target model: embedded name, local path, .gguf file or cached HF id.")]
+Base = Annotated[Optional[str], typer.Option("--base", help="AR baseline model for an APAR target ('same' = the target). Default: tiny-base for tiny-apar, else the target.")]
+Modes = Annotated[Optional[str], typer.Option("--modes", help="Comma-separated configurations: hf-generate, hf-assisted, ar, apar, spec, apar+spec. Default: all that apply.")]
+Prompts = Annotated[str, typer.Option("--prompts", help="Built-in set name, a text file (one prompt a line), JSONL with 'prompt', or Spec-Bench/FastChat question.jsonl.")]
+Category = Annotated[Optional[str], typer.Option("--category", help="Only these categories (comma-separated).")]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="At most this many prompts (after --category).")]
+Turn = Annotated[int, typer.Option("--turn", help="Which turn of question.jsonl rows to use (0 = first).")]
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Token budget per request, over all branches.")]
+Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (lossless checks need greedy).")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.")]
+Repeats = Annotated[int, typer.Option("--repeats", help="Timed repeats per (configuration, prompt); the report takes medians.")]
+Warmup = Annotated[int, typer.Option("--warmup", help="Untimed warm-up calls per configuration before the first row.")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16, float16, float64 (default: float32 for embedded models, the checkpoint's otherwise).")]
+Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, or auto (accelerate picks).")]
+ChatTemplate = Annotated[Optional[bool], typer.Option("--chat-template/--no-chat-template", help="Wrap prompts in the tokenizer's chat template (default: when it has one).")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Results file (JSONL, one row per configuration x prompt x repeat).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue --out: skip rows already there.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Start --out again when it already holds rows.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+# ------------------------------------------------------------------ generate
+
+
+def _check_mode(mode: str) -> None:
+    """Fail on an unknown --mode before any model is loaded."""
+    import difflib
+
+    from apar_spec.options import MODES
+
+    if mode not in MODES:
+        close = difflib.get_close_matches(mode, MODES, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        fail(f"unknown mode '{mode}' (choose from {', '.join(MODES)}){hint}")
+
+
+@app.command()
+@handle_errors
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The question to answer.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embedded name, local path, .gguf file or cached HF id. Default: tiny-apar.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="ar, apar, spec or apar+spec.")] = None,
+    draft: Annotated[Optional[str], typer.Option("--draft", help="Draft for spec modes: registry name (see `apar-spec drafts list`) or model path.")] = None,
+    k: Annotated[int, typer.Option("-k", help="Draft tokens per branch per step.")] = DecodeOptions.num_draft_tokens,
+    max_new_tokens: MaxNew = DecodeOptions.max_new_tokens,
+    temperature: Temperature = DecodeOptions.temperature,
+    seed: Seed = DecodeOptions.seed,
+    chat_template: ChatTemplate = None,
+    dtype: Dtype = None,
+    device: Device = None,
+    live: Annotated[bool, typer.Option("--live", help="Show the branches growing, step by step.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Answer one prompt and print the answer with its stats."""
+    from apar_spec.api import generate as run_generate
+    from apar_spec.experiments.models import DEFAULT_TARGET, Loaded, default_draft, encode_prompt, resolve_draft
+    from apar_spec.loading import load
+
+    _quiet_transformers()
+    model_name = model or DEFAULT_TARGET
+    mode = mode or _generate_default("mode")
+    _check_mode(mode)
+    if draft and mode not in ("spec", "apar+spec"):
+        fail(f"--draft is only used by --mode spec or apar+spec (got --mode {mode})")
+    loaded = Loaded(model_name, *load(model_name, dtype=dtype, device=device))
+    draft_name = draft or (default_draft(model_name) if mode in ("spec", "apar+spec") else None)
+    draft_arg = resolve_draft(draft_name, loaded, loaded, dtype=dtype, device=device).arg if draft_name else None
+    ids = encode_prompt(loaded, prompt, chat_template)
+    kwargs = dict(
+        mode=mode, draft=draft_arg, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+        num_draft_tokens=k, max_draft_tokens=max(k, DecodeOptions.max_draft_tokens),
+    )
+    console = stdout_console()
+    if live and console.is_terminal and not as_json:
+        from .live import generate_live
+
+        gen = generate_live(loaded.model, loaded.tokenizer, ids, console=console, **kwargs)
+    else:
+        gen = run_generate(loaded.model, loaded.tokenizer, [ids], **kwargs)[0]
+    if as_json:
+        print_json({"model": model_name, "mode": mode, "draft": draft_name, **gen.to_dict()})
+    else:
+        show_generation(gen, console, model=model_name, mode=mode, draft=draft_name)
+
+
+# ------------------------------------------------------------------ bench / sweep / report
+
+
+def _settings(**kwargs: Any):
+    from apar_spec.experiments.bench import BenchSettings
+
+    return BenchSettings(**kwargs)
+
+
+def _run_with_progress(run, settings, as_json: bool) -> None:
+    """Run a driver with a progress bar (stderr), then print the report of the whole file."""
+    err = Console(stderr=True, highlight=False)
+    if err.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       TextColumn("{task.description}"), console=err, transient=True)
+        task = bar.add_task("loading models…", total=None)
+
+        def progress(event) -> None:
+            desc = "" if event.row is None else f"{event.row['variant']} · {event.row['prompt_id']} · {event.row['tokens_per_s']:.1f} tok/s"
+            bar.update(task, completed=event.done, total=event.total, description=desc)
+
+        with bar:
+            result = run(progress)
+    else:
+
+        def progress(event) -> None:
+            if event.row is not None:
+                r = event.row
+                err.print(f"[{event.done}/{event.total}] {r['variant']} {r['prompt_id']} r{r['repeat']}: "
+                          f"{r['tokens']} tokens, {r['tokens_per_s']:.1f} tok/s", markup=False)
+
+        result = run(progress)
+    for note in result.notes:
+        err.print(f"note: {note}", markup=False)
+    if result.written or result.skipped:
+        _print_report(settings.out, as_json)
+    msg = f"{result.written} new row(s) in {result.out}" + (f" ({result.skipped} kept from before)" if result.skipped else "")
+    if result.interrupted:
+        err.print(f"Interrupted: {msg}; rerun with --resume to finish.", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    err.print(msg, markup=False)
+
+
+@app.command()
+@handle_errors
+def bench(
+    target: Target = _bench_default("target"),
+    base: Base = None,
+    draft: Annotated[Optional[str], typer.Option("--draft", help="Draft: registry name (see `apar-spec drafts list`) or model path. Default: tiny-draft for embedded targets, else ngram.")] = None,
+    modes: Modes = None,
+    prompts: Prompts = _bench_default("prompts"),
+    category: Category = None,
+    limit: Limit = None,
+    turn: Turn = _bench_default("turn"),
+    max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
+    k: Annotated[int, typer.Option("-k", help="Draft tokens per branch per step (spec, apar+spec, hf-assisted).")] = _bench_default("k"),
+    temperature: Temperature = _bench_default("temperature"),
+    seed: Seed = _bench_default("seed"),
+    repeats: Repeats = _bench_default("repeats"),
+    warmup: Warmup = _bench_default("warmup"),
+    dtype: Dtype = None,
+    device: Device = _bench_default("device"),
+    chat_template: ChatTemplate = None,
+    out: Out = _bench_default("out"),
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    as_json: AsJson = False,
+) -> None:
+    """Compare configurations on a prompt set (defaults: the embedded models, offline)."""
+    from apar_spec.experiments.bench import compare
+
+    _quiet_transformers()
+    settings = _settings(
+        target=target, base=base, draft=draft, modes=modes, prompts=prompts, category=category, limit=limit, turn=turn,
+        max_new_tokens=max_new_tokens, k=k, temperature=temperature, seed=seed, repeats=repeats, warmup=warmup,
+        dtype=dtype, device=device, chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
+    )
+    _run_with_progress(lambda progress: compare(settings, progress=progress), settings, as_json)
+
+
+def _csv(value: str, what: str, cast=str) -> list:
+    try:
+        items = [cast(x.strip()) for x in value.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{what} must be a comma-separated list, got '{value}'")
+    if not items:
+        fail(f"{what} is empty")
+    return items
+
+
+@app.command()
+@handle_errors
+def sweep(
+    drafts: Annotated[str, typer.Option("--drafts", help="Comma-separated drafts (registry names or paths).")] = "ngram",
+    ks: Annotated[str, typer.Option("--ks", help="Comma-separated draft lengths.")] = "1,2,4,8",
+    target: Target = _bench_default("target"),
+    base: Base = None,
+    modes: Annotated[Optional[str], typer.Option("--modes", help="Configurations; draft ones (spec, apar+spec, hf-assisted) are swept. Default: all.")] = None,
+    prompts: Prompts = _bench_default("prompts"),
+    category: Category = None,
+    limit: Limit = None,
+    turn: Turn = _bench_default("turn"),
+    max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
+    temperature: Temperature = _bench_default("temperature"),
+    seed: Seed = _bench_default("seed"),
+    repeats: Repeats = _bench_default("repeats"),
+    warmup: Warmup = _bench_default("warmup"),
+    dtype: Dtype = None,
+    device: Device = _bench_default("device"),
+    chat_template: ChatTemplate = None,
+    out: Out = Path("sweep.jsonl"),
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    as_json: AsJson = False,
+) -> None:
+    """Sweep draft length k and draft choice, next to the ar/apar/hf-generate baselines."""
+    from apar_spec.experiments.bench import sweep as run_sweep
+
+    _quiet_transformers()
+    draft_list, k_list = _csv(drafts, "--drafts"), _csv(ks, "--ks", int)
+    settings = _settings(
+        target=target, base=base, draft=draft_list[0], modes=modes, prompts=prompts, category=category, limit=limit,
+        turn=turn, max_new_tokens=max_new_tokens, k=max(k_list), temperature=temperature, seed=seed, repeats=repeats,
+        warmup=warmup, dtype=dtype, device=device, chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
+    )
+    _run_with_progress(lambda progress: run_sweep(settings, drafts=draft_list, ks=k_list, progress=progress), settings, as_json)
+
+
+@app.command()
+@handle_errors
+def report(
+    results: Annotated[Path, typer.Argument(help="A results file written by `apar-spec bench` or `sweep`.")],
+    as_json: AsJson = False,
+) -> None:
+    """Summarise a results file: speed-ups, steps, acceptance, KV, lossless checks."""
+    _print_report(results, as_json)
+
+
+def _print_report(results: Path, as_json: bool) -> None:
+    from apar_spec.experiments.bench import read_rows
+    from apar_spec.experiments.report import render, summarize
+
+    summary = summarize(read_rows(results))
+    if as_json:
+        print_json(summary.to_dict())
+    else:
+        render(summary, stdout_console())
+
+
+# ------------------------------------------------------------------ data and training
+
+
+def _convert_default(name: str) -> Any:
+    from apar_spec.restructure import convert_file
+
+    return _default(convert_file, name)
+
+
+@app.command()
+@handle_errors
+def convert(
+    input: Annotated[Path, typer.Argument(help="JSONL with prompt/answer or ShareGPT 'conversations' rows.")],
+    output: Annotated[Path, typer.Argument(help="Where the APAR-restructured rows go (JSONL).")],
+    max_depth: Annotated[int, typer.Option("--max-depth", help="Fork nesting depth to restructure.")] = _convert_default("max_depth"),
+    as_json: AsJson = False,
+) -> None:
+    """Restructure answers into APAR trees. Bad rows are reported, not fatal."""
+    from apar_spec.restructure import convert_file
+
+    rep = convert_file(input, output, max_depth=max_depth)
+    if as_json:
+        print_json(dataclasses.asdict(rep))
+        return
+    console = stdout_console()
+    console.print(f"read {rep.rows_read} rows, wrote {rep.rows_written} to {output}: "
+                  f"{rep.structured} structured, {rep.unstructured} unstructured, {len(rep.bad_rows)} bad", markup=False)
+    for line, reason in rep.bad_rows:
+        console.print(f"  line {line}: {reason}", markup=False)
+
+
+def _train_default(name: str) -> Any:
+    from apar_spec.train import train as train_fn
+
+    return _default(train_fn, name)
+
+
+@app.command()
+@handle_errors
+def train(
+    model: Annotated[str, typer.Option("--model", help="Model to fine-tune: embedded name, local path or cached HF id.")],
+    data: Annotated[Path, typer.Option("--data", help="JSONL: prompt/answer rows, ShareGPT rows, or `apar-spec convert` output.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the trained model (safetensors).")],
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")],
+    batch_size: Annotated[int, typer.Option("--batch-size")] = _train_default("batch_size"),
+    lr: Annotated[float, typer.Option("--lr")] = _train_default("lr"),
+    seed: Annotated[int, typer.Option("--seed")] = _train_default("seed"),
+    mode: Annotated[str, typer.Option("--mode", help="apar (answer trees) or plain (sequential answers).")] = _train_default("mode"),
+    max_len: Annotated[int, typer.Option("--max-len")] = _train_default("max_len"),
+    max_depth: Annotated[int, typer.Option("--max-depth")] = _train_default("max_depth"),
+    mix_ratio: Annotated[float, typer.Option("--mix-ratio", help="Share of structured examples per batch.")] = _train_default("mix_ratio"),
+    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16 or bf16 (accelerate).")] = _train_default("mixed_precision"),
+    save_every: Annotated[int, typer.Option("--save-every")] = _train_default("save_every"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from out/checkpoint.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Fine-tune a model into APAR form (or train a plain base) with accelerate."""
+    from apar_spec.loading import EMBEDDED, embedded_dir
+    from apar_spec.train import train as train_fn
+
+    _quiet_transformers()
+    source = str(embedded_dir(model)) if model in EMBEDDED else model
+    rep = train_fn(
+        source, data, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, mode=mode, max_len=max_len,
+        max_depth=max_depth, mix_ratio=mix_ratio, mixed_precision=mixed_precision, save_every=save_every,
+        resume=resume, progress=stdout_console().is_terminal and not as_json,
+    )
+    if as_json:
+        print_json(dataclasses.asdict(rep))
+        return
+    stdout_console().print(
+        f"trained {rep.steps} steps ({rep.num_examples} examples, {rep.num_structured} structured) in "
+        f"{rep.wall_time_s:.1f}s; final loss {rep.final_loss:.4f}; saved to {rep.out_dir}", markup=False
+    )
+
+
+# ------------------------------------------------------------------ drafts
+
+
+@drafts_app.command("list")
+@handle_errors
+def drafts_list(as_json: AsJson = False) -> None:
+    """The drafts the registry knows (built-in and from your drafts.json)."""
+    from apar_spec.drafts import registry
+
+    entries = registry.entries()
+    if as_json:
+        print_json([e.to_dict() for e in entries])
+        return
+    console = stdout_console()
+    if not console.is_terminal:
+        for e in entries:
+            console.print(f"{e.name}\t{e.kind}\t{e.weights or '-'}\t{', '.join(e.targets) or '-'}", markup=False)
+        return
+    from rich.table import Table
+
+    table = Table("name", "kind", "weights", "targets", "acceptance", "source", header_style="bold")
+    for e in entries:
+        acc = f"{e.acceptance_length:.2f}" if e.acceptance_length is not None else "-"
+        table.add_row(e.name, e.kind, e.weights or "-", ", ".join(e.targets) or "-", acc, e.source)
+    console.print(table)
+
+
+@drafts_app.command("show")
+@handle_errors
+def drafts_show(name: Annotated[str, typer.Argument(help="A registry name.")], as_json: AsJson = False) -> None:
+    """Everything the registry records about one draft."""
+    from apar_spec.drafts import registry
+
+    entry = registry.get(name)
+    if as_json:
+        print_json(entry.to_dict())
+        return
+    console = stdout_console()
+    for key, value in entry.to_dict().items():
+        shown = ", ".join(value) if isinstance(value, list) else value
+        console.print(f"{key}: {shown if shown not in (None, '') else '-'}", markup=False)
+
+
+def main() -> None:
+    """Console-script entry point (``apar-spec``)."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
