@@ -437,8 +437,8 @@ class Decoder:
             c.accepted_at[j] += j < accepted
 
     # ------------------------------------------------------------ KV garbage
-    def live_nodes(self, r: Request) -> set[int]:
-        """Target nodes some live (active or queued) branch can see: the exact live KV."""
+    def visible_prefixes(self, r: Request) -> list[int]:
+        """Per branch, how many of its cached nodes some live (active or queued) branch can see."""
         need = [0] * len(r.branches)
         for b in r.branches:
             if b.active or b.id in r.queue:
@@ -448,15 +448,22 @@ class Decoder:
                     p = child.parent
                     need[p] = max(need[p], child.fork_index + 1)
                     child = r.branches[p]
+        # a [Fork] that is still its parent's pending token has no node yet
+        return [min(n, len(b.nodes)) for n, b in zip(need, r.branches)]
+
+    def live_nodes(self, r: Request, need: list[int]) -> set[int]:
+        """Target nodes some live branch can see: the exact live KV."""
         live = set(r.prompt_nodes) if not r.done else set()
         for b in r.branches:
             live.update(b.nodes[: need[b.id]])
         return live
 
     def collect_garbage(self, tc: TreeCache, live: list[Request]) -> None:
-        sets = [self.live_nodes(r) for r in live]
-        for r, s in zip(live, sets):
-            r.counters.live_kv.append(len(s))
-        garbage = tc.garbage(sets)
+        """Count live KV exactly every step; gather the cache only when garbage passes the threshold."""
+        needs = [self.visible_prefixes(r) for r in live]
+        counts = [(len(r.prompt) if not r.done else 0) + sum(need) for r, need in zip(live, needs)]
+        for r, n in zip(live, counts):
+            r.counters.live_kv.append(n)
+        garbage = tc.num_slots - max(counts, default=0)
         if garbage > 0 and garbage >= self.opts.compact_threshold * tc.num_slots:
-            tc.compact(sets)
+            tc.compact([self.live_nodes(r, need) for r, need in zip(live, needs)])

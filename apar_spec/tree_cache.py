@@ -13,7 +13,9 @@ Bookkeeping per row:
 - ``slot_of[n]``: the node's slot, or -1 while scheduled / after removal;
 - ``vis``: ``[slots, slots]`` bool, ``vis[s, t]`` = the node in slot s sees slot t.
   A new node's row is its parent's row plus itself, so building the mask never
-  walks the tree.
+  walks the tree. It lives in a buffer with spare capacity (grown by doubling)
+  so a step writes only the new rows; invariant: columns at or past the slot
+  count are False in every row.
 
 Slots that no live node can see are garbage: nothing ever attends to them, so
 they only cost memory. ``compact`` drops them with one gather over the slot axis
@@ -86,13 +88,27 @@ class TreeCache:
                 f"cache layers {kinds} are not plain full-attention layers; the tree decoder "
                 "needs them (for a sliding-window model set config.sliding_window=None if the context fits)"
             )
-        self.vis = torch.zeros(num_rows, 0, 0, dtype=torch.bool, device=self.device)  # [rows, slots, slots]
+        self._vis = torch.zeros(num_rows, 64, 64, dtype=torch.bool, device=self.device)  # [rows, capacity, capacity]
+        self._n = 0  # slots in use (the same for every row; short rows hold padding)
         self.forwards = 0
 
     # ----------------------------------------------------------------- nodes
     @property
     def num_slots(self) -> int:
-        return self.vis.shape[1]
+        return self._n
+
+    @property
+    def vis(self) -> torch.Tensor:
+        return self._vis[:, : self._n, : self._n]  # [rows, slots, slots]
+
+    def _ensure_capacity(self, total: int) -> None:
+        cap = self._vis.shape[1]
+        if total <= cap:
+            return
+        new_cap = max(total, 2 * cap)
+        grown = torch.zeros(len(self.rows), new_cap, new_cap, dtype=torch.bool, device=self.device)
+        grown[:, : self._n, : self._n] = self.vis
+        self._vis = grown
 
     def add(self, row: int, token: int, parent: int) -> int:
         """Schedule a node (token under ``parent``; -1 = first prompt token) for the next forward."""
@@ -129,8 +145,9 @@ class TreeCache:
         total = old + n_new
         input_ids = torch.zeros(n_rows, n_new, dtype=torch.long)  # [rows, new]
         position_ids = torch.zeros(n_rows, n_new, dtype=torch.long)  # [rows, new]
-        vis = torch.zeros(n_rows, total, total, dtype=torch.bool, device=self.device)  # [rows, slots', slots']
-        vis[:, :old, :old] = self.vis
+        self._ensure_capacity(total)
+        vis = self._vis  # [rows, capacity, capacity]
+        vis[:, old:total].zero_()  # rows left over from before a compaction
         column: list[dict[int, int]] = []
         for i, r in enumerate(self.rows):
             cols: dict[int, int] = {}
@@ -151,8 +168,10 @@ class TreeCache:
                 vis[i, old + j, old + j] = True
             r.slot_node.extend([n for n, _ in r.scheduled] + [-1] * (n_new - len(r.scheduled)))
             column.append(cols)
-        mask = vis[:, None, old:, :]  # [rows, 1, new, slots'] new nodes' rows of the visibility matrix
-        attended = [int(vis[i, old : old + len(r.scheduled)].sum()) for i, r in enumerate(self.rows)]
+        mask = vis[:, None, old:total, :total]  # [rows, 1, new, slots'] the new nodes' rows of the visibility matrix
+        # padding nodes see one slot (themselves): subtract them; one device sync for all rows
+        sums = vis[:, old:total, :total].sum(dim=(1, 2)).tolist()
+        attended = [int(t) - (n_new - len(r.scheduled)) for t, r in zip(sums, self.rows)]
         out = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=mask,
@@ -160,7 +179,7 @@ class TreeCache:
             cache=self.cache,
             use_cache=True,
         )
-        self.vis = vis
+        self._n = total
         for r in self.rows:
             r.scheduled = []
         self.forwards += 1
@@ -171,6 +190,7 @@ class TreeCache:
         """Slots that hold no live node, in the row that keeps most (what a compaction frees)."""
         return self.num_slots - max((len(nodes) for nodes in live), default=0)
 
+    @torch.inference_mode()
     def compact(self, live: list[set[int]]) -> None:
         """Keep only the slots of ``live[row]`` nodes (one gather over the slot axis).
 
@@ -195,7 +215,9 @@ class TreeCache:
             layer.values = layer.values.gather(2, gather)
         vis = self.vis.gather(1, index[:, :, None].expand(-1, -1, self.num_slots))  # [rows, kept, slots]
         vis = vis.gather(2, index[:, None, :].expand(-1, width, -1))  # [rows, kept, kept]
-        self.vis = vis & valid[:, :, None] & valid[:, None, :]
+        self._vis[:, :width, :width] = vis & valid[:, :, None] & valid[:, None, :]
+        self._vis[:, :width, width:] = False  # keep the invariant: no row sees past the slot count
+        self._n = width
         for r, k in zip(self.rows, keep):
             kept_nodes = [r.slot_node[s] for s in k]
             r.slot_of = [-1] * len(r.slot_of)
@@ -203,6 +225,7 @@ class TreeCache:
             for new_slot, node in enumerate(kept_nodes):
                 r.slot_of[node] = new_slot
 
+    @torch.inference_mode()
     def drop_rows(self, keep_rows: list[int]) -> None:
         """Forget finished requests: their rows leave the batch (and the cache)."""
         index = torch.tensor(keep_rows, dtype=torch.long, device=self.device)
@@ -210,5 +233,5 @@ class TreeCache:
             if layer.keys is not None and layer.keys.numel() > 0:
                 layer.keys = layer.keys.index_select(0, index)
                 layer.values = layer.values.index_select(0, index)
-        self.vis = self.vis.index_select(0, index)
+        self._vis = self._vis.index_select(0, index)
         self.rows = [self.rows[i] for i in keep_rows]
