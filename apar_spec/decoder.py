@@ -159,7 +159,7 @@ class Decoder:
         requests, tc = self.prefill(prompts)
         if self.spec is not None:
             self.spec.reset(len(requests), vocab_size=self.vocab_size, generator=self.generator)
-        live = list(requests)
+        live = self.drop_finished(tc, list(requests))
         while live:
             self.activate(live)
             views = self.views(live)
@@ -171,15 +171,22 @@ class Decoder:
             self.collect_garbage(tc, live)
             if self.on_step is not None:
                 self.on_step(live, tc)
-            still = [i for i, r in enumerate(live) if not r.done]
-            if len(still) < len(live):
-                tc.drop_rows(still)
-                live = [live[i] for i in still]
-                for row, r in enumerate(live):
-                    r.row = row
+            live = self.drop_finished(tc, live)
         wall = time.perf_counter() - start
         draft_forwards = (self.spec.forwards if self.spec is not None else 0) - draft_forwards0
         return [DecodeResult(r.prompt, r.branches, r.counters, wall, draft_forwards) for r in requests]
+
+    def drop_finished(self, tc: TreeCache, live: list[Request]) -> list[Request]:
+        """Finished requests leave the batch (their cache rows go)."""
+        still = [i for i, r in enumerate(live) if not r.done]
+        if len(still) == len(live):
+            return live
+        if still:
+            tc.drop_rows(still)
+        live = [live[i] for i in still]
+        for row, r in enumerate(live):
+            r.row = row
+        return live
 
     # ------------------------------------------------------------ prefill
     def prefill(self, prompts: list[list[int]]) -> tuple[list[Request], TreeCache]:

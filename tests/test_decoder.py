@@ -238,3 +238,15 @@ def test_apar_mode_without_apar_tokens_suggests_ar():
     plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")))
     with pytest.raises(ValueError, match="mode='ar'"):
         generate(micro_model("llama"), plain, ["a b"], mode="apar")
+
+
+def test_requests_finishing_at_the_first_token_leave_the_batch():
+    model = micro_model("llama", seed=1)
+    first = hf_new_tokens(model, PROMPTS[1], 1)[0]
+    model.generation_config.eos_token_id = first  # request 1 ends at its first token, the others go on
+    outs = generate(model, None, PROMPTS, mode="ar", max_new_tokens=10, batch_size=3)
+    alone = [generate(model, None, [p], mode="ar", max_new_tokens=10)[0] for p in PROMPTS]
+    assert outs[1].token_ids == [first] and outs[1].stats.target_steps == 1
+    assert [o.token_ids for o in outs] == [a.token_ids for a in alone]
+    one = generate(model, None, [PROMPTS[1]], mode="ar", max_new_tokens=10)[0]
+    assert one.token_ids == [first]
