@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 
 from apar_spec.options import DecodeOptions
 
@@ -164,7 +163,7 @@ def _settings(**kwargs: Any):
 
 def _run_with_progress(run, settings, as_json: bool) -> None:
     """Run a driver with a progress bar (stderr), then print the report of the whole file."""
-    err = Console(stderr=True, highlight=False)
+    err = stdout_console(stderr=True)
     if err.is_terminal:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -33,9 +33,9 @@ STAT_LABELS = {
 }
 
 
-def stdout_console() -> Console:
-    """stdout; lines are never wrapped when piped (a pipe has no width)."""
-    console = Console(highlight=False)
+def stdout_console(stderr: bool = False) -> Console:
+    """stdout (or stderr); lines are never wrapped when piped (a pipe has no width)."""
+    console = Console(highlight=False, stderr=stderr)
     if not console.is_terminal:
         console.soft_wrap = True
     return console

@@ -23,14 +23,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import math
-import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
