@@ -388,7 +388,7 @@ class Decoder:
                 b.finish = "eos"
             elif b.generated >= self.branch_cap:
                 b.finish = "length"
-            elif self.max_pos is not None and len(r.prompt) + self.depth_of(r, b) >= self.max_pos:
+            elif self.max_pos is not None and len(r.prompt) + self.depth(r, b, len(b.tokens)) >= self.max_pos:
                 b.finish = "context"
             if b.finish is not None:
                 b.active = False
@@ -399,16 +399,11 @@ class Decoder:
         del b.nodes[len(b.tokens) :]
         del b.logits[b.generated :]
 
-    def depth_of(self, r: Request, b: Branch) -> int:
-        """Generated depth of the branch tip (tokens between the prompt and it, itself included)."""
-        if b.parent is None:
-            return len(b.tokens)
-        return self.depth_of_prefix(r, r.branches[b.parent], b.fork_index + 1) + len(b.tokens)
-
-    def depth_of_prefix(self, r: Request, b: Branch, upto: int) -> int:
+    def depth(self, r: Request, b: Branch, upto: int) -> int:
+        """Nodes between the prompt and ``b.tokens[upto - 1]`` (itself included): its position - prompt length + 1."""
         if b.parent is None:
             return upto
-        return self.depth_of_prefix(r, r.branches[b.parent], b.fork_index + 1) + upto
+        return self.depth(r, r.branches[b.parent], b.fork_index + 1) + upto
 
     def spawn_child(self, r: Request, parent: Branch) -> None:
         parent.forks += 1
