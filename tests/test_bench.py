@@ -215,3 +215,12 @@ def test_parse_modes():
     assert set(CONFIGS) == {"hf-generate", "hf-assisted", "ar", "apar", "spec", "apar+spec"}
     with pytest.raises(ValueError, match="empty"):
         parse_modes(" , ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")
+def test_gpu_check_refuses_without_cuda(tmp_path, capsys):
+    from apar_spec.experiments import gpu_check
+
+    assert gpu_check.main([str(tmp_path / "out")]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
