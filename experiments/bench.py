@@ -15,7 +15,24 @@ Method (why each choice):
   another setup (other models, budget, temperature...) is refused on resume instead of
   silently mixing numbers.
 
-Row schema: see :func:`make_row` and ``tests/test_bench.py``.
+Row schema (one JSON object per line, written by :func:`make_row`):
+
+- identity: ``schema`` (1), ``setup_id`` (hash of what makes rows comparable),
+  ``variant`` (``config``, or ``"spec ngram k=4"`` in a sweep), ``config``, ``prompt_id``,
+  ``category``, ``repeat``, ``model`` (the model THIS row ran), ``draft``, ``k``
+  (None for configurations without a draft), ``temperature``, ``max_new_tokens``,
+  ``device``, ``dtype``, ``time``;
+- measures: ``prompt_tokens``, ``tokens`` (generated over all branches, [Fork]/EOS
+  included), ``answer_tokens`` (``len(output_ids)``), ``wall_s`` (around the call),
+  ``tokens_per_s`` (= tokens / wall_s), ``steps_per_token``;
+- every ``GenerationStats`` field: ``target_steps``, ``draft_forwards``,
+  ``tokens_generated``, ``peak_live_kv``, ``mean_live_kv``, ``attended_keys``,
+  ``critical_path``, ``wall_time_s`` (the decoder's own clock), ``num_branches``,
+  ``accepted``, ``drafted``, ``mean_acceptance_length``, ``acceptance_rate_per_position``,
+  ``steps_per_critical_path``. HF rows count forwards with hooks and give None for the
+  tree-decoder-only counters (live KV, attended keys, acceptance);
+- outputs: ``output_ids`` (answer tokens in reading order, for the lossless check),
+  ``text`` (first 200 characters); HF rows add ``hf`` (the generate() settings used).
 """
 
 from __future__ import annotations
