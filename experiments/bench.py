@@ -324,6 +324,7 @@ def _prepare_output(settings: BenchSettings) -> set[tuple[str, str, int]]:
         raise ValueError(f"cannot write the output file {out}: {err.strerror or err}") from None
     if not settings.resume:
         return set()
+    _drop_partial_last_line(out)
     sid = settings.setup_id()
     other = [r for r in existing if r.get("setup_id") != sid]
     if other:
@@ -332,6 +333,15 @@ def _prepare_output(settings: BenchSettings) -> set[tuple[str, str, int]]:
             "resume with the same options, or write to another --out"
         )
     return {(r["variant"], str(r["prompt_id"]), int(r["repeat"])) for r in existing}
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    """A write cut short (crash, kill -9) leaves a line without its newline; appending to it
+    would corrupt the next row, so it goes (``read_rows`` already ignores it)."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def read_rows(path: str | Path) -> list[dict]:

@@ -146,8 +146,11 @@ def test_ctrl_c_keeps_finished_rows(micro, tmp_path):
     result = compare(s, progress=interrupt_after_three)
     assert result.interrupted and result.written == 3
     assert len(read_rows(s.out)) == 3
+    with s.out.open("a") as f:  # a row cut short by a hard kill
+        f.write('{"variant": "ar", "prom')
     finished = compare(settings(micro, tmp_path, modes="ar,apar", resume=True))
     assert (finished.skipped, finished.written) == (3, 1)
+    assert len(read_rows(s.out)) == 4 and s.out.read_text().count("\n") == 4
 
 
 def test_sweep_labels_every_draft_and_k(micro, tmp_path):
