@@ -271,11 +271,17 @@ def _not_applicable(config: str, ms: ModelSet, draft: Optional[str] = None) -> O
 
 def _run(settings: BenchSettings, plan, progress: Optional[Progress], sweep_drafts: Sequence[str] = ()) -> BenchResult:
     prompts = load_prompts(settings.prompts, category=settings.category, limit=settings.limit, turn=settings.turn)
+    created = not settings.out.exists()
     finished = _prepare_output(settings)
-    drafts = list(sweep_drafts) or ([settings.draft_name] if settings.draft_name else [])
-    ms = load_models(settings.target, settings.base, drafts, dtype=settings.dtype, device=settings.device)
-    variants, notes = plan(ms)
-    runner = _Runner(settings, ms, prompts)
+    try:
+        drafts = list(sweep_drafts) or ([settings.draft_name] if settings.draft_name else [])
+        ms = load_models(settings.target, settings.base, drafts, dtype=settings.dtype, device=settings.device)
+        variants, notes = plan(ms)
+        runner = _Runner(settings, ms, prompts)
+    except BaseException:
+        if created and settings.out.is_file() and settings.out.stat().st_size == 0:
+            settings.out.unlink()  # a run that failed before its first row leaves no empty file behind
+        raise
     todo = [
         (p, r, v)
         for p in prompts
