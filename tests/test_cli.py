@@ -230,3 +230,24 @@ def test_drafts_list_and_show():
     assert shown.exit_code == 0 and "kind: ngram" in shown.stdout
     assert json.loads(run("drafts", "show", "tiny-draft", "--json").stdout)["kind"] == "model"
     assert_user_error(run("drafts", "show", "ngrm"), "unknown draft 'ngrm'", "ngram")
+
+
+def test_live_view_shows_branches_and_returns_the_same_answer():
+    import io
+
+    from rich.console import Console
+
+    from micro import fork_processor, micro_model, micro_tokenizer
+
+    from apar_spec.api import generate
+    from apar_spec.cli.live import generate_live
+
+    model, tok = micro_model(), micro_tokenizer()
+    ids = tok("w5 w6 w7")["input_ids"]
+    kw = dict(mode="apar", max_new_tokens=30, logits_processor=fork_processor())
+    buf = io.StringIO()
+    live = generate_live(model, tok, ids, console=Console(file=buf, force_terminal=True, width=120), **kw)
+    plain = generate(model, tok, [ids], **kw)[0]
+    assert live.token_ids == plain.token_ids and live.stats.num_branches == plain.stats.num_branches > 1
+    shown = buf.getvalue()
+    assert "b1" in shown and "decoding" in shown and "step " in shown
