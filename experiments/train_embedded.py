@@ -1,0 +1,288 @@
+"""Retrain the embedded model trio from scratch: tiny-base, tiny-apar, tiny-draft.
+
+    python experiments/train_embedded.py            # full run, ~30 min on 2 CPU cores
+    python experiments/train_embedded.py --quick    # end-to-end dry run in ~2 min (weights not usable)
+
+Why these three (DESIGN.md, "Models"): the paper compares APAR-7B against its own
+Vicuna base, so the fair AR baseline here is a base model trained on the *same*
+corpus in plain sequential form; tiny-apar is that base fine-tuned on the corpus
+restructured into APAR trees (mixed 0.5/0.5 with unstructured examples, as in the
+paper); tiny-draft is a much smaller model with the same tokenizer.
+
+The draft must serve both targets, so its unstructured half holds the sequential
+form of *every* answer (what tiny-base writes) while its structured half holds the
+APAR trees (what tiny-apar writes). Inside a branch the context already shows which
+form is being written (``[Fork]``/``[Child]`` tokens), so the mix only blurs the
+draft's first fork decision, which the target decides anyway.
+
+Everything is seeded; the corpus comes from ``apar_spec.corpus.make_corpus``. Final
+weights are stored in bfloat16 (the package stays small); ``apar_spec.load`` upcasts
+embedded models to float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from apar_spec.answer_tree import AnswerTree
+from apar_spec.corpus import make_corpus, write_jsonl
+from apar_spec.restructure import convert_file
+from apar_spec.tokens import find_apar_tokens
+from apar_spec.train import TrainReport, build_tokenizer, format_prompt, train
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "apar_spec" / "models"
+
+
+@dataclass
+class Plan:
+    """Corpus size and optimisation settings; ``--quick`` shrinks everything."""
+
+    corpus_size: int = 6000
+    vocab_size: int = 2048
+    batch_size: int = 16
+    max_len: int = 512
+    base_steps: int = 900
+    base_lr: float = 2e-3
+    apar_steps: int = 700
+    apar_lr: float = 1e-3
+    draft_steps: int = 1500
+    draft_lr: float = 3e-3
+
+    @classmethod
+    def quick(cls) -> "Plan":
+        return cls(corpus_size=300, base_steps=20, apar_steps=20, draft_steps=20)
+
+
+def base_config(vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )
+
+
+def draft_config(vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=320, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+        tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )
+
+
+def non_embedding_parameters(model) -> int:
+    """Parameters outside the (tied) token embedding: the size that sets a draft's cost."""
+    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+
+
+def write_card(dst: Path, name: str, purpose: str, model, report: TrainReport, batch: int, data: str) -> None:
+    """The model card: what it is, how big, on what and how long it was trained."""
+    cfg = model.config
+    total = sum(p.numel() for p in model.parameters())
+    card = f"""# {name}
+
+{purpose}
+
+| | |
+|---|---|
+| architecture | Llama, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, intermediate {cfg.intermediate_size}, tied embeddings |
+| parameters | {total:,} total, {non_embedding_parameters(model):,} non-embedding |
+| vocabulary | {cfg.vocab_size} (byte-level BPE trained on the corpus; `[Fork]`, `[Child]`, `<pad>`, `<eos>` special) |
+| data | {data} |
+| steps | {report.steps} x batch {batch} ({report.trained_tokens:,} trained tokens) |
+| final loss | {report.final_loss:.4f} (mean per-token cross-entropy, last 10% of steps) |
+| training wall time | {report.wall_time_s / 60:.1f} min (2 CPU threads) |
+| stored as | bfloat16 safetensors; `apar_spec.load("{name}")` upcasts to float32 |
+
+Prompt format: `Question: {{prompt}}\\nAnswer:` (the tokenizer's chat template renders it).
+
+Rebuild with `python experiments/train_embedded.py` (seeded, from scratch).
+"""
+    (dst / "README.md").write_text(card)
+
+
+def export(src: Path, dst: Path, name: str, purpose: str, report: TrainReport, batch: int, data: str) -> None:
+    """Copy a trained float32 folder into the package as bfloat16 + tokenizer + model card."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    model.to(torch.bfloat16).save_pretrained(dst, safe_serialization=True)
+    tokenizer.save_pretrained(dst)
+    write_card(dst, name, purpose, model, report, batch, data)
+
+
+@torch.inference_mode()
+def sanity_check(models_dir: Path, n_prompts: int = 20, seed: int = 1) -> dict:
+    """Greedy generations on held-out prompts with plain ``generate`` (no tree decoder).
+
+    tiny-apar's main branch is an ordinary causal sequence (``[Fork]`` predicts the
+    parent's continuation), so plain ``generate`` shows where it forks. Children are
+    decoded as the reference formulation: prompt + main branch up to the ``[Fork]`` +
+    ``[Child]``. Fork rates and list well-formedness are printed per kind.
+    """
+    import re
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    held = make_corpus(3 * n_prompts, seed=seed, split="heldout", mix={"list": 1, "explain": 1, "noforks": 1})
+    out: dict = {}
+    tok = AutoTokenizer.from_pretrained(models_dir / "tiny-apar")
+    apar = find_apar_tokens(tok)
+
+    def gen(model, ids: list[int], max_new: int = 400) -> list[int]:
+        x = torch.tensor([ids])
+        y = model.generate(x, max_new_tokens=max_new, do_sample=False, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id, attention_mask=torch.ones_like(x))
+        new = y[0, len(ids):].tolist()
+        return new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+
+    def well_formed(text: str, n: int | None) -> bool:
+        nums = [int(m) for m in re.findall(r"^(\d+)\. ", text, flags=re.M)]
+        titles = re.findall(r"^\d+\. ([^:\n]+):", text, flags=re.M)
+        return bool(nums) and nums == list(range(1, len(nums) + 1)) and len(set(titles)) == len(titles) and (n is None or len(nums) == n)
+
+    for name in ("tiny-base", "tiny-apar", "tiny-draft"):
+        model = AutoModelForCausalLM.from_pretrained(models_dir / name, dtype=torch.float32).eval()
+        stats = {k: {"n": 0, "forked": 0, "well_formed": 0} for k in ("list", "explain", "noforks")}
+        shown = 0
+        for ex in held:
+            prompt_ids = tok(format_prompt(ex.prompt), add_special_tokens=False)["input_ids"]
+            main = gen(model, prompt_ids)
+            text_main = tok.decode(main, skip_special_tokens=False)
+            forks = [i for i, t in enumerate(main) if t == apar.fork_id][:12]  # an untrained model may fork endlessly
+            pieces, prev = [], 0
+            for i in forks:  # reassemble: own segment, then the child's text
+                child = gen(model, prompt_ids + main[: i + 1] + [apar.child_id], max_new=200)
+                pieces += [tok.decode(main[prev:i]), tok.decode(child)]
+                prev = i + 1
+            pieces.append(tok.decode(main[prev:]))
+            text = "".join(pieces)
+            s = stats[ex.kind]
+            s["n"] += 1
+            s["forked"] += bool(forks)
+            m = re.search(r"\b(\d+) ", ex.prompt)
+            s["well_formed"] += ex.kind == "list" and well_formed(text, int(m.group(1)) if m else None)
+            if shown < 3 and (ex.kind != "noforks" or shown == 2):
+                print(f"--- {name} | {ex.prompt}\n[main] {text_main!r}\n[text] {text}\n", flush=True)
+                shown += 1
+        out[name] = stats
+        print(f"{name}: {json.dumps(stats)}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny corpus and a few steps: checks the pipeline end to end")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"where tiny-base/, tiny-apar/, tiny-draft/ go (default {MODELS_DIR}; with --quick WORK/models)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/apar_embedded"), help="corpus, float32 weights, checkpoints")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true", help="continue interrupted stages from their checkpoints")
+    ap.add_argument("--only", choices=("base", "apar", "draft", "check"), nargs="*", help="run only these stages")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep the log to one line per event
+    plan = Plan.quick() if args.quick else Plan()
+    stages = set(args.only or ("base", "apar", "draft", "check"))
+    work = args.work
+    out = args.out or (work / "models" if args.quick else MODELS_DIR)
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    print(f"plan: {asdict(plan)}", flush=True)
+
+    # corpus: raw rows, then the APAR-restructured rows (trees); both kept for inspection
+    examples = make_corpus(plan.corpus_size, seed=args.seed, split="train")
+    raw, converted = work / "corpus.jsonl", work / "corpus_apar.jsonl"
+    write_jsonl(examples, raw)
+    conv = convert_file(raw, converted, max_depth=1)
+    print(f"corpus: {conv.rows_written} rows, {conv.structured} structured, {conv.unstructured} unstructured", flush=True)
+    rows = [json.loads(line) for line in converted.read_text().splitlines()]
+
+    tok_dir = work / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists() or not args.resume:
+        tokenizer = build_tokenizer((format_prompt(e.prompt) + e.answer for e in examples), vocab_size=plan.vocab_size)
+        tokenizer.save_pretrained(tok_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    print(f"tokenizer: {len(tokenizer)} tokens, apar ids {find_apar_tokens(tokenizer)}", flush=True)
+    common = dict(batch_size=plan.batch_size, seed=args.seed, max_len=plan.max_len, resume=args.resume,
+                  progress=sys.stdout.isatty(), save_every=200, keep_checkpoint=False, log_every=50)
+    summary: dict = {}
+    data_desc = f"{plan.corpus_size} synthetic train examples (apar_spec.corpus, seed {args.seed}: 50% lists, 25% explanations, 25% no-fork answers)"
+
+    if "base" in stages:
+        torch.manual_seed(args.seed)
+        r = train(base_config(len(tokenizer)), converted, work / "tiny-base", tokenizer=tokenizer, mode="plain",
+                  steps=plan.base_steps, lr=plan.base_lr, checkpoint_dir=work / "ckpt-base", **common)
+        export(work / "tiny-base", out / "tiny-base", "tiny-base",
+               "The AR baseline: trained from scratch on the corpus answers in plain sequential form (never forks).",
+               r, plan.batch_size, data_desc + ", sequential answers")
+        summary["tiny-base"] = r
+        print(f"tiny-base: loss {r.final_loss:.4f}, {r.wall_time_s / 60:.1f} min", flush=True)
+
+    if "apar" in stages:
+        r = train(str(work / "tiny-base"), converted, work / "tiny-apar", tokenizer=tokenizer, mode="apar",
+                  mix_ratio=0.5, steps=plan.apar_steps, lr=plan.apar_lr, checkpoint_dir=work / "ckpt-apar", **common)
+        export(work / "tiny-apar", out / "tiny-apar", "tiny-apar",
+               "tiny-base fine-tuned on the same corpus restructured into APAR trees (apar_spec.restructure, max depth 1): "
+               "emits `[Fork]` after each list title / first sentence of a paragraph; children start after a forced `[Child]`.",
+               r, plan.batch_size, data_desc + f"; {conv.structured} APAR trees mixed 0.5/0.5 per batch with "
+               f"{conv.unstructured} unstructured (no-fork) answers")
+        summary["tiny-apar"] = r
+        print(f"tiny-apar: loss {r.final_loss:.4f}, {r.wall_time_s / 60:.1f} min", flush=True)
+
+    if "draft" in stages:
+        # structured half: the APAR trees; unstructured half: every answer in sequential form
+        draft_rows = [r_ for r_ in rows if r_["structured"]] + [
+            {"prompt": r_["prompt"], "tree": AnswerTree(r_["answer"]).to_dict()} for r_ in rows
+        ]
+        torch.manual_seed(args.seed)
+        r = train(draft_config(len(tokenizer)), draft_rows, work / "tiny-draft", tokenizer=tokenizer, mode="apar",
+                  mix_ratio=0.5, steps=plan.draft_steps, lr=plan.draft_lr, checkpoint_dir=work / "ckpt-draft", **common)
+        export(work / "tiny-draft", out / "tiny-draft", "tiny-draft",
+               "A small draft model for speculative decoding with tiny-apar and tiny-base (same tokenizer).",
+               r, plan.batch_size, data_desc + "; APAR trees mixed 0.5/0.5 with the sequential form of every answer, "
+               "so it drafts for both tiny-apar and tiny-base")
+        summary["tiny-draft"] = r
+        print(f"tiny-draft: loss {r.final_loss:.4f}, {r.wall_time_s / 60:.1f} min", flush=True)
+
+    if {"apar", "draft"} <= stages or (out / "tiny-apar").exists() and (out / "tiny-draft").exists():
+        from transformers import AutoModelForCausalLM
+
+        big = non_embedding_parameters(AutoModelForCausalLM.from_pretrained(out / "tiny-apar"))
+        small = non_embedding_parameters(AutoModelForCausalLM.from_pretrained(out / "tiny-draft"))
+        print(f"non-embedding parameters: tiny-apar {big:,}, tiny-draft {small:,} (ratio {small / big:.3f})", flush=True)
+        assert small * 8 <= big, "the draft must have <= 1/8 of the target's non-embedding parameters"
+
+    size = sum(f.stat().st_size for f in out.glob("tiny-*/*") if f.is_file())
+    print(f"package models: {size / 1e6:.1f} MB", flush=True)
+    (work / "summary.json").write_text(json.dumps(
+        {k: {kk: vv for kk, vv in asdict(v).items() if kk != "losses"} for k, v in summary.items()}, indent=2))
+    if "check" in stages:
+        sanity_check(out, n_prompts=5 if args.quick else 20)
+    print(f"total wall time: {(time.perf_counter() - t_all) / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
