@@ -107,8 +107,8 @@ def _check_mode(mode: str) -> None:
 @handle_errors
 def generate(
     prompt: Annotated[str, typer.Argument(help="The question to answer.")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Embedded name, local path, .gguf file or cached HF id. Default: tiny-apar.")] = None,
-    mode: Annotated[Optional[str], typer.Option("--mode", help="ar, apar, spec or apar+spec.")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Embedded name, local path, .gguf file or cached HF id.")] = _bench_default("target"),
+    mode: Annotated[str, typer.Option("--mode", help="ar, apar, spec or apar+spec.")] = _generate_default("mode"),
     draft: Annotated[Optional[str], typer.Option("--draft", help="Draft for spec modes: registry name (see `apar-spec drafts list`) or model path.")] = None,
     k: Annotated[int, typer.Option("-k", help="Draft tokens per branch per step.")] = DecodeOptions.num_draft_tokens,
     max_new_tokens: MaxNew = DecodeOptions.max_new_tokens,
@@ -122,12 +122,11 @@ def generate(
 ) -> None:
     """Answer one prompt and print the answer with its stats."""
     from apar_spec.api import generate as run_generate
-    from apar_spec.experiments.models import DEFAULT_TARGET, Loaded, default_draft, encode_prompt, resolve_draft
+    from apar_spec.experiments.models import Loaded, default_draft, encode_prompt, resolve_draft
     from apar_spec.loading import load
 
     _quiet_transformers()
-    model_name = model or DEFAULT_TARGET
-    mode = mode or _generate_default("mode")
+    model_name = model
     _check_mode(mode)
     if draft and mode not in ("spec", "apar+spec"):
         fail(f"--draft is only used by --mode spec or apar+spec (got --mode {mode})")
