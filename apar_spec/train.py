@@ -292,7 +292,8 @@ def collate(examples: Sequence[PackedExample], pad_id: int, multiple_of: int = 8
 
 def model_attention_mask(mask: torch.Tensor, model) -> torch.Tensor:
     """Boolean masks go to SDPA as-is; eager attention *adds* its mask, so it needs 0/-inf."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    inner = getattr(model, "module", model)  # DDP-wrapped under `accelerate launch`
+    impl = getattr(getattr(inner, "config", None), "_attn_implementation", "sdpa")
     if impl == "eager":
         dtype = next(model.parameters()).dtype
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
