@@ -81,6 +81,7 @@ Repeats = Annotated[int, typer.Option("--repeats", help="Timed repeats per (conf
 Warmup = Annotated[int, typer.Option("--warmup", help="Untimed warm-up calls per configuration before the first row.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16, float16, float64 (default: float32 for embedded models, the checkpoint's otherwise).")]
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, or auto (accelerate picks).")]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads for the run (default: 1 on CPU, where batch-1 decoding of small models is latency-bound; untouched on GPU).")]
 ChatTemplate = Annotated[Optional[bool], typer.Option("--chat-template/--no-chat-template", help="Wrap prompts in the tokenizer's chat template (default: when it has one).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Results file (JSONL, one row per configuration x prompt x repeat).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue --out: skip rows already there.")]
@@ -215,6 +216,7 @@ def bench(
     warmup: Warmup = _bench_default("warmup"),
     dtype: Dtype = None,
     device: Device = _bench_default("device"),
+    threads: Threads = None,
     chat_template: ChatTemplate = None,
     out: Out = _bench_default("out"),
     resume: Resume = False,
@@ -228,7 +230,7 @@ def bench(
     settings = _settings(
         target=target, base=base, draft=draft, modes=modes, prompts=prompts, category=category, limit=limit, turn=turn,
         max_new_tokens=max_new_tokens, k=k, temperature=temperature, seed=seed, repeats=repeats, warmup=warmup,
-        dtype=dtype, device=device, chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
+        dtype=dtype, device=device, threads=threads, chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
     )
     _run_with_progress(lambda progress: compare(settings, progress=progress), settings, as_json)
 
@@ -262,6 +264,7 @@ def sweep(
     warmup: Warmup = _bench_default("warmup"),
     dtype: Dtype = None,
     device: Device = _bench_default("device"),
+    threads: Threads = None,
     chat_template: ChatTemplate = None,
     out: Out = Path("sweep.jsonl"),
     resume: Resume = False,
@@ -276,7 +279,8 @@ def sweep(
     settings = _settings(
         target=target, base=base, draft=draft_list[0], modes=modes, prompts=prompts, category=category, limit=limit,
         turn=turn, max_new_tokens=max_new_tokens, k=max(k_list), temperature=temperature, seed=seed, repeats=repeats,
-        warmup=warmup, dtype=dtype, device=device, chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
+        warmup=warmup, dtype=dtype, device=device, threads=threads, chat_template=chat_template, out=out, resume=resume,
+        overwrite=overwrite,
     )
     _run_with_progress(lambda progress: run_sweep(settings, drafts=draft_list, ks=k_list, progress=progress), settings, as_json)
 

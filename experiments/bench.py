@@ -21,7 +21,7 @@ Row schema (one JSON object per line, written by :func:`make_row`):
   ``variant`` (``config``, or ``"spec ngram k=4"`` in a sweep), ``config``, ``prompt_id``,
   ``category``, ``repeat``, ``model`` (the model THIS row ran), ``draft``, ``k``
   (None for configurations without a draft), ``temperature``, ``max_new_tokens``,
-  ``device``, ``dtype``, ``time``;
+  ``device``, ``threads`` (torch CPU threads; None = untouched), ``dtype``, ``time``;
 - measures: ``prompt_tokens``, ``tokens`` (generated over all branches, [Fork]/EOS
   included), ``answer_tokens`` (``len(output_ids)``), ``wall_s`` (around the call),
   ``tokens_per_s`` (= tokens / wall_s), ``steps_per_token``;
@@ -41,8 +41,9 @@ import difflib
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -51,6 +52,7 @@ import torch
 
 from apar_spec.api import eos_ids_of, generate
 from apar_spec.hf_baselines import hf_generate
+from apar_spec.loading import resolve_device
 from apar_spec.options import DecodeOptions
 
 from .models import DEFAULT_TARGET, ModelSet, default_draft, encode_prompt, load_models
@@ -86,6 +88,7 @@ class BenchSettings:
     warmup: int = 1
     dtype: Optional[str] = None
     device: Optional[str] = "auto"
+    threads: Optional[int] = None  # torch intra-op threads; None = 1 on CPU (see _torch_threads), untouched on GPU
     chat_template: Optional[bool] = None  # None: use the tokenizer's template when it has one
     out: Path = Path("results.jsonl")
     resume: bool = False
@@ -99,6 +102,8 @@ class BenchSettings:
             raise ValueError(f"--warmup must be >= 0 (got {self.warmup})")
         if self.k < 1:
             raise ValueError(f"-k must be >= 1 (got {self.k})")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1 (got {self.threads})")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pick one")
         DecodeOptions.build(  # the decoder's own checks, before anything is loaded
@@ -128,6 +133,7 @@ class BenchSettings:
             "seed": self.seed,
             "dtype": self.dtype,
             "device": self.device,
+            "threads": self.threads,
             "chat_template": self.chat_template,
         }
 
@@ -269,7 +275,31 @@ def _not_applicable(config: str, ms: ModelSet, draft: Optional[str] = None) -> O
 # ------------------------------------------------------------------ the loop
 
 
+@contextmanager
+def _torch_threads(settings: BenchSettings) -> Iterator[Optional[int]]:
+    """Intra-op threads for the run, restored afterwards. On CPU the default is ONE thread:
+    batch-1 decoding of small models is latency-bound, and with two threads on a shared
+    2-core machine OpenMP's spin-waits made each step 10-20x slower (2.6 ms -> 30-50 ms
+    per step for the embedded models) and the timings noisy. ``--threads`` overrides."""
+    previous = torch.get_num_threads()
+    wanted = settings.threads
+    if wanted is None and resolve_device(settings.device).type == "cpu":
+        wanted = 1
+    if wanted is not None:
+        torch.set_num_threads(wanted)
+    try:
+        yield wanted
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _run(settings: BenchSettings, plan, progress: Optional[Progress], sweep_drafts: Sequence[str] = ()) -> BenchResult:
+    with _torch_threads(settings) as threads:
+        # rows and the setup id record the thread count actually used
+        return _run_threads_set(replace(settings, threads=threads), plan, progress, sweep_drafts)
+
+
+def _run_threads_set(settings: BenchSettings, plan, progress: Optional[Progress], sweep_drafts: Sequence[str]) -> BenchResult:
     prompts = load_prompts(settings.prompts, category=settings.category, limit=settings.limit, turn=settings.turn)
     created = not settings.out.exists()
     finished = _prepare_output(settings)
@@ -471,6 +501,7 @@ def make_row(runner: _Runner, v: Variant, prompt: Prompt, repeat: int, model: st
         "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens,
         "device": runner.ms.device,
+        "threads": s.threads,
         "dtype": str(runner.ms.for_config(v.config).model.dtype).removeprefix("torch."),
         "prompt_tokens": prompt_tokens,
         "tokens": tokens,

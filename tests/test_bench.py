@@ -227,3 +227,15 @@ def test_gpu_check_refuses_without_cuda(tmp_path, capsys):
     assert gpu_check.main([str(tmp_path / "out")]) == 2
     assert "needs CUDA" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cpu_runs_use_one_thread_by_default_and_restore_it(micro, tmp_path):
+    before = torch.get_num_threads()
+    seen = []
+    compare(settings(micro, tmp_path, modes="ar", limit=1), progress=lambda e: seen.append(torch.get_num_threads()))
+    assert set(seen) == {1} and torch.get_num_threads() == before
+    assert read_rows(tmp_path / "r.jsonl")[0]["threads"] == 1
+    compare(settings(micro, tmp_path, modes="ar", limit=1, threads=2, overwrite=True))
+    assert read_rows(tmp_path / "r.jsonl")[0]["threads"] == 2 and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="--threads must be >= 1"):
+        settings(micro, tmp_path, threads=0)
