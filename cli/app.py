@@ -118,11 +118,13 @@ def generate(
     chat_template: ChatTemplate = None,
     dtype: Dtype = None,
     device: Device = None,
+    threads: Threads = None,
     live: Annotated[bool, typer.Option("--live", help="Show the branches growing, step by step.")] = False,
     as_json: AsJson = False,
 ) -> None:
     """Answer one prompt and print the answer with its stats."""
     from apar_spec.api import generate as run_generate
+    from apar_spec.experiments.bench import torch_threads
     from apar_spec.experiments.models import Loaded, default_draft, encode_prompt, resolve_draft
     from apar_spec.loading import load
 
@@ -140,12 +142,13 @@ def generate(
         num_draft_tokens=k, max_draft_tokens=max(k, DecodeOptions.max_draft_tokens),
     )
     console = stdout_console()
-    if live and console.is_terminal and not as_json:
-        from .live import generate_live
+    with torch_threads(threads, str(loaded.model.device)):
+        if live and console.is_terminal and not as_json:
+            from .live import generate_live
 
-        gen = generate_live(loaded.model, loaded.tokenizer, ids, console=console, **kwargs)
-    else:
-        gen = run_generate(loaded.model, loaded.tokenizer, [ids], **kwargs)[0]
+            gen = generate_live(loaded.model, loaded.tokenizer, ids, console=console, **kwargs)
+        else:
+            gen = run_generate(loaded.model, loaded.tokenizer, [ids], **kwargs)[0]
     if as_json:
         print_json({"model": model_name, "mode": mode, "draft": draft_name, **gen.to_dict()})
     else:

@@ -88,7 +88,7 @@ class BenchSettings:
     warmup: int = 1
     dtype: Optional[str] = None
     device: Optional[str] = "auto"
-    threads: Optional[int] = None  # torch intra-op threads; None = 1 on CPU (see _torch_threads), untouched on GPU
+    threads: Optional[int] = None  # torch intra-op threads; None = 1 on CPU (see torch_threads), untouched on GPU
     chat_template: Optional[bool] = None  # None: use the tokenizer's template when it has one
     out: Path = Path("results.jsonl")
     resume: bool = False
@@ -276,14 +276,16 @@ def _not_applicable(config: str, ms: ModelSet, draft: Optional[str] = None) -> O
 
 
 @contextmanager
-def _torch_threads(settings: BenchSettings) -> Iterator[Optional[int]]:
-    """Intra-op threads for the run, restored afterwards. On CPU the default is ONE thread:
-    batch-1 decoding of small models is latency-bound, and with two threads on a shared
-    2-core machine OpenMP's spin-waits made each step 10-20x slower (2.6 ms -> 30-50 ms
-    per step for the embedded models) and the timings noisy. ``--threads`` overrides."""
+def torch_threads(threads: Optional[int], device: Optional[str]) -> Iterator[Optional[int]]:
+    """Intra-op threads for a run, restored afterwards; yields the count set (None = untouched).
+
+    On CPU the default is ONE thread: batch-1 decoding of small models is latency-bound,
+    and with two threads on a shared 2-core machine OpenMP's spin-waits made each step
+    10-20x slower (2.6 ms -> 30-50 ms per step for the embedded models) and the timings
+    noisy. ``--threads`` overrides; on a GPU the count is left alone unless given."""
     previous = torch.get_num_threads()
-    wanted = settings.threads
-    if wanted is None and resolve_device(settings.device).type == "cpu":
+    wanted = threads
+    if wanted is None and resolve_device(device).type == "cpu":
         wanted = 1
     if wanted is not None:
         torch.set_num_threads(wanted)
@@ -294,7 +296,7 @@ def _torch_threads(settings: BenchSettings) -> Iterator[Optional[int]]:
 
 
 def _run(settings: BenchSettings, plan, progress: Optional[Progress], sweep_drafts: Sequence[str] = ()) -> BenchResult:
-    with _torch_threads(settings) as threads:
+    with torch_threads(settings.threads, settings.device) as threads:
         # rows and the setup id record the thread count actually used
         return _run_threads_set(replace(settings, threads=threads), plan, progress, sweep_drafts)
 
