@@ -165,7 +165,7 @@ class Decoder:
             views = self.views(live)
             proposal = self.propose(views)
             fed, result = self.verify(tc, live, views, proposal)
-            kept = self.accept_and_commit(live, views, proposal, fed, result, tc)
+            kept = self.accept_and_commit(live, views, proposal, fed, result)
             if self.spec is not None:
                 self.spec.observe(Outcome(views, kept))
             self.collect_garbage(tc, live)
@@ -197,14 +197,15 @@ class Decoder:
             nodes = tc.add_chain(row, prompt, -1)
             root = Branch(id=0, parent=None, fork_index=None, level=0, active=True, k=self.opts.num_draft_tokens)
             requests.append(Request(row, row, list(prompt), nodes, [root], budget=self.opts.max_new_tokens))
+        self.requests_by_index = {r.index: r for r in requests}
         result = tc.forward()
         for r in requests:
             r.counters.target_steps += 1
             r.counters.attended_keys += len(r.prompt) * (len(r.prompt) + 1) // 2
             root = r.branches[0]
             logits = result.of(r.row, [r.prompt_nodes[-1]])  # [1, V]
-            state = RuleState(prev=r.prompt[-1], forks=0, generated=0)
-            processed = self.apply_rules(r, root, logits, [state], [r.prompt])  # [1, V]
+            view = BranchView(r.index, 0, None, None, [], r.prompt, 0)
+            processed = self.apply_rules([view], [root], [[]], logits[None])[0]  # [1, V]
             token = self.choose(processed)
             if self.record_logits:
                 root.logits.append(logits[0])
@@ -276,85 +277,92 @@ class Decoder:
         parent = r.branches[b.parent]
         return parent.nodes[b.fork_index] if b.fork_index < len(parent.nodes) else parent_pending
 
-    def accept_and_commit(self, live, views, proposal, fed, result, tc) -> list[int]:
+    def accept_and_commit(self, live, views, proposal, fed, result) -> list[int]:
         """Accept per branch (batched over branches), then commit in branch order."""
         n = len(views)
         if n == 0:
             return []
         by_index = {r.index: r for r in live}
+        branches = [by_index[v.request].branches[v.branch] for v in views]
         k_max = max(len(d) for d in proposal.tokens)
-        vocab = result.logits.shape[-1]
         device = result.logits.device
-        # Padding positions hold zeros (not -inf) so probabilities stay finite; they are never read.
-        target = torch.zeros(n, k_max + 1, vocab, dtype=result.logits.dtype, device=device)  # [branches, k+1, V]
-        drafts = torch.full((n, k_max), -1, dtype=torch.long, device=device)  # [branches, k]
+        # One gather: the logits of every fed node, [branches, k+1, V]; padding positions
+        # repeat column 0 of the row (finite, never read).
+        rows = torch.zeros(n, k_max + 1, dtype=torch.long)
+        cols = torch.zeros(n, k_max + 1, dtype=torch.long)
+        for i, (v, nodes) in enumerate(zip(views, fed)):
+            row = by_index[v.request].row
+            rows[i] = row
+            cols[i, : len(nodes)] = torch.tensor([result.column[row][m] for m in nodes])
+        raw = result.logits[rows.to(device), cols.to(device)]  # [branches, k+1, V]
+        target = self.apply_rules(views, branches, proposal.tokens, raw)
+        drafts = torch.full((n, k_max), -1, dtype=torch.long)  # [branches, k]
+        for i, d in enumerate(proposal.tokens):
+            drafts[i, : len(d)] = torch.tensor(d, dtype=torch.long)
+        drafts = drafts.to(device)
         lens = torch.tensor([len(d) for d in proposal.tokens], dtype=torch.long, device=device)  # [branches]
-        for i, (v, d, nodes) in enumerate(zip(views, proposal.tokens, fed)):
-            r = by_index[v.request]
-            b = r.branches[v.branch]
-            logits = result.of(r.row, nodes)  # [1 + len(d), V]
-            states, contexts = self.rule_states(r, b, d)
-            target[i, : len(nodes)] = self.apply_rules(r, b, logits, states, contexts)
-            if d:
-                drafts[i, : len(d)] = torch.tensor(d, dtype=torch.long, device=device)
         if self.sampling.greedy:
             acc = greedy_accept(drafts, lens, target)
         else:
-            target_probs = to_probs(target, self.sampling)  # [n, k+1, V]
-            if any(p is not None for p in proposal.probs):
-                q = torch.zeros(n, k_max, vocab, dtype=target_probs.dtype, device=device)  # [branches, k, V]
-                for i, (d, p) in enumerate(zip(proposal.tokens, proposal.probs)):
-                    if p is not None:
-                        q[i, : len(d)] = p.to(device=device, dtype=q.dtype)
-                    elif d:
-                        q[i, torch.arange(len(d)), torch.tensor(d, device=device)] = 1.0
-                draft_probs = q
-            else:
-                draft_probs = None
-            acc = rejection_accept(drafts, lens, draft_probs, target_probs, self.generator)
-        kept = []
-        for i, (v, d, nodes) in enumerate(zip(views, proposal.tokens, fed)):
+            acc = rejection_accept(drafts, lens, self.draft_probs(proposal, target.shape[-1], device), to_probs(target, self.sampling), self.generator)
+        num_accepted, bonus = acc.num_accepted.tolist(), acc.bonus.tolist()
+        for i, (v, d, nodes, b) in enumerate(zip(views, proposal.tokens, fed, branches)):
             r = by_index[v.request]
-            b = r.branches[v.branch]
-            a = int(acc.num_accepted[i])
+            a = num_accepted[i]
             self.count_acceptance(r.counters, len(d), a)
-            new_tokens = d[:a] + [int(acc.bonus[i])]
-            kept.append(a)
             if self.record_logits:
-                b.logits.extend(result.of(r.row, nodes[: a + 1]))
+                b.logits.extend(raw[i, : a + 1])
             # Fed nodes that are now committed with KV: the pending token and the accepted drafts.
-            self.commit_tokens(r, b, new_tokens, fed_nodes=nodes[: 1 + a])
+            self.commit_tokens(r, b, d[:a] + [bonus[i]], fed_nodes=nodes[: 1 + a])
             if self.opts.adaptive_draft and self.spec is not None:
                 b.k = min(b.k + 2, self.opts.max_draft_tokens) if a == len(d) else max(1, b.k - 1)
-        return kept
+        return num_accepted
 
-    def rule_states(self, r: Request, b: Branch, drafts: list[int]) -> tuple[list[RuleState], list[list[int]]]:
-        """Rule state at the pending node and after each draft (assuming earlier drafts accepted)."""
-        states, contexts = [], []
+    def draft_probs(self, proposal: Proposal, vocab: int, device) -> Optional[torch.Tensor]:
+        """The draft distributions as ``[branches, k, V]`` (one-hot for deterministic drafts), or None if all are."""
+        if all(p is None for p in proposal.probs):
+            return None
+        k_max = max(len(d) for d in proposal.tokens)
+        q = torch.zeros(len(proposal.tokens), k_max, vocab, device=device)  # [branches, k, V]
+        for i, (d, p) in enumerate(zip(proposal.tokens, proposal.probs)):
+            if p is not None:
+                q[i, : len(d)] = p.to(device=device, dtype=q.dtype)
+            elif d:
+                q[i, torch.arange(len(d)), torch.tensor(d, device=device)] = 1.0
+        return q
+
+    def rule_states(self, b: Branch, drafts: list[int], prev: int) -> list[RuleState]:
+        """Rule state at the pending node (token ``prev``) and after each draft (assuming earlier drafts accepted)."""
+        states = []
         forks, generated = b.forks, b.generated
-        ctx = r.context(b) if self.opts.logits_processor is not None else []
-        for j, tok in enumerate([b.tokens[-1]] + drafts):
+        fork_id = self.apar.fork_id if self.apar else -1
+        for j, tok in enumerate([prev] + drafts):
             if j > 0:
                 generated += 1
-                forks += tok == (self.apar.fork_id if self.apar else -1)
-                if ctx:
-                    ctx = ctx + [tok]
+                forks += tok == fork_id
             states.append(RuleState(prev=tok, forks=forks, generated=generated))
-            contexts.append(ctx)
-        return states, contexts
+        return states
 
-    def apply_rules(self, r: Request, b: Branch, logits, states: list[RuleState], contexts) -> torch.Tensor:
-        """Branch-local logit rules: user processor, never [Child], [Fork] only where allowed."""
-        logits = logits.clone()
+    def apply_rules(self, views, branches: list[Branch], drafts: list[list[int]], raw: torch.Tensor) -> torch.Tensor:
+        """Branch-local logit rules on ``raw`` ``[branches, k+1, V]``: the user's processor,
+        never ``[Child]``, ``[Fork]`` only where ``may_fork`` allows."""
+        logits = raw.clone()
         if self.opts.logits_processor is not None:
-            for j, ctx in enumerate(contexts):
-                logits[j] = self.opts.logits_processor(ctx, logits[j])
+            for i, (v, b, d) in enumerate(zip(views, branches, drafts)):
+                ctx = self.requests_by_index[v.request].context(b)
+                for j, tok in enumerate([None] + d):
+                    if tok is not None:
+                        ctx = ctx + [tok]
+                    logits[i, j] = self.opts.logits_processor(ctx, logits[i, j])
         if self.apar is None:
             return logits
-        logits[:, self.apar.child_id] = NEG_INF
-        for j, s in enumerate(states):
-            if not self.may_fork(b, s):
-                logits[j, self.apar.fork_id] = NEG_INF
+        logits[..., self.apar.child_id] = NEG_INF
+        ban = torch.zeros(logits.shape[:2], dtype=torch.bool)  # [branches, k+1]
+        for i, (v, b, d) in enumerate(zip(views, branches, drafts)):
+            prev = b.tokens[-1] if b.tokens else self.requests_by_index[v.request].prompt[-1]
+            for j, state in enumerate(self.rule_states(b, d, prev)):
+                ban[i, j] = not self.may_fork(b, state)
+        logits[..., self.apar.fork_id].masked_fill_(ban.to(logits.device), NEG_INF)
         return logits
 
     def may_fork(self, b: Branch, s: RuleState) -> bool:
