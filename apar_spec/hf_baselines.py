@@ -69,6 +69,29 @@ def count_forwards(model) -> Iterator[_Counter]:
         handle.remove()
 
 
+@contextmanager
+def _assistant_drafts(assistant_model, k: int) -> Iterator[None]:
+    """A constant ``k`` drafts per round for the duration of one call.
+
+    HF reads ``num_assistant_tokens`` (default 20), its schedule and the confidence
+    early-stop threshold (default 0.4) from the *assistant's* generation config, not
+    from the arguments of ``generate``; so a copy with our settings is swapped in for
+    the call and the original put back, leaving the model as it was."""
+    if assistant_model is None:
+        yield
+        return
+    original = assistant_model.generation_config
+    patched = copy.deepcopy(original)
+    patched.num_assistant_tokens = k
+    patched.num_assistant_tokens_schedule = "constant"
+    patched.assistant_confidence_threshold = 0.0  # 0 disables the early stop
+    assistant_model.generation_config = patched
+    try:
+        yield
+    finally:
+        assistant_model.generation_config = original
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -119,14 +142,12 @@ def hf_generate(
     kwargs: dict = {}
     if assistant_model is not None:
         kwargs["assistant_model"] = assistant_model
-        config.num_assistant_tokens = num_assistant_tokens
-        config.num_assistant_tokens_schedule = "constant"
-        config.assistant_confidence_threshold = 0.0
     elif prompt_lookup_num_tokens is not None:
         config.prompt_lookup_num_tokens = prompt_lookup_num_tokens
     if temperature > 0 and seed is not None:
         torch.manual_seed(seed)
-    with count_forwards(model) as target_calls, count_forwards(assistant_model) as draft_calls, torch.inference_mode():
+    with _assistant_drafts(assistant_model, num_assistant_tokens), count_forwards(model) as target_calls, \
+            count_forwards(assistant_model) as draft_calls, torch.inference_mode():
         _sync(device)
         start = time.perf_counter()
         out = model.generate(input_ids, attention_mask=attention_mask, generation_config=config, **kwargs)

@@ -112,6 +112,9 @@ def test_draft_model_and_hf_assisted(micro, tmp_path):
     rows = {r["variant"]: r for r in read_rows(s.out)}
     assert rows["hf-assisted"]["draft_forwards"] > 0 and rows["spec"]["draft_forwards"] > 0
     assert rows["hf-assisted"]["hf"]["num_assistant_tokens"] == 2
+    # HF takes k from the assistant's own generation config: check it really drafted k=2 per round
+    assert rows["hf-assisted"]["draft_forwards"] <= 2 * rows["hf-assisted"]["target_steps"]
+    assert rows["hf-assisted"]["tokens"] <= 3 * rows["hf-assisted"]["target_steps"]
     assert rows["hf-assisted"]["output_ids"] == rows["hf-generate"]["output_ids"]
 
 
@@ -239,3 +242,18 @@ def test_cpu_runs_use_one_thread_by_default_and_restore_it(micro, tmp_path):
     assert read_rows(tmp_path / "r.jsonl")[0]["threads"] == 2 and torch.get_num_threads() == before
     with pytest.raises(ValueError, match="--threads must be >= 1"):
         settings(micro, tmp_path, threads=0)
+
+
+def test_hf_assisted_drafts_exactly_k_and_leaves_the_assistant_as_it_was():
+    from apar_spec.hf_baselines import hf_generate
+
+    target, twin, tok = micro_model(seed=0), micro_model(seed=0), micro_tokenizer()  # twin: every draft accepted
+    ids = tok("w5 w6 w7")["input_ids"]
+    before = twin.generation_config.to_dict()
+    plain = hf_generate(target, tok, ids, max_new_tokens=12, eos_ids={2})
+    run = hf_generate(target, tok, ids, max_new_tokens=12, eos_ids={2}, assistant_model=twin, num_assistant_tokens=2)
+    assert run.token_ids == plain.token_ids
+    # every draft is accepted, so exactly k + 1 = 3 tokens a target forward; HF's defaults (20 drafts
+    # a round, confidence early-stop at 0.4) give another count
+    assert len(run.token_ids) == 12 and run.target_forwards == 12 // 3
+    assert twin.generation_config.to_dict() == before
