@@ -23,7 +23,11 @@ How each column is computed (all from rows of the same run, so machine drift can
 - ``lossless``: greedy runs only. ``spec`` must equal ``ar``, ``apar+spec`` equal
   ``apar``, ``ar`` and ``hf-assisted`` equal ``hf-generate``: whole token lists are
   compared (length included, never zipped), on the first repeat both have, and only
-  when both rows used the same model.
+  when both rows used the same model. One exception, by design: the per-request token
+  budget (``--max-new-tokens``, counted over all branches) is the one cap that depends
+  on scheduling, so when it cuts a branching answer, ``apar+spec`` and ``apar`` stop
+  their branches at different points. Such prompts are counted as ``budget-cut``, not
+  compared; raise ``--max-new-tokens`` to compare them.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from rich.table import Table
 ALL = "all"
 # configuration -> the configuration its greedy output must equal
 LOSSLESS_REFERENCE = {"spec": "ar", "apar+spec": "apar", "ar": "hf-generate", "hf-assisted": "hf-generate"}
+LOW_PRECISION = {"bfloat16", "float16"}
+BUDGET_SENSITIVE = {"apar+spec"}  # branches advance at different rates, so a binding budget cuts them differently
 
 
 @dataclass
@@ -49,6 +55,7 @@ class Lossless:
     compared: int = 0
     first_difference: Optional[str] = None  # "prompt P: lengths 12 vs 10, first differs at token 7"
     skipped: Optional[str] = None  # why no comparison was made ("sampled", "different models")
+    budget_cut: int = 0  # prompts not compared because the token budget cut a branching answer
 
     @property
     def ok(self) -> Optional[bool]:
@@ -57,9 +64,10 @@ class Lossless:
     def short(self) -> str:
         if self.skipped:
             return f"n/a ({self.skipped})"
+        cut = f", {self.budget_cut} budget-cut" if self.budget_cut else ""
         if not self.compared:
-            return "n/a (no common prompts)"
-        return f"{'yes' if self.ok else 'NO'} {self.equal}/{self.compared}"
+            return f"n/a (no common prompts{cut})"
+        return f"{'yes' if self.ok else 'NO'} {self.equal}/{self.compared}{cut}"
 
 
 @dataclass
@@ -150,8 +158,15 @@ def acceptance_per_position(rows: Sequence[dict]) -> list[float]:
     return [sum(columns[j]) / len(columns[j]) for j in sorted(columns)]
 
 
-def compare_outputs(rows: Sequence[dict], ref_rows: Sequence[dict], reference: str) -> Lossless:
-    """Greedy-equality of whole token lists, per prompt, on the first repeat both have."""
+def _budget_hit(row: dict) -> bool:
+    budget = row.get("max_new_tokens")
+    return budget is not None and row.get("tokens", 0) >= budget
+
+
+def compare_outputs(rows: Sequence[dict], ref_rows: Sequence[dict], reference: str, budget_sensitive: bool = False) -> Lossless:
+    """Greedy-equality of whole token lists, per prompt, on the first repeat both have.
+    ``budget_sensitive``: prompts where either row used the whole token budget are
+    counted in ``budget_cut`` instead of compared (see the module docstring)."""
     result = Lossless(reference)
     if any((r.get("temperature") or 0) > 0 for r in [*rows, *ref_rows]):
         result.skipped = "sampled"
@@ -163,6 +178,9 @@ def compare_outputs(rows: Sequence[dict], ref_rows: Sequence[dict], reference: s
     mine = _first_repeat(rows)
     ref = _first_repeat(ref_rows)
     for p in sorted(set(mine) & set(ref), key=str):
+        if budget_sensitive and (_budget_hit(mine[p]) or _budget_hit(ref[p])):
+            result.budget_cut += 1
+            continue
         a, b = mine[p]["output_ids"], ref[p]["output_ids"]
         result.compared += 1
         if a == b:  # list equality compares lengths too: a truncated output is a difference
@@ -170,6 +188,12 @@ def compare_outputs(rows: Sequence[dict], ref_rows: Sequence[dict], reference: s
         elif result.first_difference is None:
             at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             result.first_difference = f"prompt {p}: lengths {len(a)} vs {len(b)}, first differs at token {at}"
+            low = sorted({str(r.get("dtype")) for r in (mine[p], ref[p])} & LOW_PRECISION)
+            if low:
+                result.first_difference += (
+                    f" ({'/'.join(low)}: a forward over several tokens rounds differently from one-token "
+                    "steps, so a near-tie can flip; rerun in float32 to tell numerics from a bug)"
+                )
     return result
 
 
@@ -213,7 +237,8 @@ def _summarize_group(rows: Sequence[dict]) -> list[VariantSummary]:
         ref_config = LOSSLESS_REFERENCE.get(config)
         lossless = None
         if ref_config and ref_config in by_config:
-            lossless = compare_outputs(vrows, by_variant[by_config[ref_config]], by_config[ref_config])
+            lossless = compare_outputs(vrows, by_variant[by_config[ref_config]], by_config[ref_config],
+                                       budget_sensitive=config in BUDGET_SENSITIVE)
         out.append(
             VariantSummary(
                 variant=name,

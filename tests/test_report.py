@@ -186,3 +186,28 @@ def test_read_rows_ignores_a_cut_last_line_but_not_a_broken_middle(tmp_path):
         read_rows(f)
     with pytest.raises(FileNotFoundError):
         read_rows(tmp_path / "missing.jsonl")
+
+
+def test_budget_cut_branching_answers_are_not_compared():
+    # a branching answer cut by the request budget: apar+spec and apar cut branches at different points
+    ref = [row("apar", "p1", 0, 1, out=[1, 2, 3], tokens=8, max_new_tokens=8),
+           row("apar", "p2", 0, 1, out=[4, 5], tokens=5, max_new_tokens=8)]
+    mine = [row("apar+spec", "p1", 0, 1, out=[1, 3, 2], tokens=8, max_new_tokens=8),
+            row("apar+spec", "p2", 0, 1, out=[4, 5], tokens=5, max_new_tokens=8)]
+    got = compare_outputs(mine, ref, "apar", budget_sensitive=True)
+    assert (got.equal, got.compared, got.budget_cut, got.ok) == (1, 1, 1, True)
+    assert got.short() == "yes 1/1, 1 budget-cut"
+    assert by_variant(summarize(ref + mine))["apar+spec"].lossless.budget_cut == 1
+    # sequential pairs stay compared: a budget cuts spec and ar at the same token
+    seq = compare_outputs([row("spec", "p1", 0, 1, out=[1], tokens=8, max_new_tokens=8)],
+                          [row("ar", "p1", 0, 1, out=[2], tokens=8, max_new_tokens=8)], "ar")
+    assert seq.ok is False and seq.budget_cut == 0
+
+
+def test_low_precision_differences_point_at_numerics():
+    got = compare_outputs([row("spec", "p1", 0, 1, out=[1, 2], dtype="bfloat16")],
+                          [row("ar", "p1", 0, 1, out=[1, 3], dtype="bfloat16")], "ar")
+    assert got.ok is False and "bfloat16" in got.first_difference and "float32" in got.first_difference
+    fp32 = compare_outputs([row("spec", "p1", 0, 1, out=[1, 2], dtype="float32")],
+                           [row("ar", "p1", 0, 1, out=[1, 3], dtype="float32")], "ar")
+    assert "float32" not in fp32.first_difference
