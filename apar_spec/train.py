@@ -268,25 +268,53 @@ class Batch:
         return Batch(*(t.to(device) for t in (self.input_ids, self.position_ids, self.attention_mask, self.labels)))
 
 
-def collate(examples: Sequence[PackedExample], pad_id: int, multiple_of: int = 8) -> Batch:
+def first_fit_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group example indices into rows of at most ``capacity`` nodes (first-fit decreasing).
+
+    Why: a batch mixes long trees (~300 nodes) with short unstructured answers (~30);
+    padding every example to the longest wastes ~40% of the compute. Several examples
+    can share a row because the tree mask is block-diagonal between them and position
+    ids restart at each prompt, so the loss is unchanged (tested in float64).
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def collate(examples: Sequence[PackedExample], pad_id: int, multiple_of: int = 8, share_rows: bool = False) -> Batch:
     """Right-pad packed examples into one batch with a 4D boolean tree mask.
 
+    ``share_rows=True`` puts several examples in one row where they fit in the longest
+    one's length (see :func:`first_fit_rows`); otherwise one example per row.
     Padding nodes attend only to themselves: a fully masked row would make SDPA
     return NaN, which would leak into the gradients even though its label is ignored.
     """
-    L = max(len(e) for e in examples)
-    L = -(-L // multiple_of) * multiple_of
-    B = len(examples)
+    lengths = [len(e) for e in examples]
+    L = -(-max(lengths) // multiple_of) * multiple_of
+    rows = first_fit_rows(lengths, L) if share_rows else [[i] for i in range(len(examples))]
+    B = len(rows)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     position_ids = torch.zeros(B, L, dtype=torch.long)
     labels = torch.full((B, L), IGNORE, dtype=torch.long)
     mask = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1)  # [B, L, L]
-    for b, e in enumerate(examples):
-        n = len(e)
-        input_ids[b, :n] = e.input_ids
-        position_ids[b, :n] = e.position_ids
-        labels[b, :n] = e.labels
-        mask[b, :n, :n] = e.attention
+    for b, row in enumerate(rows):
+        start = 0
+        for i in row:
+            e, end = examples[i], start + lengths[i]
+            input_ids[b, start:end] = e.input_ids
+            position_ids[b, start:end] = e.position_ids
+            labels[b, start:end] = e.labels
+            mask[b, start:end, start:end] = e.attention  # block-diagonal: examples never see each other
+            start = end
     return Batch(input_ids, position_ids, mask[:, None], labels)
 
 
@@ -488,6 +516,7 @@ def train(
     log_every: int = 0,
     mixed_precision: str = "no",
     stop_after: int | None = None,
+    share_rows: bool = True,
 ) -> TrainReport:
     """Train ``model`` on answer trees (``mode="apar"``) or sequential answers (``mode="plain"``).
 
@@ -505,6 +534,7 @@ def train(
     ``out_dir`` with ``save_pretrained`` (safetensors, cast to ``save_dtype`` if given).
     ``stop_after=n`` stops after step ``n`` with a checkpoint and no final model (for
     time-limited jobs, and to test resuming); the schedule still spans ``steps``.
+    ``share_rows`` lets short examples share a padded row (same loss, less compute).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -590,7 +620,7 @@ def train(
     try:
         for step in range(start_step, end):
             chosen = [pools[pool][i] for pool, i in batches.indices(step)]
-            batch = collate(chosen, tokenizer.pad_token_id).to(accelerator.device)
+            batch = collate(chosen, tokenizer.pad_token_id, share_rows=share_rows).to(accelerator.device)
             with accelerator.autocast():
                 loss_sum, n_tok = summed_loss(model, batch)
             loss = loss_sum / max(n_tok, 1)

@@ -13,6 +13,7 @@ from apar_spec.train import (
     IGNORE,
     build_tokenizer,
     collate,
+    first_fit_rows,
     format_prompt,
     pack_plain,
     pack_tree,
@@ -86,6 +87,11 @@ def test_hand_layout_mask_positions_labels():
     assert p.num_trained() == 6  # a [Fork] b EOS c EOS; never the prompt nor [Child]
 
 
+def test_first_fit_rows():
+    assert first_fit_rows([5, 3, 2, 4], 5) == [[0], [3], [1, 2]]
+    assert first_fit_rows([1, 1, 1], 8) == [[0, 1, 2]]
+
+
 def test_hand_separate_sequences():
     apar = AparTokens(fork_id=2, child_id=3)
     tree = AnswerTree("ab", [ForkPoint(1, AnswerTree("c"))])
@@ -114,6 +120,11 @@ def test_packed_loss_equals_separate_sequences_float64(tokenizer):
         plain = pack_plain(prompt_ids, "Just words.", tokenizer)
         both, _ = summed_loss(model, collate([plain, packed], tokenizer.pad_token_id))
         plain_alone, _ = summed_loss(model, collate([plain], tokenizer.pad_token_id))
+        # two short examples sharing one row (block-diagonal mask, restarted positions) change nothing either
+        shared_batch = collate([packed, plain, plain], tokenizer.pad_token_id, share_rows=True)
+        shared, _ = summed_loss(model, shared_batch)
+    assert shared_batch.input_ids.shape[0] == 2  # the two plain examples fit beside each other
+    assert abs(shared.item() - packed_loss.item() - 2 * plain_alone.item()) < 1e-8
     assert n == sum(k for _, k in separate)
     assert abs(packed_loss.item() - sum(l.item() for l, _ in separate)) < 1e-8
     assert abs(both.item() - plain_alone.item() - packed_loss.item()) < 1e-8
