@@ -15,6 +15,15 @@ APAR trees (what tiny-apar writes). Inside a branch the context already shows wh
 form is being written (``[Fork]``/``[Child]`` tokens), so the mix only blurs the
 draft's first fork decision, which the target decides anyway.
 
+One deliberate change to the corpus: list items are put in their topic's canonical
+title order (:func:`canonical_list_order`). The corpus draws a random subset of a
+topic's titles in random order, so the next title is uniform over the unused ones;
+a 4M-parameter model trained for minutes learns that only weakly, and under greedy
+decoding it then repeats its favourite title (measured: 3/20 held-out lists
+well-formed). In canonical order the most likely next title is simply the one after
+the previous one, which greedy decoding follows without repeats. Base and APAR models
+see the same reordered answers, so the comparison stays fair.
+
 Everything is seeded; the corpus comes from ``apar_spec.corpus.make_corpus``. Final
 weights are stored in bfloat16 (the package stays small); ``apar_spec.load`` upcasts
 embedded models to float32.
@@ -24,16 +33,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from apar_spec.answer_tree import AnswerTree
-from apar_spec.corpus import make_corpus, write_jsonl
+from apar_spec.corpus import TOPICS, Example, make_corpus, write_jsonl
 from apar_spec.restructure import convert_file
 from apar_spec.tokens import find_apar_tokens
 from apar_spec.train import TrainReport, build_tokenizer, format_prompt, train
@@ -49,16 +59,39 @@ class Plan:
     vocab_size: int = 2048
     batch_size: int = 16
     max_len: int = 512
-    base_steps: int = 900
+    base_steps: int = 1200
     base_lr: float = 2e-3
-    apar_steps: int = 700
+    apar_steps: int = 1000
     apar_lr: float = 1e-3
-    draft_steps: int = 1500
+    draft_steps: int = 2000
     draft_lr: float = 3e-3
 
     @classmethod
     def quick(cls) -> "Plan":
         return cls(corpus_size=300, base_steps=20, apar_steps=20, draft_steps=20)
+
+
+_ITEM_LINE = re.compile(r"(\d+)\. ([^:\n]+):(.*)")
+_TITLE_RANK = {t.key: {title: k for k, title in enumerate(t.titles)} for t in TOPICS}
+
+
+def canonical_list_order(ex: Example) -> Example:
+    """A list answer with its ``N. Title: details`` lines sorted by the topic's title order and renumbered.
+
+    Only the item lines move (each with its own details); intro and outro stay put.
+    Other kinds, and lists whose titles are not the topic's, are returned unchanged.
+    """
+    ranks = _TITLE_RANK.get(ex.topic)
+    if ex.kind != "list" or ranks is None:
+        return ex
+    lines = ex.answer.split("\n")
+    at = [i for i, line in enumerate(lines) if _ITEM_LINE.fullmatch(line)]
+    items = [_ITEM_LINE.fullmatch(lines[i]) for i in at]
+    if any(m.group(2) not in ranks for m in items):
+        return ex
+    for n, (i, m) in enumerate(zip(at, sorted(items, key=lambda m: ranks[m.group(2)])), start=1):
+        lines[i] = f"{n}. {m.group(2)}:{m.group(3)}"
+    return replace(ex, answer="\n".join(lines))
 
 
 def base_config(vocab_size: int):
@@ -151,15 +184,19 @@ def sanity_check(models_dir: Path, n_prompts: int = 20, seed: int = 1) -> dict:
         new = y[0, len(ids):].tolist()
         return new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
 
-    def well_formed(text: str, n: int | None) -> bool:
-        nums = [int(m) for m in re.findall(r"^(\d+)\. ", text, flags=re.M)]
-        titles = re.findall(r"^\d+\. ([^:\n]+):", text, flags=re.M)
-        return bool(nums) and nums == list(range(1, len(nums) + 1)) and len(set(titles)) == len(titles) and (n is None or len(nums) == n)
+    def items(text: str) -> list[tuple[int, str]]:
+        return [(int(n), t.strip().lower()) for n, t in re.findall(r"^\s*(\d+)\.\s*([^:\n]*):?", text, flags=re.M)]
+
+    def well_formed(text: str) -> bool:
+        """Items numbered 1..N in order, no repeated title (as experiments/measure_embedded counts it)."""
+        found = items(text)
+        titles = [t for _, t in found]
+        return bool(found) and [n for n, _ in found] == list(range(1, len(found) + 1)) and len(set(titles)) == len(titles)
 
     for name in ("tiny-base", "tiny-apar", "tiny-draft"):
         model = AutoModelForCausalLM.from_pretrained(models_dir / name, dtype=torch.float32).eval()
-        stats = {k: {"n": 0, "forked": 0, "well_formed": 0} for k in ("list", "explain", "noforks")}
-        shown = 0
+        stats = {k: {"n": 0, "forked": 0, "well_formed": 0, "asked_count": 0} for k in ("list", "explain", "noforks")}
+        shown: set[str] = set()
         for ex in held:
             prompt_ids = tok(format_prompt(ex.prompt), add_special_tokens=False)["input_ids"]
             main = gen(model, prompt_ids)
@@ -175,11 +212,13 @@ def sanity_check(models_dir: Path, n_prompts: int = 20, seed: int = 1) -> dict:
             s = stats[ex.kind]
             s["n"] += 1
             s["forked"] += bool(forks)
-            m = re.search(r"\b(\d+) ", ex.prompt)
-            s["well_formed"] += ex.kind == "list" and well_formed(text, int(m.group(1)) if m else None)
-            if shown < 3 and (ex.kind != "noforks" or shown == 2):
+            if ex.kind == "list":
+                asked = re.search(r"\b(\d+) ", ex.prompt)
+                s["well_formed"] += well_formed(text)
+                s["asked_count"] += asked is not None and len(items(text)) == int(asked.group(1))
+            if ex.kind not in shown:  # one example of each kind
+                shown.add(ex.kind)
                 print(f"--- {name} | {ex.prompt}\n[main] {text_main!r}\n[text] {text}\n", flush=True)
-                shown += 1
         out[name] = stats
         print(f"{name}: {json.dumps(stats)}", flush=True)
     return out
@@ -210,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plan: {asdict(plan)}", flush=True)
 
     # corpus: raw rows, then the APAR-restructured rows (trees); both kept for inspection
-    examples = make_corpus(plan.corpus_size, seed=args.seed, split="train")
+    examples = [canonical_list_order(e) for e in make_corpus(plan.corpus_size, seed=args.seed, split="train")]
     raw, converted = work / "corpus.jsonl", work / "corpus_apar.jsonl"
     write_jsonl(examples, raw)
     conv = convert_file(raw, converted, max_depth=1)
@@ -228,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(batch_size=plan.batch_size, seed=args.seed, max_len=plan.max_len, resume=args.resume,
                   progress=sys.stdout.isatty(), save_every=200, keep_checkpoint=False, log_every=50)
     summary: dict = {}
-    data_desc = f"{plan.corpus_size} synthetic train examples (apar_spec.corpus, seed {args.seed}: 50% lists, 25% explanations, 25% no-fork answers)"
+    data_desc = (f"{plan.corpus_size} synthetic train examples (apar_spec.corpus, seed {args.seed}: 50% lists, 25% "
+                 "explanations, 25% no-fork answers; list items in canonical title order, see the script)")
 
     if "base" in stages:
         torch.manual_seed(args.seed)
