@@ -35,6 +35,7 @@ import torch
 from apar_spec.experiments.bench import BenchSettings, RowEvent, compare, read_rows
 from apar_spec.experiments.models import SAME_AS_TARGET
 from apar_spec.experiments.report import render, summarize
+from apar_spec.options import DecodeOptions
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("out_dir", type=Path, help="where results and reports go")
     p.add_argument("models", nargs="*", help="extra model paths (local folders or .gguf files) to benchmark")
     p.add_argument("--budget-s", type=float, default=240.0, help="total time for all benchmarks (default 240)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=DecodeOptions.max_new_tokens)
     p.add_argument("--limit", type=int, default=6, help="prompts per benchmark (built-in set, interleaved categories)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16")
