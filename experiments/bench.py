@@ -324,9 +324,9 @@ def _run_threads_set(settings: BenchSettings, plan, progress: Optional[Progress]
     planned = len(prompts) * settings.repeats * len(variants)
     result = BenchResult(settings.out, 0, planned - len(todo), planned, False, notes,
                          {v.name: ms.for_config(v.config).name for v in variants})
-    if progress:
-        progress(RowEvent(result.skipped, planned, None))
     try:
+        if progress:
+            progress(RowEvent(result.skipped, planned, None))
         if todo:
             for _ in range(settings.warmup):
                 for v in variants:

@@ -146,7 +146,12 @@ def test_ctrl_c_keeps_finished_rows(micro, tmp_path):
         if event.done == 3:
             raise KeyboardInterrupt
 
-    result = compare(s, progress=interrupt_after_three)
+    def interrupt_at_start(event):
+        if event.row is None:
+            raise KeyboardInterrupt
+
+    assert compare(s, progress=interrupt_at_start).interrupted  # even before the first row: clean stop
+    result = compare(settings(micro, tmp_path, modes="ar,apar", resume=True), progress=interrupt_after_three)
     assert result.interrupted and result.written == 3
     assert len(read_rows(s.out)) == 3
     with s.out.open("a") as f:  # a row cut short by a hard kill
