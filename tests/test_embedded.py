@@ -1,0 +1,64 @@
+"""The embedded trio ships in the package and loads offline; apar_spec.load's errors are clear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from micro import micro_model, micro_tokenizer
+
+import apar_spec
+from apar_spec.drafts.registry import vocab_fingerprint
+from apar_spec.loading import EMBEDDED, embedded_dir
+
+
+def non_embedding_params(model) -> int:
+    emb = {id(p) for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in emb)
+
+
+@pytest.fixture(scope="module")
+def trio():
+    return {name: apar_spec.load(name) for name in EMBEDDED}
+
+
+def test_trio_loads_offline_shares_one_vocabulary_and_fits_the_size_budget(trio):
+    fingerprints = {vocab_fingerprint(tok) for _, tok in trio.values()}
+    assert len(fingerprints) == 1
+    for model, tok in trio.values():
+        assert model.dtype == torch.float32 and apar_spec.find_apar_tokens(tok) is not None
+    assert non_embedding_params(trio["tiny-draft"][0]) * 8 <= non_embedding_params(trio["tiny-apar"][0])
+    size = sum(f.stat().st_size for name in EMBEDDED for f in embedded_dir(name).iterdir())
+    assert size <= 30 * 1024 * 1024
+
+
+def test_tiny_apar_forks_on_a_list_prompt_and_not_on_arithmetic(trio):
+    model, tok = trio["tiny-apar"]
+
+    def ask(p):
+        text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        return apar_spec.generate(model, tok, [text], mode="apar", max_new_tokens=300)[0]
+
+    listy = ask("Give 4 tips for better sleep.")
+    assert listy.stats.num_branches >= 4 and "1." in listy.text
+    assert listy.stats.target_steps < listy.stats.tokens_generated
+    assert not ask("What is 17 plus 25?").forked
+
+
+def test_load_errors_are_one_line_and_helpful(tmp_path):
+    with pytest.raises(ValueError, match="Did you mean 'tiny-apar'"):
+        apar_spec.load("tiny-apr")
+    with pytest.raises(ValueError, match="not an embedded name"):
+        apar_spec.load("no-such-org/no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="without config.json"):
+        apar_spec.load(tmp_path / "empty")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        apar_spec.load("tiny-draft", dtype="float8")
+
+
+def test_load_a_local_folder(tmp_path):
+    micro_model("qwen2").save_pretrained(tmp_path / "m")
+    micro_tokenizer().save_pretrained(tmp_path / "m")
+    model, tok = apar_spec.load(tmp_path / "m", dtype="float64")
+    assert model.config.model_type == "qwen2" and model.dtype == torch.float64 and not model.training
+    assert apar_spec.find_apar_tokens(tok) is not None
