@@ -57,7 +57,7 @@ def load(
     """``(model, tokenizer)`` for an embedded name, a local folder / ``.gguf`` file, or a cached HF id.
 
     Never downloads (``local_files_only``), prefers safetensors, and never runs
-    repository code unless ``trust_remote_code=True`` is asked for explicitly.
+    repository code unless the caller explicitly sets ``trust_remote_code``.
     Embedded models load in float32 unless ``dtype`` says otherwise (they are
     stored in half precision to keep the package small).
     """
