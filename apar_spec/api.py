@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -119,6 +119,7 @@ def generate(
     top_p: float = _D.top_p,
     top_k: int = _D.top_k,
     seed: Optional[int] = _D.seed,
+    on_step: Optional[Callable[[list, Any], None]] = None,
     **options: Any,
 ) -> list[Generation]:
     """Decode ``prompts`` with the token-tree decoder.
@@ -127,6 +128,8 @@ def generate(
     and ``"apar+spec"`` (a speculator drafts for every active branch; needs
     ``draft``: a registry name, a path/id, a loaded model, or a speculator object).
     ``options``: any field of ``DecodeOptions`` (``max_depth``, ``num_draft_tokens``...).
+    ``on_step(requests, tree_cache)``: called after every step with the decoder's live
+    requests (their ``branches`` growing) - for live views and tests; must not mutate them.
     """
     if mode not in MODES:
         close = difflib.get_close_matches(str(mode), MODES, n=1)
@@ -156,7 +159,7 @@ def generate(
 
         speculator = resolve_speculator(draft, model, tokenizer)
     eos = eos_ids_of(model, tokenizer, opts.eos_token_id)
-    decoder = Decoder(model, opts, apar, fork_enabled=uses_apar, eos_ids=eos, speculator=speculator)
+    decoder = Decoder(model, opts, apar, fork_enabled=uses_apar, eos_ids=eos, speculator=speculator, on_step=on_step)
     results: list[DecodeResult] = []
     for start in range(0, len(prompt_ids), opts.batch_size):
         results.extend(decoder.run(prompt_ids[start : start + opts.batch_size]))

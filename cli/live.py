@@ -7,8 +7,7 @@ where it forked from, and whether it is decoding, queued or finished (and why).
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Optional
+from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -52,31 +51,4 @@ def generate_live(model, tokenizer, prompt_ids: list[int], *, console: Console, 
             if requests:
                 live.update(branch_table(requests[0], tokenizer, steps[0]))
 
-        return _generate_with_hook(model, tokenizer, prompt_ids, on_step=on_step, **kwargs)
-
-
-def _generate_with_hook(model, tokenizer, prompt_ids: list[int], *, on_step, mode: str, draft=None, **kwargs) -> Generation:
-    """``generate`` with the decoder's per-step hook.
-
-    Uses ``generate(on_step=...)`` when the core API offers it; until then builds the
-    decoder from the same public parts ``generate`` uses (kept to this one function).
-    """
-    if "on_step" in inspect.signature(generate).parameters:
-        return generate(model, tokenizer, [prompt_ids], mode=mode, draft=draft, on_step=on_step, **kwargs)[0]
-    from apar_spec import api
-    from apar_spec.decoder import Decoder
-    from apar_spec.options import DecodeOptions
-    from apar_spec.tokens import find_apar_tokens
-
-    opts = DecodeOptions.build(**kwargs)
-    apar = find_apar_tokens(tokenizer)
-    if mode in ("apar", "apar+spec") and apar is None:
-        raise ValueError(f"the tokenizer has no [Fork]/[Child] tokens, so the model cannot run mode='{mode}'; use --mode ar or spec")
-    speculator: Optional[Any] = None
-    if mode in ("spec", "apar+spec"):
-        from apar_spec.drafts import resolve_speculator
-
-        speculator = resolve_speculator(draft, model, tokenizer)
-    eos = api.eos_ids_of(model, tokenizer, opts.eos_token_id)
-    decoder = Decoder(model, opts, apar, fork_enabled=mode in ("apar", "apar+spec"), eos_ids=eos, speculator=speculator, on_step=on_step)
-    return api._to_generation(decoder.run([prompt_ids])[0], tokenizer, apar, eos)
+        return generate(model, tokenizer, [prompt_ids], on_step=on_step, **kwargs)[0]
