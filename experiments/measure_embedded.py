@@ -24,8 +24,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 import apar_spec
 from apar_spec.corpus import make_corpus
 
@@ -165,12 +163,13 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=16, help="for the step/fork counts (timing runs use 1)")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the bench's, one on CPU)")
     ap.add_argument("--out", type=Path, default=None, help="write the summary as JSON here")
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    s = measure(a.lists, a.others, a.explains, a.speed, a.max_new_tokens, a.seed, a.batch_size)
+    from apar_spec.experiments.bench import torch_threads
+
+    with torch_threads(a.threads, "cpu"):
+        s = measure(a.lists, a.others, a.explains, a.speed, a.max_new_tokens, a.seed, a.batch_size)
     text = json.dumps(asdict(s), indent=2)
     print(text)
     if a.out:
