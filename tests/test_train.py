@@ -227,3 +227,15 @@ def test_resume_continues_exactly(tmp_path, tokenizer):
     assert rest.start_step == 4 and len(rest.losses) == 2
     assert rest.losses == pytest.approx(full.losses[4:], rel=1e-5)
     assert (tmp_path / "part" / "model.safetensors").exists()
+
+
+def test_canonical_list_order_sorts_items_and_keeps_the_rest():
+    from apar_spec.corpus import TOPICS, Example
+    from apar_spec.experiments.train_embedded import canonical_list_order
+
+    titles = next(t for t in TOPICS if t.key == "sleep").titles
+    answer = f"Here are 3 tips:\n1. {titles[5]}: five.\n2. {titles[0]}: zero.\n3. {titles[2]}: two.\n\nBe patient."
+    got = canonical_list_order(Example("Give 3 tips for better sleep.", answer, "list", "sleep")).answer
+    assert got == f"Here are 3 tips:\n1. {titles[0]}: zero.\n2. {titles[2]}: two.\n3. {titles[5]}: five.\n\nBe patient."
+    other = Example("What is 2 plus 2?", "2 plus 2 is 4.", "noforks", "arithmetic")
+    assert canonical_list_order(other) == other
