@@ -18,7 +18,7 @@ LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 class DecodeOptions:
     """Knobs of one ``generate`` call. Token-changing caps are per branch and deterministic."""
 
-    max_new_tokens: int = 256  # per request, counted over all branches ([Fork] and EOS count, forced [Child] not)
+    max_new_tokens: int = 512  # per request, counted over all branches ([Fork] and EOS count, forced [Child] not)
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
