@@ -48,8 +48,12 @@ BUILTIN = [
         name="tiny-draft",
         kind="model",
         weights="tiny-draft",
+        fingerprint="3b10c36d7acb",  # the embedded tokenizer's (tests/test_embedded.py keeps it true)
+        vocab_size=2048,
         targets=["tiny-apar", "tiny-base"],
-        notes="embedded 2-layer draft trained on the APAR corpus; shares the embedded tokenizer",
+        notes="embedded 2-layer draft trained on the APAR corpus; shares the embedded tokenizer; "
+        "acceptance measured with tiny-apar (apar+spec, k=4, built-in prompts)",
+        acceptance_length=4.0,
     ),
     DraftEntry(
         name="ngram",
@@ -150,6 +154,13 @@ def resolve(draft: Any, target, tokenizer) -> Speculator:
         entry = DraftEntry(name=name, kind="model", weights=name, source="path")
     if entry.kind == "ngram":
         return NGramSpeculator()
+    if entry.fingerprint and tokenizer is not None:
+        tn, tfp = vocab_fingerprint(tokenizer)
+        if tfp != entry.fingerprint:  # refuse before loading any weights
+            raise ValueError(
+                f"draft '{entry.name}' does not fit the target's vocabulary: draft has {entry.vocab_size or '?'} tokens "
+                f"(fingerprint {entry.fingerprint}), target has {tn} (fingerprint {tfp}); use a draft with the target's tokenizer"
+            )
     from apar_spec.loading import load
 
     model, draft_tok = load(entry.weights, dtype=target.dtype, device=target.device)

@@ -7,7 +7,7 @@ import torch
 from micro import micro_model, micro_tokenizer
 
 import apar_spec
-from apar_spec.drafts.registry import vocab_fingerprint
+from apar_spec.drafts.registry import get, resolve, vocab_fingerprint
 from apar_spec.loading import EMBEDDED, embedded_dir
 
 
@@ -24,6 +24,8 @@ def trio():
 def test_trio_loads_offline_shares_one_vocabulary_and_fits_the_size_budget(trio):
     fingerprints = {vocab_fingerprint(tok) for _, tok in trio.values()}
     assert len(fingerprints) == 1
+    entry = get("tiny-draft")  # the registry's built-in entry names the embedded vocabulary
+    assert fingerprints == {(entry.vocab_size, entry.fingerprint)}
     for model, tok in trio.values():
         assert model.dtype == torch.float32 and apar_spec.find_apar_tokens(tok) is not None
     assert non_embedding_params(trio["tiny-draft"][0]) * 8 <= non_embedding_params(trio["tiny-apar"][0])
@@ -62,3 +64,8 @@ def test_load_a_local_folder(tmp_path):
     model, tok = apar_spec.load(tmp_path / "m", dtype="float64")
     assert model.config.model_type == "qwen2" and model.dtype == torch.float64 and not model.training
     assert apar_spec.find_apar_tokens(tok) is not None
+
+
+def test_registry_refuses_the_embedded_draft_for_another_vocabulary_before_loading_it():
+    with pytest.raises(ValueError, match=r"draft 'tiny-draft' does not fit.*draft has 2048 tokens \(fingerprint 3b10c36d7acb\)"):
+        resolve("tiny-draft", micro_model("llama"), micro_tokenizer())
