@@ -6,7 +6,6 @@ import difflib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
-import torch
 
 from apar_spec.answer_tree import AnswerTree
 from apar_spec.decoder import DecodeResult, Decoder

@@ -31,7 +31,7 @@ import torch
 
 from apar_spec.drafts.base import BranchView, Outcome, Proposal, Speculator
 from apar_spec.options import DecodeOptions
-from apar_spec.sampling import SamplingConfig, greedy_accept, rejection_accept, to_probs, warp_logits
+from apar_spec.sampling import SamplingConfig, greedy_accept, rejection_accept, to_probs
 from apar_spec.tokens import AparTokens
 from apar_spec.tree_cache import TreeCache
 

@@ -128,12 +128,6 @@ class TreeCache:
             nodes.append(parent)
         return nodes
 
-    def position(self, row: int, node: int) -> int:
-        return self.rows[row].pos[node]
-
-    def is_cached(self, row: int, node: int) -> bool:
-        return self.rows[row].slot_of[node] >= 0
-
     # --------------------------------------------------------------- forward
     @torch.inference_mode()
     def forward(self) -> ForwardResult:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from micro import CHILD, EOS, FORK, fork_processor, micro_model, micro_tokenizer
+from micro import CHILD, fork_processor, micro_model, micro_tokenizer
 
 from apar_spec import generate
 from apar_spec.drafts.draft_lm import DraftModelSpeculator
