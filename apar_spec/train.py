@@ -22,7 +22,6 @@ loss is a plain ``cross_entropy(logits, labels)`` with no shift.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import shutil
 import time
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from apar_spec.answer_tree import AnswerTree
+from apar_spec.jsonl import json_objects
 from apar_spec.tokens import CHILD_TOKEN, FORK_TOKEN, AparTokens, add_apar_tokens, find_apar_tokens
 
 IGNORE = -100
@@ -393,16 +393,7 @@ def read_examples(data: str | Path | Iterable[Any], mode: str = "apar", max_dept
             raise FileNotFoundError(f"training data file not found: {path}")
         examples = []
         with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            for _, where, row in json_objects(path, f, where="{path}:{n}"):
                 examples.append(_row_to_example(row, mode, max_depth, where))
         if not examples:
             raise ValueError(f"{path}: no training rows")

@@ -21,10 +21,11 @@ Every problem is a ``ValueError`` naming the file and line, so the CLI prints on
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from apar_spec.jsonl import json_objects
 
 
 @dataclass(frozen=True)
@@ -150,16 +151,7 @@ def _parse_text(lines: list[str]) -> list[tuple[Prompt, int]]:
 
 def _parse_jsonl(path: Path, lines: list[str], turn: int) -> list[tuple[Prompt, int]]:
     out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for n, where, row in json_objects(path, lines):
         if "turns" in row:
             turns = row["turns"]
             if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
