@@ -128,6 +128,8 @@ def generate(
     from apar_spec.experiments.models import Loaded, default_draft, encode_prompt, resolve_draft
     from apar_spec.loading import load
 
+    if not prompt.strip():
+        fail("the prompt is empty; pass the question to answer, e.g. apar-spec generate \"Give 3 tips for sleep\"")
     _quiet_transformers()
     model_name = model
     _check_mode(mode)
