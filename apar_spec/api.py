@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from apar_spec.answer_tree import AnswerTree
 from apar_spec.decoder import DecodeResult, Decoder
+from apar_spec.inputs import normalize_prompts
 from apar_spec.options import MODES, DecodeOptions
 from apar_spec.reassemble import BranchInfo, reading_order, to_answer_tree
 from apar_spec.tokens import find_apar_tokens
@@ -84,32 +85,25 @@ def eos_ids_of(model, tokenizer, override=None) -> set[int]:
     return set(ids) if isinstance(ids, (list, tuple, set)) else {int(ids)}
 
 
-def encode_prompts(tokenizer, prompts: Sequence[Union[str, Sequence[int]]]) -> list[list[int]]:
-    """Token ids of each prompt, used as given (no chat template here)."""
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise ValueError("prompts must be a list of strings or of token-id lists")
-    if len(prompts) == 0:
-        raise ValueError("prompts is empty: pass at least one prompt")
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            if not p.strip():
-                raise ValueError(f"prompt {i} is empty")
-            if tokenizer is None:
-                raise ValueError("string prompts need a tokenizer; pass one or give token ids")
-            ids = tokenizer(p, add_special_tokens=True)["input_ids"]
-        else:
-            ids = [int(t) for t in p]
-        if not ids:
-            raise ValueError(f"prompt {i} is empty")
-        out.append(ids)
-    return out
+def encode_prompts(tokenizer, prompts: Any, *, vocab_size: Optional[int] = None) -> list[list[int]]:
+    """Token ids of each prompt, used as given (no chat template here). Strings, id lists,
+    tensors and tokenizer outputs are accepted (``apar_spec.inputs``); anything else, and
+    ids outside ``[0, vocab_size)``, is a one-line ``ValueError`` naming the prompt."""
+    return normalize_prompts(tokenizer, prompts, vocab_size=vocab_size)
+
+
+def vocab_size_of(model) -> Optional[int]:
+    """Rows of the input embedding: the ids the model can look up (may exceed the tokenizer's)."""
+    try:
+        return int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, NotImplementedError, TypeError):
+        return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
 def generate(
     model,
     tokenizer,
-    prompts: Sequence[Union[str, Sequence[int]]],
+    prompts: Union[Sequence[Any], Any],
     *,
     mode: str = "apar",
     draft: Any = None,
@@ -122,6 +116,11 @@ def generate(
     **options: Any,
 ) -> list[Generation]:
     """Decode ``prompts`` with the token-tree decoder.
+
+    ``prompts``: a list of strings or token-id lists, or what ``tokenizer(...)`` and
+    ``tokenizer.apply_chat_template(..., tokenize=True)`` return (a ``BatchEncoding``,
+    single or batched, or a list of them; padding is stripped by its attention mask),
+    or a 1D/2D integer tensor (one prompt per row). One ``Generation`` per prompt row.
 
     ``mode``: ``"ar"`` (plain), ``"apar"`` (branches fork at ``[Fork]``), ``"spec"``
     and ``"apar+spec"`` (a speculator drafts for every active branch; needs
@@ -138,7 +137,7 @@ def generate(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, **options
     )
     check_supported(model)
-    prompt_ids = encode_prompts(tokenizer, prompts)
+    prompt_ids = encode_prompts(tokenizer, prompts, vocab_size=vocab_size_of(model))
     apar = find_apar_tokens(tokenizer) if tokenizer is not None else None
     uses_apar = mode in ("apar", "apar+spec")
     if uses_apar and apar is None:

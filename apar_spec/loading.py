@@ -52,6 +52,7 @@ def load(
     *,
     dtype: Union[str, torch.dtype, None] = None,
     device: Union[str, torch.device, None] = None,
+    device_map: Union[str, dict, None] = None,
     trust_remote_code: bool = False,
 ):
     """``(model, tokenizer)`` for an embedded name, a local folder / ``.gguf`` file, or a cached HF id.
@@ -60,11 +61,20 @@ def load(
     repository code unless the caller explicitly sets ``trust_remote_code``.
     Embedded models load in float32 unless ``dtype`` says otherwise (they are
     stored in half precision to keep the package small).
+
+    ``device_map`` (e.g. ``"auto"``) is passed to ``from_pretrained``: accelerate then
+    spreads a target larger than one device over all visible GPUs (and CPU), and the
+    model stays where it put it (``device`` must then be None). The decoder feeds
+    inputs to ``model.device`` (the first layer's); accelerate's hooks move them on.
     """
+    if device_map is not None and device is not None and str(device) != "auto":
+        raise ValueError(f"pass either device ({device}) or device_map ({device_map}), not both")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
     kwargs: dict = {"trust_remote_code": trust_remote_code, "local_files_only": True}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     torch_dtype = resolve_dtype(dtype)
     path = Path(name).expanduser()
     if name in EMBEDDED:
@@ -98,6 +108,7 @@ def load(
         raise ValueError(f"could not load model from '{name}': {str(err).splitlines()[0]}") from None
     if "gguf_file" in kwargs and getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    model.to(resolve_device(device))
+    if device_map is None:
+        model.to(resolve_device(device))
     model.eval()
     return model, tokenizer

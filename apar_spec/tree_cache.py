@@ -204,7 +204,7 @@ class TreeCache:
             if layer.keys is None or layer.keys.numel() == 0:
                 continue
             b, h, _, d = layer.keys.shape  # [rows, kv_heads, slots, head_dim]
-            gather = index[:, None, :, None].expand(b, h, width, d)
+            gather = index[:, None, :, None].expand(b, h, width, d).to(layer.keys.device)  # device_map may split layers
             layer.keys = layer.keys.gather(2, gather)
             layer.values = layer.values.gather(2, gather)
         vis = self.vis.gather(1, index[:, :, None].expand(-1, -1, self.num_slots))  # [rows, kept, slots]
@@ -225,7 +225,8 @@ class TreeCache:
         index = torch.tensor(keep_rows, dtype=torch.long, device=self.device)
         for layer in self.cache.layers:
             if layer.keys is not None and layer.keys.numel() > 0:
-                layer.keys = layer.keys.index_select(0, index)
-                layer.values = layer.values.index_select(0, index)
+                at = index.to(layer.keys.device)  # device_map may split layers over devices
+                layer.keys = layer.keys.index_select(0, at)
+                layer.values = layer.values.index_select(0, at)
         self._vis = self._vis.index_select(0, index)
         self.rows = [self.rows[i] for i in keep_rows]

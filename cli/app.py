@@ -81,6 +81,7 @@ Repeats = Annotated[int, typer.Option("--repeats", help="Timed repeats per (conf
 Warmup = Annotated[int, typer.Option("--warmup", help="Untimed warm-up calls per configuration before the first row.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16, float16, float64 (default: float32 for embedded models, the checkpoint's otherwise).")]
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, or auto (accelerate picks).")]
+DeviceMap = Annotated[Optional[str], typer.Option("--device-map", help="auto: accelerate spreads a model too large for one device over all of them (instead of --device).")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads for the run (default: 1 on CPU, where batch-1 decoding of small models is latency-bound; untouched on GPU).")]
 ChatTemplate = Annotated[Optional[bool], typer.Option("--chat-template/--no-chat-template", help="Wrap prompts in the tokenizer's chat template (default: when it has one).")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Results file (JSONL, one row per configuration x prompt x repeat).")]
@@ -118,6 +119,7 @@ def generate(
     chat_template: ChatTemplate = None,
     dtype: Dtype = None,
     device: Device = None,
+    device_map: DeviceMap = None,
     threads: Threads = None,
     live: Annotated[bool, typer.Option("--live", help="Show the branches growing, step by step.")] = False,
     as_json: AsJson = False,
@@ -128,14 +130,17 @@ def generate(
     from apar_spec.experiments.models import Loaded, default_draft, encode_prompt, resolve_draft
     from apar_spec.loading import load
 
+    if not prompt.strip():
+        fail("the prompt is empty; pass the question to answer, e.g. apar-spec generate \"Give 3 tips for sleep\"")
     _quiet_transformers()
     model_name = model
     _check_mode(mode)
     if draft and mode not in ("spec", "apar+spec"):
         fail(f"--draft is only used by --mode spec or apar+spec (got --mode {mode})")
-    loaded = Loaded(model_name, *load(model_name, dtype=dtype, device=device))
+    loaded = Loaded(model_name, *load(model_name, dtype=dtype, device=device, device_map=device_map))
     draft_name = draft or (default_draft(model_name) if mode in ("spec", "apar+spec") else None)
-    draft_arg = resolve_draft(draft_name, loaded, loaded, dtype=dtype, device=device).arg if draft_name else None
+    draft_device = loaded.model.device if device_map else device  # a draft runs where the target's inputs are
+    draft_arg = resolve_draft(draft_name, loaded, loaded, dtype=dtype, device=draft_device).arg if draft_name else None
     ids = encode_prompt(loaded, prompt, chat_template)
     kwargs = dict(
         mode=mode, draft=draft_arg, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
@@ -165,8 +170,14 @@ def _settings(**kwargs: Any):
 
 
 def _run_with_progress(run, settings, as_json: bool) -> None:
-    """Run a driver with a progress bar (stderr), then print the report of the whole file."""
+    """Run a driver with a progress bar (stderr), then print the report of the whole file.
+    Under a data-parallel launch only the main process shows progress and the report."""
+    from apar_spec.experiments.parallel import Processes
+
     err = stdout_console(stderr=True)
+    if not Processes.current(settings.device).is_main:
+        run(None)  # its rows go to its shard; the main process merges them and reports
+        return
     if err.is_terminal:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -219,6 +230,7 @@ def bench(
     warmup: Warmup = _bench_default("warmup"),
     dtype: Dtype = None,
     device: Device = _bench_default("device"),
+    device_map: DeviceMap = None,
     threads: Threads = None,
     chat_template: ChatTemplate = None,
     out: Out = _bench_default("out"),
@@ -233,7 +245,8 @@ def bench(
     settings = _settings(
         target=target, base=base, draft=draft, modes=modes, prompts=prompts, category=category, limit=limit, turn=turn,
         max_new_tokens=max_new_tokens, k=k, temperature=temperature, seed=seed, repeats=repeats, warmup=warmup,
-        dtype=dtype, device=device, threads=threads, chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
+        dtype=dtype, device=device, device_map=device_map, threads=threads, chat_template=chat_template, out=out, resume=resume,
+        overwrite=overwrite,
     )
     _run_with_progress(lambda progress: compare(settings, progress=progress), settings, as_json)
 
@@ -267,6 +280,7 @@ def sweep(
     warmup: Warmup = _bench_default("warmup"),
     dtype: Dtype = None,
     device: Device = _bench_default("device"),
+    device_map: DeviceMap = None,
     threads: Threads = None,
     chat_template: ChatTemplate = None,
     out: Out = Path("sweep.jsonl"),
@@ -282,8 +296,8 @@ def sweep(
     settings = _settings(
         target=target, base=base, draft=draft_list[0], modes=modes, prompts=prompts, category=category, limit=limit,
         turn=turn, max_new_tokens=max_new_tokens, k=max(k_list), temperature=temperature, seed=seed, repeats=repeats,
-        warmup=warmup, dtype=dtype, device=device, threads=threads, chat_template=chat_template, out=out, resume=resume,
-        overwrite=overwrite,
+        warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads, chat_template=chat_template,
+        out=out, resume=resume, overwrite=overwrite,
     )
     _run_with_progress(lambda progress: run_sweep(settings, drafts=draft_list, ks=k_list, progress=progress), settings, as_json)
 

@@ -33,6 +33,8 @@ Row schema (one JSON object per line, written by :func:`make_row`):
   tree-decoder-only counters (live KV, attended keys, acceptance);
 - outputs: ``output_ids`` (answer tokens in reading order, for the lossless check),
   ``text`` (first 200 characters); HF rows add ``hf`` (the generate() settings used).
+- data-parallel runs (``accelerate launch`` / ``torchrun``, see ``parallel.py``) add
+  ``process`` (the rank that measured the row) and ``processes`` (how many ran).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from apar_spec.loading import resolve_device
 from apar_spec.options import DecodeOptions
 
 from .models import DEFAULT_TARGET, ModelSet, default_draft, encode_prompt, load_models
+from .parallel import Processes, merge_shards, shard_files
 from .prompts import DEFAULT_SET, Prompt, load_prompts
 
 _D = DecodeOptions
@@ -88,6 +91,7 @@ class BenchSettings:
     warmup: int = 1
     dtype: Optional[str] = None
     device: Optional[str] = "auto"
+    device_map: Optional[str] = None  # "auto": accelerate spreads target and base over the devices (too large for one)
     threads: Optional[int] = None  # torch intra-op threads; None = 1 on CPU (see torch_threads), untouched on GPU
     chat_template: Optional[bool] = None  # None: use the tokenizer's template when it has one
     out: Path = Path("results.jsonl")
@@ -114,6 +118,8 @@ class BenchSettings:
             raise ValueError(f"--temperature must be >= 0 (got {self.temperature})")
         if self.modes is not None:
             self.modes = tuple(parse_modes(self.modes))
+        if self.device_map is not None and self.device not in (None, "auto"):
+            raise ValueError(f"--device-map {self.device_map} places the models itself; drop --device {self.device}")
 
     @property
     def draft_name(self) -> str:
@@ -138,7 +144,10 @@ class BenchSettings:
         }
 
     def setup_id(self) -> str:
-        return hashlib.sha1(json.dumps(self.setup(), sort_keys=True, default=str).encode()).hexdigest()[:10]
+        setup = self.setup()
+        if self.device_map is not None:  # only then, so files written before the option keep their id
+            setup["device_map"] = self.device_map
+        return hashlib.sha1(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,7 @@ class BenchResult:
     interrupted: bool
     notes: list[str] = field(default_factory=list)
     models: dict = field(default_factory=dict)  # config -> model name
+    processes: Processes = field(default_factory=Processes)  # data-parallel launch: this process's rank and the count
 
 
 @dataclass
@@ -296,44 +306,57 @@ def torch_threads(threads: Optional[int], device: Optional[str]) -> Iterator[Opt
 
 
 def _run(settings: BenchSettings, plan, progress: Optional[Progress], sweep_drafts: Sequence[str] = ()) -> BenchResult:
+    procs = Processes.current(settings.device)  # first: joins a data-parallel launch before anything picks a device
+    if procs.parallel and settings.device_map is not None:
+        raise ValueError(
+            f"--device-map spreads one model over all devices, but {procs.count} processes were launched (one device each); "
+            "use one process with --device-map auto, or data parallelism without it"
+        )
     with torch_threads(settings.threads, settings.device) as threads:
         # rows and the setup id record the thread count actually used
-        return _run_threads_set(replace(settings, threads=threads), plan, progress, sweep_drafts)
+        return _run_threads_set(replace(settings, threads=threads), plan, progress, sweep_drafts, procs)
 
 
-def _run_threads_set(settings: BenchSettings, plan, progress: Optional[Progress], sweep_drafts: Sequence[str]) -> BenchResult:
+def _run_threads_set(settings: BenchSettings, plan, progress: Optional[Progress], sweep_drafts: Sequence[str],
+                     procs: Processes = Processes()) -> BenchResult:
+    """One process alone: rows go straight to ``--out``. Data parallel: this process runs
+    its share of the prompts into its shard, and the main process merges (``parallel.py``)."""
     prompts = load_prompts(settings.prompts, category=settings.category, limit=settings.limit, turn=settings.turn)
     created = not settings.out.exists()
-    finished = _prepare_output(settings)
+    finished = procs.from_main(lambda: _prepare_output(settings))
     try:
         drafts = list(sweep_drafts) or ([settings.draft_name] if settings.draft_name else [])
-        ms = load_models(settings.target, settings.base, drafts, dtype=settings.dtype, device=settings.device)
+        ms = load_models(settings.target, settings.base, drafts, dtype=settings.dtype, device=settings.device,
+                         device_map=settings.device_map)
         variants, notes = plan(ms)
         runner = _Runner(settings, ms, prompts)
     except BaseException:
-        if created and settings.out.is_file() and settings.out.stat().st_size == 0:
+        if procs.is_main and created and settings.out.is_file() and settings.out.stat().st_size == 0:
             settings.out.unlink()  # a run that failed before its first row leaves no empty file behind
         raise
+    mine = procs.share(prompts)
     todo = [
         (p, r, v)
-        for p in prompts
+        for p in mine
         for r in range(settings.repeats)
         for v in variants
         if (v.name, p.id, r) not in finished
     ]
-    planned = len(prompts) * settings.repeats * len(variants)
+    planned = len(mine) * settings.repeats * len(variants)
     result = BenchResult(settings.out, 0, planned - len(todo), planned, False, notes,
-                         {v.name: ms.for_config(v.config).name for v in variants})
+                         {v.name: ms.for_config(v.config).name for v in variants}, procs)
     try:
         if progress:
             progress(RowEvent(result.skipped, planned, None))
         if todo:
             for _ in range(settings.warmup):
                 for v in variants:
-                    runner.measure(v, prompts[0], repeat=-1)
-        with settings.out.open("a", encoding="utf-8") as f:
+                    runner.measure(v, todo[0][0], repeat=-1)
+        with procs.output(settings.out).open("a", encoding="utf-8") as f:
             for p, r, v in todo:
                 row = runner.measure(v, p, r)
+                if procs.parallel:
+                    row["process"], row["processes"] = procs.rank, procs.count
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 f.flush()
                 result.written += 1
@@ -341,6 +364,16 @@ def _run_threads_set(settings: BenchSettings, plan, progress: Optional[Progress]
                     progress(RowEvent(result.skipped + result.written, planned, row))
     except KeyboardInterrupt:
         result.interrupted = True
+    if procs.parallel and not result.interrupted:
+        procs.wait()
+        if procs.is_main:  # the merged file, in single-process order; counts now cover every process
+            prompt_at = {p.id: i for i, p in enumerate(prompts)}
+            variant_at = {v.name: i for i, v in enumerate(variants)}
+            result.written = merge_shards(settings.out, read_rows, lambda row: (
+                prompt_at.get(str(row["prompt_id"]), len(prompt_at)), row["repeat"], variant_at.get(row["variant"], len(variant_at))))
+            result.planned = len(prompts) * settings.repeats * len(variants)
+            result.skipped = result.planned - result.written
+        procs.wait()  # no process reports before the merged file is complete
     return result
 
 
@@ -349,6 +382,20 @@ def _prepare_output(settings: BenchSettings) -> set[tuple[str, str, int]]:
     out = settings.out
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a file name such as {out / 'results.jsonl'}")
+    shards = shard_files(out)
+    if shards:  # left by an interrupted data-parallel run
+        if settings.overwrite:
+            for shard in shards:
+                shard.unlink()
+        elif settings.resume:
+            if out.is_file():
+                _drop_partial_last_line(out)
+            merge_shards(out, read_rows)  # their rows join the file first, so resume skips them
+        else:
+            raise ValueError(
+                f"{shards[0]} and {len(shards) - 1} more shard(s) hold rows of an interrupted data-parallel run of {out}; "
+                "pass --resume to merge and continue them or --overwrite to start again"
+            )
     existing = read_rows(out) if out.is_file() and out.stat().st_size > 0 else []
     if existing and not settings.resume and not settings.overwrite:
         raise ValueError(

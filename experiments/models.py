@@ -85,15 +85,21 @@ def load_models(
     *,
     dtype: Optional[str] = None,
     device: Optional[str] = None,
+    device_map: Optional[str] = None,
 ) -> ModelSet:
-    """Load the target, its AR baseline and the draft once, and check they fit together."""
-    dev = resolve_device(device)  # '--device cuda' without CUDA fails here, before any loading
-    tgt = Loaded(target, *load(target, dtype=dtype, device=dev))
+    """Load the target, its AR baseline and the draft once, and check they fit together.
+
+    ``device_map`` (e.g. ``"auto"``): target and base are spread by accelerate over the
+    visible devices (for targets larger than one); drafts go where the target's first
+    layer is, since they run next to the target's inputs."""
+    place = {"device_map": device_map} if device_map else {"device": resolve_device(device)}  # '--device cuda' without CUDA fails here
+    tgt = Loaded(target, *load(target, dtype=dtype, **place))
+    dev = tgt.model.device if device_map else place["device"]
     base_name = default_base(target) if base is None else base
     if base_name in (None, SAME_AS_TARGET, target):
         baseline = tgt
     else:
-        baseline = Loaded(base_name, *load(base_name, dtype=dtype, device=dev))
+        baseline = Loaded(base_name, *load(base_name, dtype=dtype, **place))
         if baseline.tokenizer.get_vocab() != tgt.tokenizer.get_vocab() and not _same_words(baseline.tokenizer, tgt.tokenizer):
             raise ValueError(
                 f"base '{base_name}' and target '{target}' do not share a tokenizer, so their token counts "
