@@ -18,11 +18,12 @@ import difflib
 import hashlib
 import json
 import os
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from apar_spec.drafts.base import Speculator
+from apar_spec.speculator import Speculator
 
 KINDS = ("model", "ngram")
 
@@ -161,9 +162,48 @@ def resolve(draft: Any, target, tokenizer) -> Speculator:
                 f"draft '{entry.name}' does not fit the target's vocabulary: draft has {entry.vocab_size or '?'} tokens "
                 f"(fingerprint {entry.fingerprint}), target has {tn} (fingerprint {tfp}); use a draft with the target's tokenizer"
             )
-    from apar_spec.loading import load
-
-    model, draft_tok = load(entry.weights, dtype=target.dtype, device=target.device)
+    model, draft_tok = _cached(entry, target, lambda: _load_model(entry, target))
     if tokenizer is not None:
         check_vocab(draft_tok, tokenizer, entry.name)
     return DraftModelSpeculator(model, name=entry.name, mask_ids=mask)
+
+
+# Loaded draft weights, per target model (weakly held: a dropped target frees its drafts),
+# keyed by (entry name, weights, target dtype, target device). Speculator objects are cheap
+# and stateful, so each ``resolve`` builds a new one around the cached weights.
+_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _cached(entry: DraftEntry, target, load_fn):
+    """``load_fn()`` once per process for this (entry, target identity, dtype, device)."""
+    key = (entry.name, entry.kind, entry.weights, _stamp(entry.weights),
+           str(getattr(target, "dtype", None)), str(getattr(target, "device", None)))
+    try:
+        per_target = _CACHE.setdefault(target, {})
+    except TypeError:  # a target that cannot be weakly referenced: no cache
+        return load_fn()
+    if key not in per_target:
+        per_target[key] = load_fn()
+    return per_target[key]
+
+
+def _stamp(weights: Optional[str]) -> Optional[int]:
+    """Newest modification time of a local weights folder's files (so edited files reload)."""
+    if not weights:
+        return None
+    path = Path(weights).expanduser()
+    if not path.exists():
+        return None
+    files = [f for f in path.iterdir() if f.is_file()] if path.is_dir() else [path]
+    return max((f.stat().st_mtime_ns for f in files), default=0)
+
+
+def clear_cache() -> None:
+    """Forget every cached draft (tests; or after replacing weights on disk)."""
+    _CACHE.clear()
+
+
+def _load_model(entry: DraftEntry, target):
+    from apar_spec.loading import load
+
+    return load(entry.weights, dtype=target.dtype, device=target.device)
