@@ -182,3 +182,46 @@ def test_tree_option_is_validated():
     with pytest.raises(ValueError, match="cost model"):
         generate(micro_model(), micro_tokenizer(), PROMPTS[:1], mode="spec", draft="ngram", tree="auto")
     assert parse_tree("topk:2x2").size == 6
+
+
+# ------------------------------------------------------------------ bench / sweep over trees
+@pytest.fixture(scope="module")
+def micro_setup(tmp_path_factory):
+    from test_bench import make_micro_setup
+
+    return make_micro_setup(tmp_path_factory.mktemp("micro-trees"))
+
+
+def test_sweep_runs_tree_shapes_next_to_ks(micro_setup, tmp_path):
+    from apar_spec.experiments.bench import BenchSettings, read_rows, sweep
+
+    s = BenchSettings(target=micro_setup["target"], draft="ngram", prompts=micro_setup["prompts"], out=tmp_path / "s.jsonl",
+                      device="cpu", max_new_tokens=8, repeats=1, warmup=0, limit=1, modes="ar,spec")
+    sweep(s, drafts=[micro_setup["draft"]], ks=[2], trees=["topk:2x2"])
+    rows = {r["variant"]: r for r in read_rows(s.out)}
+    d = micro_setup["draft"]
+    assert set(rows) == {"ar", f"spec {d} k=2", f"spec {d} tree=topk:2x2"}
+    tree_row = rows[f"spec {d} tree=topk:2x2"]
+    assert tree_row["tree"] == "topk:2x2" and tree_row["output_ids"] == rows["ar"]["output_ids"]
+    assert len(tree_row["depth_rank_verified"][0]) == 2  # two candidates at depth 1
+    with pytest.raises(ValueError, match="skips rank"):
+        sweep(s, drafts=["ngram"], ks=[], trees=["[[1]]"])
+
+
+def test_cli_bench_tree_and_sweep_trees(micro_setup, tmp_path):
+    from test_cli import assert_user_error, run
+
+    from apar_spec.experiments.bench import read_rows
+
+    out = tmp_path / "b.jsonl"
+    result = run("bench", "--target", micro_setup["target"], "--draft", micro_setup["draft"], "--prompts", micro_setup["prompts"],
+                 "--modes", "ar,spec", "--tree", "[[0],[1],[0,0]]", "--out", out, "--max-new-tokens", "8", "--repeats", "1",
+                 "--warmup", "0", "--limit", "1")
+    assert result.exit_code == 0, result.output
+    assert [r["variant"] for r in read_rows(out)] == ["ar", "spec tree=[[0],[1],[0,0]]"]
+    result = run("sweep", "--target", micro_setup["target"], "--prompts", micro_setup["prompts"], "--drafts", "ngram", "--ks", "",
+                 "--trees", "topk:1x2;[[0],[1]]", "--modes", "ar,spec", "--out", tmp_path / "s.jsonl", "--max-new-tokens", "8",
+                 "--repeats", "1", "--warmup", "0", "--limit", "1")
+    assert result.exit_code == 0, result.output
+    assert [r["variant"] for r in read_rows(tmp_path / "s.jsonl")] == ["ar", "spec ngram tree=topk:1x2", "spec ngram tree=[[0],[1]]"]
+    assert_user_error(run("bench", "--tree", "topk:2", "--out", tmp_path / "x.jsonl"), "unknown tree spec")
