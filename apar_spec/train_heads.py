@@ -44,10 +44,13 @@ class HeadsTrainConfig:
     gen_batch_size: int = 16
     save_every: int = 250
     seed: int = 0
+    mode: str = "auto"  # how answers are distilled: "apar", "ar", or "auto" (apar iff the tokenizer has [Fork]/[Child])
 
     def __post_init__(self) -> None:
         if self.num_heads < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("num_heads, steps and batch_size must be >= 1")
+        if self.mode not in ("auto", "ar", "apar"):
+            raise ValueError(f"mode must be auto, ar or apar (got '{self.mode}')")
 
 
 def encode(tokenizer, prompt: str) -> list[int]:
@@ -87,7 +90,9 @@ def distill(model, tokenizer, rows: list[dict], out: Path, cfg: HeadsTrainConfig
                     break  # a partial last line from an interrupted run: redo that batch
                 cached[rec["key"]] = rec["sequences"]
     done: dict[int, list] = {i: cached[key(r)] for i, r in enumerate(rows) if key(r) in cached}
-    mode = "apar" if find_apar_tokens(tokenizer) is not None else "ar"
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "apar" if find_apar_tokens(tokenizer) is not None else "ar"
     todo = [i for i in range(len(rows)) if i not in done]
     with path.open("a") as f:
         for start in range(0, len(todo), cfg.gen_batch_size):

@@ -50,6 +50,7 @@ def train_heads(
     lr: Annotated[float, typer.Option("--lr")] = _D.lr,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Per distilled answer.")] = _D.max_new_tokens,
     seed: Annotated[int, typer.Option("--seed")] = _D.seed,
+    mode: Annotated[str, typer.Option("--mode", help="Distil answers in apar or ar mode (auto: apar iff the tokenizer has [Fork]).")] = _D.mode,
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (0 = leave as is).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -61,7 +62,7 @@ def train_heads(
 
     if threads > 0:
         torch.set_num_threads(threads)
-    cfg = HeadsTrainConfig(num_heads=num_heads, steps=steps, batch_size=batch_size, lr=lr, max_new_tokens=max_new_tokens, seed=seed)
+    cfg = HeadsTrainConfig(num_heads=num_heads, steps=steps, batch_size=batch_size, lr=lr, max_new_tokens=max_new_tokens, seed=seed, mode=mode)
     rows = read_rows(data)
     model, tokenizer = load(target)
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not as_json else None

@@ -111,3 +111,20 @@ def test_head_training_reduces_the_heads_loss(tmp_path):
     train_heads(model, tok, rows, tmp_path / "h", cfg2, target_name="micro", progress=msgs.append)
     assert (tmp_path / "h" / "distill.jsonl").read_text() == lines
     assert any("resumed at step 60" in m for m in msgs)
+
+
+def test_cli_train_heads_and_its_bad_input(tmp_path):
+    from test_bench import save_micro
+    from test_cli import assert_user_error, run
+
+    target = save_micro(tmp_path, "t", 0)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"w{5 + i} w{9 + i}"}) + "\n" for i in range(6)))
+    out = tmp_path / "h"
+    result = run("train-heads", "--target", target, "--data", str(data), "--out", str(out), "--steps", "4",
+                 "--heads", "2", "--max-new-tokens", "8", "--batch-size", "16")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "heads.json").read_text())["num_heads"] == 2
+    data.write_text('{"prompt": ""}\n')
+    assert_user_error(run("train-heads", "--target", target, "--data", str(data), "--out", str(out)), "line 1", "prompt")
+    assert_user_error(run("train-heads", "--target", target, "--data", "corpus:x", "--out", str(out)), "corpus:N")
