@@ -36,6 +36,10 @@ class GenerationStats:
     drafted: int = 0
     mean_acceptance_length: float = 1.0  # accepted + bonus per branch-step
     acceptance_rate_per_position: list[float] = field(default_factory=list)
+    # Draft-tree nodes per [depth - 1][rank]: verified = the node's parent path was accepted;
+    # accepted = the target's token there was the node's. accepted / verified = p(depth, rank).
+    depth_rank_verified: list[list[int]] = field(default_factory=list)
+    depth_rank_accepted: list[list[int]] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -193,6 +197,8 @@ def _to_generation(r: DecodeResult, tokenizer, apar, eos: set[int]) -> Generatio
             drafted=c.drafted,
             mean_acceptance_length=c.accept_plus_bonus / c.branch_steps if c.branch_steps else 1.0,
             acceptance_rate_per_position=[a / d for a, d in zip(c.accepted_at, c.drafted_at) if d],
+            depth_rank_verified=[list(x) for x in c.depth_rank_verified],
+            depth_rank_accepted=[list(x) for x in c.depth_rank_accepted],
         ),
         prompt_ids=r.prompt,
         tree=tree,

@@ -2,11 +2,13 @@
 
 Each *step* is one round of four named phases (DESIGN.md):
 
-1. ``propose`` - the speculator (if any) drafts a chain for every active branch;
+1. ``propose`` - the speculator (if any) drafts a chain or a small tree (the shape
+   of ``DecodeOptions.tree``) for every active branch;
 2. ``verify``  - ONE target forward over each active branch's pending token + its
-   drafts, for every request of the batch, with the tree mask;
+   draft nodes, for every request of the batch, with the tree mask;
 3. ``accept``  - per branch, the target's (rule-masked) distribution at every fed
-   node decides how many drafts survive and which bonus token follows;
+   node decides which root-to-leaf path of drafts survives (the longest the target
+   agrees with) and which bonus token follows;
 4. ``commit``  - accepted tokens + bonus join the branch; a ``[Fork]`` among them
    spawns a child, EOS ends the branch, dead KV is dropped lazily.
 
@@ -29,9 +31,10 @@ from typing import Callable, Optional
 
 import torch
 
-from apar_spec.drafts.base import BranchView, Outcome, Proposal, Speculator
+from apar_spec.speculator import BranchView, Outcome, Proposal, Speculator
 from apar_spec.options import DecodeOptions
-from apar_spec.sampling import SamplingConfig, greedy_accept, rejection_accept, to_probs
+from apar_spec.draft_tree import TreeShape, chain, parse_tree
+from apar_spec.sampling import SamplingConfig, rejection_accept, sample, to_probs, tree_accept_path
 from apar_spec.tokens import AparTokens
 from apar_spec.tree_cache import TreeCache
 
@@ -53,6 +56,7 @@ class Branch:
     k: int = 0  # draft length asked for next step
     is_child: bool = False
     logits: list = field(default_factory=list)  # raw logits per sampled token (only with record_logits)
+    hidden: Optional[torch.Tensor] = None  # [hidden] target state at the node that chose the pending token (heads)
 
     @property
     def generated(self) -> int:
@@ -73,6 +77,11 @@ class StepCounters:
     accept_plus_bonus: int = 0
     drafted_at: list[int] = field(default_factory=list)  # per draft position: how many were drafted
     accepted_at: list[int] = field(default_factory=list)  # per draft position: how many were accepted
+    # Per (depth - 1, rank) of draft-tree nodes: verified = the node's parent path was accepted
+    # (so the node had its chance); accepted = the target's token there was the node's token.
+    # accepted / verified is the conditional acceptance p(d, r) the cost model uses.
+    depth_rank_verified: list[list[int]] = field(default_factory=list)
+    depth_rank_accepted: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -151,6 +160,10 @@ class Decoder:
         self.branch_cap = opts.max_branch_tokens or opts.max_new_tokens
         self.max_pos = getattr(model.config, "max_position_embeddings", None)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        if isinstance(opts.tree, str) and opts.tree.strip() == "auto":
+            raise ValueError("tree='auto' must be resolved by the cost model before decoding; give a shape such as 'topk:2x3'")
+        self.shape: Optional[TreeShape] = None if opts.tree is None else parse_tree(opts.tree)
+        self.wants_hidden = bool(getattr(speculator, "needs_hidden", False))
 
     # ------------------------------------------------------------ the loop
     def run(self, prompts: list[list[int]]) -> list[DecodeResult]:
@@ -165,9 +178,9 @@ class Decoder:
             views = self.views(live)
             proposal = self.propose(views)
             fed, result = self.verify(tc, live, views, proposal)
-            kept = self.accept_and_commit(live, views, proposal, fed, result)
+            paths = self.accept_and_commit(live, views, proposal, fed, result)
             if self.spec is not None:
-                self.spec.observe(Outcome(views, kept))
+                self.spec.observe(self.outcome(live, views, paths))
             self.collect_garbage(tc, live)
             if self.on_step is not None:
                 self.on_step(live, tc)
@@ -175,6 +188,11 @@ class Decoder:
         wall = time.perf_counter() - start
         draft_forwards = (self.spec.forwards if self.spec is not None else 0) - draft_forwards0
         return [DecodeResult(r.prompt, r.branches, r.counters, wall, draft_forwards) for r in requests]
+
+    def outcome(self, live: list[Request], views: list[BranchView], paths: list[list[int]]) -> Outcome:
+        by_index = {r.index: r for r in live}
+        hidden = [by_index[v.request].branches[v.branch].hidden for v in views] if self.wants_hidden else []
+        return Outcome(views, [len(p) for p in paths], paths, hidden)
 
     def drop_finished(self, tc: TreeCache, live: list[Request]) -> list[Request]:
         """Finished requests leave the batch (their cache rows go)."""
@@ -198,15 +216,17 @@ class Decoder:
             root = Branch(id=0, parent=None, fork_index=None, level=0, active=True, k=self.opts.num_draft_tokens)
             requests.append(Request(row, row, list(prompt), nodes, [root], budget=self.opts.max_new_tokens))
         self.requests_by_index = {r.index: r for r in requests}
-        result = tc.forward()
+        result = tc.forward(hidden=self.wants_hidden)
         for r in requests:
             r.counters.target_steps += 1
             r.counters.attended_keys += len(r.prompt) * (len(r.prompt) + 1) // 2
             root = r.branches[0]
             logits = result.of(r.row, [r.prompt_nodes[-1]])  # [1, V]
             view = BranchView(r.index, 0, None, None, [], r.prompt, 0)
-            processed = self.apply_rules([view], [root], [[]], logits[None])[0]  # [1, V]
+            processed = self.apply_rules([view], [root], [[]], [[]], logits[None])[0]  # [1, V]
             token = self.choose(processed)
+            if result.hidden is not None:
+                root.hidden = result.hidden[r.row, result.column[r.row][r.prompt_nodes[-1]]].clone()  # [hidden]
             if self.record_logits:
                 root.logits.append(logits[0])
             self.commit_tokens(r, root, [token], fed_nodes=[])
@@ -229,36 +249,50 @@ class Decoder:
             for b in r.branches:
                 if b.active:
                     ctx = r.context(b) if self.spec is not None else []
-                    out.append(BranchView(r.index, b.id, b.parent, b.fork_index, b.tokens, ctx, b.k))
+                    shape = self.shape_of(b)
+                    out.append(BranchView(r.index, b.id, b.parent, b.fork_index, b.tokens, ctx, shape.depth, shape, b.hidden))
         return out
 
+    def shape_of(self, b: Branch) -> TreeShape:
+        """The draft tree asked of branch ``b``: the option's shape, else a chain of its k."""
+        return self.shape if self.shape is not None else chain(max(1, b.k))
+
     def propose(self, views: list[BranchView]) -> Proposal:
+        """The speculator's drafts, normalised: explicit parent lists, nodes no deeper than
+        asked or than the branch's own cap allows (those tokens could not be kept)."""
         if self.spec is None:
-            return Proposal([[] for _ in views], [None for _ in views])
-        proposal = self.spec.propose(views, self.sampling)
-        if not proposal.probs:
-            proposal.probs = [None] * len(views)
-        # A draft never runs past the branch's own cap (those tokens could not be kept).
+            return Proposal([[] for _ in views], [None for _ in views], [[] for _ in views])
+        raw = self.spec.propose(views, self.sampling)
+        probs = list(raw.probs) if raw.probs else [None] * len(views)
+        out = Proposal([], [], [])
         for i, v in enumerate(views):
             b_generated = len(v.tokens) - (1 if v.parent is not None else 0)
             room = max(0, self.branch_cap - b_generated - 1)
-            proposal.tokens[i] = list(proposal.tokens[i][: min(v.k, room)])
-            if proposal.probs[i] is not None:
-                proposal.probs[i] = proposal.probs[i][: len(proposal.tokens[i])]
-        return proposal
+            tokens, parents = prune_tree(raw.tokens[i], raw.parents_of(i), min(v.k, room), self.spec.name)
+            p = probs[i]
+            if p is not None:
+                if any(q != j - 1 for j, q in enumerate(parents)):
+                    raise ValueError(f"speculator '{self.spec.name}' sent a sampled draft tree; sampled drafts must be chains")
+                p = p[: len(tokens)]
+            out.tokens.append(tokens)
+            out.parents.append(parents)
+            out.probs.append(p)
+        return out
 
     def verify(self, tc: TreeCache, live, views, proposal):
         """Schedule pending + drafts of every active branch; ONE forward for all of them."""
         by_index = {r.index: r for r in live}
         fed: list[list[int]] = []
         pending: dict[tuple[int, int], int] = {}  # (request, branch) -> node of its pending token this step
-        for v, drafts in zip(views, proposal.tokens):  # parents come before their children
+        for v, drafts, parents in zip(views, proposal.tokens, proposal.parents):  # parent branches come first
             r = by_index[v.request]
             b = r.branches[v.branch]
-            nodes = tc.add_chain(r.row, [b.tokens[-1]] + drafts, self.anchor(r, b, pending.get((v.request, b.parent))))
+            nodes = [tc.add(r.row, b.tokens[-1], self.anchor(r, b, pending.get((v.request, b.parent))))]
+            for tok, p in zip(drafts, parents):  # fed node 1 + i is draft i; -1 hangs under the pending node
+                nodes.append(tc.add(r.row, tok, nodes[p + 1]))
             pending[(v.request, b.id)] = nodes[0]
             fed.append(nodes)
-        result = tc.forward()
+        result = tc.forward(hidden=self.wants_hidden)
         for r in live:
             r.counters.target_steps += 1
             r.counters.attended_keys += result.attended_keys[r.row]
@@ -277,46 +311,69 @@ class Decoder:
         parent = r.branches[b.parent]
         return parent.nodes[b.fork_index] if b.fork_index < len(parent.nodes) else parent_pending
 
-    def accept_and_commit(self, live, views, proposal, fed, result) -> list[int]:
-        """Accept per branch (batched over branches), then commit in branch order."""
+    def accept_and_commit(self, live, views, proposal, fed, result) -> list[list[int]]:
+        """Accept per branch (batched over branches), then commit in branch order.
+
+        Returns, per view, the accepted drafts' indices (root first). Greedy and
+        deterministic drafts: the target's token at every fed node (argmax, or one draw
+        from its distribution when sampling) and ``tree_accept_path``; sampled drafts
+        (chains with probs): the Leviathan/Chen rejection rule.
+        """
         n = len(views)
         if n == 0:
             return []
         by_index = {r.index: r for r in live}
         branches = [by_index[v.request].branches[v.branch] for v in views]
-        k_max = max(len(d) for d in proposal.tokens)
+        n_max = max(len(nodes) for nodes in fed)  # pending + drafts
         device = result.logits.device
-        # One gather: the logits of every fed node, [branches, k+1, V]; padding positions
+        # One gather: the logits of every fed node, [branches, n_max, V]; padding positions
         # repeat column 0 of the row (finite, never read).
-        rows = torch.zeros(n, k_max + 1, dtype=torch.long)
-        cols = torch.zeros(n, k_max + 1, dtype=torch.long)
+        rows = torch.zeros(n, n_max, dtype=torch.long)
+        cols = torch.zeros(n, n_max, dtype=torch.long)
         for i, (v, nodes) in enumerate(zip(views, fed)):
             row = by_index[v.request].row
             rows[i] = row
             cols[i, : len(nodes)] = torch.tensor([result.column[row][m] for m in nodes])
-        raw = result.logits[rows.to(device), cols.to(device)]  # [branches, k+1, V]
-        target = self.apply_rules(views, branches, proposal.tokens, raw)
+        rows, cols = rows.to(device), cols.to(device)
+        raw = result.logits[rows, cols]  # [branches, n_max, V]
+        target = self.apply_rules(views, branches, proposal.tokens, proposal.parents, raw)
+        if not self.sampling.greedy and any(p is not None for p in proposal.probs):
+            paths, bonus = self.rejection_paths(proposal, target)
+        else:
+            if self.sampling.greedy:
+                choice = target.argmax(dim=-1)  # [branches, n_max]
+            else:
+                choice = sample(to_probs(target, self.sampling), generator=self.generator)  # [branches, n_max]
+            choice = choice.tolist()
+            paths = [tree_accept_path(p, d, c) for p, d, c in zip(proposal.parents, proposal.tokens, choice)]
+            bonus = [c[1 + path[-1]] if path else c[0] for path, c in zip(paths, choice)]
+        hidden = result.hidden
+        for i, (v, d, nodes, b) in enumerate(zip(views, proposal.tokens, fed, branches)):
+            r = by_index[v.request]
+            path = paths[i]
+            self.count_acceptance(r.counters, d, proposal.parents[i], path)
+            kept = [0] + [1 + j for j in path]  # fed-node positions now committed with KV
+            if self.record_logits:
+                b.logits.extend(raw[i, kept])
+            if hidden is not None:
+                b.hidden = hidden[rows[i, kept[-1]], cols[i, kept[-1]]].clone()  # [hidden]
+            self.commit_tokens(r, b, [d[j] for j in path] + [bonus[i]], fed_nodes=[nodes[m] for m in kept])
+            if self.opts.adaptive_draft and self.spec is not None and self.shape is None:
+                b.k = min(b.k + 2, self.opts.max_draft_tokens) if len(path) == len(d) else max(1, b.k - 1)
+        return paths
+
+    def rejection_paths(self, proposal: Proposal, target: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+        """Sampled drafts (chains): the Leviathan/Chen rule, batched over branches."""
+        n = len(proposal.tokens)
+        device = target.device
+        k_max = max(len(d) for d in proposal.tokens)
         drafts = torch.full((n, k_max), -1, dtype=torch.long)  # [branches, k]
         for i, d in enumerate(proposal.tokens):
             drafts[i, : len(d)] = torch.tensor(d, dtype=torch.long)
-        drafts = drafts.to(device)
         lens = torch.tensor([len(d) for d in proposal.tokens], dtype=torch.long, device=device)  # [branches]
-        if self.sampling.greedy:
-            acc = greedy_accept(drafts, lens, target)
-        else:
-            acc = rejection_accept(drafts, lens, self.draft_probs(proposal, target.shape[-1], device), to_probs(target, self.sampling), self.generator)
-        num_accepted, bonus = acc.num_accepted.tolist(), acc.bonus.tolist()
-        for i, (v, d, nodes, b) in enumerate(zip(views, proposal.tokens, fed, branches)):
-            r = by_index[v.request]
-            a = num_accepted[i]
-            self.count_acceptance(r.counters, len(d), a)
-            if self.record_logits:
-                b.logits.extend(raw[i, : a + 1])
-            # Fed nodes that are now committed with KV: the pending token and the accepted drafts.
-            self.commit_tokens(r, b, d[:a] + [bonus[i]], fed_nodes=nodes[: 1 + a])
-            if self.opts.adaptive_draft and self.spec is not None:
-                b.k = min(b.k + 2, self.opts.max_draft_tokens) if a == len(d) else max(1, b.k - 1)
-        return num_accepted
+        p = to_probs(target[:, : k_max + 1], self.sampling)  # [branches, k+1, V]
+        acc = rejection_accept(drafts.to(device), lens, self.draft_probs(proposal, target.shape[-1], device), p, self.generator)
+        return [list(range(a)) for a in acc.num_accepted.tolist()], acc.bonus.tolist()
 
     def draft_probs(self, proposal: Proposal, vocab: int, device) -> Optional[torch.Tensor]:
         """The draft distributions as ``[branches, k, V]`` (one-hot for deterministic drafts), or None if all are."""
@@ -331,36 +388,35 @@ class Decoder:
                 q[i, torch.arange(len(d)), torch.tensor(d, device=device)] = 1.0
         return q
 
-    def rule_states(self, b: Branch, drafts: list[int], prev: int) -> list[RuleState]:
-        """Rule state at the pending node (token ``prev``) and after each draft (assuming earlier drafts accepted)."""
-        states = []
-        forks, generated = b.forks, b.generated
+    def rule_states(self, b: Branch, drafts: list[int], parents: list[int], prev: int) -> list[RuleState]:
+        """Rule state at the pending node (token ``prev``) and at each draft node, along the
+        node's own path (as if its ancestors were accepted): fed-node order, [1 + N]."""
         fork_id = self.apar.fork_id if self.apar else -1
-        for j, tok in enumerate([prev] + drafts):
-            if j > 0:
-                generated += 1
-                forks += tok == fork_id
-            states.append(RuleState(prev=tok, forks=forks, generated=generated))
+        states = [RuleState(prev=prev, forks=b.forks, generated=b.generated)]
+        for tok, p in zip(drafts, parents):
+            s = states[p + 1]
+            states.append(RuleState(prev=tok, forks=s.forks + (tok == fork_id), generated=s.generated + 1))
         return states
 
-    def apply_rules(self, views, branches: list[Branch], drafts: list[list[int]], raw: torch.Tensor) -> torch.Tensor:
-        """Branch-local logit rules on ``raw`` ``[branches, k+1, V]``: the user's processor,
-        never ``[Child]``, ``[Fork]`` only where ``may_fork`` allows."""
+    def apply_rules(self, views, branches: list[Branch], drafts: list[list[int]], parents: list[list[int]], raw: torch.Tensor) -> torch.Tensor:
+        """Branch-local logit rules on ``raw`` ``[branches, 1 + N, V]`` (pending node, then
+        drafts), each node's along its own path: the user's processor, never ``[Child]``,
+        ``[Fork]`` only where ``may_fork`` allows."""
         logits = raw.clone()
         if self.opts.logits_processor is not None:
-            for i, (v, b, d) in enumerate(zip(views, branches, drafts)):
-                ctx = self.requests_by_index[v.request].context(b)
-                for j, tok in enumerate([None] + d):
-                    if tok is not None:
-                        ctx = ctx + [tok]
+            for i, (v, b, d, par) in enumerate(zip(views, branches, drafts, parents)):
+                ctxs = [self.requests_by_index[v.request].context(b)]
+                for tok, p in zip(d, par):
+                    ctxs.append(ctxs[p + 1] + [tok])
+                for j, ctx in enumerate(ctxs):
                     logits[i, j] = self.opts.logits_processor(ctx, logits[i, j])
         if self.apar is None:
             return logits
         logits[..., self.apar.child_id] = NEG_INF
-        ban = torch.zeros(logits.shape[:2], dtype=torch.bool)  # [branches, k+1]
-        for i, (v, b, d) in enumerate(zip(views, branches, drafts)):
+        ban = torch.zeros(logits.shape[:2], dtype=torch.bool)  # [branches, 1 + N]
+        for i, (v, b, d, par) in enumerate(zip(views, branches, drafts, parents)):
             prev = b.tokens[-1] if b.tokens else self.requests_by_index[v.request].prompt[-1]
-            for j, state in enumerate(self.rule_states(b, d, prev)):
+            for j, state in enumerate(self.rule_states(b, d, par, prev)):
                 ban[i, j] = not self.may_fork(b, state)
         logits[..., self.apar.fork_id].masked_fill_(ban.to(logits.device), NEG_INF)
         return logits
@@ -434,17 +490,34 @@ class Decoder:
                 b.finish = b.finish or reason
         r.queue.clear()
 
-    def count_acceptance(self, c: StepCounters, drafted: int, accepted: int) -> None:
+    def count_acceptance(self, c: StepCounters, drafts: list[int], parents: list[int], path: list[int]) -> None:
+        """Per branch-step: acceptance length, per-depth rates (a depth counts as drafted
+        once per branch-step), and per-(depth, rank) verified/accepted node counts."""
+        depth, rank = tree_depths_ranks(parents)
+        n_depth = max(depth, default=0)
+        accepted = len(path)
         c.branch_steps += 1
-        c.drafted += drafted
+        c.drafted += len(drafts)
         c.accepted += accepted
         c.accept_plus_bonus += accepted + 1
-        while len(c.drafted_at) < drafted:
+        while len(c.drafted_at) < n_depth:
             c.drafted_at.append(0)
             c.accepted_at.append(0)
-        for j in range(drafted):
+        for j in range(n_depth):
             c.drafted_at[j] += 1
             c.accepted_at[j] += j < accepted
+        on_path = {-1, *path}
+        for i, p in enumerate(parents):
+            if p not in on_path:
+                continue
+            d, r = depth[i] - 1, rank[i]
+            while len(c.depth_rank_verified) <= d:
+                c.depth_rank_verified.append([])
+                c.depth_rank_accepted.append([])
+            for table in (c.depth_rank_verified[d], c.depth_rank_accepted[d]):
+                table.extend([0] * (r + 1 - len(table)))
+            c.depth_rank_verified[d][r] += 1
+            c.depth_rank_accepted[d][r] += i in path
 
     # ------------------------------------------------------------ KV garbage
     def visible_prefixes(self, r: Request) -> list[int]:
@@ -477,3 +550,42 @@ class Decoder:
         garbage = tc.num_slots - max(counts, default=0)
         if garbage > 0 and garbage >= self.opts.compact_threshold * tc.num_slots:
             tc.compact([self.live_nodes(r, need) for r, need in zip(live, needs)])
+
+
+# ------------------------------------------------------------------- draft trees
+def tree_depths_ranks(parents: list[int]) -> tuple[list[int], list[int]]:
+    """Per draft node: depth below the pending token (1 = first draft) and rank among its siblings."""
+    depth: list[int] = []
+    rank: list[int] = []
+    seen: dict[int, int] = {}
+    for p in parents:
+        depth.append(1 if p < 0 else depth[p] + 1)
+        rank.append(seen.get(p, 0))
+        seen[p] = rank[-1] + 1
+    return depth, rank
+
+
+def prune_tree(tokens: list[int], parents: list[int], max_depth: int, who: str) -> tuple[list[int], list[int]]:
+    """Keep the drafts no deeper than ``max_depth``, drop a sibling repeating an earlier
+    sibling's token (with its subtree), and renumber parents. Bad layouts are refused."""
+    if len(parents) != len(tokens):
+        raise ValueError(f"speculator '{who}' sent {len(tokens)} draft tokens but {len(parents)} parents")
+    new_index: dict[int, int] = {-1: -1}
+    depth: dict[int, int] = {-1: 0}
+    sibling_tokens: dict[int, set[int]] = {}
+    out_tokens: list[int] = []
+    out_parents: list[int] = []
+    for i, (tok, p) in enumerate(zip(tokens, parents)):
+        if not -1 <= p < i:
+            raise ValueError(f"speculator '{who}' sent draft {i} with parent {p}; parents must come first (-1 = pending)")
+        if p not in new_index or depth[p] + 1 > max_depth:
+            continue
+        seen = sibling_tokens.setdefault(p, set())
+        if tok in seen:
+            continue
+        seen.add(tok)
+        depth[i] = depth[p] + 1
+        new_index[i] = len(out_tokens)
+        out_tokens.append(int(tok))
+        out_parents.append(new_index[p])
+    return out_tokens, out_parents

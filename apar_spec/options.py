@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -29,6 +29,10 @@ class DecodeOptions:
     max_live_branches: Optional[int] = None  # memory bound: extra children wait in a queue (never changes tokens)
     batch_size: int = 1  # requests decoded together (one cache row each)
     num_draft_tokens: int = 4  # k: draft tokens per branch per step
+    # Draft tree per branch (apar_spec.draft_tree.parse_tree: "K", "chain:K", "topk:WxD", a JSON
+    # path list, or a list of paths); None = a chain of num_draft_tokens. "auto" passes validation
+    # here and must be resolved (cost model) before decoding; the Decoder refuses it unresolved.
+    tree: Optional[Union[str, list]] = None
     adaptive_draft: bool = False  # per branch: k += 2 after a fully accepted draft, k -= 1 otherwise
     max_draft_tokens: int = 16  # ceiling for adaptive k
     compact_threshold: float = 0.25  # drop dead KV slots once they exceed this share of the cache (0 = every step)
@@ -50,6 +54,10 @@ class DecodeOptions:
             raise ValueError(
                 f"num_draft_tokens must be >= 1 and <= max_draft_tokens (got {self.num_draft_tokens}, {self.max_draft_tokens})"
             )
+        if self.tree is not None and not (isinstance(self.tree, str) and self.tree.strip() == "auto"):
+            from apar_spec.draft_tree import parse_tree
+
+            parse_tree(self.tree)  # a malformed shape is a one-line ValueError here, before any work
         if not 0.0 <= self.compact_threshold <= 1.0:
             raise ValueError(f"compact_threshold must be in [0, 1] (got {self.compact_threshold})")
 

@@ -292,3 +292,32 @@ def rejection_accept(
     usable = residual.sum(dim=1, keepdim=True) > 0  # [n, 1]
     bonus = sample(torch.where(usable, residual, p_next), generator=generator)  # [n]
     return Acceptance(num_accepted=num_accepted, bonus=bonus)
+
+
+def tree_accept_path(
+    parents: list[int],  # [N] draft -> parent draft (-1 = the pending token), parents before children
+    tokens: list[int],  # [N] draft tokens
+    choice: list[int],  # [N+1] the target's token at each fed node: 0 = pending, 1 + i = draft i
+) -> list[int]:
+    """The longest root-to-leaf path of drafts the target agrees with.
+
+    Starting at the pending token, step to the child whose token equals the target's
+    token at the current node, while there is one. ``choice`` is the target's argmax
+    (greedy) or a token sampled from the target's distribution at every node; with
+    deterministic drafts the latter is exactly sampling from the target, since each
+    node's draw is independent of how the walk reached it. Returns the accepted drafts'
+    indices, root first; the bonus is ``choice[1 + path[-1]]`` (``choice[0]`` if empty).
+    On a chain this is ``greedy_accept``'s longest matching prefix.
+    """
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parents):
+        children.setdefault(p, []).append(i)
+    path: list[int] = []
+    node = -1
+    while True:
+        want = choice[node + 1]
+        nxt = next((c for c in children.get(node, ()) if tokens[c] == want), None)
+        if nxt is None:
+            return path
+        path.append(nxt)
+        node = nxt

@@ -25,6 +25,7 @@ of every layer; callers do it lazily (see ``DecodeOptions.compact_threshold``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from transformers import DynamicCache
@@ -65,6 +66,7 @@ class ForwardResult:
     logits: torch.Tensor  # [rows, new_nodes_max, vocab]
     column: list[dict[int, int]]  # per row: node -> column in ``logits``
     attended_keys: list[int]  # per row: sum over its real new nodes of the slots each one attends to
+    hidden: Optional[torch.Tensor] = None  # [rows, new_nodes_max, hidden] final hidden states (only if asked)
 
     def of(self, row: int, nodes: list[int]) -> torch.Tensor:
         """Logits of ``nodes`` of ``row``: ``[len(nodes), vocab]``."""
@@ -130,8 +132,13 @@ class TreeCache:
 
     # --------------------------------------------------------------- forward
     @torch.inference_mode()
-    def forward(self) -> ForwardResult:
-        """Run ONE model forward over every scheduled node of every row."""
+    def forward(self, hidden: bool = False) -> ForwardResult:
+        """Run ONE model forward over every scheduled node of every row.
+
+        ``hidden=True`` also returns the final hidden states (for draft heads): the
+        forward is then split into the public base model (``get_decoder()``) and the
+        LM head (``get_output_embeddings()``), exactly what ``model()`` computes.
+        """
         n_new = max(len(r.scheduled) for r in self.rows)
         if n_new == 0:
             raise RuntimeError("forward() with no scheduled nodes")
@@ -166,18 +173,24 @@ class TreeCache:
         # padding nodes see one slot (themselves): subtract them; one device sync for all rows
         sums = vis[:, old:total, :total].sum(dim=(1, 2)).tolist()
         attended = [int(t) - (n_new - len(r.scheduled)) for t, r in zip(sums, self.rows)]
-        out = self.model(
+        inputs = dict(
             input_ids=input_ids.to(self.device),
             attention_mask=mask,
             position_ids=position_ids.to(self.device),
             cache=self.cache,
             use_cache=True,
         )
+        states = None
+        if hidden:
+            states = self.model.get_decoder()(**inputs).last_hidden_state  # [rows, new, hidden]
+            logits = self.model.get_output_embeddings()(states)  # [rows, new, vocab]
+        else:
+            logits = self.model(**inputs).logits  # [rows, new, vocab]
         self._n = total
         for r in self.rows:
             r.scheduled = []
         self.forwards += 1
-        return ForwardResult(out.logits, column, attended)
+        return ForwardResult(logits, column, attended, states)
 
     # --------------------------------------------------------------- garbage
     def garbage(self, live: list[set[int]]) -> int:

@@ -33,6 +33,9 @@ app = typer.Typer(
 )
 drafts_app = typer.Typer(help="The draft registry: which speculators exist and which targets they fit.", no_args_is_help=True)
 app.add_typer(drafts_app, name="drafts")
+from . import heads as _heads  # noqa: E402  (command modules register after the app exists)
+
+app.command("train-heads")(_heads.train_heads)
 
 
 def _default(obj: Any, name: str) -> Any:
@@ -224,6 +227,7 @@ def bench(
     turn: Turn = _bench_default("turn"),
     max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
     k: Annotated[int, typer.Option("-k", help="Draft tokens per branch per step (spec, apar+spec, hf-assisted).")] = _bench_default("k"),
+    tree: Annotated[Optional[str], typer.Option("--tree", help="Draft tree per branch for spec/apar+spec: K, chain:K, topk:WxD or a JSON path list.")] = None,
     temperature: Temperature = _bench_default("temperature"),
     seed: Seed = _bench_default("seed"),
     repeats: Repeats = _bench_default("repeats"),
@@ -244,7 +248,7 @@ def bench(
     _quiet_transformers()
     settings = _settings(
         target=target, base=base, draft=draft, modes=modes, prompts=prompts, category=category, limit=limit, turn=turn,
-        max_new_tokens=max_new_tokens, k=k, temperature=temperature, seed=seed, repeats=repeats, warmup=warmup,
+        max_new_tokens=max_new_tokens, k=k, tree=tree, temperature=temperature, seed=seed, repeats=repeats, warmup=warmup,
         dtype=dtype, device=device, device_map=device_map, threads=threads, chat_template=chat_template, out=out, resume=resume,
         overwrite=overwrite,
     )
@@ -265,7 +269,8 @@ def _csv(value: str, what: str, cast=str) -> list:
 @handle_errors
 def sweep(
     drafts: Annotated[str, typer.Option("--drafts", help="Comma-separated drafts (registry names or paths).")] = "ngram",
-    ks: Annotated[str, typer.Option("--ks", help="Comma-separated draft lengths.")] = "1,2,4,8",
+    ks: Annotated[str, typer.Option("--ks", help="Comma-separated draft lengths ('' = none).")] = "1,2,4,8",
+    trees: Annotated[str, typer.Option("--trees", help="Semicolon-separated draft tree shapes, e.g. 'topk:2x3;[[0],[1],[0,0]]'.")] = "",
     target: Target = _bench_default("target"),
     base: Base = None,
     modes: Annotated[Optional[str], typer.Option("--modes", help="Configurations; draft ones (spec, apar+spec, hf-assisted) are swept. Default: all.")] = None,
@@ -288,18 +293,20 @@ def sweep(
     overwrite: Overwrite = False,
     as_json: AsJson = False,
 ) -> None:
-    """Sweep draft length k and draft choice, next to the ar/apar/hf-generate baselines."""
+    """Sweep draft length k, draft tree shape and draft choice, next to the ar/apar/hf-generate baselines."""
     from apar_spec.experiments.bench import sweep as run_sweep
 
     _quiet_transformers()
-    draft_list, k_list = _csv(drafts, "--drafts"), _csv(ks, "--ks", int)
+    draft_list = _csv(drafts, "--drafts")
+    k_list = _csv(ks, "--ks", int) if ks.strip() or not trees.strip() else []
+    tree_list = [t.strip() for t in trees.split(";") if t.strip()]
     settings = _settings(
         target=target, base=base, draft=draft_list[0], modes=modes, prompts=prompts, category=category, limit=limit,
-        turn=turn, max_new_tokens=max_new_tokens, k=max(k_list), temperature=temperature, seed=seed, repeats=repeats,
-        warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads, chat_template=chat_template,
-        out=out, resume=resume, overwrite=overwrite,
+        turn=turn, max_new_tokens=max_new_tokens, k=max(k_list, default=_bench_default("k")), temperature=temperature,
+        seed=seed, repeats=repeats, warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads,
+        chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
     )
-    _run_with_progress(lambda progress: run_sweep(settings, drafts=draft_list, ks=k_list, progress=progress), settings, as_json)
+    _run_with_progress(lambda progress: run_sweep(settings, drafts=draft_list, ks=k_list, trees=tree_list, progress=progress), settings, as_json)
 
 
 @app.command()

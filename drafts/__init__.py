@@ -1,6 +1,6 @@
 """Speculators (draft LM, n-gram) and the draft registry."""
 
-from apar_spec.drafts.base import BranchView, Outcome, Proposal, Speculator
+from apar_spec.speculator import BranchView, Outcome, Proposal, Speculator
 
 
 def resolve_speculator(draft, target, tokenizer) -> Speculator:

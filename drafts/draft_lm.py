@@ -2,11 +2,12 @@
 
 The draft keeps its own ``TreeCache`` mirroring the committed token tree: for
 every branch, the draft nodes of the branch's tokens it has already computed.
-Each ``propose`` costs exactly ``k`` draft forwards, whatever the number of
-branches: the first forward catches every branch up on its newly committed
-tokens (the pending token included) and yields draft 1; each further forward
-feeds the previous draft of every branch still drafting. ``observe`` keeps the
-draft nodes of accepted drafts; the rest become garbage, dropped lazily.
+Each ``propose`` costs exactly one draft forward per depth of the asked tree
+(``k`` for a chain), whatever the number of branches: the first forward catches
+every branch up on its newly committed tokens (the pending token included) and
+yields the depth-1 candidates (top-k); each further forward feeds every branch's
+drafts of the previous depth that have children in the shape. ``observe`` keeps
+the draft nodes of the accepted path; the rest become garbage, dropped lazily.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Optional
 
 import torch
 
-from apar_spec.drafts.base import BranchView, Outcome, Proposal
+from apar_spec.speculator import BranchView, Outcome, Proposal
+from apar_spec.draft_tree import TreeShape, chain
 from apar_spec.sampling import SamplingConfig, to_probs
 from apar_spec.tree_cache import TreeCache
 
@@ -53,52 +55,81 @@ class DraftModelSpeculator:
     # ------------------------------------------------------------ propose
     @torch.inference_mode()
     def propose(self, views: list[BranchView], sampling: SamplingConfig) -> Proposal:
+        """Draft each view's tree shape depth by depth: ONE draft forward per depth for the
+        frontier nodes of all branches; the children of a node are the draft's top-k there
+        (greedy). Sampled drafting proposes a chain of the shape's depth (its draws carry
+        probabilities; the decoder verifies sampled drafts as chains, exactly)."""
         tc = self.tc
-        last: list[Optional[int]] = []  # per view: the draft node whose logits give d_1
-        for v in views:
-            last.append(self._catch_up(v))
+        n = len(views)
+        shapes = [v.shape if v.shape is not None else chain(max(1, v.k)) for v in views]
+        if not sampling.greedy:
+            shapes = [chain(s.depth) for s in shapes]
         tokens: list[list[int]] = [[] for _ in views]
+        parents: list[list[int]] = [[] for _ in views]
         probs: list[list[torch.Tensor]] = [[] for _ in views]
-        self.drafted = {(v.request, v.branch): [] for v in views}
-        k_max = max((v.k for v in views), default=0)
-        for j in range(k_max):
-            if j > 0:  # feed d_j of every branch that still drafts
+        index: list[dict[int, int]] = [{} for _ in views]  # per view: shape node -> proposal index
+        ctx: list[dict[int, list[int]]] = [{-1: list(v.context)} for v in views]  # shape node -> its context
+        reads: list[dict[int, int]] = [{-1: self._catch_up(v)} for v in views]  # shape node -> draft node to read
+        self.drafted = {(v.request, v.branch): {} for v in views}  # proposal index -> fed draft node
+        max_depth = max((s.depth for s in shapes), default=0)
+        for depth in range(1, max_depth + 1):
+            if depth > 1:  # feed the previous depth's drafts that have children in the shape
                 for i, v in enumerate(views):
-                    if len(tokens[i]) == j and j < v.k and last[i] is not None:
-                        last[i] = tc.add(v.request, tokens[i][-1], last[i])
-                        self.drafted[(v.request, v.branch)].append(last[i])
-                    elif len(tokens[i]) == j:
-                        last[i] = None  # done drafting
+                    for node in _at_depth(shapes[i], depth - 1):
+                        if node in index[i] and shapes[i].children(node):
+                            parent = shapes[i].parents[node]
+                            if parent not in reads[i]:
+                                continue
+                            j = index[i][node]
+                            reads[i][node] = tc.add(v.request, tokens[i][j], reads[i][parent])
+                            self.drafted[(v.request, v.branch)][j] = reads[i][node]
             if not any(tc.rows[r].scheduled for r in range(len(tc.rows))):
                 break
             result = tc.forward()
             self._forwards += 1
-            for i, v in enumerate(views):
-                if last[i] is None or len(tokens[i]) != j:
-                    continue
-                logits = result.of(v.request, [last[i]])[0].float()  # [V_draft]
-                logits = self._fit_vocab(logits)
-                if self.logits_processor is not None:
-                    logits = self.logits_processor(v.context + tokens[i], logits)
-                for t in self.mask_ids:
-                    logits[t] = float("-inf")
-                if sampling.greedy:
-                    tokens[i].append(int(logits.argmax()))
-                else:
-                    p = to_probs(logits[None], sampling)[0]  # [V]
-                    tokens[i].append(int(torch.multinomial(p, 1, generator=self.generator)))
-                    probs[i].append(p)
-        out_probs = [torch.stack(p) if p else None for p in probs] if not sampling.greedy else [None] * len(views)
-        return Proposal(tokens, out_probs)
+            frontier = [
+                (i, node)
+                for i in range(n)
+                for node in ([-1] if depth == 1 else _at_depth(shapes[i], depth - 1))
+                if node in reads[i] and shapes[i].children(node) and (node == -1 or node in index[i])
+            ]
+            if not frontier:
+                break
+            logits = torch.stack([result.of(views[i].request, [reads[i][node]])[0] for i, node in frontier]).float()  # [m, V_draft]
+            logits = self._fit_vocab(logits)  # [m, V]
+            if self.logits_processor is not None:
+                for row, (i, node) in enumerate(frontier):
+                    logits[row] = self.logits_processor(ctx[i][node], logits[row])
+            for t in self.mask_ids:
+                logits[:, t] = float("-inf")
+            if sampling.greedy:
+                width = max(len(shapes[i].children(node)) for i, node in frontier)
+                top = logits.topk(min(width, logits.shape[-1]), dim=-1).indices.tolist()  # [m, width]
+                picks = [[(c, top[row][r]) for r, c in enumerate(shapes[i].children(node))] for row, (i, node) in enumerate(frontier)]
+            else:
+                p = to_probs(logits, sampling)  # [m, V]
+                drawn = torch.multinomial(p, 1, generator=self.generator)[:, 0].tolist()  # [m]
+                picks = [[(shapes[i].children(node)[0], drawn[row])] for row, (i, node) in enumerate(frontier)]
+                for row, (i, _) in enumerate(frontier):
+                    probs[i].append(p[row])
+            for row, (i, node) in enumerate(frontier):
+                for child, tok in picks[row]:
+                    index[i][child] = len(tokens[i])
+                    parents[i].append(-1 if node == -1 else index[i][node])
+                    tokens[i].append(int(tok))
+                    ctx[i][child] = ctx[i][node] + [int(tok)]
+        out_probs = [torch.stack(p) if p else None for p in probs] if not sampling.greedy else [None] * n
+        return Proposal(tokens, out_probs, parents)
 
     def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """Draft logits over the target's vocabulary width (embedding padding may differ)."""
+        """Draft logits ``[..., V_draft]`` over the target's vocabulary width (embedding padding may differ)."""
         v = self.vocab_size
-        if logits.shape[0] == v:
+        if logits.shape[-1] == v:
             return logits
-        if logits.shape[0] > v:
-            return logits[:v]
-        return torch.cat([logits, logits.new_full((v - logits.shape[0],), float("-inf"))])
+        if logits.shape[-1] > v:
+            return logits[..., :v]
+        pad = logits.new_full((*logits.shape[:-1], v - logits.shape[-1]), float("-inf"))
+        return torch.cat([logits, pad], dim=-1)
 
     def _catch_up(self, v: BranchView) -> int:
         """Schedule the branch's committed tokens the draft has not computed; return its tip node."""
@@ -133,9 +164,15 @@ class DraftModelSpeculator:
 
     # ------------------------------------------------------------ observe
     def observe(self, outcome: Outcome) -> None:
-        for v, a in zip(outcome.views, outcome.accepted):
+        """Keep the draft nodes of the accepted path (those fed this step; a leaf is fed at the next catch-up)."""
+        paths = outcome.paths or [list(range(a)) for a in outcome.accepted]
+        for v, path in zip(outcome.views, paths):
             key = (v.request, v.branch)
-            self.nodes[key].extend(self.drafted.get(key, [])[:a])
+            fed = self.drafted.get(key, {})
+            for j in path:
+                if j not in fed:
+                    break
+                self.nodes[key].append(fed[j])
         self.drafted = {}
         self._maybe_compact(outcome.views)
 
@@ -159,3 +196,8 @@ class DraftModelSpeculator:
         if tc.garbage(live) >= 0.25 * tc.num_slots:
             tc.compact(live)
         self.grown = tc.num_slots
+
+
+def _at_depth(shape: TreeShape, depth: int) -> list[int]:
+    """Shape nodes at ``depth`` (1 = first draft), in layout order."""
+    return [i for i, d in enumerate(shape.depths) if d == depth]

@@ -18,20 +18,21 @@ import difflib
 import hashlib
 import json
 import os
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from apar_spec.drafts.base import Speculator
+from apar_spec.speculator import Speculator
 
-KINDS = ("model", "ngram")
+KINDS = ("model", "ngram", "heads")
 
 
 @dataclass
 class DraftEntry:
     name: str
-    kind: str  # "model" (a draft LM) or "ngram" (prompt lookup, no model)
-    weights: Optional[str] = None  # embedded name, local path or cached HF id (kind "model")
+    kind: str  # "model" (a draft LM), "ngram" (prompt lookup, no model) or "heads" (Medusa heads on the target)
+    weights: Optional[str] = None  # embedded name, local path or cached HF id (kind "model"); heads folder (kind "heads")
     fingerprint: Optional[str] = None  # vocabulary fingerprint it fits (None = checked at load time)
     vocab_size: Optional[int] = None
     targets: list[str] = field(default_factory=list)  # models it is meant for
@@ -54,6 +55,17 @@ BUILTIN = [
         notes="embedded 2-layer draft trained on the APAR corpus; shares the embedded tokenizer; "
         "acceptance measured with tiny-apar (apar+spec, k=4, built-in prompts)",
         acceptance_length=4.0,
+    ),
+    DraftEntry(
+        name="tiny-heads",
+        kind="heads",
+        weights="tiny-heads",  # apar_spec/models/tiny-heads/{tiny-apar,tiny-base}: picked by the target's LM head
+        fingerprint="3b10c36d7acb",
+        vocab_size=2048,
+        targets=["tiny-apar", "tiny-base"],
+        notes="4 Medusa-1 heads per embedded target, self-distilled (apar-spec train-heads); no draft forward; "
+        "acceptance measured with tiny-apar (apar+spec, tree topk:3x4 pruned, built-in prompts)",
+        acceptance_length=None,
     ),
     DraftEntry(
         name="ngram",
@@ -91,8 +103,8 @@ def load_user_entries(path: Optional[Path] = None) -> list[DraftEntry]:
             raise ValueError(f"draft registry file {path}: entry {i} has unknown field(s) {sorted(unknown)}")
         if item["kind"] not in KINDS:
             raise ValueError(f"draft registry file {path}: entry {i} has kind '{item['kind']}' (choose from {', '.join(KINDS)})")
-        if item["kind"] == "model" and not item.get("weights"):
-            raise ValueError(f"draft registry file {path}: entry {i} ('{item['name']}') of kind 'model' needs 'weights'")
+        if item["kind"] in ("model", "heads") and not item.get("weights"):
+            raise ValueError(f"draft registry file {path}: entry {i} ('{item['name']}') of kind '{item['kind']}' needs 'weights'")
         entries.append(DraftEntry(**item, source=str(path)))
     return entries
 
@@ -151,7 +163,8 @@ def resolve(draft: Any, target, tokenizer) -> Speculator:
     except ValueError:
         if not Path(name).expanduser().exists():
             raise
-        entry = DraftEntry(name=name, kind="model", weights=name, source="path")
+        kind = "heads" if (Path(name).expanduser() / "heads.json").is_file() else "model"
+        entry = DraftEntry(name=name, kind=kind, weights=name, source="path")
     if entry.kind == "ngram":
         return NGramSpeculator()
     if entry.fingerprint and tokenizer is not None:
@@ -161,9 +174,61 @@ def resolve(draft: Any, target, tokenizer) -> Speculator:
                 f"draft '{entry.name}' does not fit the target's vocabulary: draft has {entry.vocab_size or '?'} tokens "
                 f"(fingerprint {entry.fingerprint}), target has {tn} (fingerprint {tfp}); use a draft with the target's tokenizer"
             )
-    from apar_spec.loading import load
+    if entry.kind == "heads":
+        from apar_spec.drafts.heads import HeadsSpeculator, load_heads
 
-    model, draft_tok = load(entry.weights, dtype=target.dtype, device=target.device)
+        heads = _cached(entry, target, lambda: load_heads(_heads_path(entry.weights), target, tokenizer, entry.name))
+        return HeadsSpeculator(heads, target.get_output_embeddings(), name=entry.name, mask_ids=mask)
+    model, draft_tok = _cached(entry, target, lambda: _load_model(entry, target))
     if tokenizer is not None:
         check_vocab(draft_tok, tokenizer, entry.name)
     return DraftModelSpeculator(model, name=entry.name, mask_ids=mask)
+
+
+# Loaded draft weights, per target model (weakly held: a dropped target frees its drafts),
+# keyed by (entry name, weights, target dtype, target device). Speculator objects are cheap
+# and stateful, so each ``resolve`` builds a new one around the cached weights.
+_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _cached(entry: DraftEntry, target, load_fn):
+    """``load_fn()`` once per process for this (entry, target identity, dtype, device)."""
+    key = (entry.name, entry.kind, entry.weights, _stamp(entry.weights),
+           str(getattr(target, "dtype", None)), str(getattr(target, "device", None)))
+    try:
+        per_target = _CACHE.setdefault(target, {})
+    except TypeError:  # a target that cannot be weakly referenced: no cache
+        return load_fn()
+    if key not in per_target:
+        per_target[key] = load_fn()
+    return per_target[key]
+
+
+def _stamp(weights: Optional[str]) -> Optional[int]:
+    """Newest modification time of a local weights folder's files (so edited files reload)."""
+    if not weights:
+        return None
+    path = Path(weights).expanduser()
+    if not path.exists():
+        return None
+    files = [f for f in path.iterdir() if f.is_file()] if path.is_dir() else [path]
+    return max((f.stat().st_mtime_ns for f in files), default=0)
+
+
+def clear_cache() -> None:
+    """Forget every cached draft (tests; or after replacing weights on disk)."""
+    _CACHE.clear()
+
+
+def _heads_path(weights: str) -> Path:
+    """An embedded heads folder name (apar_spec/models/NAME) or a local path."""
+    from apar_spec.loading import embedded_dir
+
+    embedded = embedded_dir(weights)
+    return embedded if (embedded.is_dir() and not Path(weights).exists()) else Path(weights).expanduser()
+
+
+def _load_model(entry: DraftEntry, target):
+    from apar_spec.loading import load
+
+    return load(entry.weights, dtype=target.dtype, device=target.device)

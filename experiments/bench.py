@@ -20,7 +20,8 @@ Row schema (one JSON object per line, written by :func:`make_row`):
 - identity: ``schema`` (1), ``setup_id`` (hash of what makes rows comparable),
   ``variant`` (``config``, or ``"spec ngram k=4"`` in a sweep), ``config``, ``prompt_id``,
   ``category``, ``repeat``, ``model`` (the model THIS row ran), ``draft``, ``k``
-  (None for configurations without a draft), ``temperature``, ``max_new_tokens``,
+  (None for configurations without a draft), ``tree`` (the draft tree's text form, None =
+  a chain of k), ``temperature``, ``max_new_tokens``,
   ``device``, ``threads`` (torch CPU threads; None = untouched), ``dtype``, ``time``;
 - measures: ``prompt_tokens``, ``tokens`` (generated over all branches, [Fork]/EOS
   included), ``answer_tokens`` (``len(output_ids)``), ``wall_s`` (around the call),
@@ -29,6 +30,8 @@ Row schema (one JSON object per line, written by :func:`make_row`):
   ``tokens_generated``, ``peak_live_kv``, ``mean_live_kv``, ``attended_keys``,
   ``critical_path``, ``wall_time_s`` (the decoder's own clock), ``num_branches``,
   ``accepted``, ``drafted``, ``mean_acceptance_length``, ``acceptance_rate_per_position``,
+  ``depth_rank_verified`` / ``depth_rank_accepted`` (draft-tree nodes per [depth-1][rank] whose
+  parent path was accepted / that were accepted: p(d, r) for the cost model),
   ``steps_per_critical_path``. HF rows count forwards with hooks and give None for the
   tree-decoder-only counters (live KV, attended keys, acceptance);
 - outputs: ``output_ids`` (answer tokens in reading order, for the lossless check),
@@ -83,6 +86,7 @@ class BenchSettings:
     turn: int = 0
     max_new_tokens: int = _D.max_new_tokens
     k: int = _D.num_draft_tokens
+    tree: Optional[str] = _D.tree  # draft tree per branch (parse_tree text); None = a chain of k
     temperature: float = _D.temperature
     top_p: float = _D.top_p
     top_k: int = _D.top_k
@@ -112,7 +116,7 @@ class BenchSettings:
             raise ValueError("--resume and --overwrite contradict each other; pick one")
         DecodeOptions.build(  # the decoder's own checks, before anything is loaded
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            num_draft_tokens=self.k, max_draft_tokens=max(self.k, _D.max_draft_tokens),
+            num_draft_tokens=self.k, max_draft_tokens=max(self.k, _D.max_draft_tokens), tree=self.tree,
         )
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0 (got {self.temperature})")
@@ -158,6 +162,7 @@ class Variant:
     draft: Optional[str] = None
     k: Optional[int] = None
     label: str = ""
+    tree: Optional[str] = None  # draft tree text (parse_tree); None = a chain of k
 
     @property
     def name(self) -> str:
@@ -215,19 +220,27 @@ def sweep(
     *,
     drafts: Sequence[str],
     ks: Sequence[int],
+    trees: Sequence[str] = (),
     progress: Optional[Progress] = None,
 ) -> BenchResult:
-    """Speculative configurations for every (draft, k), next to their baselines.
+    """Speculative configurations for every (draft, k) and (draft, tree shape), next to their baselines.
 
     Baselines (``hf-generate``, ``ar``, ``apar`` where they apply) run once per prompt
     and repeat; ``spec``/``apar+spec`` (or ``settings.modes``' draft configurations)
-    run for each draft and k. Rows are labelled ``spec ngram k=4``.
+    run for each draft and k, then each draft and tree. Rows are labelled
+    ``spec ngram k=4`` and ``apar+spec tiny-heads tree=topk:2x3``.
     """
     if not drafts:
         raise ValueError("sweep needs at least one draft")
-    if not ks or any(k < 1 for k in ks):
+    if not ks and not trees:
+        raise ValueError("sweep needs draft lengths (--ks) or tree shapes (--trees)")
+    if any(k < 1 for k in ks):
         raise ValueError(f"sweep needs draft lengths >= 1 (got {list(ks)})")
-    return _run(settings, lambda ms: _sweep_variants(settings, ms, drafts, ks), progress, drafts)
+    from apar_spec.draft_tree import parse_tree
+
+    for t in trees:
+        parse_tree(t)  # a malformed shape fails before any model is loaded
+    return _run(settings, lambda ms: _sweep_variants(settings, ms, drafts, ks, trees), progress, drafts)
 
 
 def _compare_variants(settings: BenchSettings, ms: ModelSet) -> tuple[list[Variant], list[str]]:
@@ -242,13 +255,15 @@ def _compare_variants(settings: BenchSettings, ms: ModelSet) -> tuple[list[Varia
             notes.append(f"{config} skipped: {reason}")
             continue
         uses_draft = config in DRAFT_CONFIGS
-        variants.append(Variant(config, ms.draft.name if uses_draft else None, settings.k if uses_draft else None))
+        tree = settings.tree if uses_draft and config != "hf-assisted" else None
+        label = f"{config} tree={tree}" if tree else ""
+        variants.append(Variant(config, ms.draft.name if uses_draft else None, settings.k if uses_draft else None, label, tree))
     if not variants:
         raise ValueError("no configuration can run with these models; see --modes")
     return variants, notes
 
 
-def _sweep_variants(settings: BenchSettings, ms: ModelSet, drafts: Sequence[str], ks: Sequence[int]):
+def _sweep_variants(settings: BenchSettings, ms: ModelSet, drafts: Sequence[str], ks: Sequence[int], trees: Sequence[str] = ()):
     wanted = list(settings.modes or CONFIGS)
     base = [c for c in wanted if c not in DRAFT_CONFIGS and not _not_applicable(c, ms)]
     for needed in ("ar",):  # speed-ups need the AR baseline
@@ -256,14 +271,17 @@ def _sweep_variants(settings: BenchSettings, ms: ModelSet, drafts: Sequence[str]
             base.insert(0, needed)
     variants = [Variant(c) for c in base]
     notes = []
+    shapes = [(k, None, f"k={k}") for k in ks] + [(None, t, f"tree={t}") for t in trees]
     for name in drafts:
-        for k in ks:
+        for k, tree, what in shapes:
             for config in (c for c in wanted if c in DRAFT_CONFIGS):
+                if tree is not None and config == "hf-assisted":
+                    continue  # HF assisted generation drafts chains only
                 reason = _not_applicable(config, ms, draft=name)
                 if reason:
                     notes.append(f"{config} {name} skipped: {reason}")
                     continue
-                variants.append(Variant(config, name, k, f"{config} {name} k={k}"))
+                variants.append(Variant(config, name, k if k is not None else settings.k, f"{config} {name} {what}", tree))
     return variants, sorted(set(notes))
 
 
@@ -274,6 +292,8 @@ def _not_applicable(config: str, ms: ModelSet, draft: Optional[str] = None) -> O
         d = ms.drafts.get(draft) if draft else ms.draft
         if d is None:
             return "no draft given (--draft)"
+        if config == "hf-assisted" and d.kind == "heads":
+            return "HF assisted generation has no Medusa heads"
         if config == "hf-assisted" and d.kind == "model":
             tv = ms.baseline.model.config.vocab_size
             dv = d.model.config.vocab_size
@@ -493,7 +513,7 @@ class _Runner:
             gen = generate(
                 loaded.model, loaded.tokenizer, [ids], mode=v.config, draft=draft.arg if draft else None,
                 max_new_tokens=s.max_new_tokens, num_draft_tokens=k, max_draft_tokens=max(k, _D.max_draft_tokens),
-                **sampling,
+                tree=v.tree if draft else None, **sampling,
             )[0]
             _sync(device)
             wall = time.perf_counter() - start
@@ -523,6 +543,8 @@ def _hf_stats(run, tokens: int) -> dict:
         "drafted": None,
         "mean_acceptance_length": None,
         "acceptance_rate_per_position": [],
+        "depth_rank_verified": [],
+        "depth_rank_accepted": [],
         "steps_per_critical_path": run.target_forwards / tokens if tokens else 0.0,
     }
 
@@ -547,6 +569,7 @@ def make_row(runner: _Runner, v: Variant, prompt: Prompt, repeat: int, model: st
         "model": model,
         "draft": v.draft,
         "k": v.k,
+        "tree": v.tree,
         "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens,
         "device": runner.ms.device,

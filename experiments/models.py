@@ -58,7 +58,7 @@ class Draft:
     draft LM (so it is loaded once per run) or the registry name of a model-free draft."""
 
     name: str
-    kind: str  # "model" | "ngram"
+    kind: str  # "model" | "ngram" | "heads"
     arg: Any
     model: Any = None  # the draft LM, for HF assisted generation
 
@@ -127,8 +127,9 @@ def resolve_draft(name: str, target: Loaded, baseline: Loaded, *, dtype=None, de
     except ValueError:
         if not Path(name).expanduser().exists():
             raise  # the registry's message names close matches
-        entry = registry.DraftEntry(name=name, kind="model", weights=name, source="path")
-    if entry.kind != "model":
+        kind = "heads" if (Path(name).expanduser() / "heads.json").is_file() else "model"
+        entry = registry.DraftEntry(name=name, kind=kind, weights=name, source="path")
+    if entry.kind != "model":  # n-gram, heads: generate() resolves the name (the registry caches heads)
         return Draft(name, entry.kind, name)
     model, tokenizer = load(entry.weights, dtype=dtype or target.model.dtype, device=device)
     for loaded in {id(target): target, id(baseline): baseline}.values():

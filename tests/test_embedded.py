@@ -69,3 +69,15 @@ def test_load_a_local_folder(tmp_path):
 def test_registry_refuses_the_embedded_draft_for_another_vocabulary_before_loading_it():
     with pytest.raises(ValueError, match=r"draft 'tiny-draft' does not fit.*draft has 2048 tokens \(fingerprint 3b10c36d7acb\)"):
         resolve("tiny-draft", micro_model("llama"), micro_tokenizer())
+
+
+def test_registry_drafts_are_loaded_once_per_target(trio):
+    from apar_spec.drafts import registry
+
+    model, tok = trio["tiny-apar"]
+    registry.clear_cache()
+    a = resolve("tiny-draft", model, tok)
+    b = resolve("tiny-draft", model, tok)
+    assert a is not b and a.model is b.model  # fresh speculator state, the same weights
+    other, _ = trio["tiny-base"]
+    assert resolve("tiny-draft", other, tok).model is not a.model  # keyed by target identity

@@ -1,0 +1,244 @@
+"""Train Medusa-1 draft heads on a frozen target, self-distilled from its own answers.
+
+Pipeline (each stage resumable from files in ``out``):
+
+1. **distill** - the target answers every prompt greedily through our own decoder
+   (``mode="apar"`` when it has ``[Fork]``/``[Child]``, else ``"ar"``), so the heads
+   learn what the target itself writes, forks included (Medusa-1's self-distillation).
+   Each branch becomes one plain sequence: its context (prompt + ancestors up to the
+   fork + its own tokens), the same tokens the decoder conditions on. Appended to
+   ``distill.jsonl`` batch by batch (a restart skips prompts already answered). A data
+   row may instead carry its own ``answer`` text; it is then used as given.
+2. **features** - one causal forward of the frozen target over every sequence gives
+   the final hidden state ``h_t`` at each position; head ``i`` learns ``x_{t+2+i}``
+   from ``h_t`` (``h_t``'s LM head already gives ``x_{t+1}``). Positions from the
+   node that chose the first answer token on, so prompts are read but never learned.
+3. **train** - AdamW on the heads only (the target, its LM head included, frozen),
+   cross-entropy per head weighted ``0.8^i`` (Medusa), through ``accelerate``.
+   ``train_state.pt`` is written every ``save_every`` steps; a restart resumes there.
+   The result is ``heads.safetensors`` + ``heads.json`` (``drafts/heads.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+ProgressFn = Callable[[str], None]
+
+
+@dataclass
+class HeadsTrainConfig:
+    num_heads: int = 4
+    steps: int = 1500
+    batch_size: int = 256  # positions per step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    decay: float = 0.8  # loss weight of head i is decay**i
+    max_new_tokens: int = 256  # per distilled answer
+    gen_batch_size: int = 16
+    save_every: int = 250
+    seed: int = 0
+    mode: str = "auto"  # how answers are distilled: "apar", "ar", or "auto" (apar iff the tokenizer has [Fork]/[Child])
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("num_heads, steps and batch_size must be >= 1")
+        if self.mode not in ("auto", "ar", "apar"):
+            raise ValueError(f"mode must be auto, ar or apar (got '{self.mode}')")
+
+
+def encode(tokenizer, prompt: str) -> list[int]:
+    """The prompt as the target was trained to see it (chat template when it has one)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def branch_sequences(gen) -> list[tuple[list[int], int]]:
+    """Per branch of a Generation: (its full context, index of its first own token)."""
+    out, ctx = [], {}
+    for b in gen.branches:  # parents come first
+        prefix = gen.prompt_ids if b.parent is None else ctx[b.parent][: len(ctx[b.parent]) - len(gen.branches[b.parent].token_ids) + b.fork_index + 1]
+        ctx[b.id] = list(prefix) + list(b.token_ids)
+        out.append((ctx[b.id], len(prefix)))
+    return out
+
+
+def distill(model, tokenizer, rows: list[dict], out: Path, cfg: HeadsTrainConfig, progress: ProgressFn) -> list[tuple[list[int], int]]:
+    """Sequences (context, first own index) for every row; cached in ``out/distill.jsonl``."""
+    from apar_spec import generate
+    from apar_spec.tokens import find_apar_tokens
+
+    path = out / "distill.jsonl"
+    def key(row: dict) -> str:  # answers are cached by what was asked, so a changed data file never mixes them up
+        return json.dumps([row["prompt"], row.get("answer")])
+
+    cached: dict[str, list] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a partial last line from an interrupted run: redo that batch
+                cached[rec["key"]] = rec["sequences"]
+    done: dict[int, list] = {i: cached[key(r)] for i, r in enumerate(rows) if key(r) in cached}
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "apar" if find_apar_tokens(tokenizer) is not None else "ar"
+    todo = [i for i in range(len(rows)) if i not in done]
+    with path.open("a") as f:
+        for start in range(0, len(todo), cfg.gen_batch_size):
+            batch = todo[start : start + cfg.gen_batch_size]
+            given = [i for i in batch if rows[i].get("answer")]
+            asked = [i for i in batch if not rows[i].get("answer")]
+            for i in given:
+                p = encode(tokenizer, rows[i]["prompt"])
+                a = tokenizer(rows[i]["answer"], add_special_tokens=False)["input_ids"]
+                done[i] = [[p + a, len(p)]]
+                f.write(json.dumps({"key": key(rows[i]), "sequences": done[i]}) + "\n")
+            if asked:
+                gens = generate(model, tokenizer, [encode(tokenizer, rows[i]["prompt"]) for i in asked], mode=mode,
+                                max_new_tokens=cfg.max_new_tokens, batch_size=len(asked))
+                for i, g in zip(asked, gens):
+                    done[i] = [[s, k] for s, k in branch_sequences(g)]
+                    f.write(json.dumps({"key": key(rows[i]), "sequences": done[i]}) + "\n")
+            f.flush()
+            progress(f"distill {len(done)}/{len(rows)} answers ({mode})")
+    return [(s, k) for i in range(len(rows)) for s, k in done[i]]
+
+
+@torch.inference_mode()
+def features(model, sequences: list[tuple[list[int], int]], num_heads: int, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H`` [N, d] final hidden states and ``Y`` [N, K] the tokens heads must predict (-100 = none)."""
+    base = model.get_decoder()
+    hs, ys = [], []
+    for start in range(0, len(sequences), chunk):
+        part = sequences[start : start + chunk]
+        width = max(len(s) for s, _ in part)
+        ids = torch.zeros(len(part), width, dtype=torch.long)  # [b, L] right-padded
+        mask = torch.zeros(len(part), width, dtype=torch.long)  # [b, L]
+        for j, (s, _) in enumerate(part):
+            ids[j, : len(s)] = torch.tensor(s)
+            mask[j, : len(s)] = 1
+        h = base(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).last_hidden_state.float().cpu()  # [b, L, d]
+        for j, (s, first) in enumerate(part):
+            t = torch.arange(max(first - 1, 0), len(s) - 2)  # positions whose head-0 target exists
+            if len(t) == 0:
+                continue
+            seq = torch.tensor(s + [-100] * (num_heads + 2))
+            y = torch.stack([seq[t + 2 + i] for i in range(num_heads)], dim=1)  # [n, K]
+            hs.append(h[j, t])
+            ys.append(y)
+    return torch.cat(hs), torch.cat(ys)
+
+
+def heads_loss(heads, lm_head, h: torch.Tensor, y: torch.Tensor, decay: float) -> tuple[torch.Tensor, list[float]]:
+    """Weighted cross-entropy over heads: h [B, d], y [B, K] -> (loss, per-head losses)."""
+    logits = lm_head(heads(h))  # [K, B, V]
+    losses = [torch.nn.functional.cross_entropy(logits[i].float(), y[:, i], ignore_index=-100) for i in range(logits.shape[0])]
+    total = sum((decay**i) * l for i, l in enumerate(losses))
+    return total, [float(l.detach()) for l in losses]
+
+
+@torch.no_grad()
+def head_accuracy(heads, lm_head, H: torch.Tensor, Y: torch.Tensor) -> list[float]:
+    """Per head: share of positions where its top-1 is the target's token."""
+    pred = lm_head(heads(H)).argmax(-1)  # [K, N]
+    out = []
+    for i in range(pred.shape[0]):
+        ok = Y[:, i] != -100
+        out.append(float((pred[i][ok] == Y[ok, i]).float().mean()) if ok.any() else 0.0)
+    return out
+
+
+def train_heads(model, tokenizer, rows: list[dict], out: str | Path, cfg: Optional[HeadsTrainConfig] = None,
+                target_name: str = "?", progress: Optional[ProgressFn] = None) -> dict:
+    """Distill, extract features, train; write heads to ``out``. Returns a small report."""
+    from accelerate import Accelerator
+
+    from apar_spec.drafts.heads import DraftHeads, save_heads, target_fingerprint
+    from apar_spec.drafts.registry import vocab_fingerprint
+
+    cfg = cfg or HeadsTrainConfig()
+    progress = progress or (lambda msg: None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        raise ValueError("no training prompts: the data file holds no rows")
+    t0 = time.perf_counter()
+    model.eval().requires_grad_(False)
+    sequences = distill(model, tokenizer, rows, out, cfg, progress)
+    H, Y = features(model, sequences, cfg.num_heads)
+    progress(f"features: {H.shape[0]} positions from {len(sequences)} sequences")
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(H.shape[0], generator=g)
+    n_val = min(2000, max(1, H.shape[0] // 10))
+    val, tr = order[:n_val], order[n_val:]
+    torch.manual_seed(cfg.seed)
+    accelerator = Accelerator(cpu=model.device.type == "cpu")
+    lm_head = model.get_output_embeddings()
+    heads = DraftHeads(H.shape[1], cfg.num_heads).to(device=model.device, dtype=torch.float32)
+    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    heads, opt = accelerator.prepare(heads, opt)
+    head_fp32 = _float_head(lm_head)
+    state_path = out / "train_state.pt"
+    step = 0
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        accelerator.unwrap_model(heads).load_state_dict(state["heads"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        progress(f"resumed at step {step}/{cfg.steps}")
+    dev = accelerator.device
+    Hv, Yv = H[val].to(dev), Y[val].to(dev)
+    with torch.no_grad():
+        first_val = heads_loss(heads, head_fp32, Hv, Yv, cfg.decay)[0].item() if step == 0 else None
+    while step < cfg.steps:
+        idx = tr[torch.randint(0, len(tr), (cfg.batch_size,), generator=g)]
+        loss, per_head = heads_loss(heads, head_fp32, H[idx].to(dev), Y[idx].to(dev), cfg.decay)
+        opt.zero_grad()
+        accelerator.backward(loss)
+        opt.step()
+        step += 1
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            torch.save({"heads": accelerator.unwrap_model(heads).state_dict(), "opt": opt.state_dict(), "step": step}, state_path)
+            progress(f"step {step}/{cfg.steps} loss {loss.item():.3f} per head {', '.join(f'{l:.2f}' for l in per_head)}")
+    final = accelerator.unwrap_model(heads)
+    with torch.no_grad():
+        val_loss = heads_loss(final, head_fp32, Hv, Yv, cfg.decay)[0].item()
+        acc = head_accuracy(final, head_fp32, Hv, Yv)
+    n, fp = vocab_fingerprint(tokenizer)
+    report = {
+        "target": target_name,
+        "hidden_size": H.shape[1],
+        "vocab_size": n,
+        "fingerprint": fp,
+        "target_fingerprint": target_fingerprint(model),
+        "val_loss_start": first_val,
+        "val_loss": val_loss,
+        "val_top1_accuracy": acc,
+        "positions": int(H.shape[0]),
+        "answers": len(rows),
+        "steps": cfg.steps,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    save_heads(final, out, report)
+    progress(f"wrote {out / 'heads.safetensors'}: val loss {val_loss:.3f}, top-1 per head {', '.join(f'{a:.2f}' for a in acc)}")
+    return report
+
+
+def _float_head(lm_head):
+    """The frozen LM head in float32 for training (a copy when the target is lower precision)."""
+    if lm_head.weight.dtype == torch.float32:
+        return lm_head
+    import copy
+
+    return copy.deepcopy(lm_head).float().requires_grad_(False)

@@ -1,0 +1,77 @@
+"""``apar-spec train-heads``: Medusa-1 draft heads for a frozen target (``apar_spec.train_heads``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from apar_spec.train_heads import HeadsTrainConfig
+
+from .errors import handle_errors
+from .output import print_json, stdout_console
+
+_D = HeadsTrainConfig()
+
+
+def read_rows(data: str) -> list[dict]:
+    """Rows with a ``prompt`` (and optionally an ``answer``) from a JSONL file, or
+    ``corpus:N`` = N training prompts of the embedded corpus generator (seeded)."""
+    if data.startswith("corpus:"):
+        from apar_spec.corpus import make_corpus
+
+        n = data.removeprefix("corpus:")
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--data {data}: write corpus:N with N >= 1, e.g. corpus:400")
+        return [{"prompt": ex.prompt} for ex in make_corpus(int(n), seed=7)]
+    from apar_spec.jsonl import json_objects
+
+    path = Path(data)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {data}: no such file (a JSONL file of {{\"prompt\": ...}} rows, or corpus:N)")
+    rows = []
+    for _, where, row in json_objects(path, path.read_text().splitlines()):
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f"{where}: needs a non-empty \"prompt\" string")
+        rows.append(row)
+    return rows
+
+
+@handle_errors
+def train_heads(
+    target: Annotated[str, typer.Option("--target", help="Frozen target: embedded name, local path or cached HF id.")],
+    data: Annotated[str, typer.Option("--data", help="JSONL of {\"prompt\"} rows (an \"answer\" is used as given), or corpus:N.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for heads.safetensors + heads.json (and resumable state).")],
+    num_heads: Annotated[int, typer.Option("--heads")] = _D.num_heads,
+    steps: Annotated[int, typer.Option("--steps")] = _D.steps,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Positions per step.")] = _D.batch_size,
+    lr: Annotated[float, typer.Option("--lr")] = _D.lr,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Per distilled answer.")] = _D.max_new_tokens,
+    seed: Annotated[int, typer.Option("--seed")] = _D.seed,
+    mode: Annotated[str, typer.Option("--mode", help="Distil answers in apar or ar mode (auto: apar iff the tokenizer has [Fork]).")] = _D.mode,
+    threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (0 = leave as is).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Self-distill draft heads (Medusa-1) for a frozen target; re-run with the same --out to resume."""
+    import torch
+
+    from apar_spec.loading import load
+    from apar_spec.train_heads import train_heads as train_fn
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    cfg = HeadsTrainConfig(num_heads=num_heads, steps=steps, batch_size=batch_size, lr=lr, max_new_tokens=max_new_tokens, seed=seed, mode=mode)
+    rows = read_rows(data)
+    model, tokenizer = load(target)
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not as_json else None
+    report = train_fn(model, tokenizer, rows, out, cfg, target_name=target, progress=progress)
+    if as_json:
+        print_json(report)
+        return
+    stdout_console().print(
+        f"trained {report['steps']} steps on {report['positions']} positions in {report['seconds']}s; val loss "
+        f"{report['val_loss_start']} -> {report['val_loss']:.3f}; top-1 per head "
+        f"{', '.join(f'{a:.2f}' for a in report['val_top1_accuracy'])}; saved to {out}", markup=False
+    )

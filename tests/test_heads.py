@@ -1,0 +1,130 @@
+"""Medusa-style draft heads: lossless trees in one pass, no extra forward, training, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from micro import CHILD, fork_processor, micro_model, micro_tokenizer
+from test_spec import PROMPTS, tree_key
+from test_tree_spec import SHAPES
+
+from apar_spec import generate
+from apar_spec.drafts.heads import DraftHeads, HeadsSpeculator, load_heads, save_heads, target_fingerprint
+from apar_spec.drafts.registry import resolve, vocab_fingerprint
+from apar_spec.train_heads import HeadsTrainConfig, train_heads
+
+
+def random_heads(model, seed=0, num_heads=4):
+    torch.manual_seed(seed)
+    heads = DraftHeads(model.config.hidden_size, num_heads).to(model.dtype)
+    with torch.no_grad():
+        for b in heads.blocks:
+            b.weight.normal_(0, 0.3)
+    return heads
+
+
+def speculator(model, seed=0):
+    return HeadsSpeculator(random_heads(model, seed), model.get_output_embeddings(), mask_ids=(CHILD,))
+
+
+@pytest.mark.parametrize("shape", [None] + SHAPES)
+def test_heads_trees_are_lossless_in_greedy(shape):
+    seed = 0 if shape is None else len(shape) % 3
+    model = micro_model("llama", seed=seed)
+    tok = micro_tokenizer()
+    proc = fork_processor(3, 3, salt=seed)
+    kw = dict(max_new_tokens=3000, max_branch_tokens=20, max_depth=3, logits_processor=proc, batch_size=3)
+    for plain_mode, spec_mode in [("ar", "spec"), ("apar", "apar+spec")]:
+        plain = generate(model, tok, PROMPTS, mode=plain_mode, **kw)
+        spec = generate(model, tok, PROMPTS, mode=spec_mode, draft=speculator(model, seed), tree=shape, **kw)
+        for p, s in zip(plain, spec):
+            assert tree_key(s) == tree_key(p)
+            assert s.token_ids == p.token_ids and s.text == p.text
+            assert s.stats.draft_forwards == 0 and s.stats.drafted > 0
+
+
+def test_heads_need_no_extra_target_forward_and_skip_a_childs_first_step():
+    model = micro_model("llama", seed=5)
+    calls = {"n": 0}
+    model.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    base_calls = {"n": 0}
+    model.get_decoder().register_forward_hook(lambda *a: base_calls.__setitem__("n", base_calls["n"] + 1))
+    proc = fork_processor(4, 3, salt=5)
+    seen = []
+
+    class Spy(HeadsSpeculator):
+        def propose(self, views, sampling=None):
+            seen.extend((v.parent is not None and len(v.tokens) == 1, v.hidden is None) for v in views)
+            return super().propose(views, sampling)
+
+    spy = Spy(random_heads(model), model.get_output_embeddings(), mask_ids=(CHILD,))
+    out = generate(model, micro_tokenizer(), PROMPTS[:1], mode="apar+spec", draft=spy, tree="topk:2x2",
+                   max_new_tokens=400, max_branch_tokens=24, logits_processor=proc)[0]
+    assert len(out.branches) >= 3
+    assert calls["n"] == 0  # every pass went through the base model + LM head ...
+    assert base_calls["n"] == out.stats.target_steps  # ... once per step: prefill + one verify per step
+    assert all(first == no_hidden for first, no_hidden in seen)  # only a child's first step lacks a hidden state
+
+
+def test_saved_heads_reload_and_refuse_another_target(tmp_path):
+    model, tok = micro_model("llama", seed=1), micro_tokenizer()
+    heads = random_heads(model)
+    n, fp = vocab_fingerprint(tok)
+    meta = {"target": "micro", "hidden_size": 32, "vocab_size": n, "fingerprint": fp, "target_fingerprint": target_fingerprint(model)}
+    save_heads(heads, tmp_path / "h", meta)
+    again = load_heads(tmp_path / "h", model, tok)
+    assert torch.allclose(again.blocks[0].weight, heads.blocks[0].weight.to(torch.bfloat16).to(model.dtype))
+    assert isinstance(resolve(str(tmp_path / "h"), model, tok), HeadsSpeculator)  # a heads folder path resolves too
+    with pytest.raises(ValueError, match="hidden size 32 .* has 16"):
+        load_heads(tmp_path / "h", micro_model("llama", hidden=16), tok)
+    other = json.loads((tmp_path / "h" / "heads.json").read_text())
+    other["fingerprint"] = "000000000000"
+    (tmp_path / "h" / "heads.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="fit vocabulary 000000000000"):
+        load_heads(tmp_path / "h", model, tok)
+
+
+def test_one_name_serves_several_targets_by_lm_head(tmp_path):
+    a, b, tok = micro_model("llama", seed=1), micro_model("llama", seed=2), micro_tokenizer()
+    for name, m in (("a", a), ("b", b)):
+        save_heads(random_heads(m, seed=ord(name)), tmp_path / "both" / name, {"target": name, "hidden_size": 32, "target_fingerprint": target_fingerprint(m)})
+    ha, hb = load_heads(tmp_path / "both", a), load_heads(tmp_path / "both", b)
+    assert not torch.equal(ha.blocks[0].weight, hb.blocks[0].weight)
+    with pytest.raises(ValueError, match="no draft heads .* were trained for this target"):
+        load_heads(tmp_path / "both", micro_model("llama", seed=3))
+
+
+def test_head_training_reduces_the_heads_loss(tmp_path):
+    torch.manual_seed(0)
+    model, tok = micro_model("llama", seed=9, dtype=torch.float32), micro_tokenizer()
+    rows = [{"prompt": f"w{5 + i % 20} w{6 + i % 13} w{7 + i % 7}"} for i in range(24)]
+    cfg = HeadsTrainConfig(num_heads=2, steps=60, batch_size=64, lr=3e-3, max_new_tokens=24, gen_batch_size=8, save_every=30)
+    rep = train_heads(model, tok, rows, tmp_path / "h", cfg, target_name="micro")
+    assert rep["val_loss"] < 0.9 * rep["val_loss_start"]
+    assert (tmp_path / "h" / "heads.safetensors").is_file() and (tmp_path / "h" / "distill.jsonl").is_file()
+    # resume: a second run with more steps continues from the saved state, distillation is not redone
+    lines = (tmp_path / "h" / "distill.jsonl").read_text()
+    msgs = []
+    cfg2 = HeadsTrainConfig(num_heads=2, steps=70, batch_size=64, lr=3e-3, max_new_tokens=24, gen_batch_size=8, save_every=30)
+    train_heads(model, tok, rows, tmp_path / "h", cfg2, target_name="micro", progress=msgs.append)
+    assert (tmp_path / "h" / "distill.jsonl").read_text() == lines
+    assert any("resumed at step 60" in m for m in msgs)
+
+
+def test_cli_train_heads_and_its_bad_input(tmp_path):
+    from test_bench import save_micro
+    from test_cli import assert_user_error, run
+
+    target = save_micro(tmp_path, "t", 0)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"w{5 + i} w{9 + i}"}) + "\n" for i in range(6)))
+    out = tmp_path / "h"
+    result = run("train-heads", "--target", target, "--data", str(data), "--out", str(out), "--steps", "4",
+                 "--heads", "2", "--max-new-tokens", "8", "--batch-size", "16")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "heads.json").read_text())["num_heads"] == 2
+    data.write_text('{"prompt": ""}\n')
+    assert_user_error(run("train-heads", "--target", target, "--data", str(data), "--out", str(out)), "line 1", "prompt")
+    assert_user_error(run("train-heads", "--target", target, "--data", "corpus:x", "--out", str(out)), "corpus:N")
