@@ -151,30 +151,39 @@ class Decoder:
         self.branch_cap = opts.max_branch_tokens or opts.max_new_tokens
         self.max_pos = getattr(model.config, "max_position_embeddings", None)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.requests_by_index: dict[int, Request] = {}
 
     # ------------------------------------------------------------ the loop
     def run(self, prompts: list[list[int]]) -> list[DecodeResult]:
         start = time.perf_counter()
         draft_forwards0 = self.spec.forwards if self.spec is not None else 0
+        self.requests_by_index = {}
         requests, tc = self.prefill(prompts)
         if self.spec is not None:
             self.spec.reset(len(requests), vocab_size=self.vocab_size, generator=self.generator)
         live = self.drop_finished(tc, list(requests))
         while live:
-            self.activate(live)
-            views = self.views(live)
-            proposal = self.propose(views)
-            fed, result = self.verify(tc, live, views, proposal)
-            kept = self.accept_and_commit(live, views, proposal, fed, result)
-            if self.spec is not None:
-                self.spec.observe(Outcome(views, kept))
-            self.collect_garbage(tc, live)
-            if self.on_step is not None:
-                self.on_step(live, tc)
+            self.step(tc, live)
             live = self.drop_finished(tc, live)
         wall = time.perf_counter() - start
         draft_forwards = (self.spec.forwards if self.spec is not None else 0) - draft_forwards0
         return [DecodeResult(r.prompt, r.branches, r.counters, wall, draft_forwards) for r in requests]
+
+    def step(self, tc: TreeCache, live: list[Request]) -> None:
+        """One round over every active branch of the ``live`` requests (rows of ``tc``).
+
+        ``run`` loops it over a fixed batch; the serving engine calls it between
+        admitting and retiring requests (continuous batching)."""
+        self.activate(live)
+        views = self.views(live)
+        proposal = self.propose(views)
+        fed, result = self.verify(tc, live, views, proposal)
+        kept = self.accept_and_commit(live, views, proposal, fed, result)
+        if self.spec is not None:
+            self.spec.observe(Outcome(views, kept))
+        self.collect_garbage(tc, live)
+        if self.on_step is not None:
+            self.on_step(live, tc)
 
     def drop_finished(self, tc: TreeCache, live: list[Request]) -> list[Request]:
         """Finished requests leave the batch (their cache rows go)."""
@@ -189,15 +198,23 @@ class Decoder:
         return live
 
     # ------------------------------------------------------------ prefill
-    def prefill(self, prompts: list[list[int]]) -> tuple[list[Request], TreeCache]:
-        """Compute the prompts' KV in one forward and sample each root branch's first token."""
+    def prefill(
+        self, prompts: list[list[int]], indices: Optional[list[int]] = None, budgets: Optional[list[int]] = None
+    ) -> tuple[list[Request], TreeCache]:
+        """Compute the prompts' KV in one forward and sample each root branch's first token.
+
+        ``indices``: the requests' stable ids (default 0..n-1); ``budgets``: per-request
+        token budgets (default ``max_new_tokens``). The serving engine passes both and
+        merges the returned cache into its running batch (``TreeCache.add_rows``)."""
         tc = TreeCache(self.model, len(prompts))
         requests = []
         for row, prompt in enumerate(prompts):
             nodes = tc.add_chain(row, prompt, -1)
             root = Branch(id=0, parent=None, fork_index=None, level=0, active=True, k=self.opts.num_draft_tokens)
-            requests.append(Request(row, row, list(prompt), nodes, [root], budget=self.opts.max_new_tokens))
-        self.requests_by_index = {r.index: r for r in requests}
+            index = row if indices is None else indices[row]
+            budget = self.opts.max_new_tokens if budgets is None else budgets[row]
+            requests.append(Request(index, row, list(prompt), nodes, [root], budget=budget))
+        self.requests_by_index.update({r.index: r for r in requests})
         result = tc.forward()
         for r in requests:
             r.counters.target_steps += 1

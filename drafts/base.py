@@ -5,6 +5,11 @@ a chain of draft tokens (and, when sampling, the distribution each was drawn
 from). After verification the decoder calls ``observe`` with how many drafts of
 each branch were accepted, so a stateful speculator (a draft LM with its own
 cache) can roll back. Stateless ones (n-gram) ignore it.
+
+Serving (continuous batching) adds two hooks, in ``ServingSpeculator``: requests
+join (``admit``) and leave (``release``) a running batch, so state keyed by request
+index (a draft LM's cache rows) must grow and shrink. They are a separate protocol
+so that a speculator written for ``generate`` alone stays a valid ``Speculator``.
 """
 
 from __future__ import annotations
@@ -63,3 +68,17 @@ class Speculator(Protocol):
     def forwards(self) -> int:
         """Draft-model forward passes so far (0 for model-free speculators)."""
         ...
+
+
+@runtime_checkable
+class ServingSpeculator(Speculator, Protocol):
+    """A speculator the serving engine can use: requests join and leave between steps.
+
+    The engine calls ``reset(0, ...)`` once, then ``admit(indices)`` after the
+    requests' prefill (before their first ``propose``) and ``release(indices)`` when
+    they finish or are cancelled (no view of them follows). Indices are unique for
+    the engine's lifetime."""
+
+    def admit(self, indices: list[int]) -> None: ...
+
+    def release(self, indices: list[int]) -> None: ...
