@@ -332,7 +332,7 @@ def apar_stats(handle, g, branches: bool = False) -> dict:
     out = {
         "steps": s.target_steps, "num_branches": s.num_branches, "mean_acceptance_length": s.mean_acceptance_length,
         "accepted": s.accepted, "drafted": s.drafted, "draft_forwards": s.draft_forwards, "peak_live_kv": s.peak_live_kv,
-        "critical_path": s.critical_path,
+        "critical_path": s.critical_path, "answer_tokens": len(g.token_ids),
         "queue_wait_s": (handle.t_admit - handle.t_submit) if handle.t_admit else None,
         "ttft_s": (handle.t_first_token - handle.t_submit) if handle.t_first_token else None,
         "e2e_s": (handle.t_finish - handle.t_submit) if handle.t_finish else None,
