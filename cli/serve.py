@@ -186,6 +186,7 @@ def _render(rows, g, console) -> None:
     console.print(
         f"at the rate where AR saturates ({sat}): APAR/AR output tok/s {x(g.throughput_ratio)}, req/s {x(g.request_ratio)}, "
         f"p50 e2e {x(g.e2e_p50_ratio)}; APAR+spec/AR tok/s {x(g.spec_throughput_ratio)}, p50 e2e {x(g.spec_e2e_p50_ratio)}; "
+        f"capacity (rate inf) APAR/AR tok/s {x(g.capacity_ratio)}, APAR+spec/AR {x(g.spec_capacity_ratio)}; "
         f"outputs == offline: {'-' if g.lossless_min is None else f'{100 * g.lossless_min:.0f}%'} (lowest row); failed requests: {g.failed}",
         markup=False, highlight=False, soft_wrap=True,
     )

@@ -44,14 +44,14 @@ def test_parse_rates_and_percentile():
     assert percentile([0.0, 10.0], 0.9) == pytest.approx(9.0)
 
 
-def rec(e2e, tokens=10, ok=True):
-    return RequestRecord("p", 0.0, 0.1, e2e, 0.0, tokens, tokens, 1, ok)
+def rec(e2e, tokens=10, ok=True, wait=0.0):
+    return RequestRecord("p", 0.0, 0.1, e2e, wait, tokens, tokens, 1, ok)
 
 
 def test_summary_and_goals():
     rows = [
-        summarize("ar", "b", 2.0, [rec(1.0), rec(2.0)], 1.0, 100, 200, "x", 1.0),  # 2 req/s at rate 2: not saturated
-        summarize("ar", "b", 4.0, [rec(2.0), rec(4.0), rec(3.0, ok=False)], 2.0, 100, 200, "x", 1.0),  # 1 req/s < 3.6
+        summarize("ar", "b", 2.0, [rec(1.0, wait=0.2), rec(2.0, wait=0.4)], 1.0, 100, 200, "x", 1.0),  # waits < e2e/2
+        summarize("ar", "b", 4.0, [rec(2.0, wait=1.5), rec(4.0, wait=2.5), rec(3.0, ok=False)], 2.0, 100, 200, "x", 1.0),  # queue-bound
         summarize("apar", "a", 4.0, [rec(1.0), rec(2.0), rec(1.5)], 1.0, 90, 200, "x", 1.0),
     ]
     assert rows[1].completed == 2 and rows[1].failed == 1 and rows[1].e2e_p50 == 3.0
@@ -59,7 +59,7 @@ def test_summary_and_goals():
     assert g.saturation_rate == 4.0
     assert g.throughput_ratio == pytest.approx((30 / 1.0) / (20 / 2.0))
     assert g.e2e_p50_ratio == pytest.approx(1.5 / 3.0)
-    assert g.spec_throughput_ratio is None and g.failed == 1
+    assert g.spec_throughput_ratio is None and g.capacity_ratio is None and g.failed == 1
     assert len(terminal_chart(rows)) == 3
 
 

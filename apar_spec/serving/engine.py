@@ -100,11 +100,18 @@ class RequestHandle:
     draft_forwards0: int = 0
     final_deltas: list = field(default_factory=list)  # committed in the request's last step
 
-    def deliver(self, event: StreamEvent) -> None:
-        if self.on_event is not None:
-            self.on_event(event)
-        else:
+    def deliver(self, event: StreamEvent) -> bool:
+        """Hand an event to the client; False if its callback failed (e.g. its event loop
+        closed), which the engine treats as a disconnect - never as an engine error."""
+        if self.on_event is None:
             self.events.put(event)
+            return True
+        try:
+            self.on_event(event)
+            return True
+        except Exception:
+            log.warning("request %d: event callback failed; cancelling it", self.id, exc_info=True)
+            return False
 
     def result(self, timeout: Optional[float] = None):
         """Block until the request ends; its ``Generation`` (raises on an engine error)."""
@@ -418,8 +425,9 @@ class Engine:
                 h.t_first_token = now
             if r.done:
                 h.final_deltas.extend(deltas)
-            elif deltas:
-                h.deliver(StreamEvent(r.index, deltas))
+            elif deltas and not h.deliver(StreamEvent(r.index, deltas)):
+                h.cancelled = True
+                self.decoder.finish_request(r, "cancelled")
         self.stats.output_tokens += n_total
         self.stats.recent.append((now, n_total))
 
