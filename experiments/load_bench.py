@@ -249,7 +249,9 @@ async def _one_http(client, url: str, model: str, pid: str, text: str, max_token
     )
 
 
-def run_http(url: str, texts: list[tuple[str, str]], arrivals: list[float], max_tokens: int, timeout_s: float) -> tuple[list[RequestRecord], float, str, Optional[int]]:
+def run_http(url: str, texts: list[tuple[str, str]], arrivals: list[float], max_tokens: int, timeout_s: float) -> tuple[list[RequestRecord], float, str, Optional[int], Optional[int]]:
+    """Stream every request through ``url``; also returns the server's model name, its peak
+    live KV since it started and its KV budget (from /metrics)."""
     import httpx
 
     url = url.rstrip("/")
@@ -262,8 +264,10 @@ def run_http(url: str, texts: list[tuple[str, str]], arrivals: list[float], max_
             records = await asyncio.gather(*(_one_http(client, url, model, pid, text, max_tokens, at, start) for (pid, text), at in zip(texts, arrivals)))
             duration = max((r.arrival_s + (r.e2e_s or 0.0)) for r in records)
             metrics = (await client.get(f"{url}/metrics")).text
-            peak = next((int(float(ln.split()[1])) for ln in metrics.splitlines() if ln.startswith("apar_spec_kv_live_slots_peak ")), None)
-            return list(records), duration, model, peak
+            values = {ln.split()[0]: float(ln.split()[1]) for ln in metrics.splitlines() if ln and not ln.startswith("#")}
+            peak = values.get("apar_spec_kv_live_slots_peak")
+            budget = values.get("apar_spec_kv_budget_slots")
+            return list(records), duration, model, None if peak is None else int(peak), int(budget) if budget else None
 
     return asyncio.run(main())
 
@@ -297,8 +301,8 @@ def load_bench(settings: LoadSettings, progress=None) -> list[LoadRow]:
         for rate in settings.rates:
             say(f"{settings.url} rate={rate}")
             arrivals = arrival_times(len(texts), rate, settings.seed)
-            records, duration, model, peak = run_http(settings.url, texts, arrivals, settings.max_new_tokens, settings.timeout_s)
-            rows.append(summarize("server", model, rate, records, duration, peak, None, settings.url, None))
+            records, duration, model, peak, budget = run_http(settings.url, texts, arrivals, settings.max_new_tokens, settings.timeout_s)
+            rows.append(summarize("server", model, rate, records, duration, peak, budget, settings.url, None))
         return rows
 
     for mode in settings.modes:

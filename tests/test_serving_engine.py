@@ -117,8 +117,10 @@ def test_cancel_while_queued():
     engine.step()
     assert engine.stats.queued == 1
     engine.cancel(b)
+    engine.step()
+    assert engine.stats.queued == 0 and b.cancelled and b.done.is_set()
     engine.run_until_idle()
-    assert b.cancelled and b.done.is_set() and a.result(0).token_ids
+    assert a.result(0).token_ids and engine.stats.live_kv == 0 and engine.stats.running == 0
 
 
 def test_refusals_are_clear():

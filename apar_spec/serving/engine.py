@@ -299,6 +299,7 @@ class Engine:
             for h in [h for h in self._waiting if h.id in cancels]:
                 self._waiting.remove(h)
                 self._end(h, cancelled=True)
+            self.stats.queued = len(self._waiting)
         for r in self._live:
             if r.index in cancels:
                 self.decoder.finish_request(r, "cancelled")
@@ -456,6 +457,7 @@ class Engine:
         self.stats.running = len(self._live)
         if not self._live:
             self._tc = None
+            self.stats.live_kv = 0
 
     def _end(self, h: RequestHandle, cancelled: bool, deltas: Optional[list] = None, error: Optional[str] = None) -> None:
         h.t_finish = time.perf_counter()
