@@ -4,6 +4,8 @@ Method (why each choice):
 
 - Arrivals: Poisson at rate R (exponential gaps from a seeded RNG, the SAME schedule
   and prompt order for every mode at a given rate), or all at once (``inf``).
+- Runs are interleaved (for each rate, every mode in turn) so that a drift of a shared
+  machine's state hits every mode alike.
 - Modes: ``ar`` on the AR baseline (``tiny-base`` for ``tiny-apar``, as the paper
   compares APAR-7B with its base), ``apar`` and ``apar+spec`` on the target, all under
   the same KV budget (slots of logical live KV, see ``apar_spec.serving.engine``).
@@ -314,6 +316,7 @@ def load_bench(settings: LoadSettings, progress=None) -> list[LoadRow]:
     with torch_threads(settings.threads, ms.device):
         marker = hf_marker(ms.baseline, encode_prompt(ms.baseline, chosen[0].text))
         say(f"HF generate on {ms.baseline.name}: {marker:.0f} tok/s (machine-state marker)")
+        setups = {}
         for mode in settings.modes:
             loaded = ms.for_config(mode)
             ids = [(p.id, encode_prompt(loaded, p.text)) for p in chosen]
@@ -323,7 +326,11 @@ def load_bench(settings: LoadSettings, progress=None) -> list[LoadRow]:
             if settings.check_offline:
                 for pid, p_ids in dict(ids).items():
                     offline[pid] = generate(loaded.model, loaded.tokenizer, [p_ids], mode=mode, draft=draft, **opts)[0].token_ids
-            for rate in settings.rates:
+            setups[mode] = (loaded, ids, draft, opts, offline)
+        # rates outside, modes inside: a drift of the machine's state hits every mode alike
+        for rate in settings.rates:
+            for mode in settings.modes:
+                loaded, ids, draft, opts, offline = setups[mode]
                 say(f"{mode} on {loaded.name}, rate={rate}")
                 engine = Engine(loaded.model, loaded.tokenizer, mode=mode, draft=draft, kv_budget=settings.kv_budget, **opts)
                 # warm-up (allocation, first-call costs) outside the timed run
@@ -343,6 +350,7 @@ def load_bench(settings: LoadSettings, progress=None) -> list[LoadRow]:
                 if engine.stats.budget_violations:
                     raise RuntimeError(f"live KV exceeded the budget in {engine.stats.budget_violations} step(s) ({mode}, rate {rate})")
                 rows.append(row)
+        rows.sort(key=lambda r: (list(settings.modes).index(r.mode), list(settings.rates).index(r.rate)))
     return rows
 
 

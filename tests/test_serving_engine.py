@@ -23,7 +23,7 @@ TOK = micro_tokenizer()
 PROC = fork_processor()
 
 
-def random_workload(seed: int, n: int = 7):
+def random_workload(seed: int, n: int = 6):
     rng = random.Random(seed)
     prompts = [[1] + [rng.randrange(5, 64) for _ in range(rng.randrange(2, 12))] for _ in range(n)]
     budgets = [rng.choice([6, 15, 32]) for _ in range(n)]
@@ -46,7 +46,7 @@ def serve(engine: Engine, prompts, budgets, arrivals):
 
 @pytest.mark.parametrize(
     "mode,draft,seed",
-    [("ar", None, 0), ("apar", None, 1), ("apar", None, 2), ("apar+spec", DRAFT, 3), ("spec", "ngram", 4), ("spec", DRAFT, 5)],
+    [("ar", None, 0), ("apar", None, 1), ("apar+spec", DRAFT, 3), ("spec", "ngram", 4)],
 )
 def test_served_equals_offline_under_random_arrivals(mode, draft, seed):
     prompts, budgets, arrivals = random_workload(seed)
