@@ -172,6 +172,16 @@ def test_bad_input_is_an_openai_error(server, what, kwargs, status, param):
         assert "not supported" in err["message"]
 
 
+def test_neutral_values_of_unsupported_options_are_accepted(server):
+    client, _ = server
+    body = {"model": NAME, "messages": [{"role": "user", "content": "w5 w6"}], "max_tokens": 4, "n": 1, "logprobs": False,
+            "presence_penalty": 0.0, "frequency_penalty": 0, "stop": [], "temperature": 0, "top_p": 1.0, "user": "x"}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    for name, value in (("logprobs", True), ("presence_penalty", 0.5), ("n", True), ("echo", True)):
+        r = client.post("/v1/chat/completions", json={**body, name: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == name, (name, r.text)
+
+
 def test_bad_chat_input(server):
     client, _ = server
     for body in ({"model": NAME}, {"model": NAME, "messages": []}, {"model": NAME, "messages": [{"role": "user"}]},

@@ -37,11 +37,11 @@ MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt the context can hold
 # Sampling knobs whose value is fixed for the whole server (one decode loop, one rule):
 # a request may repeat the server's value or leave it out.
 _FIXED = ("temperature", "top_p")
-# Options we do not implement: a request that sets them to anything but the neutral value is refused.
-_UNSUPPORTED = {
-    "n": 1, "best_of": 1, "logprobs": None, "top_logprobs": None, "echo": False, "suffix": None, "stop": None,
-    "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "tools": None, "tool_choice": None,
-    "functions": None, "response_format": None,
+# Options we do not implement: a request that sets them to anything but a neutral value is refused.
+_UNSUPPORTED: dict[str, list] = {
+    "n": [1], "best_of": [1], "logprobs": [None, False], "top_logprobs": [None, 0], "echo": [False], "suffix": [None, ""],
+    "stop": [None, "", []], "presence_penalty": [0], "frequency_penalty": [0], "logit_bias": [None, {}],
+    "tools": [None, []], "tool_choice": [None, "none"], "functions": [None, []], "response_format": [None, {"type": "text"}],
 }
 
 
@@ -228,6 +228,22 @@ async def read_json(request: Request, limit: int) -> dict:
     return body
 
 
+def _is_neutral(value, allowed: list) -> bool:
+    """``value`` is None or one of ``allowed`` (booleans never pass for numbers, nor the reverse)."""
+    if value is None:
+        return True
+    for v in allowed:
+        if isinstance(v, bool) or isinstance(value, bool):
+            if isinstance(v, bool) and isinstance(value, bool) and v == value:
+                return True
+        elif isinstance(v, (int, float)) and isinstance(value, (int, float)):
+            if float(v) == float(value):
+                return True
+        elif v == value:
+            return True
+    return False
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -258,9 +274,9 @@ def check_common(body: dict, engine: Engine, model_name: str, default_max: int) 
     if not isinstance(opts, dict):
         raise ApiError(400, "'stream_options' must be an object", param="stream_options")
     for name, neutral in _UNSUPPORTED.items():
-        value = body.get(name, neutral)
-        if value is not None and value != neutral and not (name == "stop" and value in ([], "")):
-            raise ApiError(400, f"'{name}'={json.dumps(value)[:40]} is not supported by this server (only {json.dumps(neutral)})", param=name, code="unsupported")
+        value = body.get(name, neutral[0])
+        if not _is_neutral(value, neutral):
+            raise ApiError(400, f"'{name}'={json.dumps(value)[:40]} is not supported by this server (only {json.dumps(neutral[0])})", param=name, code="unsupported")
     server = {"temperature": engine.opts.temperature, "top_p": engine.opts.top_p}
     for name in _FIXED:
         value = body.get(name)
