@@ -164,26 +164,19 @@ class Decoder:
             raise ValueError("tree='auto' must be resolved by the cost model before decoding; give a shape such as 'topk:2x3'")
         self.shape: Optional[TreeShape] = None if opts.tree is None else parse_tree(opts.tree)
         self.wants_hidden = bool(getattr(speculator, "needs_hidden", False))
+        self.requests_by_index: dict[int, Request] = {}
 
     # ------------------------------------------------------------ the loop
     def run(self, prompts: list[list[int]]) -> list[DecodeResult]:
         start = time.perf_counter()
         draft_forwards0 = self.spec.forwards if self.spec is not None else 0
+        self.requests_by_index = {}
         requests, tc = self.prefill(prompts)
         if self.spec is not None:
             self.spec.reset(len(requests), vocab_size=self.vocab_size, generator=self.generator)
         live = self.drop_finished(tc, list(requests))
         while live:
-            self.activate(live)
-            views = self.views(live)
-            proposal = self.propose(views)
-            fed, result = self.verify(tc, live, views, proposal)
-            paths = self.accept_and_commit(live, views, proposal, fed, result)
-            if self.spec is not None:
-                self.spec.observe(self.outcome(live, views, paths))
-            self.collect_garbage(tc, live)
-            if self.on_step is not None:
-                self.on_step(live, tc)
+            self.step(tc, live)
             live = self.drop_finished(tc, live)
         wall = time.perf_counter() - start
         draft_forwards = (self.spec.forwards if self.spec is not None else 0) - draft_forwards0
@@ -193,6 +186,22 @@ class Decoder:
         by_index = {r.index: r for r in live}
         hidden = [by_index[v.request].branches[v.branch].hidden for v in views] if self.wants_hidden else []
         return Outcome(views, [len(p) for p in paths], paths, hidden)
+
+    def step(self, tc: TreeCache, live: list[Request]) -> None:
+        """One round over every active branch of the ``live`` requests (rows of ``tc``).
+
+        ``run`` loops it over a fixed batch; the serving engine calls it between
+        admitting and retiring requests (continuous batching)."""
+        self.activate(live)
+        views = self.views(live)
+        proposal = self.propose(views)
+        fed, result = self.verify(tc, live, views, proposal)
+        paths = self.accept_and_commit(live, views, proposal, fed, result)
+        if self.spec is not None:
+            self.spec.observe(self.outcome(live, views, paths))
+        self.collect_garbage(tc, live)
+        if self.on_step is not None:
+            self.on_step(live, tc)
 
     def drop_finished(self, tc: TreeCache, live: list[Request]) -> list[Request]:
         """Finished requests leave the batch (their cache rows go)."""
@@ -207,15 +216,23 @@ class Decoder:
         return live
 
     # ------------------------------------------------------------ prefill
-    def prefill(self, prompts: list[list[int]]) -> tuple[list[Request], TreeCache]:
-        """Compute the prompts' KV in one forward and sample each root branch's first token."""
+    def prefill(
+        self, prompts: list[list[int]], indices: Optional[list[int]] = None, budgets: Optional[list[int]] = None
+    ) -> tuple[list[Request], TreeCache]:
+        """Compute the prompts' KV in one forward and sample each root branch's first token.
+
+        ``indices``: the requests' stable ids (default 0..n-1); ``budgets``: per-request
+        token budgets (default ``max_new_tokens``). The serving engine passes both and
+        merges the returned cache into its running batch (``TreeCache.add_rows``)."""
         tc = TreeCache(self.model, len(prompts))
         requests = []
         for row, prompt in enumerate(prompts):
             nodes = tc.add_chain(row, prompt, -1)
             root = Branch(id=0, parent=None, fork_index=None, level=0, active=True, k=self.opts.num_draft_tokens)
-            requests.append(Request(row, row, list(prompt), nodes, [root], budget=self.opts.max_new_tokens))
-        self.requests_by_index = {r.index: r for r in requests}
+            index = row if indices is None else indices[row]
+            budget = self.opts.max_new_tokens if budgets is None else budgets[row]
+            requests.append(Request(index, row, list(prompt), nodes, [root], budget=budget))
+        self.requests_by_index.update({r.index: r for r in requests})
         result = tc.forward(hidden=self.wants_hidden)
         for r in requests:
             r.counters.target_steps += 1

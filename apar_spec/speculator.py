@@ -100,3 +100,18 @@ class Speculator(Protocol):
     def forwards(self) -> int:
         """Draft-model forward passes so far (0 for model-free speculators)."""
         ...
+
+
+@runtime_checkable
+class ServingSpeculator(Speculator, Protocol):
+    """A speculator the serving engine can use: requests join and leave between steps.
+
+    The engine calls ``reset(0, ...)`` once, then ``admit(indices)`` after the
+    requests' prefill (before their first ``propose``) and ``release(indices)`` when
+    they finish or are cancelled (no view of them follows). Indices are unique for
+    the engine's lifetime. A separate protocol, so that a speculator written for
+    ``generate`` alone stays a valid ``Speculator``."""
+
+    def admit(self, indices: list[int]) -> None: ...
+
+    def release(self, indices: list[int]) -> None: ...

@@ -232,6 +232,65 @@ class TreeCache:
             for new_slot, node in enumerate(kept_nodes):
                 r.slot_of[node] = new_slot
 
+    # ----------------------------------------------------------------- rows
+    def _pad_slots(self, n: int) -> None:
+        """Grow the slot axis to ``n`` with padding slots: zero KV, no node, seen by nobody."""
+        extra = n - self._n
+        if extra <= 0:
+            return
+        for layer in self.cache.layers:
+            if layer.keys is not None and layer.keys.dim() == 4:
+                pad = layer.keys.new_zeros(layer.keys.shape[0], layer.keys.shape[1], extra, layer.keys.shape[3])
+                layer.keys = torch.cat([layer.keys, pad], dim=2)
+                layer.values = torch.cat([layer.values, pad.to(layer.values.dtype)], dim=2)
+        self._ensure_capacity(n)
+        self._vis[:, self._n : n] = False  # rows left over from before a compaction
+        for r in self.rows:
+            r.slot_node.extend([-1] * extra)
+        self._n = n
+
+    @torch.inference_mode()
+    def add_rows(self, other: "TreeCache") -> None:
+        """Append ``other``'s rows (requests prefilled in a cache of their own) to this batch.
+
+        Why a merge and not a prefill in place: prefilling new prompts inside the running
+        batch would pad every running row to the prompts' length in that forward. Both
+        caches are padded along the slot axis to the longer one; a row only ever sees its
+        own slots (the mask is per row), so the padding is invisible to everyone.
+        """
+        if other.model is not self.model:
+            raise ValueError("add_rows: both caches must belong to the same model")
+        n = max(self._n, other._n)
+        self._pad_slots(n)
+        other._pad_slots(n)
+        n_self, n_other = len(self.rows), len(other.rows)
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            a = mine.keys if mine.keys is not None and mine.keys.dim() == 4 else None
+            b = theirs.keys if theirs.keys is not None and theirs.keys.dim() == 4 else None
+            if a is None and b is None:
+                continue  # no slots on either side yet
+            like = a if a is not None else b  # [rows, kv_heads, slots, head_dim]
+            keys, values = [], []
+            for layer, kv, rows in ((mine, a, n_self), (theirs, b, n_other)):
+                if kv is None:  # this side has no KV yet: zeros (its rows have no slots)
+                    zeros = like.new_zeros(rows, like.shape[1], n, like.shape[3])
+                    keys.append(zeros)
+                    values.append(zeros)
+                else:
+                    keys.append(layer.keys)
+                    values.append(layer.values)
+            mine.keys = torch.cat(keys, dim=0)  # [rows + new rows, kv_heads, slots, head_dim]
+            mine.values = torch.cat(values, dim=0)
+            if not mine.is_initialized:
+                mine.is_initialized, mine.device = True, like.device
+        cap = max(self._vis.shape[1], other._vis.shape[1], 64)
+        vis = torch.zeros(n_self + n_other, cap, cap, dtype=torch.bool, device=self.device)  # [rows, capacity, capacity]
+        vis[:n_self, :n, :n] = self._vis[:, :n, :n]
+        vis[n_self:, :n, :n] = other._vis[:, :n, :n]
+        self._vis = vis
+        self.rows.extend(other.rows)
+        self.forwards += other.forwards
+
     @torch.inference_mode()
     def drop_rows(self, keep_rows: list[int]) -> None:
         """Forget finished requests: their rows leave the batch (and the cache)."""

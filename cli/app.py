@@ -449,6 +449,12 @@ def drafts_show(name: Annotated[str, typer.Argument(help="A registry name.")], a
         console.print(f"{key}: {shown if shown not in (None, '') else '-'}", markup=False)
 
 
+from .serve import load_bench_command, serve_command  # noqa: E402  (serving commands live in cli/serve.py)
+
+app.command("serve")(serve_command)
+app.command("load-bench")(load_bench_command)
+
+
 def main() -> None:
     """Console-script entry point (``apar-spec``)."""
     app()

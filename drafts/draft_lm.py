@@ -45,12 +45,39 @@ class DraftModelSpeculator:
 
     def reset(self, num_requests: int, vocab_size: int, generator: Optional[torch.Generator] = None) -> None:
         self.tc = TreeCache(self.model, num_requests)
+        self.row: dict[int, int] = {i: i for i in range(num_requests)}  # request index -> draft cache row
         self.vocab_size = vocab_size
         self.generator = generator
         self.prompt_last: dict[int, int] = {}  # request -> draft node of its last prompt token
         self.nodes: dict[Key, list[int]] = {}  # draft nodes of the branch's tokens[:len]
         self.drafted: dict[Key, list[int]] = {}  # draft nodes fed for d_1..d_{k-1} this step
         self.grown = 0
+
+    # ------------------------------------------------------------ serving
+    def admit(self, indices: list[int]) -> None:
+        """Requests join the batch: one empty draft-cache row each (their prompt is fed lazily
+        at their first ``propose``, like every request's)."""
+        first = len(self.tc.rows)
+        self.tc.add_rows(TreeCache(self.model, len(indices)))
+        for j, index in enumerate(indices):
+            self.row[index] = first + j
+
+    def release(self, indices: list[int]) -> None:
+        """Requests left the batch: drop their rows and every state keyed on them."""
+        gone = {self.row.pop(i) for i in indices if i in self.row}
+        if not gone:
+            return
+        keep = [row for row in range(len(self.tc.rows)) if row not in gone]
+        if keep:
+            self.tc.drop_rows(keep)
+        else:
+            self.tc = TreeCache(self.model, 0)
+        new_row = {old: new for new, old in enumerate(keep)}
+        self.row = {i: new_row[r] for i, r in self.row.items()}
+        dropped = set(indices)
+        self.prompt_last = {i: n for i, n in self.prompt_last.items() if i not in dropped}
+        self.nodes = {key: n for key, n in self.nodes.items() if key[0] not in dropped}
+        self.grown = min(self.grown, self.tc.num_slots)
 
     # ------------------------------------------------------------ propose
     @torch.inference_mode()
@@ -81,7 +108,7 @@ class DraftModelSpeculator:
                             if parent not in reads[i]:
                                 continue
                             j = index[i][node]
-                            reads[i][node] = tc.add(v.request, tokens[i][j], reads[i][parent])
+                            reads[i][node] = tc.add(self.row[v.request], tokens[i][j], reads[i][parent])
                             self.drafted[(v.request, v.branch)][j] = reads[i][node]
             if not any(tc.rows[r].scheduled for r in range(len(tc.rows))):
                 break
@@ -95,7 +122,7 @@ class DraftModelSpeculator:
             ]
             if not frontier:
                 break
-            logits = torch.stack([result.of(views[i].request, [reads[i][node]])[0] for i, node in frontier]).float()  # [m, V_draft]
+            logits = torch.stack([result.of(self.row[views[i].request], [reads[i][node]])[0] for i, node in frontier]).float()  # [m, V_draft]
             logits = self._fit_vocab(logits)  # [m, V]
             if self.logits_processor is not None:
                 for row, (i, node) in enumerate(frontier):
@@ -139,7 +166,7 @@ class DraftModelSpeculator:
             # a request is first seen through its root branch (the only branch at its first step)
             assert v.parent is None, "a request's first view must be its root branch"
             prompt = v.context[: len(v.context) - len(v.tokens)]
-            self.prompt_last[v.request] = tc.add_chain(v.request, prompt, -1)[-1]
+            self.prompt_last[v.request] = tc.add_chain(self.row[v.request], prompt, -1)[-1]
         nodes = self.nodes.setdefault(key, [])
         if nodes:
             anchor = nodes[-1]
@@ -147,7 +174,7 @@ class DraftModelSpeculator:
             anchor = self.prompt_last[v.request]
         else:
             anchor = self._parent_fork_node(v)
-        nodes.extend(tc.add_chain(v.request, v.tokens[len(nodes) :], anchor))
+        nodes.extend(tc.add_chain(self.row[v.request], v.tokens[len(nodes) :], anchor))
         return nodes[-1]
 
     def _parent_fork_node(self, v: BranchView) -> int:
@@ -159,7 +186,7 @@ class DraftModelSpeculator:
             # the parent committed its [Fork] (and maybe finished) since the draft last saw it:
             # its tokens up to the fork are the part of the child's context just before the child's own.
             prefix = v.context[len(v.context) - len(v.tokens) - need : len(v.context) - len(v.tokens)]
-            pnodes.extend(self.tc.add_chain(v.request, prefix[len(pnodes) :], pnodes[-1]))
+            pnodes.extend(self.tc.add_chain(self.row[v.request], prefix[len(pnodes) :], pnodes[-1]))
         return pnodes[v.fork_index]
 
     # ------------------------------------------------------------ observe
@@ -184,15 +211,16 @@ class DraftModelSpeculator:
         live: list[set[int]] = [set() for _ in tc.rows]
         for v in views:
             n = self.nodes[(v.request, v.branch)][-1]
-            row = tc.rows[v.request]
-            seen = live[v.request]
+            row = tc.rows[self.row[v.request]]
+            seen = live[self.row[v.request]]
             while n >= 0 and n not in seen:
                 seen.add(n)
                 n = row.parent[n]
         # Committed nodes all stay (a queued child may need a finished parent's prefix);
         # what goes is the rejected drafts.
         for (req, br), nodes in self.nodes.items():
-            live[req].update(n for n in nodes if tc.rows[req].slot_of[n] >= 0)
+            row = self.row[req]
+            live[row].update(n for n in nodes if tc.rows[row].slot_of[n] >= 0)
         if tc.garbage(live) >= 0.25 * tc.num_slots:
             tc.compact(live)
         self.grown = tc.num_slots

@@ -179,3 +179,10 @@ class HeadsSpeculator:
 
     def observe(self, outcome: Outcome) -> None:
         pass
+
+    # Serving: the heads keep no per-request state (the hidden state comes with each view).
+    def admit(self, indices: list[int]) -> None:
+        pass
+
+    def release(self, indices: list[int]) -> None:
+        pass

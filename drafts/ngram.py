@@ -29,6 +29,12 @@ class NGramSpeculator:
     def reset(self, num_requests: int, vocab_size: int, generator=None) -> None:
         pass
 
+    def admit(self, indices: list[int]) -> None:
+        pass
+
+    def release(self, indices: list[int]) -> None:
+        pass
+
     def propose(self, views: list[BranchView], sampling=None) -> Proposal:
         return Proposal([self.lookup(v.context, v.k) for v in views], [None] * len(views))
 

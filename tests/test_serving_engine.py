@@ -1,0 +1,160 @@
+"""The serving engine (continuous batching) against offline ``generate`` (float64 micro models).
+
+Requests arrive at random steps with random budgets under a tight KV budget, so
+admissions, queueing, merges of new rows into the running cache and retirements all
+happen mid-flight; every request's tokens (all branches) must equal its offline
+decode, and the logical live KV must never pass the budget.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+from micro import CHILD, fork_processor, micro_model, micro_tokenizer
+
+from apar_spec import generate
+from apar_spec.serving import Engine, RequestError
+
+MODEL = micro_model("llama")
+DRAFT = micro_model("llama", seed=1, layers=1)
+TOK = micro_tokenizer()
+PROC = fork_processor()
+
+
+def random_workload(seed: int, n: int = 6):
+    rng = random.Random(seed)
+    prompts = [[1] + [rng.randrange(5, 64) for _ in range(rng.randrange(2, 12))] for _ in range(n)]
+    budgets = [rng.choice([6, 15, 32]) for _ in range(n)]
+    arrivals = sorted(rng.randrange(0, 25) for _ in range(n))
+    return prompts, budgets, arrivals
+
+
+def serve(engine: Engine, prompts, budgets, arrivals):
+    """Step the engine by hand, submitting each request at its arrival step."""
+    handles, step, i = [], 0, 0
+    while i < len(prompts) or not engine.idle:
+        while i < len(prompts) and arrivals[i] <= step:
+            handles.append(engine.submit(prompts[i], budgets[i]))
+            i += 1
+        engine.step()
+        step += 1
+        assert step < 2000, "engine did not drain"
+    return handles
+
+
+@pytest.mark.parametrize(
+    "mode,draft,seed",
+    [("ar", None, 0), ("apar", None, 1), ("apar+spec", DRAFT, 3), ("spec", "ngram", 4)],
+)
+def test_served_equals_offline_under_random_arrivals(mode, draft, seed):
+    prompts, budgets, arrivals = random_workload(seed)
+    budget = 120
+    engine = Engine(MODEL, TOK, mode=mode, draft=draft, kv_budget=budget, max_new_tokens=32, logits_processor=PROC)
+    handles = serve(engine, prompts, budgets, arrivals)
+    for p, m, h in zip(prompts, budgets, handles):
+        offline = generate(MODEL, TOK, [p], mode=mode, draft=draft, logits_processor=PROC, **engine.offline_options(m))[0]
+        got = h.result(0)
+        assert [b.token_ids for b in got.branches] == [b.token_ids for b in offline.branches]
+        assert got.token_ids == offline.token_ids and got.text == offline.text
+    s = engine.stats
+    assert s.finished == len(prompts) and s.budget_violations == 0
+    assert 0 < s.peak_live_kv <= budget
+    if mode.startswith("apar"):
+        assert any(len(h.result(0).branches) > 1 for h in handles)  # trees really forked
+    if budget < sum(len(p) + m for p, m in zip(prompts, budgets)):
+        assert any(h.t_admit > h.t_submit for h in handles)
+
+
+def test_default_branch_cap_equals_plain_generate():
+    """With max_tokens = the engine's max_new_tokens, the offline twin is plain generate()."""
+    prompts, _, arrivals = random_workload(7, n=4)
+    engine = Engine(MODEL, TOK, mode="apar", max_new_tokens=24, logits_processor=PROC)
+    handles = serve(engine, prompts, [24] * 4, arrivals)
+    for p, h in zip(prompts, handles):
+        assert h.result(0).token_ids == generate(MODEL, TOK, [p], mode="apar", max_new_tokens=24, logits_processor=PROC)[0].token_ids
+
+
+def test_stream_deltas_rebuild_every_branch():
+    prompts, budgets, arrivals = random_workload(8, n=4)
+    engine = Engine(MODEL, TOK, mode="apar", kv_budget=100, max_new_tokens=32, logits_processor=PROC)
+    handles = serve(engine, prompts, budgets, arrivals)
+    for h in handles:
+        rebuilt: dict[int, list[int]] = {}
+        events = []
+        while not h.events.empty():
+            events.append(h.events.get_nowait())
+        assert events[-1].finished and sum(e.finished for e in events) == 1
+        for e in events:
+            for d in e.deltas:
+                rebuilt.setdefault(d.branch, []).extend(d.tokens)
+        assert rebuilt == {b.id: b.token_ids for b in h.result(0).branches}
+        assert all(toks[0] == CHILD for b, toks in rebuilt.items() if b > 0)
+
+
+def test_cancel_frees_the_request_at_the_next_step_and_others_are_unchanged():
+    prompts, _, _ = random_workload(9, n=3)
+    engine = Engine(MODEL, TOK, mode="apar", max_new_tokens=32, logits_processor=PROC)
+    handles = [engine.submit(p, 32) for p in prompts]
+    for _ in range(4):
+        engine.step()
+    engine.cancel(handles[1])
+    engine.step()
+    assert handles[1].done.is_set() and handles[1].cancelled
+    assert all(r.index != handles[1].id for r in engine._live)
+    assert len(engine._tc.rows) == len(engine._live) == 2
+    engine.run_until_idle()
+    assert engine.stats.cancelled == 1 and engine.stats.finished == 2
+    for i in (0, 2):
+        assert handles[i].result(0).token_ids == generate(MODEL, TOK, [prompts[i]], mode="apar", max_new_tokens=32, logits_processor=PROC)[0].token_ids
+
+
+def test_cancel_while_queued():
+    engine = Engine(MODEL, TOK, mode="ar", kv_budget=40, max_new_tokens=30)
+    a = engine.submit([1, 5, 6], 30)
+    b = engine.submit([1, 7, 8], 30)  # 33 + 33 > 40: waits
+    engine.step()
+    assert engine.stats.queued == 1
+    engine.cancel(b)
+    engine.step()
+    assert engine.stats.queued == 0 and b.cancelled and b.done.is_set()
+    engine.run_until_idle()
+    assert a.result(0).token_ids and engine.stats.live_kv == 0 and engine.stats.running == 0
+
+
+def test_refusals_are_clear():
+    engine = Engine(MODEL, TOK, mode="ar", kv_budget=50, max_new_tokens=40)
+    with pytest.raises(RequestError, match="KV budget"):
+        engine.submit(list(range(1, 20)), 40)
+    with pytest.raises(RequestError, match="more than this server allows"):
+        engine.submit([1, 5], 41)
+    with pytest.raises(RequestError, match="positive"):
+        engine.submit([1, 5], 0)
+    with pytest.raises(RequestError, match="empty"):
+        engine.submit([], 5)
+    with pytest.raises(RequestError, match="vocabulary"):
+        engine.submit([1, 999], 5)
+    with pytest.raises(RequestError, match="context"):
+        Engine(MODEL, TOK, mode="ar", max_new_tokens=4).submit([1] * 600, 4)
+    assert engine.idle and engine.stats.rejected == 5
+
+
+def test_worker_thread_serves_concurrent_clients():
+    prompts, budgets, _ = random_workload(10, n=5)
+    engine = Engine(MODEL, TOK, mode="apar", kv_budget=90, max_new_tokens=32, logits_processor=PROC).start()
+    try:
+        results: dict[int, list[int]] = {}
+
+        def client(i):
+            results[i] = engine.submit(prompts[i], budgets[i]).result(timeout=60).token_ids
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        engine.stop()
+    for i, p in enumerate(prompts):
+        assert results[i] == generate(MODEL, TOK, [p], mode="apar", logits_processor=PROC, **engine.offline_options(budgets[i]))[0].token_ids
