@@ -31,6 +31,7 @@ class DecodeOptions:
     num_draft_tokens: int = 4  # k: draft tokens per branch per step
     adaptive_draft: bool = False  # per branch: k += 2 after a fully accepted draft, k -= 1 otherwise
     max_draft_tokens: int = 16  # ceiling for adaptive k
+    tree: Optional[str] = None  # draft tree per branch (draft_tree.parse_tree text); None = a chain of num_draft_tokens
     compact_threshold: float = 0.25  # drop dead KV slots once they exceed this share of the cache (0 = every step)
     logits_processor: Optional[LogitsProcessor] = None
     eos_token_id: Optional[int | list[int]] = None  # None = from the model's generation config / tokenizer
@@ -50,6 +51,10 @@ class DecodeOptions:
             raise ValueError(
                 f"num_draft_tokens must be >= 1 and <= max_draft_tokens (got {self.num_draft_tokens}, {self.max_draft_tokens})"
             )
+        if self.tree is not None:
+            from apar_spec.draft_tree import parse_tree
+
+            parse_tree(self.tree)  # a malformed spec is a one-line ValueError here ("auto" is resolved by generate())
         if not 0.0 <= self.compact_threshold <= 1.0:
             raise ValueError(f"compact_threshold must be in [0, 1] (got {self.compact_threshold})")
 

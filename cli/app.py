@@ -33,6 +33,9 @@ app = typer.Typer(
 )
 drafts_app = typer.Typer(help="The draft registry: which speculators exist and which targets they fit.", no_args_is_help=True)
 app.add_typer(drafts_app, name="drafts")
+from .costs import costs_app  # noqa: E402 - the cost model's commands live in their own module
+
+app.add_typer(costs_app, name="costs")
 
 
 def _default(obj: Any, name: str) -> Any:
@@ -212,7 +215,7 @@ def bench(
     limit: Limit = None,
     turn: Turn = _bench_default("turn"),
     max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
-    k: Annotated[int, typer.Option("-k", help="Draft tokens per branch per step (spec, apar+spec, hf-assisted).")] = _bench_default("k"),
+    k: Annotated[str, typer.Option("-k", help="Draft tokens per branch per step (spec, apar+spec, hf-assisted), or 'auto' (the cost model picks).")] = str(_bench_default("k")),
     temperature: Temperature = _bench_default("temperature"),
     seed: Seed = _bench_default("seed"),
     repeats: Repeats = _bench_default("repeats"),
@@ -232,10 +235,20 @@ def bench(
     _quiet_transformers()
     settings = _settings(
         target=target, base=base, draft=draft, modes=modes, prompts=prompts, category=category, limit=limit, turn=turn,
-        max_new_tokens=max_new_tokens, k=k, temperature=temperature, seed=seed, repeats=repeats, warmup=warmup,
+        max_new_tokens=max_new_tokens, k=_k_option(k), temperature=temperature, seed=seed, repeats=repeats, warmup=warmup,
         dtype=dtype, device=device, threads=threads, chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
     )
     _run_with_progress(lambda progress: compare(settings, progress=progress), settings, as_json)
+
+
+def _k_option(k: str) -> int | str:
+    """``-k``: an integer or 'auto'."""
+    if k.strip() == "auto":
+        return "auto"
+    try:
+        return int(k)
+    except ValueError:
+        fail(f"-k must be an integer >= 1 or 'auto' (got '{k}')")
 
 
 def _csv(value: str, what: str, cast=str) -> list:
