@@ -20,15 +20,17 @@ Three parts, each testable alone:
      rules, commit, garbage), fitted as ``base + per_branch * b + per_draft * d``
      to short real decodes with a zero-cost probe speculator (:data:`OVERHEAD_PLANS`):
      each step's wall time minus the cost of that step's pass;
-
-   Every timing runs ``warmup`` + ``repeats`` interleaved rounds (each round times
-   every size and probe once), and keeps a robust low statistic (:func:`robust_time`:
-   on a shared CPU, noise only adds time);
    - ``heads``: seconds for K residual d x d blocks plus the shared LM head on
      K x rows hidden states (a stand-in of the heads' size; the real module may
      not exist yet);
-   - a draft LM is measured the same way (its own file), so its step cost is its
-     own ``forward`` curve at the frontier size.
+   - a draft LM is measured the same way (its own file), so its pass cost is its
+     own ``forward`` curve at the frontier size; with a (target, draft) pair,
+     :func:`measure_switch` adds to the target's file what alternating the two
+     models costs and the draft speculator's own Python work per draft pass.
+
+   Every timing runs ``warmup`` + ``repeats`` interleaved rounds (each round times
+   every size and probe once) and keeps a robust low statistic (:func:`robust_time`:
+   on a shared CPU, noise only adds time).
 
    The fingerprint is a hash of the config fields that set the cost (family,
    sizes, layers, heads, vocabulary): two checkpoints of one architecture share
@@ -40,14 +42,16 @@ Three parts, each testable alone:
 
        tokens/step = b * (expected_accepted(shape, p) + 1)
        cost/step   = target.forward(b * (1 + shape.size))
-                   + draft cost   (model: sum over depths of draft.forward(b * frontier);
-                                   heads: heads(b); ngram: 0)
+                   + draft cost   (model: sum over depths of draft.forward(b * frontier)
+                                   + switches + draft Python per pass; heads: heads(b); ngram: 0)
                    + target.overhead(b, b * shape.size)
        speed-up    = (tokens/step / cost/step) / (b0 / cost of the same mode's plain step with b0 branches)
 
-   :func:`predict_rows` does this for benchmark rows (the report's ``pred``
-   column): tokens, steps and live branches come from the rows themselves, the
-   acceptance profile from the speculative row, the costs from the cache.
+   :func:`predict_prompt` does this for benchmark rows (the report's ``pred``
+   column): tokens, the plain run's steps, live branches and cache lengths come
+   from the rows themselves, the acceptance profile from the speculative rows,
+   the costs from the cache; the speculative run's steps and every second are
+   predicted.
 
 3. **Choose** (:func:`choose_tree`, :func:`choose_k`, :func:`resolve_auto`):
    the candidate with the highest predicted tokens per second among chains
@@ -860,14 +864,17 @@ def grown_trees(profile: Callable[[int, int], float], max_nodes: int = 64, max_w
     return out
 
 
-def candidate_shapes(profile: Callable[[int, int], float], kind: str = "model", max_nodes: int = 64) -> list[TreeShape]:
-    """Chains 1..16, full ``topk:WxD`` trees (W 2..4) up to ``max_nodes``, and grown trees."""
-    shapes = [chain(k) for k in range(1, 17)]
+def candidate_shapes(profile: Callable[[int, int], float], kind: str = "model", max_nodes: int = 64,
+                     max_depth: Optional[int] = None) -> list[TreeShape]:
+    """Chains 1..16, full ``topk:WxD`` trees (W 2..4) up to ``max_nodes``, and grown trees,
+    none deeper than ``max_depth`` (heads: one depth per head; default 16)."""
+    deepest = max_depth or (DEFAULT_HEADS if kind == "heads" else 16)
+    shapes = [chain(k) for k in range(1, deepest + 1)]
     for w in (2, 3, 4):
-        for d in range(1, 6):
+        for d in range(1, min(5, deepest) + 1):
             if sum(w**i for i in range(1, d + 1)) <= max_nodes:
                 shapes.append(full_tree(w, d))
-    shapes.extend(grown_trees(profile, max_nodes=max_nodes))
+    shapes.extend(grown_trees(profile, max_nodes=max_nodes, max_depth=deepest))
     unique = {s.paths: s for s in shapes}
     return list(unique.values())
 
@@ -881,7 +888,8 @@ def score(target: ModelCosts, kind: str, shape: TreeShape, profile: Callable[[in
 def choose_tree(target: ModelCosts, profile: Callable[[int, int], float], candidates: Optional[Iterable[TreeShape]] = None,
                 *, kind: str = "model", draft: Optional[ModelCosts] = None, branches: float = 1.0) -> TreeShape:
     """The candidate shape with the most expected tokens per unit of cost (ties: the smaller tree)."""
-    cands = list(candidates) if candidates is not None else candidate_shapes(profile, kind)
+    cands = list(candidates) if candidates is not None else candidate_shapes(
+        profile, kind, max_depth=target.num_heads if kind == "heads" else None)
     if not cands:
         raise ValueError("choose_tree needs at least one candidate shape")
     return max(cands, key=lambda s: (score(target, kind, s, profile, branches, draft), -s.size))
@@ -925,7 +933,8 @@ def resolve_auto(model, dtype=None, device=None, speculator_kind: str = "model",
         target = ensure_switch(target, model, draft, draft_model, directory=directory, say=say, tokenizer=tokenizer)
     prof = profile or default_profile(speculator_kind, draft_name)
     if chains_only:
-        return chain(choose_k(target, prof, kind=speculator_kind, draft=draft, branches=branches))
+        max_k = target.num_heads if speculator_kind == "heads" else 16
+        return chain(choose_k(target, prof, kind=speculator_kind, draft=draft, branches=branches, max_k=max_k))
     return choose_tree(target, prof, kind=speculator_kind, draft=draft, branches=branches)
 
 

@@ -248,7 +248,7 @@ def _k_option(k: str) -> int | str:
     try:
         return int(k)
     except ValueError:
-        fail(f"-k must be an integer >= 1 or 'auto' (got '{k}')")
+        fail(f"-k must be >= 1 (an integer) or 'auto' (got '{k}')")
 
 
 def _csv(value: str, what: str, cast=str) -> list:

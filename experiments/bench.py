@@ -101,7 +101,7 @@ class BenchSettings:
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0 (got {self.warmup})")
         if self.k != "auto" and (not isinstance(self.k, int) or self.k < 1):
-            raise ValueError(f"-k must be an integer >= 1 or 'auto' (got {self.k})")
+            raise ValueError(f"-k must be >= 1 (an integer) or 'auto' (got {self.k})")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1 (got {self.threads})")
         if self.resume and self.overwrite:

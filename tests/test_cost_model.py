@@ -326,7 +326,7 @@ def test_bench_k_auto_picks_k_from_the_cost_model(tmp_path, capsys, monkeypatch)
     from apar_spec.cli.app import app
 
     bad = CliRunner().invoke(app, ["bench", "-k", "many", "--out", str(tmp_path / "x.jsonl")])
-    assert bad.exit_code == 2 and bad.stderr.strip() == "Error: -k must be an integer >= 1 or 'auto' (got 'many')"
+    assert bad.exit_code == 2 and bad.stderr.strip() == "Error: -k must be >= 1 (an integer) or 'auto' (got 'many')"
 
 
 def test_switch_costs_of_a_draft_lm_are_measured_and_used():
@@ -340,3 +340,12 @@ def test_switch_costs_of_a_draft_lm_are_measured_and_used():
     before = cm.draft_cost("model", chain(3), 1.0, t, d)
     t.switch[d.key.fingerprint] = {"target": 0.25, "draft": 0.125, "per_pass": 0.5}
     assert cm.draft_cost("model", chain(3), 1.0, t, d) == pytest.approx(before + 0.375 + 3 * 0.5)
+
+
+def test_heads_trees_are_no_deeper_than_the_heads():
+    costs = linear_costs(1.0, 0.0)
+    costs.heads = {1: 0.01, 16: 0.05}
+    prof = cm.Profile.geometric(0.9)
+    shape = cm.choose_tree(costs, prof, kind="heads")
+    assert shape.depth <= costs.num_heads and shape.size > costs.num_heads  # free verification: wide, not deep
+    assert cm.choose_k(costs, prof, kind="heads", max_k=costs.num_heads) == costs.num_heads
