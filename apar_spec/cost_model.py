@@ -545,7 +545,8 @@ def measure_switch(target, draft, repeats: int = 15, warmup: int = 2, context: i
 
     With both models' costs given, it also times real decoder steps drafting 4 tokens with
     the draft LM itself, and returns as ``per_pass`` the draft speculator's own Python work
-    per draft pass: step - (target pass + 4 draft passes + switches + decoder overhead), / 4."""
+    per draft pass and branch: step - (target pass + 4 draft passes + switches + decoder overhead), / 4
+    (measured with one branch)."""
     gen = torch.Generator().manual_seed(2)
     tb, db = _ForwardBench(target, context, 1, gen), _ForwardBench(draft, context, 1, gen)
 
@@ -787,7 +788,8 @@ def draft_cost(kind: str, shape: Optional[TreeShape], branches: float, target: M
         raise ValueError("a draft-LM prediction needs the draft model's costs")
     sw = target.switch.get(draft.key.fingerprint, {})
     # the verify pass after the draft ran, and the draft's first pass after the target ran
-    total = sw.get("target", 0.0) + sw.get("draft", 0.0) + sw.get("per_pass", 0.0) * shape.depth
+    # the speculator's Python (logits -> candidates) runs per branch at every depth
+    total = sw.get("target", 0.0) + sw.get("draft", 0.0) + sw.get("per_pass", 0.0) * shape.depth * branches
     total += draft.forward_cost(branches * (1.0 + p_all), context)
     for d in range(2, shape.depth + 1):
         parents = {shape.parents[i] for i, dep in enumerate(shape.depths) if dep == d}

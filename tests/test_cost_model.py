@@ -340,6 +340,7 @@ def test_switch_costs_of_a_draft_lm_are_measured_and_used():
     before = cm.draft_cost("model", chain(3), 1.0, t, d)
     t.switch[d.key.fingerprint] = {"target": 0.25, "draft": 0.125, "per_pass": 0.5}
     assert cm.draft_cost("model", chain(3), 1.0, t, d) == pytest.approx(before + 0.375 + 3 * 0.5)
+    assert cm.draft_cost("model", chain(3), 2.0, t, d) - cm.draft_cost("model", chain(3), 2.0, t, linear_costs(0.5, 0.0, "e")) == pytest.approx(0.375 + 2 * 3 * 0.5)
 
 
 def test_heads_trees_are_no_deeper_than_the_heads():
