@@ -263,7 +263,10 @@ def predicted_vs_plain(vrows: Sequence[dict], plain_rows: Sequence[dict], lookup
         base[str(r["prompt_id"])].append(r)
     spec_tps, base_tps = [], []
     for p in sorted(set(mine) & set(base)):
-        pred = cm.predict_prompt(mine[p], base[p], target, draft)
+        try:
+            pred = cm.predict_prompt(mine[p], base[p], target, draft)
+        except ValueError as err:  # e.g. heads rows with costs measured without the heads stand-in
+            return None, str(err).split(";")[0]
         if pred is None:
             return None, f"cannot cost draft kind {kind!r}"
         spec_tps.append(pred.spec_tokens / pred.spec_s)

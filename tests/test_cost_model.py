@@ -350,3 +350,27 @@ def test_heads_trees_are_no_deeper_than_the_heads():
     shape = cm.choose_tree(costs, prof, kind="heads")
     assert shape.depth <= costs.num_heads and shape.size > costs.num_heads  # free verification: wide, not deep
     assert cm.choose_k(costs, prof, kind="heads", max_k=costs.num_heads) == costs.num_heads
+
+
+def test_cached_costs_without_heads_get_only_the_heads_added(tmp_path):
+    m = micro_model(dtype=torch.float64)
+    costs = tiny_measure(m, threads=1)
+    costs.switch["x"] = {"target": 0.5}
+    cm.save(costs, tmp_path)
+    said = []
+    again = cm.get_costs(m, "other-name", threads=1, with_heads=True, directory=tmp_path, say=said.append)
+    assert again.heads and again.forward == costs.forward and again.switch == costs.switch  # nothing else re-measured
+    assert said and all("heads" in s for s in said)
+    assert cm.load_costs(cm.key_for(m, 1), tmp_path).names == ["micro", "other-name"]
+
+
+def test_report_names_what_is_missing_for_heads_rows():
+    from apar_spec.experiments.report import summarize
+
+    rows = bench_rows()
+    for r in rows:
+        if r["config"] == "spec":
+            r["draft_kind"] = "heads"
+    cm.save(cm.ModelCosts("m", cm.CostKey("nofp", "float32", "cpu", 1), {64: {n: 0.001 for n in SIZES}}, names=["m"]))
+    spec = next(v for v in summarize(rows).groups["all"] if v.variant == "spec")
+    assert spec.predicted_vs_plain is None and "no heads measurement" in spec.prediction_note
