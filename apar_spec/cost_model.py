@@ -886,9 +886,12 @@ def grown_trees(profile: Callable[[int, int], float], max_nodes: int = 64, max_w
 def candidate_shapes(profile: Callable[[int, int], float], kind: str = "model", max_nodes: int = 64,
                      max_depth: Optional[int] = None) -> list[TreeShape]:
     """Chains 1..16, full ``topk:WxD`` trees (W 2..4) up to ``max_nodes``, and grown trees,
-    none deeper than ``max_depth`` (heads: one depth per head; default 16)."""
+    none deeper than ``max_depth`` (heads: one depth per head; default 16). The n-gram
+    speculator proposes one continuation, so its candidates are the chains."""
     deepest = max_depth or (DEFAULT_HEADS if kind == "heads" else 16)
     shapes = [chain(k) for k in range(1, deepest + 1)]
+    if kind == "ngram":  # prompt lookup proposes one continuation: a chain
+        return shapes
     for w in (2, 3, 4):
         for d in range(1, min(5, deepest) + 1):
             if sum(w**i for i in range(1, d + 1)) <= max_nodes:

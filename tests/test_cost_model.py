@@ -86,8 +86,10 @@ def test_choose_tree_agrees_with_brute_force_over_all_small_trees():
         grown = [t for t in cm.grown_trees(prof, max_nodes=6, max_width=3, max_depth=4)]
         picked = cm.choose_tree(costs, prof, grown, kind="ngram")
         assert cm.score(costs, "ngram", picked, prof) == pytest.approx(cm.score(costs, "ngram", best, prof))
-        # the default family holds the grown trees (and more), so it does at least as well
-        assert cm.score(costs, "ngram", cm.choose_tree(costs, prof, kind="ngram"), prof) >= cm.score(costs, "ngram", best, prof) - 1e-12
+        # the default family holds the grown trees (and more), so it does at least as well (free heads: same costs)
+        costs.heads = {1: 0.0, 16: 0.0}
+        assert cm.score(costs, "heads", cm.choose_tree(costs, prof, kind="heads"), prof) >= cm.score(costs, "ngram", best, prof) - 1e-12
+        assert cm.choose_tree(costs, prof, kind="ngram").is_chain  # prompt lookup proposes chains only
 
 
 def test_grown_trees_are_best_per_size():
@@ -102,7 +104,8 @@ def test_grown_trees_are_best_per_size():
 def test_cheap_verification_favours_wide_trees_and_costly_favours_short_chains():
     prof = cm.Profile.geometric(0.6)
     flat = linear_costs(1.0, 0.0)  # a GPU-like pass: more tokens cost nothing
-    assert cm.choose_tree(flat, prof, kind="ngram").size >= 16
+    flat.heads = {1: 0.0, 16: 0.0}
+    assert cm.choose_tree(flat, prof, kind="heads").size >= 16
     steep = linear_costs(1.0, 1.0)  # every verified token costs a whole pass
     assert cm.choose_tree(steep, prof, kind="ngram").size == 1
 
