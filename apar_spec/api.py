@@ -129,7 +129,8 @@ def generate(
     ``mode``: ``"ar"`` (plain), ``"apar"`` (branches fork at ``[Fork]``), ``"spec"``
     and ``"apar+spec"`` (a speculator drafts for every active branch; needs
     ``draft``: a registry name, a path/id, a loaded model, or a speculator object).
-    ``options``: any field of ``DecodeOptions`` (``max_depth``, ``num_draft_tokens``...).
+    ``options``: any field of ``DecodeOptions`` (``max_depth``, ``num_draft_tokens``...);
+    ``num_draft_tokens="auto"`` / ``tree="auto"``: the cost model's choice (``cost_model.resolve_auto``).
     ``on_step(requests, tree_cache)``: called after every step with the decoder's live
     requests (their ``branches`` growing) - for live views and tests; must not mutate them.
     """
@@ -137,6 +138,11 @@ def generate(
         close = difflib.get_close_matches(str(mode), MODES, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ValueError(f"unknown mode '{mode}' (choose from {', '.join(MODES)}){hint}")
+    if options.get("num_draft_tokens") == "auto" or options.get("tree") == "auto":
+        # the cost model picks k / the tree from cached pass costs (measured first, once, if missing)
+        from apar_spec.cost_model import resolve_auto_options
+
+        options = resolve_auto_options(model, tokenizer, mode, draft, options)
     opts = DecodeOptions.build(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, **options
     )

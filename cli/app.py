@@ -36,6 +36,9 @@ app.add_typer(drafts_app, name="drafts")
 from . import heads as _heads  # noqa: E402  (command modules register after the app exists)
 
 app.command("train-heads")(_heads.train_heads)
+from .costs import costs_app  # noqa: E402 - the cost model's commands live in their own module
+
+app.add_typer(costs_app, name="costs")
 
 
 def _default(obj: Any, name: str) -> Any:
@@ -226,7 +229,7 @@ def bench(
     limit: Limit = None,
     turn: Turn = _bench_default("turn"),
     max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
-    k: Annotated[int, typer.Option("-k", help="Draft tokens per branch per step (spec, apar+spec, hf-assisted).")] = _bench_default("k"),
+    k: Annotated[str, typer.Option("-k", help="Draft tokens per branch per step (spec, apar+spec, hf-assisted), or 'auto' (the cost model picks).")] = str(_bench_default("k")),
     tree: Annotated[Optional[str], typer.Option("--tree", help="Draft tree per branch for spec/apar+spec: K, chain:K, topk:WxD or a JSON path list.")] = None,
     temperature: Temperature = _bench_default("temperature"),
     seed: Seed = _bench_default("seed"),
@@ -248,11 +251,21 @@ def bench(
     _quiet_transformers()
     settings = _settings(
         target=target, base=base, draft=draft, modes=modes, prompts=prompts, category=category, limit=limit, turn=turn,
-        max_new_tokens=max_new_tokens, k=k, tree=tree, temperature=temperature, seed=seed, repeats=repeats, warmup=warmup,
-        dtype=dtype, device=device, device_map=device_map, threads=threads, chat_template=chat_template, out=out, resume=resume,
-        overwrite=overwrite,
+        max_new_tokens=max_new_tokens, k=_k_option(k), tree=tree, temperature=temperature, seed=seed, repeats=repeats,
+        warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads, chat_template=chat_template,
+        out=out, resume=resume, overwrite=overwrite,
     )
     _run_with_progress(lambda progress: compare(settings, progress=progress), settings, as_json)
+
+
+def _k_option(k: str) -> int | str:
+    """``-k``: an integer or 'auto'."""
+    if k.strip() == "auto":
+        return "auto"
+    try:
+        return int(k)
+    except ValueError:
+        fail(f"-k must be >= 1 (an integer) or 'auto' (got '{k}')")
 
 
 def _csv(value: str, what: str, cast=str) -> list:

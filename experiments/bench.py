@@ -85,7 +85,7 @@ class BenchSettings:
     limit: Optional[int] = None
     turn: int = 0
     max_new_tokens: int = _D.max_new_tokens
-    k: int = _D.num_draft_tokens
+    k: int | str = _D.num_draft_tokens  # "auto": the cost model picks k per configuration (apar_spec.cost_model)
     tree: Optional[str] = _D.tree  # draft tree per branch (parse_tree text); None = a chain of k
     temperature: float = _D.temperature
     top_p: float = _D.top_p
@@ -108,15 +108,15 @@ class BenchSettings:
             raise ValueError(f"--repeats must be >= 1 (got {self.repeats})")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0 (got {self.warmup})")
-        if self.k < 1:
-            raise ValueError(f"-k must be >= 1 (got {self.k})")
+        if self.k != "auto" and (not isinstance(self.k, int) or self.k < 1):
+            raise ValueError(f"-k must be >= 1 (an integer) or 'auto' (got {self.k})")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1 (got {self.threads})")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pick one")
         DecodeOptions.build(  # the decoder's own checks, before anything is loaded
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            num_draft_tokens=self.k, max_draft_tokens=max(self.k, _D.max_draft_tokens), tree=self.tree,
+            num_draft_tokens=self.fixed_k, max_draft_tokens=max(self.fixed_k, _D.max_draft_tokens), tree=self.tree,
         )
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0 (got {self.temperature})")
@@ -124,6 +124,10 @@ class BenchSettings:
             self.modes = tuple(parse_modes(self.modes))
         if self.device_map is not None and self.device not in (None, "auto"):
             raise ValueError(f"--device-map {self.device_map} places the models itself; drop --device {self.device}")
+
+    @property
+    def fixed_k(self) -> int:
+        return _D.num_draft_tokens if self.k == "auto" else self.k
 
     @property
     def draft_name(self) -> str:
@@ -257,10 +261,25 @@ def _compare_variants(settings: BenchSettings, ms: ModelSet) -> tuple[list[Varia
         uses_draft = config in DRAFT_CONFIGS
         tree = settings.tree if uses_draft and config != "hf-assisted" else None
         label = f"{config} tree={tree}" if tree else ""
-        variants.append(Variant(config, ms.draft.name if uses_draft else None, settings.k if uses_draft else None, label, tree))
+        k = (_auto_k(ms, config) if settings.k == "auto" else settings.k) if uses_draft else None
+        variants.append(Variant(config, ms.draft.name if uses_draft else None, k, label, tree))
     if not variants:
         raise ValueError("no configuration can run with these models; see --modes")
     return variants, notes
+
+
+def _auto_k(ms: ModelSet, config: str) -> int:
+    """``-k auto``: the chain length the cost model picks for this configuration's model and draft
+    (cached costs, measured first when missing; a default acceptance profile for the draft)."""
+    from apar_spec import cost_model as cm
+
+    d = ms.draft
+    kind = d.kind if d.kind in cm.KINDS else "model"
+    branches = cm.APAR_BRANCHES_GUESS if config in APAR_CONFIGS else 1.0
+    shape = cm.resolve_auto(ms.for_config(config).model, speculator_kind=kind, draft_model=d.model, draft_name=d.name,
+                            name=ms.for_config(config).name, chains_only=True, branches=branches,
+                            tokenizer=ms.for_config(config).tokenizer)
+    return shape.size
 
 
 def _sweep_variants(settings: BenchSettings, ms: ModelSet, drafts: Sequence[str], ks: Sequence[int], trees: Sequence[str] = ()):
@@ -494,7 +513,7 @@ class _Runner:
         s, ms = self.s, self.ms
         loaded = ms.for_config(v.config)
         ids = self.ids(loaded, prompt)
-        k = v.k or s.k
+        k = v.k or s.fixed_k
         draft = ms.drafts.get(v.draft) if v.draft else None
         sampling = dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
         eos = eos_ids_of(loaded.model, loaded.tokenizer)

@@ -20,6 +20,13 @@ How each column is computed (all from rows of the same run, so machine drift can
   quantity for ``ar``, over common prompts. HF rows have no such counters (``-``).
 - ``steps/crit``: target steps / critical path (the longest root-to-leaf chain of
   generated tokens); 1.0 for plain AR, below 1 once a step yields several tokens.
+- ``pred`` / ``achv`` (the cost-model table): for every speculative row (``spec``,
+  ``apar+spec``), the speed-up over the same mode without speculation (``ar``, resp.
+  ``apar``) in this run. ``achv`` = ratio of median tok/s over common prompts, as above;
+  ``pred`` = the same ratio of *predicted* tok/s, from the cached pass costs
+  (``apar-spec costs measure``) and the rows' own tokens, steps, live branches, cache
+  length and acceptance profile (``apar_spec.cost_model.predict_prompt``). ``err`` =
+  pred / achv - 1. Rows without cached costs, and HF rows, show ``-`` and a note.
 - ``lossless``: greedy runs only. ``spec`` must equal ``ar``, ``apar+spec`` equal
   ``apar``, ``ar`` and ``hf-assisted`` equal ``hf-generate``: whole token lists are
   compared (length included, never zipped), on the first repeat both have, and only
@@ -42,6 +49,8 @@ from rich.console import Console
 from rich.table import Table
 
 ALL = "all"
+# speculative configuration -> the same mode without speculation (the cost model's baseline)
+PLAIN_OF = {"spec": "ar", "apar+spec": "apar"}
 # configuration -> the configuration its greedy output must equal
 LOSSLESS_REFERENCE = {"spec": "ar", "apar+spec": "apar", "ar": "hf-generate", "hf-assisted": "hf-generate"}
 LOW_PRECISION = {"bfloat16", "float16"}
@@ -92,6 +101,10 @@ class VariantSummary:
     attended_keys_vs_ar: Optional[float] = None
     steps_per_critical_path: Optional[float] = None
     lossless: Optional[Lossless] = None
+    plain: Optional[str] = None  # the variant this one's speculation is measured against (cost-model table)
+    achieved_vs_plain: Optional[float] = None
+    predicted_vs_plain: Optional[float] = None
+    prediction_note: Optional[str] = None  # why there is no prediction
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,6 +217,65 @@ def _first_repeat(rows: Sequence[dict]) -> dict[str, dict]:
     return out
 
 
+class _CostLookup:
+    """Cached costs per (model, dtype, device, threads), looked up once per report."""
+
+    def __init__(self):
+        self.found: dict[tuple, object] = {}
+        self.missing: set[str] = set()
+
+    def get(self, name, row: dict):
+        from apar_spec import cost_model as cm
+
+        key = (name, row.get("dtype"), row.get("device"), row.get("threads"))
+        if key not in self.found:
+            try:
+                self.found[key] = cm.find_costs(str(name), str(row.get("dtype")), str(row.get("device") or "cpu"), row.get("threads"))
+            except cm.CostCacheError as err:
+                self.found[key] = None
+                self.missing.add(str(err))
+            if self.found[key] is None and not any(str(name) in m for m in self.missing):
+                t = row.get("threads")
+                self.missing.add(f"no cached costs for {name} ({row.get('dtype')}, {row.get('device')}, threads={t}): "
+                                 f"run `apar-spec costs measure --model {name}{f' --threads {t}' if t else ''}` for predictions")
+        return self.found[key]
+
+
+def predicted_vs_plain(vrows: Sequence[dict], plain_rows: Sequence[dict], lookup: _CostLookup) -> tuple[Optional[float], Optional[str]]:
+    """Ratio of median predicted tok/s (speculative / plain) over common prompts, or (None, why)."""
+    from apar_spec import cost_model as cm
+
+    first = vrows[0]
+    target = lookup.get(first.get("model"), first)
+    if target is None:
+        return None, "no cached costs"
+    kind = cm.draft_kind_of_row(first)
+    draft = None
+    if kind == "model":
+        draft = lookup.get(first.get("draft"), first)
+        if draft is None:
+            return None, "no cached draft costs"
+    mine: dict[str, list[dict]] = defaultdict(list)
+    base: dict[str, list[dict]] = defaultdict(list)
+    for r in vrows:
+        mine[str(r["prompt_id"])].append(r)
+    for r in plain_rows:
+        base[str(r["prompt_id"])].append(r)
+    spec_tps, base_tps = [], []
+    for p in sorted(set(mine) & set(base)):
+        try:
+            pred = cm.predict_prompt(mine[p], base[p], target, draft)
+        except ValueError as err:  # e.g. heads rows with costs measured without the heads stand-in
+            return None, str(err).split(";")[0]
+        if pred is None:
+            return None, f"cannot cost draft kind {kind!r}"
+        spec_tps.append(pred.spec_tokens / pred.spec_s)
+        base_tps.append(pred.base_tokens / pred.base_s)
+    if not spec_tps:
+        return None, "no common prompts"
+    return statistics.median(spec_tps) / statistics.median(base_tps), None
+
+
 def summarize(rows: Sequence[dict]) -> Report:
     """Summaries for all prompts and for each category (see the module docstring)."""
     if not rows:
@@ -216,12 +288,14 @@ def summarize(rows: Sequence[dict]) -> Report:
     report = Report({}, sorted({r.get("setup_id", "?") for r in rows}), max(int(r["repeat"]) for r in rows) + 1)
     if len(report.setup_ids) > 1:
         report.notes.append(f"rows of {len(report.setup_ids)} different setups are mixed in this file: ratios may mean nothing")
+    lookup = _CostLookup()
     for name, group_rows in groups.items():
-        report.groups[name] = _summarize_group(group_rows)
+        report.groups[name] = _summarize_group(group_rows, lookup)
+    report.notes.extend(sorted(lookup.missing))
     return report
 
 
-def _summarize_group(rows: Sequence[dict]) -> list[VariantSummary]:
+def _summarize_group(rows: Sequence[dict], lookup: Optional[_CostLookup] = None) -> list[VariantSummary]:
     by_variant: dict[str, list[dict]] = {}
     for r in rows:
         by_variant.setdefault(r["variant"], []).append(r)
@@ -263,6 +337,13 @@ def _summarize_group(rows: Sequence[dict]) -> list[VariantSummary]:
                 lossless=lossless,
             )
         )
+        plain = PLAIN_OF.get(config)
+        if plain and plain in by_config:
+            s = out[-1]
+            plain_rows = by_variant[by_config[plain]]
+            s.plain = by_config[plain]
+            s.achieved_vs_plain = ratio_of_medians(vrows, plain_rows, "tokens_per_s")
+            s.predicted_vs_plain, s.prediction_note = predicted_vs_plain(vrows, plain_rows, lookup or _CostLookup())
     return out
 
 
@@ -339,7 +420,33 @@ def render(report: Report, console: Optional[Console] = None) -> None:
         for line in _bars(items, char="#" if plain else "█"):
             console.print(line, markup=False, highlight=False, style=None if plain else "cyan", soft_wrap=True)
         console.print("")
+    _render_predictions(report, console, plain)
     diffs = [v for v in report.groups[ALL] if v.lossless and v.lossless.first_difference]
     for v in diffs:
         console.print(f"lossless check failed for {v.variant} vs {v.lossless.reference}: {v.lossless.first_difference}",
                       markup=False, highlight=False)
+
+
+def _render_predictions(report: Report, console: Console, plain: bool) -> None:
+    """The cost model's table: predicted vs achieved speed-up over the same mode without speculation."""
+    body = []
+    for group, vs in report.groups.items():
+        for v in vs:
+            if v.plain is None:
+                continue
+            err = (v.predicted_vs_plain / v.achieved_vs_plain - 1) if v.predicted_vs_plain and v.achieved_vs_plain else None
+            body.append([group, v.variant, v.plain, _f(v.achieved_vs_plain, suffix="x"), _f(v.predicted_vs_plain, suffix="x"),
+                         _f(err * 100 if err is not None else None, "{:+.0f}", "%"), v.prediction_note or ""])
+    if not body:
+        return
+    title = "cost model: speed-up over the same mode without speculation, predicted vs achieved"
+    headers = ["group", "config", "vs", "achv", "pred", "err", "note"]
+    if plain:
+        console.print(_plain_table(title, headers, body) + "\n", markup=False, highlight=False, soft_wrap=True)
+        return
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for h in headers:
+        table.add_column(h, justify="right" if h in ("achv", "pred", "err") else "left")
+    for row in body:
+        table.add_row(*row)
+    console.print(table)

@@ -179,8 +179,13 @@ def test_sampled_draft_trees_fall_back_to_chains():
 def test_tree_option_is_validated():
     with pytest.raises(ValueError, match="skips rank"):
         generate(micro_model(), micro_tokenizer(), PROMPTS[:1], mode="spec", draft="ngram", tree="[[1]]")
+    # generate() resolves "auto" with the cost model (tests/test_cost_model.py); the decoder
+    # itself never runs an unresolved "auto"
+    from apar_spec.decoder import Decoder
+    from apar_spec.options import DecodeOptions
+
     with pytest.raises(ValueError, match="cost model"):
-        generate(micro_model(), micro_tokenizer(), PROMPTS[:1], mode="spec", draft="ngram", tree="auto")
+        Decoder(micro_model(), DecodeOptions(tree="auto"), None, fork_enabled=False, eos_ids={EOS})
     assert parse_tree("topk:2x2").size == 6
 
 
