@@ -45,16 +45,17 @@ def serve(engine: Engine, prompts, budgets, arrivals):
 
 
 @pytest.mark.parametrize(
-    "mode,draft,seed",
-    [("ar", None, 0), ("apar", None, 1), ("apar+spec", DRAFT, 3), ("spec", "ngram", 4)],
+    "mode,draft,seed,tree",
+    [("ar", None, 0, None), ("apar", None, 1, None), ("apar+spec", DRAFT, 3, None), ("spec", "ngram", 4, None),
+     ("apar+spec", DRAFT, 5, "topk:2x2")],
 )
-def test_served_equals_offline_under_random_arrivals(mode, draft, seed):
+def test_served_equals_offline_under_random_arrivals(mode, draft, seed, tree):
     prompts, budgets, arrivals = random_workload(seed)
-    budget = 120
-    engine = Engine(MODEL, TOK, mode=mode, draft=draft, kv_budget=budget, max_new_tokens=32, logits_processor=PROC)
+    budget = 120 if tree is None else 160  # a tree tip reserves its 6 draft nodes
+    engine = Engine(MODEL, TOK, mode=mode, draft=draft, kv_budget=budget, max_new_tokens=32, logits_processor=PROC, tree=tree)
     handles = serve(engine, prompts, budgets, arrivals)
     for p, m, h in zip(prompts, budgets, handles):
-        offline = generate(MODEL, TOK, [p], mode=mode, draft=draft, logits_processor=PROC, **engine.offline_options(m))[0]
+        offline = generate(MODEL, TOK, [p], mode=mode, draft=draft, logits_processor=PROC, tree=tree, **engine.offline_options(m))[0]
         got = h.result(0)
         assert [b.token_ids for b in got.branches] == [b.token_ids for b in offline.branches]
         assert got.token_ids == offline.token_ids and got.text == offline.text

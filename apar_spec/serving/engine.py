@@ -204,7 +204,10 @@ class Engine:
         if spec is not None:
             spec.reset(0, vocab_size=self.decoder.vocab_size, generator=self.decoder.generator)
         self.max_pos = getattr(model.config, "max_position_embeddings", None)
-        self.draft_margin = (opts.max_draft_tokens if opts.adaptive_draft else opts.num_draft_tokens) if spec else 0
+        # transient draft nodes one branch tip can add in a step: the tree's size, or the (adaptive) chain length
+        chain_k = opts.max_draft_tokens if opts.adaptive_draft else opts.num_draft_tokens
+        shape = self.decoder.shape
+        self.draft_margin = (shape.size if shape is not None else chain_k) if spec else 0
         self.stats = EngineStats()
         self._tc = None
         self._live: list[Request] = []
