@@ -111,6 +111,7 @@ def test_head_training_reduces_the_heads_loss(tmp_path):
     train_heads(model, tok, rows, tmp_path / "h", cfg2, target_name="micro", progress=msgs.append)
     assert (tmp_path / "h" / "distill.jsonl").read_text() == lines
     assert any("resumed at step 60" in m for m in msgs)
+    assert json.loads((tmp_path / "h" / "heads.json").read_text())["val_loss_start"] == rep["val_loss_start"]
 
 
 def test_cli_train_heads_and_its_bad_input(tmp_path):
