@@ -191,16 +191,19 @@ def train_heads(model, tokenizer, rows: list[dict], out: str | Path, cfg: Option
     head_fp32 = _float_head(lm_head)
     state_path = out / "train_state.pt"
     step = 0
+    first_val = None
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
         accelerator.unwrap_model(heads).load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
         step = int(state["step"])
+        first_val = state.get("val_loss_start")
         progress(f"resumed at step {step}/{cfg.steps}")
     dev = accelerator.device
     Hv, Yv = H[val].to(dev), Y[val].to(dev)
-    with torch.no_grad():
-        first_val = heads_loss(heads, head_fp32, Hv, Yv, cfg.decay)[0].item() if step == 0 else None
+    if step == 0:
+        with torch.no_grad():
+            first_val = heads_loss(heads, head_fp32, Hv, Yv, cfg.decay)[0].item()
     while step < cfg.steps:
         idx = tr[torch.randint(0, len(tr), (cfg.batch_size,), generator=g)]
         loss, per_head = heads_loss(heads, head_fp32, H[idx].to(dev), Y[idx].to(dev), cfg.decay)
@@ -209,7 +212,8 @@ def train_heads(model, tokenizer, rows: list[dict], out: str | Path, cfg: Option
         opt.step()
         step += 1
         if step % cfg.save_every == 0 or step == cfg.steps:
-            torch.save({"heads": accelerator.unwrap_model(heads).state_dict(), "opt": opt.state_dict(), "step": step}, state_path)
+            torch.save({"heads": accelerator.unwrap_model(heads).state_dict(), "opt": opt.state_dict(), "step": step,
+                        "val_loss_start": first_val}, state_path)
             progress(f"step {step}/{cfg.steps} loss {loss.item():.3f} per head {', '.join(f'{l:.2f}' for l in per_head)}")
     final = accelerator.unwrap_model(heads)
     with torch.no_grad():

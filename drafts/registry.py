@@ -63,9 +63,9 @@ BUILTIN = [
         fingerprint="3b10c36d7acb",
         vocab_size=2048,
         targets=["tiny-apar", "tiny-base"],
-        notes="4 Medusa-1 heads per embedded target, self-distilled (apar-spec train-heads); no draft forward; "
-        "acceptance measured with tiny-apar (apar+spec, tree topk:3x4 pruned, built-in prompts)",
-        acceptance_length=None,
+        notes="Medusa-1 heads, self-distilled (apar-spec train-heads): 6 for tiny-apar, 4 for tiny-base; no draft "
+        "forward; acceptance measured with tiny-apar (apar+spec, 7-node tree [[0],[1],[0,0],...,[0]*6], built-in prompts)",
+        acceptance_length=3.6,
     ),
     DraftEntry(
         name="ngram",

@@ -81,3 +81,20 @@ def test_registry_drafts_are_loaded_once_per_target(trio):
     assert a is not b and a.model is b.model  # fresh speculator state, the same weights
     other, _ = trio["tiny-base"]
     assert resolve("tiny-draft", other, tok).model is not a.model  # keyed by target identity
+
+
+def test_shipped_heads_fit_both_embedded_targets_and_are_lossless(trio):
+    from apar_spec.drafts.heads import HeadsSpeculator
+    from apar_spec.train_heads import encode
+
+    specs = {name: resolve("tiny-heads", trio[name][0], trio[name][1]) for name in ("tiny-apar", "tiny-base")}
+    assert all(isinstance(s, HeadsSpeculator) for s in specs.values())
+    assert not torch.equal(specs["tiny-apar"].heads.blocks[0].weight, specs["tiny-base"].heads.blocks[0].weight)
+    model, tok = trio["tiny-apar"]
+    with pytest.raises(ValueError, match="no draft heads .* trained for this target"):
+        resolve("tiny-heads", trio["tiny-draft"][0], tok)
+    prompt = [encode(tok, "Give me 4 tips for better sleep.")]
+    plain = apar_spec.generate(model, tok, prompt, mode="apar", max_new_tokens=200)[0]
+    spec = apar_spec.generate(model, tok, prompt, mode="apar+spec", draft="tiny-heads", tree="[[0],[1],[0,0],[0,0,0]]", max_new_tokens=200)[0]
+    assert spec.token_ids == plain.token_ids and spec.forked
+    assert spec.stats.mean_acceptance_length > 2.0 and spec.stats.draft_forwards == 0

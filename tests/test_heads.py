@@ -111,6 +111,7 @@ def test_head_training_reduces_the_heads_loss(tmp_path):
     train_heads(model, tok, rows, tmp_path / "h", cfg2, target_name="micro", progress=msgs.append)
     assert (tmp_path / "h" / "distill.jsonl").read_text() == lines
     assert any("resumed at step 60" in m for m in msgs)
+    assert json.loads((tmp_path / "h" / "heads.json").read_text())["val_loss_start"] == rep["val_loss_start"]
 
 
 def test_cli_train_heads_and_its_bad_input(tmp_path):
@@ -128,3 +129,25 @@ def test_cli_train_heads_and_its_bad_input(tmp_path):
     data.write_text('{"prompt": ""}\n')
     assert_user_error(run("train-heads", "--target", target, "--data", str(data), "--out", str(out)), "line 1", "prompt")
     assert_user_error(run("train-heads", "--target", target, "--data", "corpus:x", "--out", str(out)), "corpus:N")
+
+
+def test_tree_cache_hidden_path_gives_the_plain_logits():
+    from apar_spec.tree_cache import TreeCache
+
+    model = micro_model("llama", seed=3)
+    outs = []
+    for hidden in (False, True):
+        tc = TreeCache(model, 2)
+        tc.add_chain(0, [1, 5, 6, 7], -1)
+        tc.add_chain(1, [1, 9], -1)
+        first = tc.forward(hidden=hidden)
+        tc.add(0, 8, 3)
+        tc.add(0, 9, 3)  # a sibling: a small tree
+        tc.add(1, 10, 1)
+        second = tc.forward(hidden=hidden)
+        outs.append((first, second))
+    (a1, a2), (b1, b2) = outs
+    assert torch.allclose(a1.logits, b1.logits) and torch.allclose(a2.logits, b2.logits)
+    assert a2.hidden is None and b2.hidden.shape == (2, 2, model.config.hidden_size)
+    with torch.inference_mode():
+        assert torch.allclose(model.get_output_embeddings()(b2.hidden), b2.logits)
