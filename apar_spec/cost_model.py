@@ -995,12 +995,7 @@ def speculator_kind_of(draft: Any, target=None) -> tuple[str, Any, Optional[str]
         from apar_spec.drafts import registry
         from apar_spec.loading import load
 
-        try:
-            entry = registry.get(name)
-        except ValueError:
-            if not Path(name).expanduser().exists():
-                raise
-            entry = registry.DraftEntry(name=name, kind="model", weights=name, source="path")
+        entry = registry.lookup(name)
         if entry.kind == "model":
             where = {"dtype": target.dtype, "device": target.device} if target is not None else {}
             return "model", load(entry.weights, **where)[0], name

@@ -49,14 +49,7 @@ def _load_draft_model(name: str, target, dtype, device):
     from apar_spec.drafts import registry
     from apar_spec.loading import load
 
-    try:
-        entry = registry.get(name)
-    except ValueError:
-        from pathlib import Path
-
-        if not Path(name).expanduser().exists():
-            raise
-        entry = registry.DraftEntry(name=name, kind="model", weights=name, source="path")
+    entry = registry.lookup(name)
     if entry.kind != "model":
         return entry.kind, None
     model, _ = load(entry.weights, dtype=dtype or target.dtype, device=device)

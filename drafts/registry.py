@@ -126,6 +126,19 @@ def get(name: str) -> DraftEntry:
     raise ValueError(f"unknown draft '{name}' (see `apar-spec drafts list`){hint}")
 
 
+def lookup(name: str) -> DraftEntry:
+    """The registry entry called ``name``, or an ad-hoc draft-LM entry for an existing
+    model path; anything else is ``get``'s one-line error (with a did-you-mean hint)."""
+    try:
+        return get(name)
+    except ValueError:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise
+        kind = "heads" if (path / "heads.json").is_file() else "model"  # a train-heads output folder
+        return DraftEntry(name=name, kind=kind, weights=name, source="path")
+
+
 def vocab_fingerprint(tokenizer) -> tuple[int, str]:
     """(vocabulary size, short hash of the token -> id map): equal iff the tokenizers agree on ids."""
     vocab = tokenizer.get_vocab()
@@ -157,14 +170,7 @@ def resolve(draft: Any, target, tokenizer) -> Speculator:
         return DraftModelSpeculator(draft, mask_ids=mask)
     if not isinstance(draft, (str, os.PathLike)):
         raise ValueError(f"draft must be a registry name, a model path, a model or a speculator (got {type(draft).__name__})")
-    name = str(draft)
-    try:
-        entry = get(name)
-    except ValueError:
-        if not Path(name).expanduser().exists():
-            raise
-        kind = "heads" if (Path(name).expanduser() / "heads.json").is_file() else "model"
-        entry = DraftEntry(name=name, kind=kind, weights=name, source="path")
+    entry = lookup(str(draft))
     if entry.kind == "ngram":
         return NGramSpeculator()
     if entry.fingerprint and tokenizer is not None:
