@@ -428,6 +428,11 @@ def drafts_show(name: Annotated[str, typer.Argument(help="A registry name.")], a
         console.print(f"{key}: {shown if shown not in (None, '') else '-'}", markup=False)
 
 
+from .quality import quality as _quality  # noqa: E402  (own module, registered here)
+
+app.command("quality")(_quality)
+
+
 def main() -> None:
     """Console-script entry point (``apar-spec``)."""
     app()
