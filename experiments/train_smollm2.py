@@ -129,7 +129,7 @@ def _hidden_and_labels(model, tokenizer, rows: list[dict], apar) -> tuple[torch.
     return torch.cat(hs), torch.cat(ls)
 
 
-def fit_fork_head_row(apar_dir: Path, data: Path, *, examples: int = 96, steps: int = 300, lr: float = 0.05) -> dict:
+def fit_fork_head_row(apar_dir: Path, data: Path, *, examples: int = 64, steps: int = 300, lr: float = 0.05) -> dict:
     """Fit the LM-head row of ``[Fork]`` on frozen hidden states (a one-row logistic regression).
 
     Why: after a short LoRA run on 2 cores the fine-tuned model ranks ``[Fork]`` high at
@@ -267,6 +267,18 @@ def loss_curve(losses: list[float], points: int = 10) -> str:
     return "\n".join(rows)
 
 
+def fork_row_text(fit: dict | None) -> str:
+    if not fit:
+        return ""
+    return (f"## [Fork] output row\n\nAfter the LoRA run the model ranked `[Fork]` high at item titles but rarely first "
+            f"(NLL {fit['fork_nll_before']:.2f} per `[Fork]` on {fit['examples']} training trees). The LM-head row of `[Fork]` "
+            f"(untied from its input row, which the adapter was trained with) was then fitted on frozen hidden states "
+            f"({fit['positions']:,} labelled positions, {fit['fork_positions']} of them `[Fork]`; full-vocabulary cross-entropy, "
+            f"{fit['steps']} Adam steps): NLL per `[Fork]` {fit['fork_nll_after']:.3f}, `[Fork]` ranked first at "
+            f"{fit['fork_top1_at_fork_positions']:.0%} of fork positions, above the true token at {fit['fork_beats_label_elsewhere']:.2%} "
+            f"of other positions (`python experiments/train_smollm2.py --only forkrow`).")
+
+
 def write_cards(out: Path) -> None:
     """README.md model cards from the train.json facts (and measured figures, when present)."""
     apar = out / "smollm2-apar"
@@ -295,6 +307,8 @@ refuses any other base (weights fingerprint `{json.loads((apar / 'adapter.json')
 ## Loss curve
 
 {loss_curve(f['losses'])}
+
+{fork_row_text(f.get('fork_row_fit'))}
 
 {measured}
 

@@ -215,3 +215,33 @@ def test_smollm2_apar_spec_equals_apar_with_both_drafts():
         for w, g in zip(want, got):
             assert g.token_ids == w.token_ids
             assert [b.tokens for b in g.branches] == [b.tokens for b in w.branches]
+
+
+# ------------------------------------------------------------------ quality helpers
+
+
+def test_well_formed_lists():
+    from apar_spec.experiments.quality import well_formed
+
+    good = "Intro:\n\n1. **Sleep:** rest well.\n2. **Water:** drink.\n3. **Walk:** daily.\n\nOutro."
+    assert well_formed(good)
+    assert not well_formed(good.replace("3. **Walk:**", "4. **Walk:**"))  # a number skipped
+    assert not well_formed(good.replace("**Walk:**", "**Sleep:**"))  # an item repeated
+    assert not well_formed("1. Sleep:\n2. Water: drink.\n3. Walk: daily.")  # an empty item
+    assert well_formed("First paragraph. More.\n\nSecond one. More.")  # no list: fine
+    assert not well_formed("   ")
+
+
+def test_mixed_prompts_prefixes_and_interleaves(tmp_path):
+    from apar_spec.cli.quality import mixed_prompts
+
+    for name, cats in (("a", ["x", "x", "y"]), ("b", ["x"])):
+        (tmp_path / name).mkdir()
+        rows = [{"question_id": i, "category": c, "turns": [f"{name} q{i}"]} for i, c in enumerate(cats)]
+        (tmp_path / name / "question.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ps = mixed_prompts([str(tmp_path / "a" / "question.jsonl"), str(tmp_path / "b" / "question.jsonl")])
+    assert [p.category for p in ps] == ["a/x", "a/y", "b/x", "a/x"]
+    assert ps[0].id == "a/0"
+    assert [p.id for p in mixed_prompts([str(tmp_path / "a" / "question.jsonl"), str(tmp_path / "b" / "question.jsonl")], per_category=1)] == ["a/0", "a/2", "b/0"]
+    with pytest.raises(ValueError, match="unknown category"):
+        mixed_prompts([str(tmp_path / "a" / "question.jsonl"), str(tmp_path / "b" / "question.jsonl")], category="a/z")
