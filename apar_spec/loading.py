@@ -9,6 +9,8 @@ from typing import Optional, Union
 import torch
 
 EMBEDDED = ("tiny-base", "tiny-apar", "tiny-draft")
+# Real models built on a base from a pip package (cached on first use; see apar_spec/smollm2.py).
+PACKAGED = ("smollm2", "smollm2-apar", "smollm2-draft")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -72,6 +74,13 @@ def load(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(name_or_path)
+    if name in PACKAGED:
+        from apar_spec import smollm2
+
+        model, tokenizer = smollm2.load_named(name, dtype=resolve_dtype(dtype) or torch.float32)
+        model.to(resolve_device(device))
+        model.eval()
+        return model, tokenizer
     kwargs: dict = {"trust_remote_code": trust_remote_code, "local_files_only": True}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -99,10 +108,10 @@ def load(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except OSError as err:
         if source == name and not path.exists():
-            close = difflib.get_close_matches(name, EMBEDDED, n=1)
+            close = difflib.get_close_matches(name, EMBEDDED + PACKAGED, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ValueError(
-                f"model '{name}' is not an embedded name ({', '.join(EMBEDDED)}), a local path, "
+                f"model '{name}' is not an embedded name ({', '.join(EMBEDDED + PACKAGED)}), a local path, "
                 f"or a model in the local Hugging Face cache (no downloads here).{hint}"
             ) from None
         raise ValueError(f"could not load model from '{name}': {str(err).splitlines()[0]}") from None

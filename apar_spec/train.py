@@ -404,9 +404,21 @@ def read_examples(data: str | Path | Iterable[Any], mode: str = "apar", max_dept
     return examples
 
 
+def prompt_token_ids(prompt: str, tokenizer) -> list[int]:
+    """The prompt as the model sees it at inference: its chat template when it has one.
+
+    The embedded models' template renders exactly :func:`format_prompt`; a real instruct
+    model (SmolLM2) is trained in its own chat format, as ``apar-spec bench`` prompts it.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    else:
+        text = format_prompt(prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def pack_example(ex: TrainExample, tokenizer, apar: AparTokens | None) -> PackedExample:
-    prompt_ids = tokenizer(format_prompt(ex.prompt), add_special_tokens=False)["input_ids"]
-    return pack_tree(prompt_ids, ex.tree, tokenizer, apar)
+    return pack_tree(prompt_token_ids(ex.prompt, tokenizer), ex.tree, tokenizer, apar)
 
 
 class BatchSchedule:
@@ -476,7 +488,10 @@ def _save_model(model, tokenizer, out_dir: Path, dtype: torch.dtype | None) -> N
     """safetensors weights (optionally cast, e.g. bf16 for the embedded models) + tokenizer files."""
     out_dir.mkdir(parents=True, exist_ok=True)
     to_save = model if dtype is None else copy.deepcopy(model).to(dtype)
-    to_save.save_pretrained(out_dir, safe_serialization=True)
+    if getattr(to_save, "peft_config", None):  # adapter only: never the (resized, frozen) embedding
+        to_save.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
+    else:
+        to_save.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
 
@@ -562,8 +577,9 @@ def train(
     batches = BatchSchedule([len(p) for p in pools], per_batch, seed, accelerator.num_processes, accelerator.process_index)
 
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, or an adapter's
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
     )
@@ -579,10 +595,18 @@ def train(
         weights = {}
         for f in sorted(ckpt_dir.glob("*.safetensors")):
             weights.update(load_file(str(f)))
-        missing, unexpected = model.load_state_dict(weights, strict=False)  # a tied lm_head is stored once
-        tied = set(getattr(model, "_tied_weights_keys", None) or [])
-        if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
-            raise ValueError(f"checkpoint {ckpt_dir} does not fit the model (missing {missing}, unexpected {unexpected})")
+        if getattr(model, "peft_config", None):  # a peft model checkpoints its adapter only
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(model, weights)
+            unexpected = list(getattr(result, "unexpected_keys", []) or [])
+            if unexpected or not weights:
+                raise ValueError(f"checkpoint {ckpt_dir} does not fit the adapter (unexpected {unexpected})")
+        else:
+            missing, unexpected = model.load_state_dict(weights, strict=False)  # a tied lm_head is stored once
+            tied = set(getattr(model, "_tied_weights_keys", None) or [])
+            if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
+                raise ValueError(f"checkpoint {ckpt_dir} does not fit the model (missing {missing}, unexpected {unexpected})")
         state = torch.load(state_file, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -467,6 +467,10 @@ from .serve import load_bench_command, serve_command  # noqa: E402  (serving com
 app.command("serve")(serve_command)
 app.command("load-bench")(load_bench_command)
 
+from .quality import quality as _quality  # noqa: E402  (own module, registered here)
+
+app.command("quality")(_quality)
+
 
 def main() -> None:
     """Console-script entry point (``apar-spec``)."""

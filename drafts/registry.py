@@ -68,6 +68,17 @@ BUILTIN = [
         acceptance_length=3.6,
     ),
     DraftEntry(
+        name="smollm2-draft",
+        kind="model",
+        weights="smollm2-draft",
+        fingerprint="450fd25da1a6",  # SmolLM2's vocabulary without [Fork]/[Child] (tests/test_smollm2.py keeps it true)
+        vocab_size=49152,
+        targets=["smollm2-apar", "smollm2"],
+        notes="2 Llama layers (width 576) on SmolLM2's own embedding/LM head, distilled on SmolLM2's self-distilled "
+        "answers; acceptance measured with smollm2-apar (apar+spec, k=4, greedy, see its model card)",
+        acceptance_length=None,
+    ),
+    DraftEntry(
         name="ngram",
         kind="ngram",
         targets=["any"],
@@ -139,17 +150,36 @@ def lookup(name: str) -> DraftEntry:
         return DraftEntry(name=name, kind=kind, weights=name, source="path")
 
 
-def vocab_fingerprint(tokenizer) -> tuple[int, str]:
-    """(vocabulary size, short hash of the token -> id map): equal iff the tokenizers agree on ids."""
+CONTROL_TOKENS = ("[Fork]", "[Child]")
+
+
+def vocab_fingerprint(tokenizer, words_only: bool = False) -> tuple[int, str]:
+    """(vocabulary size, short hash of the token -> id map): equal iff the tokenizers agree on ids.
+
+    ``words_only`` leaves out ``[Fork]``/``[Child]``: an APAR model made from a pretrained
+    base (smollm2-apar from smollm2) shares every other id with its base, so one draft
+    serves both (the decoder pads or cuts draft logits to the target's width).
+    """
     vocab = tokenizer.get_vocab()
+    if words_only:
+        vocab = {k: v for k, v in vocab.items() if k not in CONTROL_TOKENS}
     digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:12]
     return len(vocab), digest
+
+
+def vocab_fits(draft_fp: str, target_tokenizer) -> bool:
+    """A draft fingerprint fits a target whose vocabulary equals it, with or without the APAR control tokens."""
+    return draft_fp in (vocab_fingerprint(target_tokenizer)[1], vocab_fingerprint(target_tokenizer, words_only=True)[1])
 
 
 def check_vocab(draft_tokenizer, target_tokenizer, draft_name: str) -> None:
     dn, dfp = vocab_fingerprint(draft_tokenizer)
     tn, tfp = vocab_fingerprint(target_tokenizer)
-    if dfp != tfp:
+    dv, tv = draft_tokenizer.get_vocab(), target_tokenizer.get_vocab()
+    same_words = vocab_fingerprint(draft_tokenizer, True)[1] == vocab_fingerprint(target_tokenizer, True)[1] and all(
+        dv[t] == tv[t] for t in CONTROL_TOKENS if t in dv and t in tv
+    )
+    if dfp != tfp and not same_words:
         raise ValueError(
             f"draft '{draft_name}' does not fit the target's vocabulary: draft has {dn} tokens "
             f"(fingerprint {dfp}), target has {tn} (fingerprint {tfp}); use a draft with the target's tokenizer"
@@ -175,7 +205,7 @@ def resolve(draft: Any, target, tokenizer) -> Speculator:
         return NGramSpeculator()
     if entry.fingerprint and tokenizer is not None:
         tn, tfp = vocab_fingerprint(tokenizer)
-        if tfp != entry.fingerprint:  # refuse before loading any weights
+        if not vocab_fits(entry.fingerprint, tokenizer):  # refuse before loading any weights
             raise ValueError(
                 f"draft '{entry.name}' does not fit the target's vocabulary: draft has {entry.vocab_size or '?'} tokens "
                 f"(fingerprint {entry.fingerprint}), target has {tn} (fingerprint {tfp}); use a draft with the target's tokenizer"

@@ -93,13 +93,13 @@ def load_models(
     visible devices (for targets larger than one); drafts go where the target's first
     layer is, since they run next to the target's inputs."""
     place = {"device_map": device_map} if device_map else {"device": resolve_device(device)}  # '--device cuda' without CUDA fails here
-    tgt = Loaded(target, *load(target, dtype=dtype, **place))
+    tgt = Loaded(short_name(target), *load(target, dtype=dtype, **place))
     dev = tgt.model.device if device_map else place["device"]
     base_name = default_base(target) if base is None else base
     if base_name in (None, SAME_AS_TARGET, target):
         baseline = tgt
     else:
-        baseline = Loaded(base_name, *load(base_name, dtype=dtype, **place))
+        baseline = Loaded(short_name(base_name), *load(base_name, dtype=dtype, **place))
         if baseline.tokenizer.get_vocab() != tgt.tokenizer.get_vocab() and not _same_words(baseline.tokenizer, tgt.tokenizer):
             raise ValueError(
                 f"base '{base_name}' and target '{target}' do not share a tokenizer, so their token counts "
@@ -134,7 +134,32 @@ def resolve_draft(name: str, target: Loaded, baseline: Loaded, *, dtype=None, de
     model, tokenizer = load(entry.weights, dtype=dtype or target.model.dtype, device=device)
     for loaded in {id(target): target, id(baseline): baseline}.values():
         registry.check_vocab(tokenizer, loaded.tokenizer, name)
-    return Draft(name, "model", model, model)
+    return Draft(name, "model", model, hf_assistant(model, baseline.model))
+
+
+def hf_assistant(draft, baseline):
+    """The draft as HF assisted generation needs it: the baseline's vocabulary width.
+
+    A draft for an APAR model made from a pretrained base (smollm2-draft) carries the
+    two APAR token rows the base lacks; HF refuses unequal sizes, so it gets a copy with
+    those last rows cut (the same logits over every token the base can write).
+    """
+    import copy
+
+    dv, bv = draft.config.vocab_size, baseline.config.vocab_size
+    if dv <= bv or draft.get_input_embeddings().weight.shape[0] <= bv:
+        return draft
+    trimmed = copy.deepcopy(draft)
+    trimmed.resize_token_embeddings(bv, mean_resizing=False)
+    return trimmed
+
+
+def short_name(name: str) -> str:
+    """What rows and tables show for a model: the name as given, or a path's last part."""
+    from pathlib import Path
+
+    p = Path(name)
+    return p.name if (len(p.parts) > 1 or p.suffix == ".gguf") and p.name else name
 
 
 def encode_prompt(loaded: Loaded, text: str, chat_template: Optional[bool] = None) -> list[int]:

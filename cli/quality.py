@@ -1,0 +1,98 @@
+"""``apar-spec quality``: fork rate, steps APAR / AR, NLL guard and well-formed lists, per category.
+
+Thin: parses options, calls ``experiments.quality.run_quality`` and prints a table
+(rich on a terminal, plain when piped, one JSON document with ``--json``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import handle_errors
+from .output import print_json, stdout_console
+
+
+def mixed_prompts(sources: list[str], *, category: Optional[str] = None, per_category: Optional[int] = None,
+                  limit: Optional[int] = None) -> list:
+    """Prompts of one or several sets. With several, ids and categories get the set's folder
+    name as a prefix (``vicuna_bench/generic``); categories are interleaved round-robin so a
+    run stopped early (or ``--limit``) still covers every category."""
+    from dataclasses import replace
+
+    from apar_spec.experiments.prompts import load_prompts
+
+    several = len(sources) > 1
+    by_cat: dict[str, list] = {}
+    for src in sources:
+        tag = Path(src).parent.name or Path(src).stem
+        for p in load_prompts(src):
+            if several:
+                p = replace(p, id=f"{tag}/{p.id}", category=f"{tag}/{p.category}")
+            by_cat.setdefault(p.category, []).append(p)
+    if category:
+        wanted = [c.strip() for c in category.split(",")]
+        unknown = [c for c in wanted if c not in by_cat]
+        if unknown:
+            raise ValueError(f"unknown category '{unknown[0]}' (categories: {', '.join(sorted(by_cat))})")
+        by_cat = {c: by_cat[c] for c in wanted}
+    if per_category:
+        by_cat = {c: ps[:per_category] for c, ps in by_cat.items()}
+    out = []
+    for i in range(max((len(v) for v in by_cat.values()), default=0)):
+        out += [ps[i] for ps in by_cat.values() if i < len(ps)]
+    if not out:
+        raise ValueError("no prompts selected")
+    return out[:limit] if limit else out
+
+
+@handle_errors
+def quality(
+    target: Annotated[str, typer.Option("--target", help="APAR model (e.g. smollm2-apar).")] = "smollm2-apar",
+    base: Annotated[str, typer.Option("--base", help="Its base model: the AR baseline and the NLL judge.")] = "smollm2",
+    prompts: Annotated[str, typer.Option("--prompts", help="Prompt file(s), comma-separated (question.jsonl, JSONL or text), or a built-in set.")] = "default",
+    category: Annotated[Optional[str], typer.Option("--category", help="Only these categories (comma-separated).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="At most this many prompts (after --category).")] = None,
+    per_category: Annotated[Optional[int], typer.Option("--per-category", help="At most this many prompts of each category.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Token budget per request, over all branches.")] = 384,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Requests decoded together (figures do not depend on it).")] = 16,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 or bfloat16.")] = "bfloat16",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSONL rows, one per prompt (resumed when present).")] = None,
+    sides: Annotated[Optional[Path], typer.Option("--sides", help="Write a markdown file with 10 side-by-side answers here.")] = None,
+    ar_only: Annotated[bool, typer.Option("--ar-only", help="Only the base's AR answers (cached next to --out; the APAR pass reuses them).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Batched quality pass of an APAR model against its base (greedy)."""
+    import torch
+
+    from apar_spec.experiments.quality import run_quality
+
+    if threads:
+        torch.set_num_threads(threads)
+    ps = mixed_prompts(prompts.split(","), category=category, per_category=per_category, limit=limit)
+    console = stdout_console(stderr=as_json)
+
+    def progress(done: int, total: int) -> None:
+        console.print(f"quality: {done}/{total} prompts", markup=False)
+
+    summary = run_quality(target, base, ps, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+                          out=out, sides=sides, ar_only=ar_only, progress=progress)
+    if as_json:
+        print_json({"dtype": summary.dtype, "wall_s": summary.wall_s, "by_category": summary.by_category,
+                    "rows": [{k: v for k, v in r.items() if not k.endswith("_text")} for r in summary.rows]})
+        return
+    from rich.table import Table
+
+    def fmt(x, spec=".2f"):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+    table = Table("category", "prompts", "fork rate", "steps APAR/AR", "NLL AR", "NLL APAR", "NLL ratio", "well-formed",
+                  title=f"{target} vs {base}, greedy, {summary.dtype}", header_style="bold")
+    for c, s in summary.by_category.items():
+        table.add_row(c, str(s["prompts"]), fmt(s["fork_rate"], ".0%"), fmt(s["steps_ratio"]), fmt(s["nll_ar"], ".3f"),
+                      fmt(s["nll_apar"], ".3f"), fmt(s["nll_ratio"], ".3f"), fmt(s["well_formed_rate"], ".0%"))
+    console.print(table)

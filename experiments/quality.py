@@ -1,0 +1,272 @@
+"""The batched quality pass: fork rate, steps APAR / AR, NLL under the base, well-formed lists.
+
+Why a separate pass from ``bench``: these figures are per request and do not depend on
+batching (a request's target steps, branches and tokens are the same whether it is
+decoded alone or beside 15 others: greedy decoding, per-branch rules), so they are
+measured over *every* prompt with batched generation, which is ~10x cheaper than the
+batch-1 timed rows. Wall-time ratios need batch 1 and come from ``apar-spec bench``.
+
+Per prompt (one JSONL row each, ``kind: "quality"``):
+
+- ``forked``: the APAR answer has more than one branch;
+- ``ar_steps`` / ``apar_steps``: target steps of the base's greedy AR answer and of the
+  APAR model's answer (prefill included in both); ``steps_ratio`` = apar / ar;
+- ``nll_ar`` / ``nll_apar``: mean per-token negative log-likelihood, under the *base*
+  model, of the base's own greedy answer and of the reassembled APAR answer (both
+  re-tokenised from text, EOS excluded); ``nll_ratio`` = apar / ar;
+- ``well_formed``: for an answer that forked, its numbered list (if any) counts 1..N
+  with no repeated item and no empty item, and no paragraph is empty.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .prompts import Prompt
+
+_ITEM = re.compile(r"^(\d{1,3})\.\s+(.*)$")
+
+
+def well_formed(text: str) -> bool:
+    """Numbered items count 1..N (a new list may restart at 1), none repeats, none is empty;
+    no blank-only paragraph. Meant for answers that forked (lists and paragraphs)."""
+    expected = None
+    seen: set[str] = set()
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        m = _ITEM.match(line.strip())
+        if not m or line[: len(line) - len(line.lstrip())]:  # top-level items only
+            continue
+        n, body = int(m.group(1)), m.group(2).strip()
+        if n == 1:
+            expected, seen = 1, set()
+        if expected is None or n != expected:
+            return False
+        expected += 1
+        title = body.split(":", 1)[0].strip("* ").lower()
+        details = body.split(":", 1)[1].strip() if ":" in body else body
+        nxt = next((ln.strip() for ln in lines[i + 1 :] if ln.strip()), "")
+        if not details and (not nxt or _ITEM.match(nxt)):
+            return False  # an item with a title and nothing after it
+        if title in seen:
+            return False
+        seen.add(title)
+    return bool(text.strip())
+
+
+@torch.inference_mode()
+def mean_nll(model, tokenizer, prompt_ids: list[list[int]], texts: list[str], batch_size: int = 8) -> list[float]:
+    """Mean per-token NLL of each ``text`` after its prompt, under ``model`` (float32 softmax)."""
+    out: list[float] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(texts), batch_size):
+        seqs, spans = [], []
+        for p, t in zip(prompt_ids[start : start + batch_size], texts[start : start + batch_size]):
+            a = tokenizer(t, add_special_tokens=False)["input_ids"] if t.strip() else []
+            seqs.append(list(p) + a)
+            spans.append((len(p), len(a)))
+        L = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+        mask = torch.zeros(len(seqs), L, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()  # [B, L, V]
+        logp = F.log_softmax(logits, dim=-1)
+        for i, (p_len, a_len) in enumerate(spans):
+            if a_len == 0:
+                out.append(math.nan)
+                continue
+            target = ids[i, p_len : p_len + a_len].to(logp.device)  # [a]
+            lp = logp[i, p_len - 1 : p_len - 1 + a_len].gather(-1, target[:, None])[:, 0]
+            out.append(float(-lp.mean()))
+    return out
+
+
+@dataclass
+class QualitySummary:
+    """Per category (and ``all``): the figures of the quality table."""
+
+    rows: list[dict]
+    by_category: dict[str, dict] = field(default_factory=dict)
+    wall_s: float = 0.0
+    dtype: str = ""
+
+
+def summarize(rows: list[dict]) -> dict[str, dict]:
+    cats: dict[str, list[dict]] = {}
+    for r in rows:
+        cats.setdefault(r["category"], []).append(r)
+    cats["all"] = list(rows)
+    out = {}
+    for c, rs in cats.items():
+        forked = [r for r in rs if r["forked"]]
+        nll_ar = [r["nll_ar"] for r in rs if not math.isnan(r["nll_ar"]) and not math.isnan(r["nll_apar"])]
+        nll_apar = [r["nll_apar"] for r in rs if not math.isnan(r["nll_ar"]) and not math.isnan(r["nll_apar"])]
+        out[c] = {
+            "prompts": len(rs),
+            "fork_rate": len(forked) / len(rs),
+            "steps_ratio": sum(r["apar_steps"] for r in rs) / max(1, sum(r["ar_steps"] for r in rs)),
+            "steps_ratio_median": statistics.median(r["steps_ratio"] for r in rs),
+            "nll_ar": statistics.mean(nll_ar) if nll_ar else math.nan,
+            "nll_apar": statistics.mean(nll_apar) if nll_apar else math.nan,
+            "nll_ratio": (statistics.mean(nll_apar) / statistics.mean(nll_ar)) if nll_ar else math.nan,
+            "well_formed_rate": (sum(r["well_formed"] for r in forked) / len(forked)) if forked else math.nan,
+            "ar_tokens": statistics.mean(r["ar_tokens"] for r in rs),
+            "apar_tokens": statistics.mean(r["apar_tokens"] for r in rs),
+            "branches": statistics.mean(r["branches"] for r in rs),
+        }
+    return out
+
+
+def _read_jsonl(path: Optional[Path]) -> list[dict]:
+    if path is None or not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line: that prompt is redone
+    return rows
+
+
+def run_quality(
+    target: str,
+    base: str,
+    prompts: list[Prompt],
+    *,
+    max_new_tokens: int = 512,
+    batch_size: int = 16,
+    dtype: str = "bfloat16",
+    out: Optional[Path] = None,
+    sides: Optional[Path] = None,
+    sides_count: int = 10,
+    ar_only: bool = False,
+    progress=None,
+) -> QualitySummary:
+    """Greedy base AR and target APAR answers for every prompt (batched), then NLL under the base.
+
+    Two resumable phases: the base's AR answers (+ their NLL) go to ``<out>.ar.jsonl``,
+    which does not depend on the APAR model, so it can run before training ends
+    (``ar_only``); the APAR answers and the per-prompt rows go to ``out``.
+    """
+    import apar_spec
+
+    from .models import Loaded, encode_prompt, short_name
+
+    t0 = time.perf_counter()
+    ar_path = out.with_suffix(".ar.jsonl") if out is not None else None
+    ar_done = {str(r["prompt_id"]): r for r in _read_jsonl(ar_path)
+               if r.get("base") == short_name(base) and r.get("max_new_tokens") == max_new_tokens}
+    done = {str(r["prompt_id"]): r for r in _read_jsonl(out)
+            if r.get("kind") == "quality" and r.get("target") == short_name(target) and r.get("max_new_tokens") == max_new_tokens}
+    bm = bt = None
+    ar_todo = [p for p in prompts if p.id not in ar_done and p.id not in done]
+    if ar_todo:
+        bm, bt = apar_spec.load(base, dtype=dtype)
+        b_loaded = Loaded(short_name(base), bm, bt)
+        f = ar_path.open("a", encoding="utf-8") if ar_path is not None else None
+        try:
+            for start in range(0, len(ar_todo), batch_size):
+                chunk = ar_todo[start : start + batch_size]
+                b_ids = [encode_prompt(b_loaded, p.text) for p in chunk]
+                ar = apar_spec.generate(bm, bt, b_ids, mode="ar", max_new_tokens=max_new_tokens, batch_size=len(chunk))
+                nll = mean_nll(bm, bt, b_ids, [g.text for g in ar])
+                for p, a, n in zip(chunk, ar, nll):
+                    r = {"prompt_id": p.id, "base": b_loaded.name, "max_new_tokens": max_new_tokens,
+                         "ar_steps": a.stats.target_steps, "ar_tokens": a.stats.tokens_generated, "nll_ar": n, "ar_text": a.text}
+                    ar_done[p.id] = r
+                    if f is not None:
+                        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                        f.flush()
+                if progress:
+                    progress(len(ar_done), len(prompts))
+        finally:
+            if f is not None:
+                f.close()
+    rows = [done[p.id] for p in prompts if p.id in done]
+    todo = [] if ar_only else [p for p in prompts if p.id not in done]
+    if todo:
+        if bm is None:
+            bm, bt = apar_spec.load(base, dtype=dtype)
+        tm, tt = apar_spec.load(target, dtype=dtype)
+        b_loaded, t_loaded = Loaded(short_name(base), bm, bt), Loaded(short_name(target), tm, tt)
+        f = out.open("a", encoding="utf-8") if out is not None else None
+        try:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                b_ids = [encode_prompt(b_loaded, p.text) for p in chunk]
+                t_ids = [encode_prompt(t_loaded, p.text) for p in chunk]
+                ap = apar_spec.generate(tm, tt, t_ids, mode="apar", max_new_tokens=max_new_tokens, batch_size=len(chunk))
+                nll_ap = mean_nll(bm, bt, b_ids, [g.text for g in ap])
+                for p, g, ng in zip(chunk, ap, nll_ap):
+                    a = ar_done[p.id]
+                    na = a["nll_ar"]
+                    row = {
+                        "kind": "quality", "prompt_id": p.id, "category": p.category, "target": t_loaded.name,
+                        "base": b_loaded.name, "dtype": str(tm.dtype).removeprefix("torch."),
+                        "max_new_tokens": max_new_tokens, "forked": g.forked, "branches": len(g.branches),
+                        "ar_steps": a["ar_steps"], "apar_steps": g.stats.target_steps,
+                        "steps_ratio": g.stats.target_steps / max(1, a["ar_steps"]),
+                        "ar_tokens": a["ar_tokens"], "apar_tokens": g.stats.tokens_generated,
+                        "apar_critical_path": g.stats.critical_path,
+                        "nll_ar": na, "nll_apar": ng, "nll_ratio": ng / na if na and not math.isnan(na) else math.nan,
+                        "well_formed": well_formed(g.text) if g.forked else None,
+                        "prompt": p.text, "ar_text": a["ar_text"], "apar_text": g.text,
+                    }
+                    rows.append(row)
+                    if f is not None:
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        f.flush()
+                if progress:
+                    progress(len(rows), len(prompts))
+        finally:
+            if f is not None:
+                f.close()
+    order = {p.id: i for i, p in enumerate(prompts)}
+    rows.sort(key=lambda r: order.get(str(r["prompt_id"]), 0))
+    if sides is not None and rows:
+        write_sides(rows, sides, sides_count)
+    dtype_name = rows[0]["dtype"] if rows else dtype
+    return QualitySummary(rows, summarize(rows) if rows else {}, time.perf_counter() - t0, dtype_name)
+
+
+def write_sides(rows: list[dict], path: Path, count: int = 10) -> Path:
+    """A markdown file with ``count`` answers side by side (base AR | APAR), forked ones first,
+    spread over categories, for a person to read."""
+    picked: list[dict] = []
+    cats: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: not r["forked"]):
+        cats.setdefault(r["category"], []).append(r)
+    while len(picked) < count and any(cats.values()):
+        for c in list(cats):
+            if cats[c] and len(picked) < count:
+                picked.append(cats[c].pop(0))
+
+    def cell(t: str) -> str:
+        return t.replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+    lines = ["# Side by side: base greedy AR | APAR (reassembled)", ""]
+    for r in picked:
+        lines += [
+            f"## {r['category']} / {r['prompt_id']}: {r['prompt'][:200]}", "",
+            f"forked: {r['forked']} ({r['branches']} branches); steps AR {r['ar_steps']} / APAR {r['apar_steps']}; "
+            f"NLL under base AR {r['nll_ar']:.3f} / APAR {r['nll_apar']:.3f}", "",
+            f"| {r['base']} (AR) | {r['target']} (APAR) |", "|---|---|",
+            f"| {cell(r['ar_text'])} | {cell(r['apar_text'])} |", "",
+        ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

