@@ -208,17 +208,19 @@ def test_smollm2_apar_spec_equals_apar_with_both_drafts():
     model, tok = apar_spec.load("smollm2-apar", dtype="float32")
     draft, _ = apar_spec.load("smollm2-draft", dtype="float32")
     loaded = Loaded("smollm2-apar", model, tok)
-    prompts = [encode_prompt(loaded, "Give me 4 tips for keeping a garden tidy."), encode_prompt(loaded, "What is 7 times 8?")]
+    texts = ["How can I improve my time management skills?", "What are the most effective ways to deal with stress?",
+             "What is 7 times 8?"]
+    prompts = [encode_prompt(loaded, t) for t in texts]
     # a per-branch cap, not a request budget: which branch a shared budget cuts depends on how
     # many tokens each step accepted, so only answers that end on their own can be compared
-    caps = dict(max_new_tokens=4000, max_branch_tokens=24, batch_size=2)
+    caps = dict(max_new_tokens=4000, max_branch_tokens=24, batch_size=3)
     want = apar_spec.generate(model, tok, prompts, mode="apar", **caps)
-    assert want[0].forked  # the list prompt forks
+    assert any(w.forked for w in want)  # the comparison covers forking answers
     for d in ("ngram", draft):
         got = apar_spec.generate(model, tok, prompts, mode="apar+spec", draft=d, **caps)
         for w, g in zip(want, got):
             assert g.token_ids == w.token_ids
-            assert [b.tokens for b in g.branches] == [b.tokens for b in w.branches]
+            assert [b.token_ids for b in g.branches] == [b.token_ids for b in w.branches]
 
 
 # ------------------------------------------------------------------ quality helpers
