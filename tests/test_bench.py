@@ -85,7 +85,7 @@ def test_compare_writes_one_row_per_config_prompt_repeat(micro, tmp_path):
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
         assert r["tokens"] == r["tokens_generated"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
-        assert r["model"] == micro["target"]
+        assert r["model"] == Path(micro["target"]).name  # rows show a short name, not the path
     by = {(r["variant"], r["prompt_id"], r["repeat"]): r for r in rows}
     for p in ("p1", "p2"):  # greedy float64: the lossless pairs agree token for token
         assert by[("ar", p, 0)]["output_ids"] == by[("hf-generate", p, 0)]["output_ids"]
@@ -101,9 +101,10 @@ def test_base_model_runs_the_sequential_configs(micro, tmp_path):
     s = settings(micro, tmp_path, base=micro["base"], modes="hf-generate,ar,apar", limit=1)
     result = compare(s)
     rows = {r["variant"]: r for r in read_rows(s.out)}
-    assert rows["ar"]["model"] == rows["hf-generate"]["model"] == micro["base"]
-    assert rows["apar"]["model"] == micro["target"]
-    assert result.models == {"hf-generate": micro["base"], "ar": micro["base"], "apar": micro["target"]}
+    assert rows["ar"]["model"] == rows["hf-generate"]["model"] == Path(micro["base"]).name
+    assert rows["apar"]["model"] == Path(micro["target"]).name
+    base, target = Path(micro["base"]).name, Path(micro["target"]).name
+    assert result.models == {"hf-generate": base, "ar": base, "apar": target}
 
 
 def test_draft_model_and_hf_assisted(micro, tmp_path):

@@ -208,13 +208,19 @@ def test_smollm2_apar_spec_equals_apar_with_both_drafts():
     model, tok = apar_spec.load("smollm2-apar", dtype="float32")
     draft, _ = apar_spec.load("smollm2-draft", dtype="float32")
     loaded = Loaded("smollm2-apar", model, tok)
-    prompts = [encode_prompt(loaded, "Give me 4 tips for keeping a garden tidy."), encode_prompt(loaded, "What is 7 times 8?")]
-    want = apar_spec.generate(model, tok, prompts, mode="apar", max_new_tokens=40, batch_size=2)
+    texts = ["How can I improve my time management skills?", "What are the most effective ways to deal with stress?",
+             "What is 7 times 8?"]
+    prompts = [encode_prompt(loaded, t) for t in texts]
+    # a per-branch cap, not a request budget: which branch a shared budget cuts depends on how
+    # many tokens each step accepted, so only answers that end on their own can be compared
+    caps = dict(max_new_tokens=4000, max_branch_tokens=24, batch_size=3)
+    want = apar_spec.generate(model, tok, prompts, mode="apar", **caps)
+    assert any(w.forked for w in want)  # the comparison covers forking answers
     for d in ("ngram", draft):
-        got = apar_spec.generate(model, tok, prompts, mode="apar+spec", draft=d, max_new_tokens=40, batch_size=2)
+        got = apar_spec.generate(model, tok, prompts, mode="apar+spec", draft=d, **caps)
         for w, g in zip(want, got):
             assert g.token_ids == w.token_ids
-            assert [b.tokens for b in g.branches] == [b.tokens for b in w.branches]
+            assert [b.token_ids for b in g.branches] == [b.token_ids for b in w.branches]
 
 
 # ------------------------------------------------------------------ quality helpers
@@ -245,3 +251,21 @@ def test_mixed_prompts_prefixes_and_interleaves(tmp_path):
     assert [p.id for p in mixed_prompts([str(tmp_path / "a" / "question.jsonl"), str(tmp_path / "b" / "question.jsonl")], per_category=1)] == ["a/0", "a/2", "b/0"]
     with pytest.raises(ValueError, match="unknown category"):
         mixed_prompts([str(tmp_path / "a" / "question.jsonl"), str(tmp_path / "b" / "question.jsonl")], category="a/z")
+
+
+def test_adapter_head_rows_untie_the_new_tokens_only(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, tok, apar = _trained_peft(tmp_path)
+    tensors = load_file(str(tmp_path / "ad" / "adapter.safetensors"))
+    head = tensors["token_rows"].clone()
+    head[0] += 1.0  # a separately fitted [Fork] output row
+    tensors["lm_head_rows"] = head
+    save_file(tensors, str(tmp_path / "ad" / "adapter.safetensors"))
+    fresh, fresh_tok = _tiny_llama(0)
+    apply_adapter(fresh, fresh_tok, tmp_path / "ad")
+    emb, out = fresh.get_input_embeddings().weight, fresh.get_output_embeddings().weight
+    assert emb.data_ptr() != out.data_ptr() and not fresh.config.tie_word_embeddings
+    assert torch.equal(emb[apar.fork_id], tensors["token_rows"][0].to(emb.dtype))
+    assert torch.equal(out[apar.fork_id], head[0].to(out.dtype))
+    assert torch.equal(emb[: apar.fork_id], out[: apar.fork_id])  # every other row still equal
