@@ -433,15 +433,20 @@ def drafts_list(as_json: AsJson = False) -> None:
         print_json([e.to_dict() for e in entries])
         return
     console = stdout_console()
-    if not console.is_terminal:
+
+    def acceptance(e) -> str:
+        return f"{e.acceptance_length:.2f}" if e.acceptance_length is not None else "-"
+
+    if not console.is_terminal:  # one line per draft, the table's columns (tab-separated)
         for e in entries:
-            console.print(f"{e.name}\t{e.kind}\t{e.weights or '-'}\t{', '.join(e.targets) or '-'}", markup=False)
+            fields = (e.name, e.kind, e.weights or "-", ", ".join(e.targets) or "-", acceptance(e), e.source)
+            console.print("\t".join(fields), markup=False)
         return
     from rich.table import Table
 
     table = Table("name", "kind", "weights", "targets", "acceptance", "source", header_style="bold")
     for e in entries:
-        acc = f"{e.acceptance_length:.2f}" if e.acceptance_length is not None else "-"
+        acc = acceptance(e)
         table.add_row(e.name, e.kind, e.weights or "-", ", ".join(e.targets) or "-", acc, e.source)
     console.print(table)
 

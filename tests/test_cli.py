@@ -224,6 +224,10 @@ def test_train_command(micro, tmp_path):
 def test_drafts_list_and_show():
     listed = run("drafts", "list")
     assert listed.exit_code == 0 and "ngram" in listed.stdout
+    from apar_spec.drafts import registry
+
+    heads_line = next(line for line in listed.stdout.splitlines() if line.startswith("tiny-heads "))
+    assert f" {registry.get('tiny-heads').acceptance_length:.2f} " in heads_line  # the measured acceptance is listed
     names = {e["name"] for e in json.loads(run("drafts", "list", "--json").stdout)}
     assert {"ngram", "tiny-draft"} <= names
     shown = run("drafts", "show", "ngram")
