@@ -608,7 +608,13 @@ def train(
             if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
                 raise ValueError(f"checkpoint {ckpt_dir} does not fit the model (missing {missing}, unexpected {unexpected})")
         state = torch.load(state_file, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError:  # torch names a parameter-group size mismatch; say what to do about it
+            raise ValueError(
+                f"checkpoint {ckpt_dir} was written for another set of trainable parameters (another "
+                "version or setting); delete that folder to start afresh, or resume with the settings that wrote it"
+            ) from None
         scheduler.load_state_dict(state["scheduler"])
         start_step = int(state["step"])
         accelerator.print(f"resuming from {ckpt_dir} at step {start_step}")

@@ -239,3 +239,19 @@ def test_canonical_list_order_sorts_items_and_keeps_the_rest():
     assert got == f"Here are 3 tips:\n1. {titles[0]}: zero.\n2. {titles[2]}: two.\n3. {titles[5]}: five.\n\nBe patient."
     other = Example("What is 2 plus 2?", "2 plus 2 is 4.", "noforks", "arithmetic")
     assert canonical_list_order(other) == other
+
+
+def test_resume_with_other_trainable_parameters_is_a_one_line_error(tmp_path, tokenizer):
+    """A checkpoint whose optimizer covered other parameters is refused in one line, not torch's traceback."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
+    kw = dict(tokenizer=tokenizer, steps=4, batch_size=2, lr=3e-3, seed=1, max_len=256, progress=False)
+    train(cfg, micro_rows(4), tmp_path / "part", stop_after=2, **kw)
+    model = LlamaForCausalLM(cfg)
+    for p in model.model.layers[0].mlp.parameters():
+        p.requires_grad_(False)  # fewer trainable parameters than the checkpoint's optimizer holds
+    with pytest.raises(ValueError, match="another set of trainable parameters") as err:
+        train(model, micro_rows(4), tmp_path / "part", resume=True, **kw)
+    assert "\n" not in str(err.value)
