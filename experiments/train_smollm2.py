@@ -204,17 +204,25 @@ def draft_model(base, tokenizer):
 
     cfg = base.config.__class__.from_dict(base.config.to_dict())
     cfg.num_hidden_layers = len(DRAFT_LAYERS)
+    # The LM head must stay tied to the (frozen, not shipped) embedding: the smollm2-apar
+    # adapter's fitted [Fork] head row unties the base, and an untied draft head would be
+    # trained here but never shipped (load_draft ties it back), so the draft would load a
+    # random head and accept nothing.
+    cfg.tie_word_embeddings = True
     draft = AutoModelForCausalLM.from_config(cfg)
     sd = base.state_dict()
     new = {}
     for k in draft.state_dict():
+        if k == "lm_head.weight":
+            continue  # tied: the embedding's rows
         src = k
         if ".layers." in k:
             pre, rest = k.split(".layers.", 1)
             i, tail = rest.split(".", 1)
             src = f"{pre}.layers.{DRAFT_LAYERS[int(i)]}.{tail}"
         new[k] = sd[src]
-    draft.load_state_dict(new)
+    draft.load_state_dict(new, strict=False)
+    draft.tie_weights()
     draft.get_input_embeddings().weight.requires_grad_(False)  # shared with the base at load: not trained, not shipped
     return draft
 
