@@ -132,12 +132,14 @@ class TreeCache:
 
     # --------------------------------------------------------------- forward
     @torch.inference_mode()
-    def forward(self, hidden: bool = False) -> ForwardResult:
+    def forward(self, hidden: bool = False, head: Optional[torch.nn.Module] = None) -> ForwardResult:
         """Run ONE model forward over every scheduled node of every row.
 
         ``hidden=True`` also returns the final hidden states (for draft heads): the
         forward is then split into the public base model (``get_decoder()``) and the
         LM head (``get_output_embeddings()``), exactly what ``model()`` computes.
+        ``head``: an LM head used instead of the model's own (a draft's reduced
+        vocabulary, ``drafts/vocab.py``); the logits then have its width.
         """
         n_new = max(len(r.scheduled) for r in self.rows)
         if n_new == 0:
@@ -181,9 +183,11 @@ class TreeCache:
             use_cache=True,
         )
         states = None
-        if hidden:
+        if hidden or head is not None:
             states = self.model.get_decoder()(**inputs).last_hidden_state  # [rows, new, hidden]
-            logits = self.model.get_output_embeddings()(states)  # [rows, new, vocab]
+            logits = (head or self.model.get_output_embeddings())(states)  # [rows, new, vocab or head width]
+            if not hidden:
+                states = None
         else:
             logits = self.model(**inputs).logits  # [rows, new, vocab]
         self._n = total

@@ -437,17 +437,20 @@ def drafts_list(as_json: AsJson = False) -> None:
     def acceptance(e) -> str:
         return f"{e.acceptance_length:.2f}" if e.acceptance_length is not None else "-"
 
+    def vocab(e) -> str:  # tokens the draft proposes from (NAME@N overrides; drafts/vocab.py)
+        return "-" if e.kind == "ngram" else (str(e.draft_vocab) if e.draft_vocab else "full")
+
     if not console.is_terminal:  # one line per draft, the table's columns (tab-separated)
         for e in entries:
-            fields = (e.name, e.kind, e.weights or "-", ", ".join(e.targets) or "-", acceptance(e), e.source)
+            fields = (e.name, e.kind, e.weights or "-", ", ".join(e.targets) or "-", vocab(e), acceptance(e), e.source)
             console.print("\t".join(fields), markup=False)
         return
     from rich.table import Table
 
-    table = Table("name", "kind", "weights", "targets", "acceptance", "source", header_style="bold")
+    table = Table("name", "kind", "weights", "targets", "vocab", "acceptance", "source", header_style="bold")
     for e in entries:
         acc = acceptance(e)
-        table.add_row(e.name, e.kind, e.weights or "-", ", ".join(e.targets) or "-", acc, e.source)
+        table.add_row(e.name, e.kind, e.weights or "-", ", ".join(e.targets) or "-", vocab(e), acc, e.source)
     console.print(table)
 
 
@@ -457,7 +460,7 @@ def drafts_show(name: Annotated[str, typer.Argument(help="A registry name.")], a
     """Everything the registry records about one draft."""
     from apar_spec.drafts import registry
 
-    entry = registry.get(name)
+    entry = registry.lookup(name)
     if as_json:
         print_json(entry.to_dict())
         return

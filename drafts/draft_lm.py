@@ -21,17 +21,24 @@ from apar_spec.draft_tree import TreeShape, chain
 from apar_spec.sampling import SamplingConfig, to_probs
 from apar_spec.tree_cache import TreeCache
 
+from .vocab import DraftVocab
+
 Key = tuple[int, int]  # (request, branch)
 
 
 class DraftModelSpeculator:
     name = "draft-lm"
 
-    def __init__(self, model, name: Optional[str] = None, mask_ids: tuple[int, ...] = (), logits_processor=None):
+    def __init__(self, model, name: Optional[str] = None, mask_ids: tuple[int, ...] = (), logits_processor=None,
+                 vocab: Optional[DraftVocab] = None):
         """``mask_ids``: tokens the target never samples (``[Child]``); drafting them is waste.
         ``logits_processor``: applied to the draft's logits with the branch's context, as the
-        decoder applies it to the target's (so a draft can follow the same steering)."""
+        decoder applies it to the target's (so a draft can follow the same steering).
+        ``vocab``: propose only these token ids, through an LM head cut to their rows
+        (``drafts/vocab.py``); None = the draft's whole vocabulary."""
         self.model = model
+        self.vocab = vocab
+        self.head = vocab.head(model.get_output_embeddings()) if vocab is not None else None
         self.logits_processor = logits_processor
         if name:
             self.name = name
@@ -112,7 +119,7 @@ class DraftModelSpeculator:
                             self.drafted[(v.request, v.branch)][j] = reads[i][node]
             if not any(tc.rows[r].scheduled for r in range(len(tc.rows))):
                 break
-            result = tc.forward()
+            result = tc.forward(head=self.head)
             self._forwards += 1
             frontier = [
                 (i, node)
@@ -122,8 +129,8 @@ class DraftModelSpeculator:
             ]
             if not frontier:
                 break
-            logits = torch.stack([result.of(self.row[views[i].request], [reads[i][node]])[0] for i, node in frontier]).float()  # [m, V_draft]
-            logits = self._fit_vocab(logits)  # [m, V]
+            logits = torch.stack([result.of(self.row[views[i].request], [reads[i][node]])[0] for i, node in frontier]).float()  # [m, V_draft or N]
+            logits = self._fit_vocab(logits)  # [m, V] (reduced vocabulary: also [m, V], -inf outside it)
             if self.logits_processor is not None:
                 for row, (i, node) in enumerate(frontier):
                     logits[row] = self.logits_processor(ctx[i][node], logits[row])
@@ -149,8 +156,18 @@ class DraftModelSpeculator:
         return Proposal(tokens, out_probs, parents)
 
     def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """Draft logits ``[..., V_draft]`` over the target's vocabulary width (embedding padding may differ)."""
+        """Draft logits ``[..., V_draft]`` over the target's vocabulary width (embedding padding may differ).
+
+        A reduced vocabulary's ``[..., N]`` logits are scattered into ``-inf`` everywhere
+        else: one ``[m, V]`` write per depth, far cheaper than the ``[d, V]`` head it replaces,
+        and every later rule (mask, processor, top-k, sampling) then sees target ids."""
         v = self.vocab_size
+        if self.vocab is not None:
+            ids = self.vocab.ids.to(logits.device)
+            keep = ids < v
+            full = logits.new_full((*logits.shape[:-1], v), float("-inf"))
+            full[..., ids[keep]] = logits[..., keep]
+            return full
         if logits.shape[-1] == v:
             return logits
         if logits.shape[-1] > v:

@@ -34,6 +34,8 @@ from torch import nn
 
 from apar_spec.speculator import BranchView, Outcome, Proposal
 
+from .vocab import DraftVocab
+
 CONFIG = "heads.json"
 WEIGHTS = "heads.safetensors"
 
@@ -132,9 +134,13 @@ class HeadsSpeculator:
     name = "heads"
     needs_hidden = True  # the decoder returns the target's final hidden states with each verify pass
 
-    def __init__(self, heads: DraftHeads, lm_head: nn.Module, name: Optional[str] = None, mask_ids: tuple[int, ...] = ()):
+    def __init__(self, heads: DraftHeads, lm_head: nn.Module, name: Optional[str] = None, mask_ids: tuple[int, ...] = (),
+                 vocab: Optional[DraftVocab] = None):
+        """``vocab``: the heads propose only these token ids, through the target's LM head
+        cut to their rows (``drafts/vocab.py``): K heads then cost K x N x d, not K x V x d."""
         self.heads = heads
-        self.lm_head = lm_head
+        self.vocab = vocab
+        self.lm_head = vocab.head(lm_head) if vocab is not None else lm_head
         if name:
             self.name = name
         self.mask_ids = mask_ids
@@ -146,6 +152,12 @@ class HeadsSpeculator:
 
     def reset(self, num_requests: int, vocab_size: int, generator: Optional[torch.Generator] = None) -> None:
         self.vocab_size = vocab_size
+        if self.vocab is None:
+            self._masked = list(self.mask_ids)
+        else:  # column j is token vocab.ids[j]; ids past the target's vocabulary are never proposed
+            self._masked = self.vocab.columns(self.mask_ids) + [
+                j for j, t in enumerate(self.vocab.ids.tolist()) if t >= vocab_size
+            ]
 
     @torch.inference_mode()
     def propose(self, views: list[BranchView], sampling=None) -> Proposal:
@@ -158,10 +170,15 @@ class HeadsSpeculator:
         shapes = [views[i].shape for i in live]
         width = max(max((s.width(d) for d in range(1, min(s.depth, K) + 1)), default=1) if s is not None else 1 for s in shapes)
         h = torch.stack([views[i].hidden for i in live])  # [m, d]
-        logits = self.lm_head(self.heads(h))[..., : self.vocab_size].float()  # [K, m, V]
-        for t in self.mask_ids:
-            logits[..., t] = float("-inf")
-        top = logits.topk(min(width, logits.shape[-1]), dim=-1).indices.tolist()  # [K, m, width]
+        logits = self.lm_head(self.heads(h)).float()  # [K, m, V or N]
+        if self.vocab is None:
+            logits = logits[..., : self.vocab_size]
+        if self._masked:
+            logits[..., self._masked] = float("-inf")
+        top = logits.topk(min(width, logits.shape[-1]), dim=-1).indices  # [K, m, width]
+        if self.vocab is not None:
+            top = self.vocab.ids.to(top.device)[top]  # columns -> token ids
+        top = top.tolist()
         self.head_calls += 1
         for row, i in enumerate(live):
             shape, v = shapes[row], views[i]

@@ -38,6 +38,7 @@ class DraftEntry:
     targets: list[str] = field(default_factory=list)  # models it is meant for
     notes: str = ""
     acceptance_length: Optional[float] = None  # measured mean acceptance length (incl. bonus), if known
+    draft_vocab: Optional[int] = None  # propose only the N most frequent tokens (drafts/vocab.py); None = all
     source: str = "built-in"
 
     def to_dict(self) -> dict:
@@ -128,6 +129,9 @@ def load_user_entries(path: Optional[Path] = None) -> list[DraftEntry]:
             raise ValueError(f"draft registry file {path}: entry {i} has unknown field(s) {sorted(unknown)}")
         if item["kind"] not in KINDS:
             raise ValueError(f"draft registry file {path}: entry {i} has kind '{item['kind']}' (choose from {', '.join(KINDS)})")
+        dv = item.get("draft_vocab")
+        if dv is not None and (not isinstance(dv, int) or isinstance(dv, bool) or dv < 1):
+            raise ValueError(f"draft registry file {path}: entry {i} has draft_vocab {dv!r} (a token count >= 1, or null)")
         if item["kind"] in ("model", "heads") and not item.get("weights"):
             raise ValueError(f"draft registry file {path}: entry {i} ('{item['name']}') of kind '{item['kind']}' needs 'weights'")
         entries.append(DraftEntry(**item, source=str(path)))
@@ -153,7 +157,21 @@ def get(name: str) -> DraftEntry:
 
 def lookup(name: str) -> DraftEntry:
     """The registry entry called ``name``, or an ad-hoc draft-LM entry for an existing
-    model path; anything else is ``get``'s one-line error (with a did-you-mean hint)."""
+    model path; anything else is ``get``'s one-line error (with a did-you-mean hint).
+
+    ``NAME@N`` / ``NAME@full`` (``drafts/vocab.py``): the entry of ``NAME`` with its
+    ``draft_vocab`` set to ``N`` tokens / the whole vocabulary.
+    """
+    from dataclasses import replace
+
+    from .vocab import parse_size, split_name
+
+    base, suffix = (name, None) if Path(name).expanduser().exists() else split_name(name)
+    if suffix is not None:
+        entry = lookup(base)
+        if entry.kind == "ngram":
+            raise ValueError(f"draft '{name}': the n-gram speculator has no LM head to reduce; drop the '@{suffix}' suffix")
+        return replace(entry, name=name, draft_vocab=parse_size(suffix, name))
     try:
         return get(name)
     except ValueError:
@@ -217,6 +235,7 @@ def resolve(draft: Any, target, tokenizer) -> Speculator:
     entry = lookup(str(draft))
     if entry.kind == "ngram":
         return NGramSpeculator()
+    vocab_size = target.get_output_embeddings().weight.shape[0]
     if entry.fingerprint and tokenizer is not None:
         tn, tfp = vocab_fingerprint(tokenizer)
         if not vocab_fits(entry.fingerprint, tokenizer):  # refuse before loading any weights
@@ -227,12 +246,38 @@ def resolve(draft: Any, target, tokenizer) -> Speculator:
     if entry.kind == "heads":
         from apar_spec.drafts.heads import HeadsSpeculator, load_heads
 
+        from apar_spec.drafts.heads import pick_folder
+
         heads = _cached(entry, target, lambda: load_heads(_heads_path(entry.weights), target, tokenizer, entry.name))
-        return HeadsSpeculator(heads, target.get_output_embeddings(), name=entry.name, mask_ids=mask)
+        folder = pick_folder(_heads_path(entry.weights), target)
+        vocab = _vocab(entry, [folder, folder.parent], vocab_size)
+        return HeadsSpeculator(heads, target.get_output_embeddings(), name=entry.name, mask_ids=mask, vocab=vocab)
     model, draft_tok = _cached(entry, target, lambda: _load_model(entry, target))
     if tokenizer is not None:
         check_vocab(draft_tok, tokenizer, entry.name)
-    return DraftModelSpeculator(model, name=entry.name, mask_ids=mask)
+    vocab = _vocab(entry, [_model_path(entry.weights)], vocab_size) if entry.draft_vocab is not None else None
+    return DraftModelSpeculator(model, name=entry.name, mask_ids=mask, vocab=vocab)
+
+
+def _vocab(entry: DraftEntry, folders: list[Path], vocab_size: int):
+    """The entry's reduced draft vocabulary (``draft_vocab`` tokens of the first folder holding a
+    ranking), or None for the full one."""
+    from .vocab import VOCAB_FILE, load_vocab
+
+    if entry.draft_vocab is None:
+        return None
+    folder = next((f for f in folders if (f / VOCAB_FILE).is_file()), folders[0])
+    return load_vocab(folder, entry.draft_vocab, vocab_size, entry.name)
+
+
+def _model_path(weights: Optional[str]) -> Path:
+    """An embedded draft's folder (apar_spec/models/NAME) or a local path."""
+    from apar_spec.loading import embedded_dir
+
+    if not weights:
+        return Path(".")
+    embedded = embedded_dir(weights)
+    return embedded if (embedded.is_dir() and not Path(weights).exists()) else Path(weights).expanduser()
 
 
 # Loaded draft weights, per target model (weakly held: a dropped target frees its drafts),
