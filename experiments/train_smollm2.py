@@ -347,6 +347,38 @@ A 2-layer draft model for speculative decoding with smollm2-apar and smollm2 (sa
 """)
 
 
+VOCAB_SIZES = (2048, 4096, 8192, 16384, 32768)
+VOCAB_KEEP = 32768  # ranked ids stored (a larger draft vocabulary saves too little to matter)
+
+
+def stage_vocab(clean: Path, folders: list[Path]) -> dict:
+    """Rank SmolLM2's tokens by frequency over the self-distilled answers (``drafts/vocab.py``):
+    what ``smollm2-draft@N`` and ``smollm2-heads@N`` propose from. EOS ids and ``[Fork]``
+    are always ranked first (a draft must be able to end a branch and to fork)."""
+    import apar_spec
+    from apar_spec.drafts.vocab import coverage, rank_tokens, save_ranking
+    from apar_spec.tokens import FORK_TOKEN, find_apar_tokens
+
+    _, tokenizer = apar_spec.load("smollm2-apar", dtype="bfloat16")
+    fork_id = find_apar_tokens(tokenizer).fork_id
+    answers = [json.loads(line)["answer"] for line in clean.open(encoding="utf-8") if line.strip()]
+    seqs = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    keep = [t for t in eos if isinstance(t, int) and t >= 0] + [fork_id]
+    ranked, counted = rank_tokens(seqs, keep=keep)
+    # tokens never seen in the answers follow in id order, so any size up to VOCAB_KEEP is defined
+    seen = set(ranked)
+    ranked += [t for t in range(fork_id) if t not in seen]
+    ranked = ranked[:VOCAB_KEEP]
+    meta = {"source": f"{len(answers)} self-distilled SmolLM2 answers ({clean.name}), frequency-ranked; "
+            f"first: EOS ids {eos} and {FORK_TOKEN} (id {fork_id})",
+            "counted_tokens": counted, "coverage": coverage(ranked, seqs, VOCAB_SIZES)}
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_ranking(folder, ranked, meta)
+    return {"counted_tokens": counted, "coverage": meta["coverage"]}
+
+
 def _merge_facts(path: Path, facts: dict) -> None:
     old = json.loads(path.read_text()) if path.exists() else {}
     old.update(facts)
@@ -358,9 +390,9 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=Path("smol_runs"), help="answers, converted data, checkpoints")
     ap.add_argument("--out", type=Path, default=MODELS_DIR, help="where smollm2-apar/ and smollm2-draft/ go")
     ap.add_argument("--threads", type=int, default=1, help="1 on a shared machine (OpenMP spin-waits), 2 when idle")
-    ap.add_argument("--only", nargs="*", choices=("answers", "convert", "apar", "forkrow", "draft"))
+    ap.add_argument("--only", nargs="*", choices=("answers", "convert", "apar", "forkrow", "draft", "vocab"))
     ap.add_argument("--limit", type=int, default=None, help="answer only the first N prompts (quick runs)")
-    ap.add_argument("--steps", type=int, default=240)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--rank", type=int, default=16)
@@ -368,12 +400,12 @@ def main(argv=None) -> None:
     ap.add_argument("--max-len", type=int, default=448)
     ap.add_argument("--save-every", type=int, default=20)
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpointed; rerun resumes)")
-    ap.add_argument("--draft-steps", type=int, default=300)
+    ap.add_argument("--draft-steps", type=int, default=400)
     ap.add_argument("--draft-lr", type=float, default=2e-3)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    stages = set(args.only or ("answers", "convert", "apar", "forkrow", "draft"))
+    stages = set(args.only or ("answers", "convert", "apar", "forkrow", "draft", "vocab"))
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     answers, clean, data = work / "answers.jsonl", work / "answers_clean.jsonl", work / "apar.jsonl"
@@ -402,6 +434,9 @@ def main(argv=None) -> None:
     if "draft" in stages:
         facts = stage_draft(work, data, args.out / "smollm2-draft", args.out / "smollm2-apar", args)
         print(f"smollm2-draft: step {facts['steps']}/{args.draft_steps}, loss {facts['final_loss']:.4f}", flush=True)
+    if "vocab" in stages:
+        facts = stage_vocab(clean, [args.out / "smollm2-draft", args.out / "smollm2-heads"])
+        print(f"draft vocabulary: {facts}", flush=True)
     write_cards(args.out)
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
 
