@@ -76,9 +76,10 @@ def _quiet_transformers() -> None:
 Target = Annotated[str, typer.Option("--target", help="Target model: embedded name, local path, .gguf file or cached HF id.")]
 Base = Annotated[Optional[str], typer.Option("--base", help="AR baseline model for an APAR target ('same' = the target). Default: tiny-base for tiny-apar, else the target.")]
 Modes = Annotated[Optional[str], typer.Option("--modes", help="Comma-separated configurations: hf-generate, hf-assisted, ar, apar, spec, apar+spec. Default: all that apply.")]
-Prompts = Annotated[str, typer.Option("--prompts", help="Built-in set name, a text file (one prompt a line), JSONL with 'prompt', or Spec-Bench/FastChat question.jsonl.")]
+Prompts = Annotated[str, typer.Option("--prompts", help="Built-in set name, a text file (one prompt a line), JSONL with 'prompt', or Spec-Bench/FastChat question.jsonl; several files comma-separated (ids get the folder name: vicuna_bench/1).")]
 Category = Annotated[Optional[str], typer.Option("--category", help="Only these categories (comma-separated).")]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="At most this many prompts (after --category).")]
+PerCategory = Annotated[Optional[int], typer.Option("--per-category", help="At most this many prompts of each category (several prompt files: categories interleaved).")]
 Turn = Annotated[int, typer.Option("--turn", help="Which turn of question.jsonl rows to use (0 = first).")]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Token budget per request, over all branches.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (lossless checks need greedy).")]
@@ -227,6 +228,7 @@ def bench(
     prompts: Prompts = _bench_default("prompts"),
     category: Category = None,
     limit: Limit = None,
+    per_category: PerCategory = None,
     turn: Turn = _bench_default("turn"),
     max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
     k: Annotated[str, typer.Option("-k", help="Draft tokens per branch per step (spec, apar+spec, hf-assisted), or 'auto' (the cost model picks).")] = str(_bench_default("k")),
@@ -251,7 +253,7 @@ def bench(
     _quiet_transformers()
     settings = _settings(
         target=target, base=base, draft=draft, modes=modes, prompts=prompts, category=category, limit=limit, turn=turn,
-        max_new_tokens=max_new_tokens, k=_k_option(k), tree=tree, temperature=temperature, seed=seed, repeats=repeats,
+        per_category=per_category, max_new_tokens=max_new_tokens, k=_k_option(k), tree=tree, temperature=temperature, seed=seed, repeats=repeats,
         warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads, chat_template=chat_template,
         out=out, resume=resume, overwrite=overwrite,
     )
@@ -290,6 +292,7 @@ def sweep(
     prompts: Prompts = _bench_default("prompts"),
     category: Category = None,
     limit: Limit = None,
+    per_category: PerCategory = None,
     turn: Turn = _bench_default("turn"),
     max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
     temperature: Temperature = _bench_default("temperature"),
@@ -315,7 +318,7 @@ def sweep(
     tree_list = [t.strip() for t in trees.split(";") if t.strip()]
     settings = _settings(
         target=target, base=base, draft=draft_list[0], modes=modes, prompts=prompts, category=category, limit=limit,
-        turn=turn, max_new_tokens=max_new_tokens, k=max(k_list, default=_bench_default("k")), temperature=temperature,
+        per_category=per_category, turn=turn, max_new_tokens=max_new_tokens, k=max(k_list, default=_bench_default("k")), temperature=temperature,
         seed=seed, repeats=repeats, warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads,
         chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
     )

@@ -16,39 +16,6 @@ from .errors import handle_errors
 from .output import print_json, stdout_console
 
 
-def mixed_prompts(sources: list[str], *, category: Optional[str] = None, per_category: Optional[int] = None,
-                  limit: Optional[int] = None) -> list:
-    """Prompts of one or several sets. With several, ids and categories get the set's folder
-    name as a prefix (``vicuna_bench/generic``); categories are interleaved round-robin so a
-    run stopped early (or ``--limit``) still covers every category."""
-    from dataclasses import replace
-
-    from apar_spec.experiments.prompts import load_prompts
-
-    several = len(sources) > 1
-    by_cat: dict[str, list] = {}
-    for src in sources:
-        tag = Path(src).parent.name or Path(src).stem
-        for p in load_prompts(src):
-            if several:
-                p = replace(p, id=f"{tag}/{p.id}", category=f"{tag}/{p.category}")
-            by_cat.setdefault(p.category, []).append(p)
-    if category:
-        wanted = [c.strip() for c in category.split(",")]
-        unknown = [c for c in wanted if c not in by_cat]
-        if unknown:
-            raise ValueError(f"unknown category '{unknown[0]}' (categories: {', '.join(sorted(by_cat))})")
-        by_cat = {c: by_cat[c] for c in wanted}
-    if per_category:
-        by_cat = {c: ps[:per_category] for c, ps in by_cat.items()}
-    out = []
-    for i in range(max((len(v) for v in by_cat.values()), default=0)):
-        out += [ps[i] for ps in by_cat.values() if i < len(ps)]
-    if not out:
-        raise ValueError("no prompts selected")
-    return out[:limit] if limit else out
-
-
 @handle_errors
 def quality(
     target: Annotated[str, typer.Option("--target", help="APAR model (e.g. smollm2-apar).")] = "smollm2-apar",
@@ -73,7 +40,9 @@ def quality(
 
     if threads:
         torch.set_num_threads(threads)
-    ps = mixed_prompts(prompts.split(","), category=category, per_category=per_category, limit=limit)
+    from apar_spec.experiments.prompts import select_prompts
+
+    ps = select_prompts(prompts, category=category, per_category=per_category, limit=limit)
     console = stdout_console(stderr=as_json)
 
     def progress(done: int, total: int) -> None:

@@ -62,7 +62,7 @@ from apar_spec.options import DecodeOptions
 
 from .models import DEFAULT_TARGET, ModelSet, default_draft, encode_prompt, load_models
 from .parallel import Processes, merge_shards, shard_files
-from .prompts import DEFAULT_SET, Prompt, load_prompts
+from .prompts import DEFAULT_SET, Prompt, select_prompts
 
 _D = DecodeOptions
 CONFIGS = ("hf-generate", "hf-assisted", "ar", "apar", "spec", "apar+spec")
@@ -80,10 +80,11 @@ class BenchSettings:
     base: Optional[str] = None  # None: the target's known base (tiny-apar -> tiny-base), else the target
     draft: Optional[str] = None  # None: tiny-draft for embedded targets, the n-gram draft otherwise
     modes: Optional[Sequence[str]] = None  # None: every configuration that applies
-    prompts: str = DEFAULT_SET
+    prompts: str = DEFAULT_SET  # a built-in set, a file, or several files comma-separated (select_prompts)
     category: Optional[str] = None
     limit: Optional[int] = None
     turn: int = 0
+    per_category: Optional[int] = None  # at most this many prompts of each category
     max_new_tokens: int = _D.max_new_tokens
     k: int | str = _D.num_draft_tokens  # "auto": the cost model picks k per configuration (apar_spec.cost_model)
     tree: Optional[str] = _D.tree  # draft tree per branch (parse_tree text); None = a chain of k
@@ -360,7 +361,8 @@ def _run_threads_set(settings: BenchSettings, plan, progress: Optional[Progress]
                      procs: Processes = Processes()) -> BenchResult:
     """One process alone: rows go straight to ``--out``. Data parallel: this process runs
     its share of the prompts into its shard, and the main process merges (``parallel.py``)."""
-    prompts = load_prompts(settings.prompts, category=settings.category, limit=settings.limit, turn=settings.turn)
+    prompts = select_prompts(settings.prompts, category=settings.category, per_category=settings.per_category,
+                             limit=settings.limit, turn=settings.turn)
     created = not settings.out.exists()
     finished = procs.from_main(lambda: _prepare_output(settings))
     try:

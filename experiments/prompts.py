@@ -173,3 +173,56 @@ def _parse_jsonl(path: Path, lines: list[str], turn: int) -> list[tuple[Prompt, 
             raise ValueError(f"{where}: 'category' must be a non-empty string")
         out.append((Prompt(str(pid), text, category), n))
     return out
+
+
+def select_prompts(
+    source: str | Path = DEFAULT_SET,
+    *,
+    category: str | None = None,
+    per_category: int | None = None,
+    limit: int | None = None,
+    turn: int = 0,
+) -> list[Prompt]:
+    """Prompts of one set, or of several given comma-separated (``a/question.jsonl,b/question.jsonl``).
+
+    One set without ``per_category``: ``load_prompts`` (file order). Otherwise ids and
+    categories of several sets get the set's folder name as a prefix
+    (``vicuna_bench/generic``), ``per_category`` keeps the first N of each category, and
+    categories are interleaved round-robin, so a run stopped early (or ``limit``) still
+    covers every category.
+    """
+    from dataclasses import replace
+
+    sources = [s.strip() for s in str(source).split(",") if s.strip()]
+    if not sources:
+        raise ValueError("no prompt source given")
+    if per_category is not None and per_category < 1:
+        raise ValueError(f"--per-category must be >= 1 (got {per_category})")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1 (got {limit})")
+    if len(sources) == 1 and not per_category:
+        return load_prompts(sources[0], category=category, limit=limit, turn=turn)
+    several = len(sources) > 1
+    by_cat: dict[str, list[Prompt]] = {}
+    for src in sources:
+        tag = Path(src).parent.name or Path(src).stem
+        for p in load_prompts(src, turn=turn):
+            if several:
+                p = replace(p, id=f"{tag}/{p.id}", category=f"{tag}/{p.category}")
+            by_cat.setdefault(p.category, []).append(p)
+    if category:
+        wanted = [c.strip() for c in category.split(",")]
+        for c in wanted:
+            if c not in by_cat:
+                close = difflib.get_close_matches(c, list(by_cat), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ValueError(f"unknown category '{c}' (categories: {', '.join(sorted(by_cat))}){hint}")
+        by_cat = {c: by_cat[c] for c in wanted}
+    if per_category:
+        by_cat = {c: ps[:per_category] for c, ps in by_cat.items()}
+    out: list[Prompt] = []
+    for i in range(max((len(v) for v in by_cat.values()), default=0)):
+        out += [ps[i] for ps in by_cat.values() if i < len(ps)]
+    if not out:
+        raise ValueError("no prompts selected")
+    return out[:limit] if limit else out

@@ -123,3 +123,25 @@ def test_shared_question_files_parse_when_present(name):
     prompts = load_prompts(path)
     assert prompts and all(p.text.strip() and p.category for p in prompts)
     assert len({p.id for p in prompts}) == len(prompts)
+
+
+def test_select_prompts_mixes_sets_per_category_and_interleaves(tmp_path):
+    from apar_spec.experiments.prompts import select_prompts
+
+    for name, cats in (("a", ["x", "x", "y"]), ("b", ["x"])):
+        (tmp_path / name).mkdir()
+        rows = [{"question_id": i, "category": c, "turns": [f"{name} q{i}", f"{name} again{i}"]} for i, c in enumerate(cats)]
+        (tmp_path / name / "question.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    both = f"{tmp_path / 'a' / 'question.jsonl'},{tmp_path / 'b' / 'question.jsonl'}"
+    ps = select_prompts(both)
+    assert [p.category for p in ps] == ["a/x", "a/y", "b/x", "a/x"]
+    assert ps[0].id == "a/0"
+    assert [p.id for p in select_prompts(both, per_category=1)] == ["a/0", "a/2", "b/0"]
+    assert [p.text for p in select_prompts(both, per_category=1, turn=1)] == ["a again0", "a again2", "b again0"]
+    one = str(tmp_path / "a" / "question.jsonl")
+    assert [p.id for p in select_prompts(one)] == ["0", "1", "2"]  # one set: file order, no prefix
+    assert [p.id for p in select_prompts(one, per_category=1)] == ["0", "2"]
+    with pytest.raises(ValueError, match="unknown category 'a/z'"):
+        select_prompts(both, category="a/z")
+    with pytest.raises(ValueError, match="--per-category must be >= 1"):
+        select_prompts(both, per_category=0)

@@ -238,21 +238,6 @@ def test_well_formed_lists():
     assert not well_formed("   ")
 
 
-def test_mixed_prompts_prefixes_and_interleaves(tmp_path):
-    from apar_spec.cli.quality import mixed_prompts
-
-    for name, cats in (("a", ["x", "x", "y"]), ("b", ["x"])):
-        (tmp_path / name).mkdir()
-        rows = [{"question_id": i, "category": c, "turns": [f"{name} q{i}"]} for i, c in enumerate(cats)]
-        (tmp_path / name / "question.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    ps = mixed_prompts([str(tmp_path / "a" / "question.jsonl"), str(tmp_path / "b" / "question.jsonl")])
-    assert [p.category for p in ps] == ["a/x", "a/y", "b/x", "a/x"]
-    assert ps[0].id == "a/0"
-    assert [p.id for p in mixed_prompts([str(tmp_path / "a" / "question.jsonl"), str(tmp_path / "b" / "question.jsonl")], per_category=1)] == ["a/0", "a/2", "b/0"]
-    with pytest.raises(ValueError, match="unknown category"):
-        mixed_prompts([str(tmp_path / "a" / "question.jsonl"), str(tmp_path / "b" / "question.jsonl")], category="a/z")
-
-
 def test_adapter_head_rows_untie_the_new_tokens_only(tmp_path):
     from safetensors.torch import load_file, save_file
 
