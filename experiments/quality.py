@@ -103,14 +103,58 @@ class QualitySummary:
     dtype: str = ""
 
 
+# The issue's list-style categories (Vicuna bench / MT-bench categories whose questions
+# invite a list or several paragraphs), and two prompt groups for the fork-rate goals.
+LIST_STYLE = (
+    "vicuna_bench/generic", "vicuna_bench/knowledge", "vicuna_bench/common-sense", "vicuna_bench/roleplay",
+    "vicuna_bench/counterfactual", "mt_bench/writing", "mt_bench/roleplay", "mt_bench/stem", "mt_bench/humanities",
+)
+SHORT_ANSWER = ("math", "coding", "extraction", "qa", "math_reasoning", "translation")  # category names (any set)
+ASKS_FOR_LIST = re.compile(r"\b(tips|steps|ways|reasons|strategies)\b", re.IGNORECASE)
+
+
+def groups(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows of the summary's named groups (an empty group is left out)."""
+    found = {
+        "LIST-STYLE": [r for r in rows if r["category"] in LIST_STYLE],
+        "asks for tips/steps/ways/reasons": [r for r in rows if ASKS_FOR_LIST.search(r.get("prompt", ""))],
+        "short-answer categories": [r for r in rows if r["category"].rsplit("/", 1)[-1] in SHORT_ANSWER],
+    }
+    return {name: rs for name, rs in found.items() if rs}
+
+
+def repeated_4grams(text: str) -> float:
+    """Share of word 4-grams that already occurred earlier in the text (0 = no repetition).
+    Greedy decoding of a small model loops, and a loop is cheap under the model's own NLL."""
+    words = text.split()
+    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _ratio(rs: list[dict]) -> float:
+    ok = [r for r in rs if not math.isnan(r["nll_ar"]) and not math.isnan(r["nll_apar"])]
+    return statistics.mean(r["nll_apar"] for r in ok) / statistics.mean(r["nll_ar"] for r in ok) if ok else math.nan
+
+
 def summarize(rows: list[dict]) -> dict[str, dict]:
+    """Per category, per named group (``groups``) and ``all``.
+
+    Besides the issue's figures (fork rate, steps ratio, NLL ratio, well-formedness), the
+    NLL ratio is split so a reader can see where it comes from: over prompts where both
+    answers ended before the token budget (``nll_ratio_complete``: a budget-cut APAR answer
+    has several branches cut mid-sentence, the AR answer only its end), over answers that
+    did not fork (``nll_ratio_unforked``: what fine-tuning alone moved), and the repetition
+    of each side (``repeat4_*``).
+    """
     cats: dict[str, list[dict]] = {}
     for r in rows:
         cats.setdefault(r["category"], []).append(r)
+    cats.update(groups(rows))
     cats["all"] = list(rows)
     out = {}
     for c, rs in cats.items():
         forked = [r for r in rs if r["forked"]]
+        complete = [r for r in rs if max(r["ar_tokens"], r["apar_tokens"]) < r.get("max_new_tokens", math.inf)]
         nll_ar = [r["nll_ar"] for r in rs if not math.isnan(r["nll_ar"]) and not math.isnan(r["nll_apar"])]
         nll_apar = [r["nll_apar"] for r in rs if not math.isnan(r["nll_ar"]) and not math.isnan(r["nll_apar"])]
         out[c] = {
@@ -120,11 +164,16 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
             "steps_ratio_median": statistics.median(r["steps_ratio"] for r in rs),
             "nll_ar": statistics.mean(nll_ar) if nll_ar else math.nan,
             "nll_apar": statistics.mean(nll_apar) if nll_apar else math.nan,
-            "nll_ratio": (statistics.mean(nll_apar) / statistics.mean(nll_ar)) if nll_ar else math.nan,
+            "nll_ratio": _ratio(rs),
             "well_formed_rate": (sum(r["well_formed"] for r in forked) / len(forked)) if forked else math.nan,
             "ar_tokens": statistics.mean(r["ar_tokens"] for r in rs),
             "apar_tokens": statistics.mean(r["apar_tokens"] for r in rs),
             "branches": statistics.mean(r["branches"] for r in rs),
+            "complete": len(complete),
+            "nll_ratio_complete": _ratio(complete),
+            "nll_ratio_unforked": _ratio([r for r in rs if not r["forked"]]),
+            "repeat4_ar": statistics.mean(repeated_4grams(r.get("ar_text", "")) for r in rs),
+            "repeat4_apar": statistics.mean(repeated_4grams(r.get("apar_text", "")) for r in rs),
         }
     return out
 

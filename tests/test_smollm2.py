@@ -216,7 +216,7 @@ def test_smollm2_apar_spec_equals_apar_with_both_drafts():
     caps = dict(max_new_tokens=4000, max_branch_tokens=24, batch_size=3)
     want = apar_spec.generate(model, tok, prompts, mode="apar", **caps)
     assert any(w.forked for w in want)  # the comparison covers forking answers
-    for d in ("ngram", draft):
+    for d in ("ngram", draft, "smollm2-draft@8192"):
         got = apar_spec.generate(model, tok, prompts, mode="apar+spec", draft=d, **caps)
         for w, g in zip(want, got):
             assert g.token_ids == w.token_ids
@@ -224,6 +224,31 @@ def test_smollm2_apar_spec_equals_apar_with_both_drafts():
 
 
 # ------------------------------------------------------------------ quality helpers
+
+
+def test_quality_summary_groups_and_splits_the_nll_ratio():
+    from apar_spec.experiments.quality import repeated_4grams, summarize
+
+    def row(cat, prompt, forked, ar_tok, apar_tok, nll_ar, nll_apar, ar_text="a b c d e", apar_text="a b c d e"):
+        return dict(category=cat, prompt=prompt, forked=forked, branches=3 if forked else 1, ar_steps=ar_tok + 1,
+                    apar_steps=apar_tok // 2 + 1, steps_ratio=0.5, ar_tokens=ar_tok, apar_tokens=apar_tok,
+                    nll_ar=nll_ar, nll_apar=nll_apar, well_formed=True if forked else None, max_new_tokens=100,
+                    ar_text=ar_text, apar_text=apar_text)
+
+    rows = [
+        row("vicuna_bench/generic", "Give tips for sleep.", True, 100, 100, 0.2, 0.6, ar_text="x y z w " * 10),
+        row("vicuna_bench/generic", "Why is the sky blue?", True, 50, 40, 0.4, 0.44),
+        row("mt_bench/math", "What is 2+2?", False, 10, 12, 0.5, 1.0),
+    ]
+    s = summarize(rows)
+    assert s["LIST-STYLE"]["prompts"] == 2 and s["short-answer categories"]["prompts"] == 1
+    assert s["asks for tips/steps/ways/reasons"]["prompts"] == 1
+    assert s["all"]["nll_ratio"] == pytest.approx((0.6 + 0.44 + 1.0) / (0.2 + 0.4 + 0.5))
+    assert s["all"]["complete"] == 2  # the first hit the 100-token budget
+    assert s["all"]["nll_ratio_complete"] == pytest.approx((0.44 + 1.0) / (0.4 + 0.5))
+    assert s["all"]["nll_ratio_unforked"] == pytest.approx(2.0)
+    assert repeated_4grams("x y z w " * 10) == pytest.approx(1 - 4 / 37) and repeated_4grams("a b c d e") == 0.0
+    assert s["LIST-STYLE"]["repeat4_ar"] > s["LIST-STYLE"]["repeat4_apar"]
 
 
 def test_well_formed_lists():
