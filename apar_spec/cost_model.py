@@ -751,7 +751,7 @@ def default_profile(kind: str, draft_name: Optional[str] = None) -> Profile:
         try:
             from apar_spec.drafts import registry  # function-level: the core does not depend on drafts/
 
-            entry = registry.get(draft_name)
+            entry = registry.lookup(draft_name)
             if entry.acceptance_length:
                 k = getattr(entry, "acceptance_k", None) or 4
                 return Profile.from_acceptance_length(entry.acceptance_length, k, f"registry: {draft_name} acceptance length {entry.acceptance_length:.2f}")
@@ -1056,7 +1056,7 @@ def draft_kind_of_row(row: dict) -> Optional[str]:
     try:
         from apar_spec.drafts import registry
 
-        return registry.get(str(name)).kind
+        return registry.lookup(str(name)).kind
     except (ValueError, ImportError):
         return "model" if Path(str(name)).expanduser().exists() else None
 

@@ -94,9 +94,13 @@ def pick_folder(path: str | Path, target) -> Path:
     if not subs:
         read_config(path)  # raises the one-line "no heads here"
     fp = target_fingerprint(target)
-    for sub in subs:
-        if json.loads((sub / CONFIG).read_text()).get("target_fingerprint") == fp:
-            return sub
+    rows = target.get_output_embeddings().weight.shape[0]
+    fits = [s for s in subs if json.loads((s / CONFIG).read_text()).get("target_fingerprint") == fp]
+    # an APAR model made from a base shares the base's LM-head rows (smollm2-apar = smollm2
+    # + [Fork]/[Child] rows): the vocabulary size tells their heads apart
+    same_size = [s for s in fits if json.loads((s / CONFIG).read_text()).get("vocab_size") == rows]
+    if same_size or fits:
+        return (same_size or fits)[0]
     names = ", ".join(str(json.loads((s / CONFIG).read_text()).get("target", s.name)) for s in subs)
     raise ValueError(f"no draft heads in '{path}' were trained for this target (they fit: {names}); train some with `apar-spec train-heads`")
 

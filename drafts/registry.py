@@ -86,7 +86,7 @@ BUILTIN = [
         weights="smollm2-heads",  # apar_spec/models/smollm2-heads/smollm2 (picked by the target's LM head)
         fingerprint="450fd25da1a6",
         vocab_size=49152,
-        targets=["smollm2"],
+        targets=["smollm2", "smollm2-apar"],
         notes="4 Medusa-1 heads for the SmolLM2 base (apar-spec train-heads on 200 of its own self-distilled answers, "
         "400 steps; val top-1 per head 0.43 0.30 0.21 0.19); no draft forward; acceptance measured with smollm2 "
         "(spec, tree [[0],[1],[0,0],[0,0,0]], fp32, 3 public prompts); they do not fit smollm2-apar (its LM head has the "

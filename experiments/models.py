@@ -118,23 +118,17 @@ def _same_words(a, b) -> bool:
 
 def resolve_draft(name: str, target: Loaded, baseline: Loaded, *, dtype=None, device=None) -> Draft:
     """A registry name or a model path -> a Draft; refuses a draft LM whose vocabulary does not fit."""
-    from pathlib import Path
-
     from apar_spec.drafts import registry
 
-    try:
-        entry = registry.get(name)
-    except ValueError:
-        if not Path(name).expanduser().exists():
-            raise  # the registry's message names close matches
-        kind = "heads" if (Path(name).expanduser() / "heads.json").is_file() else "model"
-        entry = registry.DraftEntry(name=name, kind=kind, weights=name, source="path")
+    entry = registry.lookup(name)  # a registry name (NAME@N too), or a path; else the registry's one-line error
     if entry.kind != "model":  # n-gram, heads: generate() resolves the name (the registry caches heads)
         return Draft(name, entry.kind, name)
     model, tokenizer = load(entry.weights, dtype=dtype or target.model.dtype, device=device)
     for loaded in {id(target): target, id(baseline): baseline}.values():
         registry.check_vocab(tokenizer, loaded.tokenizer, name)
-    return Draft(name, "model", model, hf_assistant(model, baseline.model))
+    # a reduced draft vocabulary is built by the registry from the name (HF assisted gets the plain draft LM)
+    arg = name if entry.draft_vocab is not None else model
+    return Draft(name, "model", arg, hf_assistant(model, baseline.model))
 
 
 def hf_assistant(draft, baseline):

@@ -11,7 +11,7 @@ from test_spec import PROMPTS, tree_key
 from test_tree_spec import SHAPES
 
 from apar_spec import generate
-from apar_spec.drafts.heads import DraftHeads, HeadsSpeculator, load_heads, save_heads, target_fingerprint
+from apar_spec.drafts.heads import DraftHeads, HeadsSpeculator, load_heads, pick_folder, save_heads, target_fingerprint
 from apar_spec.drafts.registry import resolve, vocab_fingerprint
 from apar_spec.train_heads import HeadsTrainConfig, train_heads
 
@@ -94,6 +94,20 @@ def test_one_name_serves_several_targets_by_lm_head(tmp_path):
     assert not torch.equal(ha.blocks[0].weight, hb.blocks[0].weight)
     with pytest.raises(ValueError, match="no draft heads .* were trained for this target"):
         load_heads(tmp_path / "both", micro_model("llama", seed=3))
+
+
+def test_an_apar_model_and_its_base_get_their_own_heads_by_vocabulary_size(tmp_path):
+    """smollm2-apar shares smollm2's LM-head rows (plus [Fork]/[Child]): same fingerprint, more rows."""
+    base = micro_model("llama", seed=1)
+    apar = micro_model("llama", seed=1)
+    apar.resize_token_embeddings(base.config.vocab_size + 2)
+    assert target_fingerprint(apar) == target_fingerprint(base)
+    for name, m in (("base", base), ("base-apar", apar)):  # "base" sorts first: order alone would pick it
+        rows = m.get_output_embeddings().weight.shape[0]
+        save_heads(random_heads(m, seed=len(name)), tmp_path / "two" / name,
+                   {"target": name, "hidden_size": 32, "vocab_size": rows, "target_fingerprint": target_fingerprint(m)})
+    assert pick_folder(tmp_path / "two", base).name == "base"
+    assert pick_folder(tmp_path / "two", apar).name == "base-apar"
 
 
 def test_head_training_reduces_the_heads_loss(tmp_path):
