@@ -347,6 +347,49 @@ A 2-layer draft model for speculative decoding with smollm2-apar and smollm2 (sa
 """)
 
 
+HEADS_PROMPTS = (240, 60)  # list-style and short-answer training prompts the heads are distilled on
+
+
+def heads_prompts(answers: Path, seed: int = 1) -> list[dict]:
+    """The prompts (only: each target answers them itself) the heads are self-distilled on:
+    240 list-style and 60 short-answer training prompts, shuffled with a fixed seed."""
+    import random
+
+    rows = [json.loads(line) for line in answers.open(encoding="utf-8") if line.strip()]
+    rng = random.Random(seed)
+    picked = []
+    for kind, n in zip(("list", "short"), HEADS_PROMPTS):
+        mine = [r for r in rows if r["kind"] == kind]
+        rng.shuffle(mine)
+        picked += [{"prompt": r["prompt"]} for r in mine[:n]]
+    return picked
+
+
+def stage_heads(answers: Path, work: Path, out: Path, args) -> dict:
+    """Medusa-1 heads for smollm2-apar (and the base): ``apar_spec.train_heads`` on the targets'
+    own greedy answers (APAR mode for smollm2-apar: its branches, forks included)."""
+    import apar_spec
+    from apar_spec import smollm2
+    from apar_spec.train_heads import HeadsTrainConfig, train_heads
+
+    rows = heads_prompts(answers)[: args.limit] if args.limit else heads_prompts(answers)
+    facts = {}
+    for target in args.heads_targets:
+        if target == "smollm2-apar":  # the adapter this run wrote (--out), not necessarily the shipped one
+            model, tokenizer = smollm2.load_apar(dtype=torch.float32, folder=args.out / "smollm2-apar")
+        else:
+            model, tokenizer = apar_spec.load(target, dtype="float32")
+        cfg = HeadsTrainConfig(steps=args.heads_steps)
+        report = train_heads(model, tokenizer, rows, work / f"heads-{target}", cfg, target_name=target,
+                             progress=lambda msg: print(msg, flush=True))
+        dest = out / target
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("heads.json", "heads.safetensors"):
+            (dest / name).write_bytes((work / f"heads-{target}" / name).read_bytes())
+        facts[target] = {k: report[k] for k in ("steps", "positions", "val_loss", "val_top1_accuracy", "seconds")}
+    return facts
+
+
 VOCAB_SIZES = (2048, 4096, 8192, 16384, 32768)
 VOCAB_KEEP = 32768  # ranked ids stored (a larger draft vocabulary saves too little to matter)
 
@@ -390,7 +433,7 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=Path("smol_runs"), help="answers, converted data, checkpoints")
     ap.add_argument("--out", type=Path, default=MODELS_DIR, help="where smollm2-apar/ and smollm2-draft/ go")
     ap.add_argument("--threads", type=int, default=1, help="1 on a shared machine (OpenMP spin-waits), 2 when idle")
-    ap.add_argument("--only", nargs="*", choices=("answers", "convert", "apar", "forkrow", "draft", "vocab"))
+    ap.add_argument("--only", nargs="*", choices=("answers", "convert", "apar", "forkrow", "draft", "heads", "vocab"))
     ap.add_argument("--limit", type=int, default=None, help="answer only the first N prompts (quick runs)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -402,10 +445,13 @@ def main(argv=None) -> None:
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpointed; rerun resumes)")
     ap.add_argument("--draft-steps", type=int, default=400)
     ap.add_argument("--draft-lr", type=float, default=2e-3)
+    ap.add_argument("--heads-steps", type=int, default=600)
+    ap.add_argument("--heads-targets", nargs="*", default=["smollm2-apar"],
+                    help="targets to train heads for (the shipped smollm2 base heads came from an earlier run)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    stages = set(args.only or ("answers", "convert", "apar", "forkrow", "draft", "vocab"))
+    stages = set(args.only or ("answers", "convert", "apar", "forkrow", "draft", "heads", "vocab"))
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     answers, clean, data = work / "answers.jsonl", work / "answers_clean.jsonl", work / "apar.jsonl"
@@ -434,6 +480,9 @@ def main(argv=None) -> None:
     if "draft" in stages:
         facts = stage_draft(work, data, args.out / "smollm2-draft", args.out / "smollm2-apar", args)
         print(f"smollm2-draft: step {facts['steps']}/{args.draft_steps}, loss {facts['final_loss']:.4f}", flush=True)
+    if "heads" in stages:
+        facts = stage_heads(answers, work, args.out / "smollm2-heads", args)
+        print(f"smollm2-heads: {facts}", flush=True)
     if "vocab" in stages:
         facts = stage_vocab(clean, [args.out / "smollm2-draft", args.out / "smollm2-heads"])
         print(f"draft vocabulary: {facts}", flush=True)
