@@ -76,22 +76,26 @@ BUILTIN = [
         vocab_size=49152,
         targets=["smollm2-apar", "smollm2"],
         notes="2 Llama layers (width 576) on SmolLM2's own embedding/LM head, distilled (400 steps) on SmolLM2's "
-        "self-distilled answers; acceptance measured with smollm2-apar (apar+spec, k=4, greedy, fp32, 3 Vicuna/MT-bench "
-        "prompts, 160 tokens; 1.40 for spec on smollm2): does not pay off on a CPU yet (see its model card)",
-        acceptance_length=1.58,
+        "self-distilled answers; drafts from the 8,192 most frequent tokens by default (smollm2-draft@full: all). "
+        "Acceptance measured with smollm2-apar (apar+spec, k=3, greedy, bf16, 18 list-style Vicuna/MT-bench prompts, "
+        "384 tokens; 1.32 for spec on smollm2); on a CPU the heads pay more (see the model cards)",
+        acceptance_length=1.36,
+        draft_vocab=8192,
     ),
     DraftEntry(
         name="smollm2-heads",
         kind="heads",
-        weights="smollm2-heads",  # apar_spec/models/smollm2-heads/smollm2 (picked by the target's LM head)
+        weights="smollm2-heads",  # apar_spec/models/smollm2-heads/{smollm2-apar,smollm2}: picked by LM head + vocabulary size
         fingerprint="450fd25da1a6",
         vocab_size=49152,
-        targets=["smollm2", "smollm2-apar"],
-        notes="4 Medusa-1 heads for the SmolLM2 base (apar-spec train-heads on 200 of its own self-distilled answers, "
-        "400 steps; val top-1 per head 0.43 0.30 0.21 0.19); no draft forward; acceptance measured with smollm2 "
-        "(spec, tree [[0],[1],[0,0],[0,0,0]], fp32, 3 public prompts); they do not fit smollm2-apar (its LM head has the "
-        "[Fork]/[Child] rows)",
-        acceptance_length=1.29,
+        targets=["smollm2-apar", "smollm2"],
+        notes="4 Medusa-1 heads per target, self-distilled (apar-spec train-heads): for smollm2-apar on its own APAR "
+        "answers (600 steps, val top-1 per head 0.51 0.34 0.26 0.21), for the base on its answers (400 steps); no draft "
+        "forward; drafts from the 8,192 most frequent tokens by default (smollm2-heads@full: all). Acceptance measured "
+        "with smollm2-apar (apar+spec, k=3, greedy, bf16, 18 list-style Vicuna/MT-bench prompts, 384 tokens; 1.21 for "
+        "spec on smollm2)",
+        acceptance_length=1.25,
+        draft_vocab=8192,
     ),
     DraftEntry(
         name="ngram",

@@ -96,6 +96,7 @@ def main(argv=None) -> None:
     table = Table("draft", "propose ms (median)", "ms per drafted token", "target step ms (median)",
                   title=f"{args.target}, {args.mode}, k={args.k}, {args.dtype}, {args.threads} threads, "
                         f"median of {args.repeats} rounds", header_style="bold")
+    table.columns[0].no_wrap = True  # draft names such as smollm2-heads@8192 stay whole
     for name in dict.fromkeys(r["draft"] for r in rows):
         mine = [r for r in rows if r["draft"] == name]
         table.add_row(name, *(f"{statistics.median(r[key] for r in mine):.2f}" for key in ("propose_ms", "per_drafted_ms", "step_ms")))

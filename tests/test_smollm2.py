@@ -216,7 +216,7 @@ def test_smollm2_apar_spec_equals_apar_with_both_drafts():
     caps = dict(max_new_tokens=4000, max_branch_tokens=24, batch_size=3)
     want = apar_spec.generate(model, tok, prompts, mode="apar", **caps)
     assert any(w.forked for w in want)  # the comparison covers forking answers
-    for d in ("ngram", draft, "smollm2-draft@8192"):
+    for d in ("ngram", draft, "smollm2-draft@8192", "smollm2-heads", "smollm2-heads@full"):
         got = apar_spec.generate(model, tok, prompts, mode="apar+spec", draft=d, **caps)
         for w, g in zip(want, got):
             assert g.token_ids == w.token_ids
