@@ -1,5 +1,10 @@
 """One short GPU check: the benchmark in bf16 on the embedded models and on any model given.
 
+Jobs: ``embedded`` (tiny-apar / tiny-base / tiny-draft, every configuration),
+``embedded-heads`` (the same targets with the tiny-heads Medusa heads and a 7-node draft
+tree: no draft forward, so the verify pass is the whole cost - where a GPU should
+differ most from a CPU), then one job per model path given.
+
     python experiments/gpu_check.py OUT_DIR [MODEL_PATH ...]
 
 Writes under ``OUT_DIR``: ``env.json`` (GPU, versions, settings), per benchmark a
@@ -36,6 +41,8 @@ from apar_spec.experiments.bench import BenchSettings, RowEvent, compare, read_r
 from apar_spec.experiments.models import SAME_AS_TARGET
 from apar_spec.experiments.report import render, summarize
 from apar_spec.options import DecodeOptions
+
+HEADS_TREE = "[[0],[1],[0,0],[0,0,0],[0,0,0,0],[0,0,0,0,0],[0,0,0,0,0,0]]"  # the tree tiny-heads' card measures
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,7 +134,9 @@ def main(argv=None) -> int:
     (args.out_dir / "env.json").write_text(json.dumps(environment(args), indent=2))
     common = dict(max_new_tokens=args.max_new_tokens, limit=args.limit, repeats=args.repeats, warmup=1,
                   dtype=args.dtype, device=args.device, overwrite=True)
-    jobs = [("embedded", BenchSettings(out=args.out_dir / "embedded.jsonl", **common))]
+    jobs = [("embedded", BenchSettings(out=args.out_dir / "embedded.jsonl", **common)),
+            ("embedded-heads", BenchSettings(draft="tiny-heads", tree=HEADS_TREE, modes=("hf-generate", "ar", "apar", "spec", "apar+spec"),
+                                             out=args.out_dir / "embedded-heads.jsonl", **common))]
     for i, path in enumerate(args.models, start=1):
         stem = Path(path.rstrip("/")).name.replace(" ", "_") or f"model{i}"
         jobs.append((f"model{i}-{stem}", BenchSettings(target=path, base=SAME_AS_TARGET, out=args.out_dir / f"model{i}-{stem}.jsonl", **common)))
