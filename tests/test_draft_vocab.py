@@ -122,3 +122,21 @@ def test_tiny_draft_without_a_ranking_is_refused_in_one_line():
     model, tok = apar_spec.load("tiny-apar")
     with pytest.raises(ValueError, match="no token ranking"):
         generate(model, tok, ["Give three tips."], mode="spec", draft="tiny-draft@512", max_new_tokens=4)
+
+
+def test_served_reduced_vocab_draft_equals_offline():
+    """Continuous batching (admit/release mid-flight) with a reduced-vocabulary draft LM."""
+    from test_serving_engine import DRAFT, MODEL, PROC, TOK, random_workload, serve
+
+    from apar_spec.serving import Engine
+
+    def spec():
+        return DraftModelSpeculator(DRAFT, mask_ids=(CHILD,), vocab=DraftVocab(torch.tensor(SUBSET)))
+
+    prompts, budgets, arrivals = random_workload(7)
+    engine = Engine(MODEL, TOK, mode="apar+spec", draft=spec(), kv_budget=120, max_new_tokens=32, logits_processor=PROC)
+    handles = serve(engine, prompts, budgets, arrivals)
+    for p, m, h in zip(prompts, budgets, handles):
+        offline = generate(MODEL, TOK, [p], mode="apar+spec", draft=spec(), logits_processor=PROC, **engine.offline_options(m))[0]
+        assert [b.token_ids for b in h.result(0).branches] == [b.token_ids for b in offline.branches]
+    assert engine.stats.finished == len(prompts)
