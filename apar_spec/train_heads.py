@@ -94,6 +94,11 @@ def distill(model, tokenizer, rows: list[dict], out: Path, cfg: HeadsTrainConfig
     if mode == "auto":
         mode = "apar" if find_apar_tokens(tokenizer) is not None else "ar"
     todo = [i for i in range(len(rows)) if i not in done]
+    given_count = sum(1 for i in todo if rows[i].get("answer"))
+    if given_count and mode == "apar":
+        # easy to miss: the heads then learn plain text, never a branch context ([Child] starts, text after a fork)
+        progress(f"note: {given_count} rows carry an answer, used as given (one plain sequence each); "
+                 "give prompts only to distil the target's own APAR branches")
     with path.open("a") as f:
         for start in range(0, len(todo), cfg.gen_batch_size):
             batch = todo[start : start + cfg.gen_batch_size]

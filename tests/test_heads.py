@@ -165,3 +165,18 @@ def test_tree_cache_hidden_path_gives_the_plain_logits():
     assert a2.hidden is None and b2.hidden.shape == (2, 2, model.config.hidden_size)
     with torch.inference_mode():
         assert torch.allclose(model.get_output_embeddings()(b2.hidden), b2.logits)
+
+
+def test_distill_notes_given_answers_for_an_apar_target(tmp_path):
+    from apar_spec.train_heads import distill
+
+    model, tok = micro_model("llama", seed=2), micro_tokenizer()
+    said = []
+    rows = [{"prompt": "w5 w6", "answer": "w7 w8 w9"}, {"prompt": "w10 w11"}]
+    seqs = distill(model, tok, rows, tmp_path, HeadsTrainConfig(max_new_tokens=4), said.append)
+    assert any("1 rows carry an answer" in m for m in said)
+    assert len(seqs) >= 2  # the given answer as one sequence, the distilled one as its branches
+    said.clear()
+    (tmp_path / "b").mkdir()
+    distill(model, tok, [{"prompt": "w12"}], tmp_path / "b", HeadsTrainConfig(max_new_tokens=4), said.append)
+    assert not any("carry an answer" in m for m in said)
