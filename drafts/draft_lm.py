@@ -54,6 +54,9 @@ class DraftModelSpeculator:
         self.tc = TreeCache(self.model, num_requests)
         self.row: dict[int, int] = {i: i for i in range(num_requests)}  # request index -> draft cache row
         self.vocab_size = vocab_size
+        if self.vocab is not None:  # where the reduced logits go in the target's vocabulary, once per run
+            keep = self.vocab.ids < vocab_size  # [N]
+            self._reduced_cols, self._reduced_ids = keep.nonzero()[:, 0], self.vocab.ids[keep]
         self.generator = generator
         self.prompt_last: dict[int, int] = {}  # request -> draft node of its last prompt token
         self.nodes: dict[Key, list[int]] = {}  # draft nodes of the branch's tokens[:len]
@@ -163,10 +166,8 @@ class DraftModelSpeculator:
         and every later rule (mask, processor, top-k, sampling) then sees target ids."""
         v = self.vocab_size
         if self.vocab is not None:
-            ids = self.vocab.ids.to(logits.device)
-            keep = ids < v
             full = logits.new_full((*logits.shape[:-1], v), float("-inf"))
-            full[..., ids[keep]] = logits[..., keep]
+            full[..., self._reduced_ids.to(logits.device)] = logits[..., self._reduced_cols.to(logits.device)]
             return full
         if logits.shape[-1] == v:
             return logits

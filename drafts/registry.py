@@ -252,14 +252,14 @@ def resolve(draft: Any, target, tokenizer) -> Speculator:
 
         from apar_spec.drafts.heads import pick_folder
 
-        heads = _cached(entry, target, lambda: load_heads(_heads_path(entry.weights), target, tokenizer, entry.name))
-        folder = pick_folder(_heads_path(entry.weights), target)
+        heads = _cached(entry, target, lambda: load_heads(_weights_path(entry.weights), target, tokenizer, entry.name))
+        folder = pick_folder(_weights_path(entry.weights), target)
         vocab = _vocab(entry, [folder, folder.parent], vocab_size)
         return HeadsSpeculator(heads, target.get_output_embeddings(), name=entry.name, mask_ids=mask, vocab=vocab)
     model, draft_tok = _cached(entry, target, lambda: _load_model(entry, target))
     if tokenizer is not None:
         check_vocab(draft_tok, tokenizer, entry.name)
-    vocab = _vocab(entry, [_model_path(entry.weights)], vocab_size) if entry.draft_vocab is not None else None
+    vocab = _vocab(entry, [_weights_path(entry.weights)], vocab_size) if entry.draft_vocab is not None else None
     return DraftModelSpeculator(model, name=entry.name, mask_ids=mask, vocab=vocab)
 
 
@@ -272,16 +272,6 @@ def _vocab(entry: DraftEntry, folders: list[Path], vocab_size: int):
         return None
     folder = next((f for f in folders if (f / VOCAB_FILE).is_file()), folders[0])
     return load_vocab(folder, entry.draft_vocab, vocab_size, entry.name)
-
-
-def _model_path(weights: Optional[str]) -> Path:
-    """An embedded draft's folder (apar_spec/models/NAME) or a local path."""
-    from apar_spec.loading import embedded_dir
-
-    if not weights:
-        return Path(".")
-    embedded = embedded_dir(weights)
-    return embedded if (embedded.is_dir() and not Path(weights).exists()) else Path(weights).expanduser()
 
 
 # Loaded draft weights, per target model (weakly held: a dropped target frees its drafts),
@@ -319,8 +309,8 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _heads_path(weights: str) -> Path:
-    """An embedded heads folder name (apar_spec/models/NAME) or a local path."""
+def _weights_path(weights: str) -> Path:
+    """An embedded weights folder name (apar_spec/models/NAME: heads, a draft's vocab.json) or a local path."""
     from apar_spec.loading import embedded_dir
 
     embedded = embedded_dir(weights)

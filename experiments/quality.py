@@ -131,8 +131,13 @@ def repeated_4grams(text: str) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+def _scored(rs: list[dict]) -> list[dict]:
+    """Rows with both NLLs (an empty answer has none)."""
+    return [r for r in rs if not math.isnan(r["nll_ar"]) and not math.isnan(r["nll_apar"])]
+
+
 def _ratio(rs: list[dict]) -> float:
-    ok = [r for r in rs if not math.isnan(r["nll_ar"]) and not math.isnan(r["nll_apar"])]
+    ok = _scored(rs)
     return statistics.mean(r["nll_apar"] for r in ok) / statistics.mean(r["nll_ar"] for r in ok) if ok else math.nan
 
 
@@ -155,15 +160,14 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
     for c, rs in cats.items():
         forked = [r for r in rs if r["forked"]]
         complete = [r for r in rs if max(r["ar_tokens"], r["apar_tokens"]) < r.get("max_new_tokens", math.inf)]
-        nll_ar = [r["nll_ar"] for r in rs if not math.isnan(r["nll_ar"]) and not math.isnan(r["nll_apar"])]
-        nll_apar = [r["nll_apar"] for r in rs if not math.isnan(r["nll_ar"]) and not math.isnan(r["nll_apar"])]
+        scored = _scored(rs)
         out[c] = {
             "prompts": len(rs),
             "fork_rate": len(forked) / len(rs),
             "steps_ratio": sum(r["apar_steps"] for r in rs) / max(1, sum(r["ar_steps"] for r in rs)),
             "steps_ratio_median": statistics.median(r["steps_ratio"] for r in rs),
-            "nll_ar": statistics.mean(nll_ar) if nll_ar else math.nan,
-            "nll_apar": statistics.mean(nll_apar) if nll_apar else math.nan,
+            "nll_ar": statistics.mean(r["nll_ar"] for r in scored) if scored else math.nan,
+            "nll_apar": statistics.mean(r["nll_apar"] for r in scored) if scored else math.nan,
             "nll_ratio": _ratio(rs),
             "well_formed_rate": (sum(r["well_formed"] for r in forked) / len(forked)) if forked else math.nan,
             "ar_tokens": statistics.mean(r["ar_tokens"] for r in rs),
