@@ -328,10 +328,23 @@ def _prompt_answer(row: object) -> tuple[str, str]:
     return prompt, answer
 
 
+def _row_flags(row: dict) -> dict[str, bool]:
+    """The optional per-row switches ``restructure`` and ``open_end`` (booleans when present)."""
+    flags = {k: row[k] for k in ("restructure", "open_end") if k in row}
+    for k, v in flags.items():
+        if not isinstance(v, bool):
+            raise _BadRow(f"'{k}' must be true or false, not {v!r}")
+    return flags
+
+
 def convert_file(in_path: str | Path, out_path: str | Path, *, max_depth: int = 1) -> ConvertReport:
     """Restructure every row of a JSONL file; bad rows are reported, never fatal.
 
     Output rows: ``{"prompt", "answer", "structured": bool, "tree": AnswerTree.to_dict()}``.
+    Two optional input fields: ``"restructure": false`` keeps the answer as one branch
+    (an answer whose steps depend on each other, e.g. a worked calculation, must not
+    fork); ``"open_end": true`` (the answer was cut by a token limit) is passed on, so
+    training gives its end no EOS.
     Lines are decoded one at a time so one bad byte costs one row, not the run.
     """
     in_path, out_path = Path(in_path), Path(out_path)
@@ -347,7 +360,9 @@ def convert_file(in_path: str | Path, out_path: str | Path, *, max_depth: int = 
                 continue
             report.rows_read += 1
             try:
-                prompt, answer = _prompt_answer(json.loads(raw.decode("utf-8")))
+                src_row = json.loads(raw.decode("utf-8"))
+                prompt, answer = _prompt_answer(src_row)
+                flags = _row_flags(src_row)
             except UnicodeDecodeError:
                 report.bad_rows.append((line_number, "not valid UTF-8"))
                 continue
@@ -357,9 +372,11 @@ def convert_file(in_path: str | Path, out_path: str | Path, *, max_depth: int = 
             except _BadRow as e:
                 report.bad_rows.append((line_number, str(e)))
                 continue
-            tree = restructure(answer, max_depth=max_depth)
+            tree = restructure(answer, max_depth=max_depth) if flags.get("restructure", True) else AnswerTree(answer)
             structured = bool(tree.forks)
             row = {"prompt": prompt, "answer": answer, "structured": structured, "tree": tree.to_dict()}
+            if flags.get("open_end"):
+                row["open_end"] = True
             dst.write(json.dumps(row, ensure_ascii=False) + "\n")
             report.rows_written += 1
             report.structured += structured

@@ -109,8 +109,14 @@ def segment_token_ids(tree: AnswerTree, tokenizer) -> list[list[int]]:
     return [next(ids) if s else [] for s in segments]
 
 
-def branch_token_ids(tree: AnswerTree, tokenizer, apar: AparTokens | None) -> tuple[list[int], list[int]]:
-    """One branch's own tokens ``seg0 [Fork] seg1 [Fork] ... segK EOS`` and the positions of its ``[Fork]``s."""
+def branch_token_ids(
+    tree: AnswerTree, tokenizer, apar: AparTokens | None, eos: bool = True
+) -> tuple[list[int], list[int]]:
+    """One branch's own tokens ``seg0 [Fork] seg1 [Fork] ... segK EOS`` and the positions of its ``[Fork]``s.
+
+    ``eos=False`` leaves the EOS off: the branch's text was cut by a token limit, so
+    nothing may teach the model to stop there (an open end).
+    """
     if tree.forks and apar is None:
         raise ValueError("the answer tree forks but the tokenizer has no [Fork]/[Child] tokens (use add_apar_tokens)")
     tokens: list[int] = []
@@ -120,7 +126,8 @@ def branch_token_ids(tree: AnswerTree, tokenizer, apar: AparTokens | None) -> tu
         if k < len(tree.forks):
             fork_positions.append(len(tokens))
             tokens.append(apar.fork_id)
-    tokens.append(tokenizer.eos_token_id)
+    if eos:
+        tokens.append(tokenizer.eos_token_id)
     return tokens, fork_positions
 
 
@@ -164,13 +171,16 @@ class _TreeBuilder:
         self.labels.append(IGNORE)
         return len(self.tokens) - 1
 
-    def add_branch(self, tree: AnswerTree, start: int, tokenizer, apar: AparTokens | None) -> None:
+    def add_branch(
+        self, tree: AnswerTree, start: int, tokenizer, apar: AparTokens | None, open_end: bool = False
+    ) -> None:
         """Append ``tree``'s own tokens under node ``start``, then each child as ``[Child]`` + its branch.
 
         ``start`` (the last prompt node, or a ``[Child]`` node) is trained to predict the
         branch's first token; every branch node predicts the next one of its own branch.
+        ``open_end``: this branch ends without EOS (children, complete blocks, keep theirs).
         """
-        tokens, fork_positions = branch_token_ids(tree, tokenizer, apar)
+        tokens, fork_positions = branch_token_ids(tree, tokenizer, apar, eos=not open_end)
         prev = start
         nodes: list[int] = []
         for tok in tokens:
@@ -208,16 +218,20 @@ def _prompt_builder(prompt_ids: Sequence[int]) -> _TreeBuilder:
     return b
 
 
-def pack_tree(prompt_ids: Sequence[int], tree: AnswerTree, tokenizer, apar: AparTokens | None) -> PackedExample:
+def pack_tree(
+    prompt_ids: Sequence[int], tree: AnswerTree, tokenizer, apar: AparTokens | None, open_end: bool = False
+) -> PackedExample:
     """Pack prompt + answer tree into one token tree (each token once).
 
     Layout: prompt; main branch ``seg0 [Fork] seg1 ... EOS``; then for each fork in
     order ``[Child]`` (parent: that ``[Fork]`` node) + the child's layout, recursively.
     Loss on every branch token incl. ``[Fork]`` and EOS; never on the prompt nor on
-    ``[Child]`` (both are inputs only).
+    ``[Child]`` (both are inputs only). ``open_end=True`` (the answer was cut by a token
+    limit) drops the main branch's EOS: a cut answer must not teach the model to stop
+    where its writer would have gone on, the cause of too-short answers after fine-tuning.
     """
     b = _prompt_builder(prompt_ids)
-    b.add_branch(tree, len(prompt_ids) - 1, tokenizer, apar)
+    b.add_branch(tree, len(prompt_ids) - 1, tokenizer, apar, open_end=open_end)
     return b.finish()
 
 
@@ -227,7 +241,7 @@ def pack_plain(prompt_ids: Sequence[int], answer_text: str, tokenizer) -> Packed
 
 
 def separate_sequences(
-    prompt_ids: Sequence[int], tree: AnswerTree, tokenizer, apar: AparTokens | None
+    prompt_ids: Sequence[int], tree: AnswerTree, tokenizer, apar: AparTokens | None, open_end: bool = False
 ) -> list[PackedExample]:
     """Reference formulation: one plain causal sequence per branch (1 + k of them).
 
@@ -238,7 +252,7 @@ def separate_sequences(
     out: list[PackedExample] = []
 
     def visit(context: list[int], branch: AnswerTree) -> None:
-        tokens, fork_positions = branch_token_ids(branch, tokenizer, apar)
+        tokens, fork_positions = branch_token_ids(branch, tokenizer, apar, eos=not (open_end and branch is tree))
         b = _TreeBuilder()
         for i, tok in enumerate(context + tokens):
             b.add(tok, i - 1)
@@ -351,6 +365,7 @@ class TrainExample:
 
     prompt: str
     tree: AnswerTree
+    open_end: bool = False  # the answer was cut by a token limit: its main branch trains no EOS
 
     @property
     def structured(self) -> bool:
@@ -369,13 +384,16 @@ def _row_to_example(row: Any, mode: str, max_depth: int, where: str) -> TrainExa
             tree = AnswerTree.from_dict(tree)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{where}: invalid 'tree' ({e!r})") from None
+    open_end = get("open_end", False)
+    if not isinstance(open_end, bool):
+        raise ValueError(f"{where}: 'open_end' must be true or false, not {open_end!r}")
     if mode == "plain":
-        return TrainExample(prompt, AnswerTree(answer if isinstance(answer, str) else tree.reassemble()))
+        return TrainExample(prompt, AnswerTree(answer if isinstance(answer, str) else tree.reassemble()), open_end)
     if tree is None:
         from apar_spec.restructure import restructure  # raw prompt/answer row: restructure it here
 
         tree = restructure(answer, max_depth=max_depth)
-    return TrainExample(prompt, tree)
+    return TrainExample(prompt, tree, open_end)
 
 
 def read_examples(data: str | Path | Iterable[Any], mode: str = "apar", max_depth: int = 1) -> list[TrainExample]:
@@ -418,7 +436,7 @@ def prompt_token_ids(prompt: str, tokenizer) -> list[int]:
 
 
 def pack_example(ex: TrainExample, tokenizer, apar: AparTokens | None) -> PackedExample:
-    return pack_tree(prompt_token_ids(ex.prompt, tokenizer), ex.tree, tokenizer, apar)
+    return pack_tree(prompt_token_ids(ex.prompt, tokenizer), ex.tree, tokenizer, apar, open_end=ex.open_end)
 
 
 class BatchSchedule:

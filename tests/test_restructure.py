@@ -279,6 +279,24 @@ def test_convert_file_counts_and_reports_bad_rows(tmp_path):
         assert AnswerTree.from_dict(row["tree"]).reassemble() == row["answer"]
 
 
+def test_convert_file_row_flags(tmp_path):
+    """``restructure: false`` keeps a list as one branch; ``open_end`` passes on; a bad flag is a bad row."""
+    src = tmp_path / "in.jsonl"
+    lines = [
+        {"prompt": "Give 3 tips.", "answer": LIST_ANSWER, "open_end": True},
+        {"prompt": "Work it out.", "answer": LIST_ANSWER, "restructure": False},
+        {"prompt": "Bad flag.", "answer": LIST_ANSWER, "open_end": "yes"},
+    ]
+    src.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    report = convert_file(src, tmp_path / "out.jsonl")
+    assert (report.rows_written, report.structured, report.unstructured) == (2, 1, 1)
+    assert report.bad_rows == [(3, "'open_end' must be true or false, not 'yes'")]
+    first, second = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert first["open_end"] is True and first["structured"] is True
+    assert "open_end" not in second and second["structured"] is False
+    assert AnswerTree.from_dict(second["tree"]).reassemble() == LIST_ANSWER
+
+
 def test_convert_file_max_depth_reaches_nested_lists(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"prompt": "p", "answer": NESTED}) + "\n", encoding="utf-8")

@@ -87,6 +87,29 @@ def test_hand_layout_mask_positions_labels():
     assert p.num_trained() == 6  # a [Fork] b EOS c EOS; never the prompt nor [Child]
 
 
+def test_open_end_drops_only_the_main_branch_eos():
+    """A cut answer (``open_end``) trains no EOS at its end; its children, complete blocks, keep theirs."""
+    apar = AparTokens(fork_id=2, child_id=3)
+    tree = AnswerTree("ab", [ForkPoint(1, AnswerTree("c"))])
+    p = pack_tree([10, 11], tree, CharTokenizer(), apar, open_end=True)
+    # nodes: 0:10 1:11 | 2:'a' 3:[Fork] 4:'b' | 5:[Child] 6:'c' 7:EOS
+    assert p.input_ids.tolist() == [10, 11, 97, 2, 98, 3, 99, 1]
+    assert p.labels.tolist() == [IGNORE, 97, 2, 98, IGNORE, 99, 1, IGNORE]
+    main, child = separate_sequences([10, 11], tree, CharTokenizer(), apar, open_end=True)
+    assert main.input_ids.tolist() == [10, 11, 97, 2, 98] and child.input_ids.tolist()[-1] == 1
+    assert p.num_trained() == main.num_trained() + child.num_trained()
+    plain = pack_tree([10, 11], AnswerTree("ab"), CharTokenizer(), apar, open_end=True)
+    assert plain.labels.tolist() == [IGNORE, 97, 98, IGNORE]  # a plain cut answer: no EOS anywhere
+
+
+def test_read_examples_carries_open_end(tmp_path):
+    rows = [{"prompt": "p", "answer": "a b", "open_end": True}, {"prompt": "q", "answer": "c"}]
+    assert [e.open_end for e in read_examples(rows)] == [True, False]
+    assert [e.open_end for e in read_examples(rows, mode="plain")] == [True, False]
+    with pytest.raises(ValueError, match="example 0: 'open_end' must be true or false"):
+        read_examples([{"prompt": "p", "answer": "a", "open_end": "yes"}])
+
+
 def test_first_fit_rows():
     assert first_fit_rows([5, 3, 2, 4], 5) == [[0], [3], [1, 2]]
     assert first_fit_rows([1, 1, 1], 8) == [[0, 1, 2]]
