@@ -259,7 +259,75 @@ def _short_prompts(rng: random.Random) -> list[TrainPrompt]:
     for w in ["happy", "big", "fast", "cold", "bright", "quiet", "early", "strong", "easy", "old", "rich", "kind",
               "tired", "wet", "loud", "brave", "clean", "soft", "heavy", "empty"]:
         add("word", rng.choice(word_forms).format(w=w))
+    # appended families: earlier ids (and the rng draws behind them) stay as they were
+    for _ in range(50):
+        add("word-problem", _word_problem(rng))
+    for _ in range(24):
+        add("context-qa", _context_question(rng))
+    for _ in range(24):
+        add("extract", _extraction(rng))
+    for _ in range(20):
+        add("one-line-summary", _one_line_summary(rng))
     return out
+
+
+# Multi-step questions whose steps depend on each other (so an answer must not fork),
+# and questions about a given text (answered from it in a line or two).
+_NAMES = ["Maya", "Tom", "Priya", "Lucas", "Aiko", "Omar", "Elena", "Sam", "Nina", "Diego", "Hana", "Felix"]
+_ITEMS = ["apples", "stickers", "marbles", "pencils", "cookies", "stamps", "books", "shells"]
+_CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Dublin", "Perth", "Quebec", "Kraków", "Porto"]
+_SHOPS = ["bakery", "bike repair shop", "bookshop", "flower stall", "tea room", "pottery studio"]
+
+
+def _word_problem(rng: random.Random) -> str:
+    n, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b, c = rng.randint(3, 40), rng.randint(2, 9), rng.randint(2, 12)
+    forms = [
+        f"{n} has {a} {item}. {n} buys {b} bags with {c} {item} in each bag. How many {item} does {n} have now?",
+        f"{n} had {a * b} {item} and shared them equally among {b} friends, then got {c} more. How many does {n} have?",
+        f"A shop sells {item} at {b} dollars each. {n} buys {c} of them and pays with a {b * c + a}-dollar bill. "
+        f"How much change does {n} get?",
+        f"{n} reads {b} pages on Monday and {c} pages more each day after that than the day before. "
+        f"How many pages does {n} read on Wednesday?",
+        f"A train travels at {b * 10} km per hour for {c} hours, then {a} km more. How far does it go in total?",
+        f"{n} saves {b} dollars every week. After {c} weeks {n} spends {a} dollars. How much is left if "
+        f"{n} started with {a + b} dollars?",
+    ]
+    return rng.choice(forms)
+
+
+def _context_question(rng: random.Random) -> str:
+    n, city, shop = rng.choice(_NAMES), rng.choice(_CITIES), rng.choice(_SHOPS)
+    year, staff = rng.randint(1990, 2022), rng.randint(2, 15)
+    text = (f"{n} moved to {city} in {year} and opened a small {shop} near the harbour. "
+            f"By the third year it employed {staff} people and stayed open every day except Monday.")
+    question = rng.choice([
+        f"In which year did {n} move to {city}?", f"How many people worked at the {shop}?",
+        f"On which day is the {shop} closed?", f"Where did {n} open the {shop}?",
+    ])
+    return rng.choice([
+        f"Read the text and answer the question.\nText: {text}\nQuestion: {question}",
+        f"{text}\n\nBased only on the text above: {question}",
+    ])
+
+
+def _extraction(rng: random.Random) -> str:
+    n, m, city = rng.sample(_NAMES, 2) + [rng.choice(_CITIES)]
+    price, day = rng.randint(5, 90), rng.choice(["Tuesday", "Friday", "Sunday"])
+    text = f"On {day}, {n} and {m} took the ferry to {city}, where tickets cost {price} euros each."
+    return rng.choice([
+        f"Extract the names of the people in this sentence: \"{text}\"",
+        f"What price is mentioned in the following text? \"{text}\"",
+        f"From this sentence, pull out the city and the day: \"{text}\"",
+    ])
+
+
+def _one_line_summary(rng: random.Random) -> str:
+    n, city, shop = rng.choice(_NAMES), rng.choice(_CITIES), rng.choice(_SHOPS)
+    text = (f"The {shop} in {city} had struggled for months. {n}, its new owner, changed the opening hours, "
+            f"added a small menu of local dishes and invited schools to visit. Within a year the number of "
+            f"visitors had doubled and the neighbours called it the heart of the street.")
+    return rng.choice([f"Summarize in one sentence: {text}", f"Give a one-sentence summary of this text: {text}"])
 
 
 def training_prompts(seed: int = 0) -> list[TrainPrompt]:

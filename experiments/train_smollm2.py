@@ -6,9 +6,10 @@ Stages (each resumes: a finished stage is skipped, a stopped one continues):
 
 1. ``answers``: the base model answers our own prompts (experiments/smollm2_prompts.py)
    greedily, batched, through ``apar_spec.generate(mode="ar")`` (self-distillation).
-2. ``convert``: answers cut by the token limit lose their unfinished last block (so the
-   model never learns to stop mid-sentence), then ``restructure`` turns lists into forks
-   and, failing that, paragraphs (SmolLM2 often answers in paragraphs).
+2. ``convert``: answers cut by the token limit lose their unfinished last block and
+   train no EOS (so the model learns neither to stop mid-sentence nor to stop early),
+   then ``restructure`` turns lists into forks and, failing that, paragraphs (SmolLM2
+   often answers in paragraphs); short-answer rows stay one branch.
 3. ``apar``: LoRA (peft) on every linear layer + the two new token rows
    (``trainable_token_indices``; SmolLM2 ties embedding and LM head, and peft ties the
    trained rows too), trained with ``apar_spec.train`` (packed tree mask, loss rules),
@@ -42,24 +43,35 @@ DRAFT_LAYERS = (0, 29)  # base layers the draft starts from
 
 
 def clean_answers(src: Path, dst: Path) -> dict:
-    """Copy answer rows, cutting a token-limited answer back to its last complete block."""
-    counts = {"rows": 0, "cut": 0, "dropped": 0, "list": 0, "short": 0}
+    """Copy answer rows for ``convert``, marking what the token limit cut and what must not fork.
+
+    A list-kind answer cut by the limit loses its unfinished last block (restructuring
+    wants whole blocks) and is marked ``open_end``: training gives it no EOS, since its
+    writer would have gone on (the first smollm2-apar learned to stop after a paragraph
+    from exactly these EOS). Short-kind answers are never restructured: a worked
+    calculation's steps depend on each other, so the model must learn not to fork there.
+    """
+    counts = {"rows": 0, "cut": 0, "open_end": 0, "dropped": 0, "list": 0, "short": 0}
     with src.open(encoding="utf-8") as f, dst.open("w", encoding="utf-8") as out:
         for line in f:
             if not line.strip():
                 continue
             row = json.loads(line)
             answer = row["answer"]
+            flags: dict = {"restructure": row["kind"] != "short"}
             if row.get("finish") == "length":
-                cut = answer.rfind("\n\n")
-                if cut <= 0:
-                    counts["dropped"] += 1
-                    continue
-                answer = answer[:cut].rstrip()
-                counts["cut"] += 1
+                if row["kind"] != "short":
+                    cut = answer.rfind("\n\n")
+                    if cut <= 0:
+                        counts["dropped"] += 1
+                        continue
+                    answer = answer[:cut].rstrip()
+                    counts["cut"] += 1
+                flags["open_end"] = True
+                counts["open_end"] += 1
             counts["rows"] += 1
             counts[row["kind"]] += 1
-            out.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
+            out.write(json.dumps({**row, "answer": answer, **flags}, ensure_ascii=False) + "\n")
     return counts
 
 

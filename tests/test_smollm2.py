@@ -33,6 +33,30 @@ def test_training_prompts_counts_and_unique():
     assert training_prompts() == ps  # a pure function: resumed generation skips the right ids
 
 
+def test_clean_answers_marks_cut_answers_open_and_keeps_short_ones_whole(tmp_path):
+    """A cut list answer loses its unfinished block and trains no EOS; short answers never fork."""
+    from apar_spec.experiments.train_smollm2 import clean_answers
+    from apar_spec.restructure import convert_file
+
+    LIST = "Tips:\n1. A: x.\n2. B: y.\n3. C: z."
+    rows = [
+        {"id": "l1", "kind": "list", "prompt": "Tips?", "answer": LIST + "\n\nMore: unfini", "finish": "length"},
+        {"id": "l2", "kind": "list", "prompt": "More tips?", "answer": LIST, "finish": "eos"},
+        {"id": "s1", "kind": "short", "prompt": "Sum?", "answer": LIST + "\n\n4. D: w", "finish": "length"},
+        {"id": "l3", "kind": "list", "prompt": "Cut, no block?", "answer": "one long unfinished line", "finish": "length"},
+    ]
+    src, clean, data = tmp_path / "a.jsonl", tmp_path / "c.jsonl", tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    counts = clean_answers(src, clean)
+    assert (counts["rows"], counts["cut"], counts["open_end"], counts["dropped"]) == (3, 1, 2, 1)
+    convert_file(clean, data)
+    out = {r["prompt"]: r for r in map(json.loads, data.read_text(encoding="utf-8").splitlines())}
+    assert out["Tips?"]["answer"] == LIST and out["Tips?"]["open_end"] is True
+    assert out["Tips?"]["structured"] and out["More tips?"]["structured"] and "open_end" not in out["More tips?"]
+    assert out["Sum?"]["answer"] == rows[2]["answer"] and out["Sum?"]["open_end"] is True
+    assert out["Sum?"]["structured"] is False  # a worked calculation stays one branch
+
+
 def test_edit_distance_and_near_duplicate_finder():
     assert edit_distance("kitten", "sitting", 10) == 3
     assert edit_distance("abc", "abc", 0) == 0
@@ -118,6 +142,29 @@ def test_adapter_refuses_a_wrong_base(tmp_path):
     msg = str(err.value)
     assert "fingerprint" in msg and "\n" not in msg
     assert len(tok) == 64  # nothing was changed on refusal
+
+
+def test_an_adapter_folder_loads_on_its_base(tmp_path, monkeypatch):
+    """``apar_spec.load(folder)`` on a folder with adapter.json merges it into the packaged base."""
+    import apar_spec
+
+    model, _, apar = _trained_peft(tmp_path)
+    ids = torch.tensor([[5, 9, apar.fork_id, apar.child_id, 12, 3]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
+    (tmp_path / "ad" / "adapter.json").write_text(json.dumps({**meta, "base": "smollm2"}))
+    monkeypatch.setattr(smollm2, "load_base", lambda dtype=None, progress=True: _tiny_llama(0))
+    got_model, tok = apar_spec.load(str(tmp_path / "ad"), dtype="float64")
+    with torch.no_grad():
+        got = got_model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-9) and tok.convert_tokens_to_ids("[Child]") == apar.child_id
+    (tmp_path / "ad" / "adapter.json").write_text(json.dumps({**meta, "base": "llama-7b"}))
+    with pytest.raises(ValueError, match="adapter for base 'llama-7b'"):
+        apar_spec.load(str(tmp_path / "ad"))
+    (tmp_path / "ad" / "adapter.json").write_text("{torn")
+    with pytest.raises(ValueError, match="not readable JSON"):
+        apar_spec.load(str(tmp_path / "ad"))
 
 
 # ------------------------------------------------------------------ the base cache
