@@ -49,6 +49,24 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return dev
 
 
+def _load_adapter_folder(path: Path, dtype, device):
+    """An adapter folder (``adapter.json``, as ``train_smollm2.py --out`` writes one) on its packaged base."""
+    import json
+
+    from apar_spec import smollm2
+
+    try:
+        base = json.loads((path / "adapter.json").read_text(encoding="utf-8")).get("base")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"'{path}/adapter.json' is not readable JSON ({err}); rebuild the adapter") from None
+    if base != "smollm2":
+        raise ValueError(f"'{path}' is an adapter for base '{base}'; only 'smollm2' adapters load from a folder")
+    model, tokenizer = smollm2.load_apar(dtype=resolve_dtype(dtype) or torch.float32, folder=path)
+    model.to(resolve_device(device))
+    model.eval()
+    return model, tokenizer
+
+
 def load(
     name_or_path: Union[str, Path],
     *,
@@ -58,6 +76,9 @@ def load(
     trust_remote_code: bool = False,
 ):
     """``(model, tokenizer)`` for an embedded name, a local folder / ``.gguf`` file, or a cached HF id.
+
+    A folder holding ``adapter.json`` (an APAR adapter, e.g. a rebuilt ``smollm2-apar``)
+    loads on its packaged base, its fingerprint checked.
 
     Never downloads (``local_files_only``), prefers safetensors, and never runs
     repository code unless the caller explicitly sets ``trust_remote_code``.
@@ -95,6 +116,8 @@ def load(
     elif path.is_file() and path.suffix == ".gguf":
         kwargs["gguf_file"] = path.name
         source, tok_source = str(path.parent), str(path.parent)
+    elif path.is_dir() and (path / "adapter.json").exists():
+        return _load_adapter_folder(path, dtype, device)
     elif path.is_dir():
         if not (path / "config.json").exists():
             raise ValueError(f"'{name}' is a folder without config.json: not a transformers model folder")
