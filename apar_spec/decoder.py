@@ -294,6 +294,27 @@ class Decoder:
             out.tokens.append(tokens)
             out.parents.append(parents)
             out.probs.append(p)
+        return self.fit_step_budget(out)
+
+    def fit_step_budget(self, proposal: Proposal) -> Proposal:
+        """Cut drafts so one forward takes at most ``max_step_tokens`` tokens.
+
+        Every branch keeps its pending token; the draft allowance left is shared evenly,
+        the first branches (parents before children) taking the remainder. A draft list
+        is cut to a prefix, which is still a tree (parents precede children) and, in
+        ``draft_tree.layout``'s order (depth, then rank), keeps its shallowest, likeliest nodes.
+        """
+        cap = self.opts.max_step_tokens
+        n = len(proposal.tokens)
+        if cap is None or n == 0 or n + sum(map(len, proposal.tokens)) <= cap:
+            return proposal
+        share, extra = divmod(max(0, cap - n), n)
+        out = Proposal([], [], [])
+        for i, (tokens, parents, p) in enumerate(zip(proposal.tokens, proposal.parents, proposal.probs)):
+            keep = share + (i < extra)
+            out.tokens.append(tokens[:keep])
+            out.parents.append(parents[:keep])
+            out.probs.append(None if p is None else p[:keep])
         return out
 
     def verify(self, tc: TreeCache, live, views, proposal):

@@ -33,6 +33,11 @@ class DecodeOptions:
     # path list, or a list of paths); None = a chain of num_draft_tokens. "auto" passes validation
     # here and must be resolved (cost model) before decoding; the Decoder refuses it unresolved.
     tree: Optional[Union[str, list]] = None
+    # Cap on the tokens ONE target forward takes (each active branch's pending token + its
+    # drafts, over the whole batch); drafts beyond it are cut, shared evenly over the branches.
+    # Where a wide verify costs more than it saves (a CPU with several live branches), this
+    # keeps a step cheap. Never changes greedy tokens; None = no cap.
+    max_step_tokens: Optional[int] = None
     adaptive_draft: bool = False  # per branch: k += 2 after a fully accepted draft, k -= 1 otherwise
     max_draft_tokens: int = 16  # ceiling for adaptive k
     compact_threshold: float = 0.25  # drop dead KV slots once they exceed this share of the cache (0 = every step)
@@ -58,6 +63,8 @@ class DecodeOptions:
             from apar_spec.draft_tree import parse_tree
 
             parse_tree(self.tree)  # a malformed shape is a one-line ValueError here, before any work
+        if self.max_step_tokens is not None and self.max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens must be >= 1 or None (got {self.max_step_tokens})")
         if not 0.0 <= self.compact_threshold <= 1.0:
             raise ValueError(f"compact_threshold must be in [0, 1] (got {self.compact_threshold})")
 

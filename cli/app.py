@@ -233,6 +233,7 @@ def bench(
     max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
     k: Annotated[str, typer.Option("-k", help="Draft tokens per branch per step (spec, apar+spec, hf-assisted), or 'auto' (the cost model picks).")] = str(_bench_default("k")),
     tree: Annotated[Optional[str], typer.Option("--tree", help="Draft tree per branch for spec/apar+spec: K, chain:K, topk:WxD or a JSON path list.")] = None,
+    max_step_tokens: Annotated[Optional[int], typer.Option("--max-step-tokens", help="Cap on the tokens one target forward takes (pending + drafts over all live branches; spec/apar+spec). Default: no cap.")] = None,
     temperature: Temperature = _bench_default("temperature"),
     seed: Seed = _bench_default("seed"),
     repeats: Repeats = _bench_default("repeats"),
@@ -253,7 +254,7 @@ def bench(
     _quiet_transformers()
     settings = _settings(
         target=target, base=base, draft=draft, modes=modes, prompts=prompts, category=category, limit=limit, turn=turn,
-        per_category=per_category, max_new_tokens=max_new_tokens, k=_k_option(k), tree=tree, temperature=temperature, seed=seed, repeats=repeats,
+        per_category=per_category, max_new_tokens=max_new_tokens, k=_k_option(k), tree=tree, max_step_tokens=max_step_tokens, temperature=temperature, seed=seed, repeats=repeats,
         warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads, chat_template=chat_template,
         out=out, resume=resume, overwrite=overwrite,
     )
@@ -286,6 +287,7 @@ def sweep(
     drafts: Annotated[str, typer.Option("--drafts", help="Comma-separated drafts (registry names or paths).")] = "ngram",
     ks: Annotated[str, typer.Option("--ks", help="Comma-separated draft lengths ('' = none).")] = "1,2,4,8",
     trees: Annotated[str, typer.Option("--trees", help="Semicolon-separated draft tree shapes, e.g. 'topk:2x3;[[0],[1],[0,0]]'.")] = "",
+    step_caps: Annotated[str, typer.Option("--step-caps", help="Comma-separated caps on the tokens one target forward takes, 'none' = no cap, e.g. 'none,8,12'.")] = "none",
     target: Target = _bench_default("target"),
     base: Base = None,
     modes: Annotated[Optional[str], typer.Option("--modes", help="Configurations; draft ones (spec, apar+spec, hf-assisted) are swept. Default: all.")] = None,
@@ -316,13 +318,14 @@ def sweep(
     draft_list = _csv(drafts, "--drafts")
     k_list = _csv(ks, "--ks", int) if ks.strip() or not trees.strip() else []
     tree_list = [t.strip() for t in trees.split(";") if t.strip()]
+    cap_list = _csv(step_caps, "--step-caps", lambda x: None if x.lower() == "none" else int(x))
     settings = _settings(
         target=target, base=base, draft=draft_list[0], modes=modes, prompts=prompts, category=category, limit=limit,
         per_category=per_category, turn=turn, max_new_tokens=max_new_tokens, k=max(k_list, default=_bench_default("k")), temperature=temperature,
         seed=seed, repeats=repeats, warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads,
         chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
     )
-    _run_with_progress(lambda progress: run_sweep(settings, drafts=draft_list, ks=k_list, trees=tree_list, progress=progress), settings, as_json)
+    _run_with_progress(lambda progress: run_sweep(settings, drafts=draft_list, ks=k_list, trees=tree_list, step_caps=cap_list, progress=progress), settings, as_json)
 
 
 @app.command()

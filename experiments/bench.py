@@ -21,7 +21,7 @@ Row schema (one JSON object per line, written by :func:`make_row`):
   ``variant`` (``config``, or ``"spec ngram k=4"`` in a sweep), ``config``, ``prompt_id``,
   ``category``, ``repeat``, ``model`` (the model THIS row ran), ``draft``, ``k``
   (None for configurations without a draft), ``tree`` (the draft tree's text form, None =
-  a chain of k), ``temperature``, ``max_new_tokens``,
+  a chain of k), ``max_step_tokens`` (the step cap, None = none), ``temperature``, ``max_new_tokens``,
   ``device``, ``threads`` (torch CPU threads; None = untouched), ``dtype``, ``time``;
 - measures: ``prompt_tokens``, ``tokens`` (generated over all branches, [Fork]/EOS
   included), ``answer_tokens`` (``len(output_ids)``), ``wall_s`` (around the call),
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -88,6 +89,7 @@ class BenchSettings:
     max_new_tokens: int = _D.max_new_tokens
     k: int | str = _D.num_draft_tokens  # "auto": the cost model picks k per configuration (apar_spec.cost_model)
     tree: Optional[str] = _D.tree  # draft tree per branch (parse_tree text); None = a chain of k
+    max_step_tokens: Optional[int] = _D.max_step_tokens  # tokens one target forward takes (spec configs); None = no cap
     temperature: float = _D.temperature
     top_p: float = _D.top_p
     top_k: int = _D.top_k
@@ -118,6 +120,7 @@ class BenchSettings:
         DecodeOptions.build(  # the decoder's own checks, before anything is loaded
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             num_draft_tokens=self.fixed_k, max_draft_tokens=max(self.fixed_k, _D.max_draft_tokens), tree=self.tree,
+            max_step_tokens=self.max_step_tokens,
         )
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0 (got {self.temperature})")
@@ -168,6 +171,7 @@ class Variant:
     k: Optional[int] = None
     label: str = ""
     tree: Optional[str] = None  # draft tree text (parse_tree); None = a chain of k
+    step_cap: Optional[int] = None  # DecodeOptions.max_step_tokens; None = no cap
 
     @property
     def name(self) -> str:
@@ -226,15 +230,19 @@ def sweep(
     drafts: Sequence[str],
     ks: Sequence[int],
     trees: Sequence[str] = (),
+    step_caps: Sequence[Optional[int]] = (None,),
     progress: Optional[Progress] = None,
 ) -> BenchResult:
     """Speculative configurations for every (draft, k) and (draft, tree shape), next to their baselines.
 
     Baselines (``hf-generate``, ``ar``, ``apar`` where they apply) run once per prompt
     and repeat; ``spec``/``apar+spec`` (or ``settings.modes``' draft configurations)
-    run for each draft and k, then each draft and tree. Rows are labelled
-    ``spec ngram k=4`` and ``apar+spec tiny-heads tree=topk:2x3``.
+    run for each draft and k, then each draft and tree, once per step cap
+    (``max_step_tokens``; None = no cap). Rows are labelled ``spec ngram k=4``,
+    ``apar+spec tiny-heads tree=topk:2x3`` and ``apar+spec tiny-heads k=3 cap=12``.
     """
+    if not step_caps or any(c is not None and c < 1 for c in step_caps):
+        raise ValueError(f"sweep needs step caps >= 1 or none (got {list(step_caps)})")
     if not drafts:
         raise ValueError("sweep needs at least one draft")
     if not ks and not trees:
@@ -245,7 +253,7 @@ def sweep(
 
     for t in trees:
         parse_tree(t)  # a malformed shape fails before any model is loaded
-    return _run(settings, lambda ms: _sweep_variants(settings, ms, drafts, ks, trees), progress, drafts)
+    return _run(settings, lambda ms: _sweep_variants(settings, ms, drafts, ks, trees, step_caps), progress, drafts)
 
 
 def _compare_variants(settings: BenchSettings, ms: ModelSet) -> tuple[list[Variant], list[str]]:
@@ -260,10 +268,12 @@ def _compare_variants(settings: BenchSettings, ms: ModelSet) -> tuple[list[Varia
             notes.append(f"{config} skipped: {reason}")
             continue
         uses_draft = config in DRAFT_CONFIGS
-        tree = settings.tree if uses_draft and config != "hf-assisted" else None
-        label = f"{config} tree={tree}" if tree else ""
+        ours = uses_draft and config != "hf-assisted"
+        tree = settings.tree if ours else None
+        cap = settings.max_step_tokens if ours else None
+        label = " ".join([config] + ([f"tree={tree}"] if tree else []) + ([f"cap={cap}"] if cap else [])) if tree or cap else ""
         k = (_auto_k(ms, config) if settings.k == "auto" else settings.k) if uses_draft else None
-        variants.append(Variant(config, ms.draft.name if uses_draft else None, k, label, tree))
+        variants.append(Variant(config, ms.draft.name if uses_draft else None, k, label, tree, cap))
     if not variants:
         raise ValueError("no configuration can run with these models; see --modes")
     return variants, notes
@@ -283,7 +293,8 @@ def _auto_k(ms: ModelSet, config: str) -> int:
     return shape.size
 
 
-def _sweep_variants(settings: BenchSettings, ms: ModelSet, drafts: Sequence[str], ks: Sequence[int], trees: Sequence[str] = ()):
+def _sweep_variants(settings: BenchSettings, ms: ModelSet, drafts: Sequence[str], ks: Sequence[int], trees: Sequence[str] = (),
+                    step_caps: Sequence[Optional[int]] = (None,)):
     wanted = list(settings.modes or CONFIGS)
     base = [c for c in wanted if c not in DRAFT_CONFIGS and not _not_applicable(c, ms)]
     for needed in ("ar",):  # speed-ups need the AR baseline
@@ -293,15 +304,16 @@ def _sweep_variants(settings: BenchSettings, ms: ModelSet, drafts: Sequence[str]
     notes = []
     shapes = [(k, None, f"k={k}") for k in ks] + [(None, t, f"tree={t}") for t in trees]
     for name in drafts:
-        for k, tree, what in shapes:
+        for (k, tree, what), cap in itertools.product(shapes, step_caps):
             for config in (c for c in wanted if c in DRAFT_CONFIGS):
-                if tree is not None and config == "hf-assisted":
-                    continue  # HF assisted generation drafts chains only
+                if (tree is not None or cap is not None) and config == "hf-assisted":
+                    continue  # HF assisted generation drafts chains only, uncapped
                 reason = _not_applicable(config, ms, draft=name)
                 if reason:
                     notes.append(f"{config} {name} skipped: {reason}")
                     continue
-                variants.append(Variant(config, name, k if k is not None else settings.k, f"{config} {name} {what}", tree))
+                label = f"{config} {name} {what}" + (f" cap={cap}" if cap is not None else "")
+                variants.append(Variant(config, name, k if k is not None else settings.k, label, tree, cap))
     return variants, sorted(set(notes))
 
 
@@ -534,7 +546,7 @@ class _Runner:
             gen = generate(
                 loaded.model, loaded.tokenizer, [ids], mode=v.config, draft=draft.arg if draft else None,
                 max_new_tokens=s.max_new_tokens, num_draft_tokens=k, max_draft_tokens=max(k, _D.max_draft_tokens),
-                tree=v.tree if draft else None, **sampling,
+                tree=v.tree if draft else None, max_step_tokens=v.step_cap if draft else None, **sampling,
             )[0]
             _sync(device)
             wall = time.perf_counter() - start
@@ -591,6 +603,7 @@ def make_row(runner: _Runner, v: Variant, prompt: Prompt, repeat: int, model: st
         "draft": v.draft,
         "k": v.k,
         "tree": v.tree,
+        "max_step_tokens": v.step_cap,
         "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens,
         "device": runner.ms.device,

@@ -230,3 +230,64 @@ def test_cli_bench_tree_and_sweep_trees(micro_setup, tmp_path):
     assert result.exit_code == 0, result.output
     assert [r["variant"] for r in read_rows(tmp_path / "s.jsonl")] == ["ar", "spec ngram tree=topk:1x2", "spec ngram tree=[[0],[1]]"]
     assert_user_error(run("bench", "--tree", "topk:2", "--out", tmp_path / "x.jsonl"), "unknown tree spec")
+
+
+def test_step_token_cap_cuts_drafts_evenly_and_keeps_every_pending_token():
+    from apar_spec.decoder import Decoder
+    from apar_spec.options import DecodeOptions
+
+    model = micro_model("llama", seed=0)
+    dec = Decoder(model, DecodeOptions(max_step_tokens=7), None, False, {EOS})
+    probs = torch.full((3, VOCAB), 1.0 / VOCAB)
+    prop = Proposal([[1, 2, 3], [4, 5, 6], [7, 8]], [probs, None, None], [[-1, 0, 1], [-1, -1, 0], [-1, 0]])
+    cut = dec.fit_step_budget(prop)
+    # 3 pending tokens + 4 drafts = 7: two each for the first, the rest in order
+    assert cut.tokens == [[1, 2], [4], [7]] and cut.parents == [[-1, 0], [-1], [-1]]
+    assert cut.probs[0].shape == (2, VOCAB) and cut.probs[1:] == [None, None]
+    dec.opts = DecodeOptions(max_step_tokens=2)  # fewer than the branches: pending tokens only
+    assert dec.fit_step_budget(prop).tokens == [[], [], []]
+    dec.opts = DecodeOptions(max_step_tokens=11)  # everything fits: unchanged
+    assert dec.fit_step_budget(prop) is prop
+    with pytest.raises(ValueError, match="max_step_tokens must be >= 1"):
+        DecodeOptions(max_step_tokens=0)
+
+
+@pytest.mark.parametrize("cap", [1, 4, 9])
+def test_step_token_cap_is_lossless_and_drafts_less(cap):
+    model = micro_model("llama", seed=1)
+    tok = micro_tokenizer()
+    proc = fork_processor(3, 3, salt=1)
+    kw = dict(max_new_tokens=3000, max_branch_tokens=20, max_depth=3, logits_processor=proc, batch_size=3)
+    plain = generate(model, tok, PROMPTS, mode="apar", **kw)
+    spec = lambda **extra: generate(model, tok, PROMPTS, mode="apar+spec", tree="topk:2x2",
+                                    draft=DraftModelSpeculator(model, mask_ids=(CHILD,), logits_processor=proc), **kw, **extra)
+    free, capped = spec(), spec(max_step_tokens=cap)
+    for p, f, c in zip(plain, free, capped):
+        assert tree_key(c) == tree_key(p) == tree_key(f)
+    assert sum(g.stats.drafted for g in capped) < sum(g.stats.drafted for g in free)
+    if cap == 1:  # pending tokens only: no drafts, the plain decode's steps
+        assert sum(g.stats.drafted for g in capped) == 0
+        assert [g.stats.target_steps for g in capped] == [g.stats.target_steps for g in plain]
+
+
+def test_bench_and_sweep_carry_the_step_cap(micro_setup, tmp_path):
+    from test_cli import assert_user_error, run
+
+    from apar_spec.experiments.bench import read_rows
+
+    common = ["--target", micro_setup["target"], "--prompts", micro_setup["prompts"], "--max-new-tokens", "8",
+              "--repeats", "1", "--warmup", "0", "--limit", "1"]
+    out = tmp_path / "b.jsonl"
+    result = run("bench", *common, "--draft", micro_setup["draft"], "--modes", "ar,spec", "--max-step-tokens", "2", "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = read_rows(out)
+    assert [r["variant"] for r in rows] == ["ar", "spec cap=2"] and rows[1]["max_step_tokens"] == 2
+    assert rows[1]["output_ids"] == rows[0]["output_ids"] and rows[1]["drafted"] <= rows[1]["target_steps"]
+    result = run("sweep", *common, "--drafts", "ngram", "--ks", "3", "--step-caps", "none,2", "--modes", "ar,spec",
+                 "--out", tmp_path / "s.jsonl")
+    assert result.exit_code == 0, result.output
+    rows = {r["variant"]: r for r in read_rows(tmp_path / "s.jsonl")}
+    assert set(rows) == {"ar", "spec ngram k=3", "spec ngram k=3 cap=2"}
+    assert rows["spec ngram k=3"]["max_step_tokens"] is None and rows["spec ngram k=3 cap=2"]["max_step_tokens"] == 2
+    assert_user_error(run("sweep", *common, "--drafts", "ngram", "--step-caps", "0", "--out", tmp_path / "x.jsonl"), "step caps")
+    assert_user_error(run("bench", *common, "--max-step-tokens", "0", "--out", tmp_path / "y.jsonl"), "max_step_tokens")
