@@ -132,7 +132,8 @@ def _hidden_and_labels(model, tokenizer, rows: list[dict], apar) -> tuple[torch.
 
     hs, ls = [], []
     for r in rows:
-        ex = pack_example(TrainExample(r["prompt"], AnswerTree.from_dict(r["tree"])), tokenizer, apar).truncate(448)
+        tree = AnswerTree.from_dict(r["tree"])
+        ex = pack_example(TrainExample(r["prompt"], tree, r.get("open_end", False)), tokenizer, apar).truncate(448)
         out = model.model(input_ids=ex.input_ids[None], position_ids=ex.position_ids[None],
                           attention_mask=model_attention_mask(ex.attention[None, None], model), use_cache=False)
         keep = ex.labels != IGNORE
@@ -141,7 +142,14 @@ def _hidden_and_labels(model, tokenizer, rows: list[dict], apar) -> tuple[torch.
     return torch.cat(hs), torch.cat(ls)
 
 
-def fit_fork_head_row(apar_dir: Path, data: Path, *, examples: int = 64, steps: int = 300, lr: float = 0.05) -> dict:
+def _spread(rows: list, n: int) -> list:
+    """``n`` rows evenly spaced over ``rows`` (the answer file interleaves prompt kinds by batch)."""
+    if n >= len(rows):
+        return rows
+    return [rows[i * len(rows) // n] for i in range(n)]
+
+
+def fit_fork_head_row(apar_dir: Path, data: Path, *, examples: int = 96, steps: int = 300, lr: float = 0.05) -> dict:
     """Fit the LM-head row of ``[Fork]`` on frozen hidden states (a one-row logistic regression).
 
     Why: after a short LoRA run on 2 cores the fine-tuned model ranks ``[Fork]`` high at
@@ -161,8 +169,9 @@ def fit_fork_head_row(apar_dir: Path, data: Path, *, examples: int = 64, steps: 
     model.eval()
     apar = find_apar_tokens(tokenizer)
     rows = [json.loads(line) for line in data.open(encoding="utf-8") if line.strip()]
-    structured = [r for r in rows if r["structured"]][: examples * 2 // 3]
-    plain = [r for r in rows if not r["structured"]][: examples // 3]
+    # spread over the file, so the unforked third holds short answers (where a fork is wrong) too
+    structured = _spread([r for r in rows if r["structured"]], examples * 2 // 3)
+    plain = _spread([r for r in rows if not r["structured"]], examples // 3)
     h, y = _hidden_and_labels(model, tokenizer, structured + plain, apar)  # [N, H], [N]
     W = model.get_output_embeddings().weight.detach()  # [V, H]
     lse_other = torch.empty(len(h))
