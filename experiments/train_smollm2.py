@@ -183,7 +183,9 @@ def fit_fork_head_row(apar_dir: Path, data: Path, *, examples: int = 96, steps: 
         lse_other[i : i + 512] = torch.logsumexp(lg, dim=-1)
         target_logit[i : i + 512] = lg.gather(1, y[i : i + 512, None])[:, 0]
     is_fork = y == apar.fork_id
-    row = W[apar.fork_id].clone().requires_grad_(True)
+    tensors = load_file(str(apar_dir / "adapter.safetensors"))
+    # start from the tied row the adapter was trained with (not an earlier fit): a rerun repeats the fit
+    row = tensors["token_rows"][0].to(W.dtype).clone().requires_grad_(True)
     opt = torch.optim.Adam([row], lr=lr)
 
     def loss_fn() -> torch.Tensor:
@@ -206,7 +208,6 @@ def fit_fork_head_row(apar_dir: Path, data: Path, *, examples: int = 96, steps: 
         fork_nll = float((lse - f)[is_fork].mean())
         fork_top1 = float(((f[is_fork] > (h[is_fork] @ W.T).index_fill(1, torch.tensor([apar.fork_id, apar.child_id]), float("-inf")).max(-1).values)).float().mean())
         false_fork = float(((f[~is_fork] > target_logit[~is_fork])).float().mean())
-    tensors = load_file(str(apar_dir / "adapter.safetensors"))
     head_rows = tensors["token_rows"].clone()
     head_rows[0] = row.detach().to(head_rows.dtype)  # [Fork]; [Child] keeps its tied row
     tensors["lm_head_rows"] = head_rows.contiguous()
