@@ -14,7 +14,13 @@ Pipeline (each stage resumable from files in ``out``):
    from ``h_t`` (``h_t``'s LM head already gives ``x_{t+1}``). Positions from the
    node that chose the first answer token on, so prompts are read but never learned.
 3. **train** - AdamW on the heads only (the target, its LM head included, frozen),
-   cross-entropy per head weighted ``0.8^i`` (Medusa), through ``accelerate``.
+   cross-entropy per head weighted ``0.8^i`` (Medusa), through ``accelerate``. With a
+   reduced draft vocabulary (``vocab=``, ``drafts/vocab.py``) the softmax runs over
+   those N tokens only, as the heads will propose at ``NAME@N`` (EAGLE-3 trains its
+   draft on a reduced vocabulary too): on a 49k vocabulary the LM head is nearly all
+   of a step, so 8,192 tokens make a step ~5x cheaper and more steps fit the budget.
+   Positions whose token lies outside are not learned (it could never be drafted)
+   but still count as misses in the reported accuracy.
    ``train_state.pt`` is written every ``save_every`` steps; a restart resumes there.
    The result is ``heads.safetensors`` + ``heads.json`` (``drafts/heads.py``).
 """
@@ -153,10 +159,20 @@ def heads_loss(heads, lm_head, h: torch.Tensor, y: torch.Tensor, decay: float) -
     return total, [float(l.detach()) for l in losses]
 
 
+def remap_labels(Y: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Labels ``Y`` (token ids, -100 = none) as columns of a reduced head over ``ids``; outside -> -100."""
+    column = torch.full((vocab_size,), -100, dtype=torch.long)
+    column[ids] = torch.arange(len(ids))
+    return torch.where(Y >= 0, column[Y.clamp(min=0)], torch.full_like(Y, -100))
+
+
 @torch.no_grad()
-def head_accuracy(heads, lm_head, H: torch.Tensor, Y: torch.Tensor) -> list[float]:
-    """Per head: share of positions where its top-1 is the target's token."""
+def head_accuracy(heads, lm_head, H: torch.Tensor, Y: torch.Tensor, ids: Optional[torch.Tensor] = None) -> list[float]:
+    """Per head: share of positions where its top-1 is the target's token (``Y`` in full-vocabulary
+    ids; ``ids``: the reduced head's token of each column, so a token outside it is a miss)."""
     pred = lm_head(heads(H)).argmax(-1)  # [K, N]
+    if ids is not None:
+        pred = ids.to(pred.device)[pred]
     out = []
     for i in range(pred.shape[0]):
         ok = Y[:, i] != -100
@@ -165,8 +181,11 @@ def head_accuracy(heads, lm_head, H: torch.Tensor, Y: torch.Tensor) -> list[floa
 
 
 def train_heads(model, tokenizer, rows: list[dict], out: str | Path, cfg: Optional[HeadsTrainConfig] = None,
-                target_name: str = "?", progress: Optional[ProgressFn] = None) -> dict:
-    """Distill, extract features, train; write heads to ``out``. Returns a small report."""
+                target_name: str = "?", progress: Optional[ProgressFn] = None, vocab=None) -> dict:
+    """Distill, extract features, train; write heads to ``out``. Returns a small report.
+
+    ``vocab``: a ``drafts.vocab.DraftVocab`` to train against (None = the full head).
+    """
     from accelerate import Accelerator
 
     from apar_spec.drafts.heads import DraftHeads, save_heads, target_fingerprint
@@ -194,11 +213,23 @@ def train_heads(model, tokenizer, rows: list[dict], out: str | Path, cfg: Option
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     heads, opt = accelerator.prepare(heads, opt)
     head_fp32 = _float_head(lm_head)
+    Y_full = Y
+    ids = None
+    if vocab is not None:
+        ids = vocab.ids
+        head_fp32 = vocab.head(head_fp32)  # [d] -> [N], float32, frozen
+        Y = remap_labels(Y, ids, lm_head.weight.shape[0])
+        progress(f"reduced vocabulary: {len(ids)} tokens hold {float((Y >= 0).sum() / (Y_full >= 0).sum().clamp(min=1)):.1%} "
+                 "of the heads' targets")
+    train_vocab = None if ids is None else int(len(ids))
     state_path = out / "train_state.pt"
     step = 0
     first_val = None
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
+        if state.get("train_vocab") != train_vocab:
+            raise ValueError(f"{state_path} was trained with vocabulary {state.get('train_vocab') or 'full'}, not "
+                             f"{train_vocab or 'full'}; use another output folder or delete it to start over")
         accelerator.unwrap_model(heads).load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
         step = int(state["step"])
@@ -218,12 +249,12 @@ def train_heads(model, tokenizer, rows: list[dict], out: str | Path, cfg: Option
         step += 1
         if step % cfg.save_every == 0 or step == cfg.steps:
             torch.save({"heads": accelerator.unwrap_model(heads).state_dict(), "opt": opt.state_dict(), "step": step,
-                        "val_loss_start": first_val}, state_path)
+                        "val_loss_start": first_val, "train_vocab": train_vocab}, state_path)
             progress(f"step {step}/{cfg.steps} loss {loss.item():.3f} per head {', '.join(f'{l:.2f}' for l in per_head)}")
     final = accelerator.unwrap_model(heads)
     with torch.no_grad():
         val_loss = heads_loss(final, head_fp32, Hv, Yv, cfg.decay)[0].item()
-        acc = head_accuracy(final, head_fp32, Hv, Yv)
+        acc = head_accuracy(final, head_fp32, Hv, Y_full[val].to(dev), ids)
     n, fp = vocab_fingerprint(tokenizer)
     report = {
         "target": target_name,
@@ -237,6 +268,7 @@ def train_heads(model, tokenizer, rows: list[dict], out: str | Path, cfg: Option
         "positions": int(H.shape[0]),
         "answers": len(rows),
         "steps": cfg.steps,
+        "train_vocab": train_vocab,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     save_heads(final, out, report)

@@ -327,7 +327,7 @@ refuses any other base (weights fingerprint `{json.loads((apar / 'adapter.json')
 
 | | |
 |---|---|
-| data | {d.get('rows', '?')} self-distilled answers of the base to our own prompts ({d.get('list', '?')} list/multi-paragraph, {d.get('short', '?')} short-answer; experiments/smollm2_prompts.py, none close to the eval sets); {d.get('cut', '?')} answers cut back to their last complete block at the 320-token limit, {d.get('dropped', '?')} dropped; restructured: {d.get('structured', '?')} with forks, {d.get('unstructured', '?')} without |
+| data | {d.get('rows', '?')} self-distilled answers of the base to our own prompts ({d.get('list', '?')} list/multi-paragraph, {d.get('short', '?')} short-answer; experiments/smollm2_prompts.py, none close to the eval sets); {d.get('open_end', '?')} answers stopped by the token limit (320 list / 128 short) train no EOS at their end ("open end"; {d.get('cut', '?')} list answers among them cut back to their last complete block, {d.get('dropped', '?')} dropped); short answers never fork; restructured: {d.get('structured', '?')} with forks, {d.get('unstructured', '?')} without |
 | method | LoRA r={f['rank']}, alpha={f['alpha']} on q/k/v/o/gate/up/down of all 30 layers + the `[Fork]`/`[Child]` rows (peft `trainable_token_indices`, tied embedding/LM head); packed answer trees with the tree mask (`apar_spec.train`), 0.5/0.5 structured/unstructured batches |
 | steps | {f['steps']} x batch {f['batch_size']} (max {f['max_len']} nodes), lr {f['lr']} cosine, {f['trained_tokens']:,} trained tokens, {f.get('structured', '?')} structured of {f.get('examples', '?')} examples |
 | final loss | {f['final_loss']:.4f} (mean per-token cross-entropy, last 10% of steps) |
@@ -402,14 +402,24 @@ def stage_heads(answers: Path, work: Path, out: Path, args) -> dict:
         else:
             model, tokenizer = apar_spec.load(target, dtype="float32")
         cfg = HeadsTrainConfig(steps=args.heads_steps)
+        vocab = _heads_vocab(out, args.heads_vocab, model)
         report = train_heads(model, tokenizer, rows, work / f"heads-{target}", cfg, target_name=target,
-                             progress=lambda msg: print(msg, flush=True))
+                             progress=lambda msg: print(msg, flush=True), vocab=vocab)
         dest = out / target
         dest.mkdir(parents=True, exist_ok=True)
         for name in ("heads.json", "heads.safetensors"):
             (dest / name).write_bytes((work / f"heads-{target}" / name).read_bytes())
-        facts[target] = {k: report[k] for k in ("steps", "positions", "val_loss", "val_top1_accuracy", "seconds")}
+        facts[target] = {k: report[k] for k in ("steps", "positions", "val_loss", "val_top1_accuracy", "train_vocab", "seconds")}
     return facts
+
+
+def _heads_vocab(out: Path, size: int, model):
+    """The reduced vocabulary the heads train against: the top ``size`` of the heads' own
+    ranking (``vocab.json``, written by the vocab stage; the shipped one when this run has none)."""
+    from apar_spec.drafts.vocab import VOCAB_FILE, load_vocab
+
+    folder = out if (out / VOCAB_FILE).exists() else MODELS_DIR / "smollm2-heads"
+    return load_vocab(folder, size, model.get_output_embeddings().weight.shape[0], "smollm2-heads")
 
 
 VOCAB_SIZES = (2048, 4096, 8192, 16384, 32768)
@@ -467,7 +477,9 @@ def main(argv=None) -> None:
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpointed; rerun resumes)")
     ap.add_argument("--draft-steps", type=int, default=400)
     ap.add_argument("--draft-lr", type=float, default=2e-3)
-    ap.add_argument("--heads-steps", type=int, default=600)
+    ap.add_argument("--heads-steps", type=int, default=2000)
+    ap.add_argument("--heads-vocab", type=int, default=8192,
+                    help="train the heads against the N most frequent tokens (what smollm2-heads@N proposes from)")
     ap.add_argument("--heads-targets", nargs="*", default=["smollm2-apar"],
                     help="targets to train heads for (the shipped smollm2 base heads came from an earlier run)")
     args = ap.parse_args(argv)

@@ -128,6 +128,46 @@ def test_head_training_reduces_the_heads_loss(tmp_path):
     assert json.loads((tmp_path / "h" / "heads.json").read_text())["val_loss_start"] == rep["val_loss_start"]
 
 
+def test_remap_labels_to_a_reduced_head():
+    from apar_spec.train_heads import remap_labels
+
+    Y = torch.tensor([[5, -100], [2, 9]])
+    assert remap_labels(Y, torch.tensor([9, 5]), 12).tolist() == [[1, -100], [-100, 0]]
+
+
+def test_heads_train_on_a_reduced_vocabulary_and_count_outside_tokens_as_misses(tmp_path):
+    from apar_spec.drafts.vocab import DraftVocab
+    from apar_spec.train_heads import features, head_accuracy
+
+    torch.manual_seed(0)
+    model, tok = micro_model("llama", seed=9, dtype=torch.float32), micro_tokenizer()
+    rows = [{"prompt": f"w{5 + i % 20} w{6 + i % 13} w{7 + i % 7}"} for i in range(24)]
+    cfg = HeadsTrainConfig(num_heads=2, steps=60, batch_size=64, lr=3e-3, max_new_tokens=24, gen_batch_size=8, save_every=30)
+    full = train_heads(model, tok, rows, tmp_path / "full", cfg, target_name="micro")
+    seqs = [json.loads(line) for line in (tmp_path / "full" / "distill.jsonl").read_text().splitlines()]
+    assert seqs  # the distilled answers the reduced run reuses below (same prompts, same model)
+    V = model.get_output_embeddings().weight.shape[0]
+    ids = torch.arange(V // 2)  # half the vocabulary: some targets fall outside
+    msgs = []
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "distill.jsonl").write_text((tmp_path / "full" / "distill.jsonl").read_text())
+    half = train_heads(model, tok, rows, tmp_path / "half", cfg, target_name="micro", progress=msgs.append, vocab=DraftVocab(ids))
+    assert half["train_vocab"] == V // 2 and full["train_vocab"] is None
+    assert any("reduced vocabulary" in m for m in msgs)
+    assert half["val_loss"] < 0.9 * half["val_loss_start"]
+    # accuracy in full ids: a head that only knows the first half can never hit a token of the second half
+    heads = load_heads(tmp_path / "half", model)
+    sequences = [(list(ids_), int(first)) for r in seqs for ids_, first in r["sequences"]]
+    H, Y = features(model, sequences, 2)
+    outside = float(((Y >= V // 2) & (Y >= 0)).sum() / (Y >= 0).sum())
+    assert outside > 0.05  # the check below can fail
+    acc = head_accuracy(heads, DraftVocab(ids).head(model.get_output_embeddings()), H, Y, ids)
+    assert all(a <= 1 - outside + 1e-6 for a in acc)
+    cfg_more = HeadsTrainConfig(num_heads=2, steps=70, batch_size=64, lr=3e-3, max_new_tokens=24, gen_batch_size=8, save_every=30)
+    with pytest.raises(ValueError, match=f"trained with vocabulary {V // 2}, not full"):
+        train_heads(model, tok, rows, tmp_path / "half", cfg_more, target_name="micro")
+
+
 def test_cli_train_heads_and_its_bad_input(tmp_path):
     from test_bench import save_micro
     from test_cli import assert_user_error, run
