@@ -51,6 +51,8 @@ def train_heads(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Per distilled answer.")] = _D.max_new_tokens,
     seed: Annotated[int, typer.Option("--seed")] = _D.seed,
     mode: Annotated[str, typer.Option("--mode", help="Distil answers in apar or ar mode (auto: apar iff the tokenizer has [Fork]).")] = _D.mode,
+    vocab: Annotated[int, typer.Option("--vocab", help="Train against the N most frequent tokens only (what NAME@N drafts from; 0 = every token).")] = 0,
+    vocab_from: Annotated[Path | None, typer.Option("--vocab-from", help="Folder holding the token ranking vocab.json (default: the parent of --out, where the registry looks).")] = None,
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (0 = leave as is).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -64,9 +66,18 @@ def train_heads(
         torch.set_num_threads(threads)
     cfg = HeadsTrainConfig(num_heads=num_heads, steps=steps, batch_size=batch_size, lr=lr, max_new_tokens=max_new_tokens, seed=seed, mode=mode)
     rows = read_rows(data)
+    ranking_dir = vocab_from or out.parent
+    if vocab < 0:
+        raise ValueError(f"--vocab must be >= 0 (got {vocab}); 0 trains against every token")
+    if vocab and not (ranking_dir / "vocab.json").is_file():
+        raise ValueError(f"--vocab {vocab} needs a token ranking at {ranking_dir / 'vocab.json'} "
+                         "(drafts/vocab.py save_ranking); pass --vocab-from FOLDER or drop --vocab")
     model, tokenizer = load(target)
+    from apar_spec.drafts.vocab import load_vocab
+
+    reduced = load_vocab(ranking_dir, vocab or None, model.get_output_embeddings().weight.shape[0], str(out)) if vocab else None
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not as_json else None
-    report = train_fn(model, tokenizer, rows, out, cfg, target_name=target, progress=progress)
+    report = train_fn(model, tokenizer, rows, out, cfg, target_name=target, progress=progress, vocab=reduced)
     if as_json:
         print_json(report)
         return

@@ -183,6 +183,18 @@ def test_cli_train_heads_and_its_bad_input(tmp_path):
     data.write_text('{"prompt": ""}\n')
     assert_user_error(run("train-heads", "--target", target, "--data", str(data), "--out", str(out)), "line 1", "prompt")
     assert_user_error(run("train-heads", "--target", target, "--data", "corpus:x", "--out", str(out)), "corpus:N")
+    data.write_text("".join(json.dumps({"prompt": f"w{5 + i} w{9 + i}"}) + "\n" for i in range(6)))
+    reduced = tmp_path / "ranked" / "h"
+    assert_user_error(run("train-heads", "--target", target, "--data", str(data), "--out", str(reduced), "--vocab", "16"),
+                      "vocab.json", "--vocab-from")
+    from apar_spec.drafts.vocab import save_ranking
+
+    reduced.parent.mkdir()
+    save_ranking(reduced.parent, list(range(63, -1, -1)), {})
+    result = run("train-heads", "--target", target, "--data", str(data), "--out", str(reduced), "--steps", "4",
+                 "--heads", "2", "--max-new-tokens", "8", "--batch-size", "16", "--vocab", "16", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((reduced / "heads.json").read_text())["train_vocab"] == 16
 
 
 def test_tree_cache_hidden_path_gives_the_plain_logits():
