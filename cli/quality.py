@@ -31,12 +31,17 @@ def quality(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSONL rows, one per prompt (resumed when present).")] = None,
     sides: Annotated[Optional[Path], typer.Option("--sides", help="Write a markdown file with 10 side-by-side answers here.")] = None,
     ar_only: Annotated[bool, typer.Option("--ar-only", help="Only the base's AR answers (cached next to --out; the APAR pass reuses them).")] = False,
+    control_dtype: Annotated[Optional[str], typer.Option("--control-dtype", help="Also decode the base in this precision (e.g. float32): the NLL ratio of an answer of unchanged quality.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Batched quality pass of an APAR model against its base (greedy)."""
     import torch
 
     from apar_spec.experiments.quality import run_quality
+    from apar_spec.loading import resolve_dtype
+
+    if control_dtype is not None:
+        resolve_dtype(control_dtype)  # a bad name fails before any decoding
 
     if threads:
         torch.set_num_threads(threads)
@@ -49,7 +54,7 @@ def quality(
         console.print(f"quality: {done}/{total} prompts", markup=False)
 
     summary = run_quality(target, base, ps, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
-                          out=out, sides=sides, ar_only=ar_only, progress=progress)
+                          out=out, sides=sides, ar_only=ar_only, control_dtype=control_dtype, progress=progress)
     if as_json:
         print_json({"dtype": summary.dtype, "wall_s": summary.wall_s, "by_category": summary.by_category,
                     "rows": [{k: v for k, v in r.items() if not k.endswith("_text")} for r in summary.rows]})
@@ -60,11 +65,11 @@ def quality(
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
     table = Table("category", "prompts", "fork rate", "steps APAR/AR", "NLL AR", "NLL APAR", "NLL ratio", "well-formed",
-                  "both complete", "ratio (complete)", "ratio (unforked)", "repeated 4-grams AR/APAR",
+                  "both complete", "ratio (complete)", "ratio (unforked)", "control ratio", "repeated 4-grams AR/APAR",
                   title=f"{target} vs {base}, greedy, {summary.dtype}", header_style="bold")
     for c, s in summary.by_category.items():
         table.add_row(c, str(s["prompts"]), fmt(s["fork_rate"], ".0%"), fmt(s["steps_ratio"]), fmt(s["nll_ar"], ".3f"),
                       fmt(s["nll_apar"], ".3f"), fmt(s["nll_ratio"], ".3f"), fmt(s["well_formed_rate"], ".0%"),
-                      str(s["complete"]), fmt(s["nll_ratio_complete"], ".3f"), fmt(s["nll_ratio_unforked"], ".3f"),
+                      str(s["complete"]), fmt(s["nll_ratio_complete"], ".3f"), fmt(s["nll_ratio_unforked"], ".3f"), fmt(s["nll_ratio_control"], ".3f"),
                       f"{fmt(s['repeat4_ar'], '.0%')} / {fmt(s['repeat4_apar'], '.0%')}")
     console.print(table)

@@ -141,6 +141,12 @@ def _ratio(rs: list[dict]) -> float:
     return statistics.mean(r["nll_apar"] for r in ok) / statistics.mean(r["nll_ar"] for r in ok) if ok else math.nan
 
 
+def _control_ratio(rs: list[dict]) -> float:
+    """Mean NLL of the base's control answers (another precision) over that of its AR answers."""
+    ok = [r for r in _scored(rs) if r.get("nll_control") is not None and not math.isnan(r["nll_control"])]
+    return statistics.mean(r["nll_control"] for r in ok) / statistics.mean(r["nll_ar"] for r in ok) if ok else math.nan
+
+
 def summarize(rows: list[dict]) -> dict[str, dict]:
     """Per category, per named group (``groups``) and ``all``.
 
@@ -149,7 +155,8 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
     answers ended before the token budget (``nll_ratio_complete``: a budget-cut APAR answer
     has several branches cut mid-sentence, the AR answer only its end), over answers that
     did not fork (``nll_ratio_unforked``: what fine-tuning alone moved), and the repetition
-    of each side (``repeat4_*``).
+    of each side (``repeat4_*``); ``nll_ratio_control`` is the ratio of the base's own
+    answers in another precision (``run_quality(control_dtype=...)``; NaN without them).
     """
     cats: dict[str, list[dict]] = {}
     for r in rows:
@@ -176,6 +183,7 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
             "complete": len(complete),
             "nll_ratio_complete": _ratio(complete),
             "nll_ratio_unforked": _ratio([r for r in rs if not r["forked"]]),
+            "nll_ratio_control": _control_ratio(rs),
             "repeat4_ar": statistics.mean(repeated_4grams(r.get("ar_text", "")) for r in rs),
             "repeat4_apar": statistics.mean(repeated_4grams(r.get("apar_text", "")) for r in rs),
         }
@@ -207,6 +215,7 @@ def run_quality(
     sides: Optional[Path] = None,
     sides_count: int = 10,
     ar_only: bool = False,
+    control_dtype: Optional[str] = None,
     progress=None,
 ) -> QualitySummary:
     """Greedy base AR and target APAR answers for every prompt (batched), then NLL under the base.
@@ -214,6 +223,12 @@ def run_quality(
     Two resumable phases: the base's AR answers (+ their NLL) go to ``<out>.ar.jsonl``,
     which does not depend on the APAR model, so it can run before training ends
     (``ar_only``); the APAR answers and the per-prompt rows go to ``out``.
+
+    ``control_dtype`` (e.g. ``"float32"``) adds a control for the NLL ratio: the base's own
+    greedy answers decoded again in that precision (``<out>.control.jsonl``, resumable),
+    judged like the others. They are the same model's answers, differing only where
+    rounding flips a near-tie, so their ratio (``nll_ratio_control``) is what the metric
+    gives an answer of unchanged quality.
     """
     import apar_spec
 
@@ -229,26 +244,21 @@ def run_quality(
     ar_todo = [p for p in prompts if p.id not in ar_done and p.id not in done]
     if ar_todo:
         bm, bt = apar_spec.load(base, dtype=dtype)
-        b_loaded = Loaded(short_name(base), bm, bt)
-        f = ar_path.open("a", encoding="utf-8") if ar_path is not None else None
-        try:
-            for start in range(0, len(ar_todo), batch_size):
-                chunk = ar_todo[start : start + batch_size]
-                b_ids = [encode_prompt(b_loaded, p.text) for p in chunk]
-                ar = apar_spec.generate(bm, bt, b_ids, mode="ar", max_new_tokens=max_new_tokens, batch_size=len(chunk))
-                nll = mean_nll(bm, bt, b_ids, [g.text for g in ar])
-                for p, a, n in zip(chunk, ar, nll):
-                    r = {"prompt_id": p.id, "base": b_loaded.name, "max_new_tokens": max_new_tokens,
-                         "ar_steps": a.stats.target_steps, "ar_tokens": a.stats.tokens_generated, "nll_ar": n, "ar_text": a.text}
-                    ar_done[p.id] = r
-                    if f is not None:
-                        f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                        f.flush()
-                if progress:
-                    progress(len(ar_done), len(prompts))
-        finally:
-            if f is not None:
-                f.close()
+        _base_answers(bm, bt, bm, ar_todo, ar_path, ar_done, "ar", short_name(base), max_new_tokens, batch_size,
+                      lambda n: progress(n, len(prompts)) if progress else None)
+    control: dict[str, dict] = {}
+    if control_dtype is not None:
+        ctl_path = out.with_suffix(".control.jsonl") if out is not None else None
+        control = {str(r["prompt_id"]): r for r in _read_jsonl(ctl_path) if r.get("base") == short_name(base)
+                   and r.get("max_new_tokens") == max_new_tokens and r.get("dtype") == control_dtype}
+        ctl_todo = [p for p in prompts if p.id not in control]
+        if ctl_todo:
+            if bm is None:
+                bm, bt = apar_spec.load(base, dtype=dtype)
+            cm, ct = apar_spec.load(base, dtype=control_dtype)
+            _base_answers(cm, ct, bm, ctl_todo, ctl_path, control, "control", short_name(base), max_new_tokens, batch_size,
+                          None, extra={"dtype": control_dtype})
+            del cm
     rows = [done[p.id] for p in prompts if p.id in done]
     todo = [] if ar_only else [p for p in prompts if p.id not in done]
     if todo:
@@ -290,10 +300,45 @@ def run_quality(
                 f.close()
     order = {p.id: i for i, p in enumerate(prompts)}
     rows.sort(key=lambda r: order.get(str(r["prompt_id"]), 0))
+    for r in rows:
+        if str(r["prompt_id"]) in control:
+            r["nll_control"] = control[str(r["prompt_id"])]["nll_control"]
     if sides is not None and rows:
         write_sides(rows, sides, sides_count)
     dtype_name = rows[0]["dtype"] if rows else dtype
     return QualitySummary(rows, summarize(rows) if rows else {}, time.perf_counter() - t0, dtype_name)
+
+
+def _base_answers(model, tokenizer, judge, prompts: list[Prompt], path: Optional[Path], done: dict, prefix: str,
+                  base_name: str, max_new_tokens: int, batch_size: int, progress=None, extra: Optional[dict] = None) -> None:
+    """Greedy AR answers of ``model`` (the base, in some precision), their NLL under ``judge``;
+    rows (``<prefix>_steps``, ``<prefix>_tokens``, ``nll_<prefix>``, ``<prefix>_text``) are
+    appended to ``path`` batch by batch and put in ``done``."""
+    import apar_spec
+
+    from .models import Loaded, encode_prompt
+
+    loaded = Loaded(base_name, model, tokenizer)
+    f = path.open("a", encoding="utf-8") if path is not None else None
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            ids = [encode_prompt(loaded, p.text) for p in chunk]
+            gens = apar_spec.generate(model, tokenizer, ids, mode="ar", max_new_tokens=max_new_tokens, batch_size=len(chunk))
+            nll = mean_nll(judge, tokenizer, ids, [g.text for g in gens])
+            for p, g, n in zip(chunk, gens, nll):
+                r = {"prompt_id": p.id, "base": base_name, "max_new_tokens": max_new_tokens, **(extra or {}),
+                     f"{prefix}_steps": g.stats.target_steps, f"{prefix}_tokens": g.stats.tokens_generated,
+                     f"nll_{prefix}": n, f"{prefix}_text": g.text}
+                done[p.id] = r
+                if f is not None:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                    f.flush()
+            if progress:
+                progress(len(done))
+    finally:
+        if f is not None:
+            f.close()
 
 
 def write_sides(rows: list[dict], path: Path, count: int = 10) -> Path:
