@@ -110,19 +110,27 @@ def test_an_apar_model_and_its_base_get_their_own_heads_by_vocabulary_size(tmp_p
     assert pick_folder(tmp_path / "two", apar).name == "base-apar"
 
 
-def test_head_training_reduces_the_heads_loss(tmp_path):
+def micro_training_setup():
+    """A float32 micro target, its tokenizer and 24 training prompts (seeded)."""
     torch.manual_seed(0)
     model, tok = micro_model("llama", seed=9, dtype=torch.float32), micro_tokenizer()
-    rows = [{"prompt": f"w{5 + i % 20} w{6 + i % 13} w{7 + i % 7}"} for i in range(24)]
-    cfg = HeadsTrainConfig(num_heads=2, steps=60, batch_size=64, lr=3e-3, max_new_tokens=24, gen_batch_size=8, save_every=30)
+    return model, tok, [{"prompt": f"w{5 + i % 20} w{6 + i % 13} w{7 + i % 7}"} for i in range(24)]
+
+
+def micro_heads_config(steps: int) -> HeadsTrainConfig:
+    return HeadsTrainConfig(num_heads=2, steps=steps, batch_size=64, lr=3e-3, max_new_tokens=24, gen_batch_size=8, save_every=30)
+
+
+def test_head_training_reduces_the_heads_loss(tmp_path):
+    model, tok, rows = micro_training_setup()
+    cfg = micro_heads_config(steps=60)
     rep = train_heads(model, tok, rows, tmp_path / "h", cfg, target_name="micro")
     assert rep["val_loss"] < 0.9 * rep["val_loss_start"]
     assert (tmp_path / "h" / "heads.safetensors").is_file() and (tmp_path / "h" / "distill.jsonl").is_file()
     # resume: a second run with more steps continues from the saved state, distillation is not redone
     lines = (tmp_path / "h" / "distill.jsonl").read_text()
     msgs = []
-    cfg2 = HeadsTrainConfig(num_heads=2, steps=70, batch_size=64, lr=3e-3, max_new_tokens=24, gen_batch_size=8, save_every=30)
-    train_heads(model, tok, rows, tmp_path / "h", cfg2, target_name="micro", progress=msgs.append)
+    train_heads(model, tok, rows, tmp_path / "h", micro_heads_config(steps=70), target_name="micro", progress=msgs.append)
     assert (tmp_path / "h" / "distill.jsonl").read_text() == lines
     assert any("resumed at step 60" in m for m in msgs)
     assert json.loads((tmp_path / "h" / "heads.json").read_text())["val_loss_start"] == rep["val_loss_start"]
@@ -139,10 +147,8 @@ def test_heads_train_on_a_reduced_vocabulary_and_count_outside_tokens_as_misses(
     from apar_spec.drafts.vocab import DraftVocab
     from apar_spec.train_heads import features, head_accuracy
 
-    torch.manual_seed(0)
-    model, tok = micro_model("llama", seed=9, dtype=torch.float32), micro_tokenizer()
-    rows = [{"prompt": f"w{5 + i % 20} w{6 + i % 13} w{7 + i % 7}"} for i in range(24)]
-    cfg = HeadsTrainConfig(num_heads=2, steps=60, batch_size=64, lr=3e-3, max_new_tokens=24, gen_batch_size=8, save_every=30)
+    model, tok, rows = micro_training_setup()
+    cfg = micro_heads_config(steps=60)
     full = train_heads(model, tok, rows, tmp_path / "full", cfg, target_name="micro")
     seqs = [json.loads(line) for line in (tmp_path / "full" / "distill.jsonl").read_text().splitlines()]
     assert seqs  # the distilled answers the reduced run reuses below (same prompts, same model)
@@ -163,9 +169,8 @@ def test_heads_train_on_a_reduced_vocabulary_and_count_outside_tokens_as_misses(
     assert outside > 0.05  # the check below can fail
     acc = head_accuracy(heads, DraftVocab(ids).head(model.get_output_embeddings()), H, Y, ids)
     assert all(a <= 1 - outside + 1e-6 for a in acc)
-    cfg_more = HeadsTrainConfig(num_heads=2, steps=70, batch_size=64, lr=3e-3, max_new_tokens=24, gen_batch_size=8, save_every=30)
     with pytest.raises(ValueError, match=f"trained with vocabulary {V // 2}, not full"):
-        train_heads(model, tok, rows, tmp_path / "half", cfg_more, target_name="micro")
+        train_heads(model, tok, rows, tmp_path / "half", micro_heads_config(steps=70), target_name="micro")
 
 
 def test_cli_train_heads_and_its_bad_input(tmp_path):
