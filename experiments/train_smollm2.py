@@ -467,7 +467,7 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=Path("smol_runs"), help="answers, converted data, checkpoints")
     ap.add_argument("--out", type=Path, default=MODELS_DIR, help="where smollm2-apar/ and smollm2-draft/ go")
     ap.add_argument("--threads", type=int, default=1, help="1 on a shared machine (OpenMP spin-waits), 2 when idle")
-    ap.add_argument("--only", nargs="*", choices=("answers", "convert", "apar", "forkrow", "draft", "heads", "vocab"))
+    ap.add_argument("--only", nargs="*", choices=("answers", "convert", "apar", "forkrow", "draft", "vocab", "heads"))
     ap.add_argument("--limit", type=int, default=None, help="answer only the first N prompts (quick runs)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -487,7 +487,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    stages = set(args.only or ("answers", "convert", "apar", "forkrow", "draft", "heads", "vocab"))
+    stages = set(args.only or ("answers", "convert", "apar", "forkrow", "draft", "vocab", "heads"))
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     answers, clean, data = work / "answers.jsonl", work / "answers_clean.jsonl", work / "apar.jsonl"
@@ -516,12 +516,12 @@ def main(argv=None) -> None:
     if "draft" in stages:
         facts = stage_draft(work, data, args.out / "smollm2-draft", args.out / "smollm2-apar", args)
         print(f"smollm2-draft: step {facts['steps']}/{args.draft_steps}, loss {facts['final_loss']:.4f}", flush=True)
+    if "vocab" in stages:  # before the heads: they train against this run's ranking
+        facts = stage_vocab(clean, [args.out / "smollm2-draft", args.out / "smollm2-heads"])
+        print(f"draft vocabulary: {facts}", flush=True)
     if "heads" in stages:
         facts = stage_heads(answers, work, args.out / "smollm2-heads", args)
         print(f"smollm2-heads: {facts}", flush=True)
-    if "vocab" in stages:
-        facts = stage_vocab(clean, [args.out / "smollm2-draft", args.out / "smollm2-heads"])
-        print(f"draft vocabulary: {facts}", flush=True)
     write_cards(args.out)
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
 
