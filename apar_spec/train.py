@@ -342,8 +342,8 @@ def model_attention_mask(mask: torch.Tensor, model) -> torch.Tensor:
     return mask
 
 
-def summed_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
-    """Token-summed cross-entropy over labelled nodes (no shift: labels are per predicting node)."""
+def _batch_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits of every node of ``batch`` under its tree mask, at least float32. [B, L, V]"""
     logits = model(
         input_ids=batch.input_ids,
         attention_mask=model_attention_mask(batch.attention_mask, model),
@@ -352,8 +352,90 @@ def summed_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
     ).logits  # [B, L, V]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # the softmax over the vocabulary wants full precision
-    loss = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, int((batch.labels != IGNORE).sum())
+    return logits
+
+
+@dataclass
+class Distill:
+    """Knowledge distillation from a teacher, mixed into the loss (``train(distill=...)``).
+
+    Why: training on a model's own *greedy* answers with hard labels sharpens it and
+    drifts it away from its own distribution on other prompts (measured on SmolLM2: the
+    fine-tune's answers to public prompts cost 1.4-1.6x the base's per-token NLL under
+    the base; Medusa-2 reports the same for self-distilled data and trains on the
+    teacher's distribution instead). At every ordinary node the loss is
+    ``(1 - weight) * CE(label) + weight * KL(teacher || student)``. Structural nodes keep
+    plain CE, because there the teacher (which never saw ``[Fork]``) has nothing to
+    teach: nodes whose label is ``[Fork]``/``[Child]``/EOS or whose input is
+    ``[Fork]``/``[Child]`` (a child's first token, a parent's next title after a fork).
+    The teacher never proposes the APAR tokens (their columns are masked), so ordinary
+    nodes also learn not to fork. ``hard_after`` extends the CE-only zone to the next
+    nodes of the same branch (a parent's ``"\n2."`` after a fork, which the teacher,
+    seeing a title with no details after it, would rather fill with details). In a
+    packed row a branch's nodes are contiguous, so "the next nodes" are the next columns.
+    """
+
+    weight: float
+    teacher: Any  # callable: Batch -> logits [B, L, V_teacher] (V_teacher <= V)
+    hard_labels: tuple[int, ...]  # labels that train with CE only
+    hard_inputs: tuple[int, ...]  # input tokens whose node trains with CE only
+    never: tuple[int, ...]  # token ids the teacher gives no probability
+    hard_after: int = 0  # nodes after a hard input that train with CE only too
+
+
+def summed_loss(model, batch: Batch, distill: Distill | None = None) -> tuple[torch.Tensor, int]:
+    """Token-summed loss over labelled nodes (no shift: labels are per predicting node).
+
+    Plain cross-entropy, or with ``distill`` the CE/KL mix described in :class:`Distill`.
+    """
+    logits = _batch_logits(model, batch)  # [B, L, V]
+    if distill is None or distill.weight == 0.0:
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        return loss, int((batch.labels != IGNORE).sum())
+    keep = batch.labels != IGNORE  # [B, L]
+    student = logits[keep]  # [N, V]
+    labels = batch.labels[keep]  # [N]
+    with torch.no_grad():
+        teacher = distill.teacher(batch).to(student.dtype)[keep]  # [N, Vt]
+        if teacher.shape[-1] < student.shape[-1]:  # tokens added to the student: the teacher has no row for them
+            teacher = F.pad(teacher, (0, student.shape[-1] - teacher.shape[-1]), value=float("-inf"))
+        if distill.never:
+            teacher[:, list(distill.never)] = float("-inf")
+        log_pt = F.log_softmax(teacher, dim=-1)  # [N, V]
+    log_ps = F.log_softmax(student, dim=-1)  # [N, V]
+    ce = F.nll_loss(log_ps, labels, reduction="none")  # [N]
+    kl = (log_pt.exp() * (log_pt - log_ps)).nan_to_num(0.0).sum(-1)  # [N]; 0 * -inf -> 0 where the teacher gives 0
+    hard_in = torch.isin(batch.input_ids, torch.tensor(distill.hard_inputs, device=labels.device))  # [B, L]
+    zone = hard_in.clone()
+    for j in range(1, distill.hard_after + 1):  # the next j columns of the same row
+        zone[:, j:] |= hard_in[:, :-j]
+    hard = torch.isin(labels, torch.tensor(distill.hard_labels, device=labels.device)) | zone[keep]  # [N]
+    w = distill.weight
+    per_node = torch.where(hard, ce, (1.0 - w) * ce + w * kl)
+    return per_node.sum(), int(keep.sum())
+
+
+def adapter_off_teacher(model):
+    """The model itself with its (peft) adapter switched off: the base as teacher, no second copy."""
+    inner = getattr(model, "module", model)
+    if not hasattr(inner, "disable_adapter"):
+        raise ValueError("distill needs a teacher: pass teacher=<model>, or train a peft model (its base is the teacher)")
+
+    def run(batch: Batch) -> torch.Tensor:
+        with inner.disable_adapter():
+            return _batch_logits(inner, batch)
+
+    return run
+
+
+def model_teacher(teacher):
+    """A separate teacher model (its vocabulary may lack the tokens added to the student)."""
+    teacher.eval()
+
+    def run(batch: Batch) -> torch.Tensor:
+        return _batch_logits(teacher, batch.to(next(teacher.parameters()).device))
+
+    return run
 
 
 # --------------------------------------------------------------------------- data
@@ -541,6 +623,9 @@ def train(
     mixed_precision: str = "no",
     stop_after: int | None = None,
     share_rows: bool = True,
+    distill: float = 0.0,
+    teacher=None,
+    distill_hard_after: int = 3,
 ) -> TrainReport:
     """Train ``model`` on answer trees (``mode="apar"``) or sequential answers (``mode="plain"``).
 
@@ -559,6 +644,9 @@ def train(
     ``stop_after=n`` stops after step ``n`` with a checkpoint and no final model (for
     time-limited jobs, and to test resuming); the schedule still spans ``steps``.
     ``share_rows`` lets short examples share a padded row (same loss, less compute).
+    ``distill`` (0..1) mixes a KL term towards ``teacher`` into the loss at ordinary nodes
+    (see :class:`Distill`; ``distill_hard_after`` is its ``hard_after``); the teacher
+    defaults to the model with its peft adapter off, i.e. the base being fine-tuned.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -568,6 +656,8 @@ def train(
         raise ValueError(f"schedule must be 'cosine' or 'linear', not {schedule!r}")
     if not 0.0 <= mix_ratio <= 1.0:
         raise ValueError(f"mix_ratio must be in [0, 1], got {mix_ratio}")
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"distill must be in [0, 1], got {distill}")
     examples = read_examples(data, mode=mode, max_depth=max_depth)  # fail on bad data before loading a model
     out_dir = Path(out_dir)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoint"
@@ -638,6 +728,17 @@ def train(
         accelerator.print(f"resuming from {ckpt_dir} at step {start_step}")
 
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    distiller = None
+    if distill > 0.0:
+        special = (apar.fork_id, apar.child_id) if apar is not None else ()
+        distiller = Distill(
+            weight=distill,
+            teacher=model_teacher(teacher) if teacher is not None else adapter_off_teacher(model),
+            hard_labels=special + (tokenizer.eos_token_id,),
+            hard_inputs=special,
+            never=special,
+            hard_after=distill_hard_after,
+        )
 
     def save_checkpoint(step: int) -> None:
         accelerator.wait_for_everyone()
@@ -661,7 +762,7 @@ def train(
             chosen = [pools[pool][i] for pool, i in batches.indices(step)]
             batch = collate(chosen, tokenizer.pad_token_id, share_rows=share_rows).to(accelerator.device)
             with accelerator.autocast():
-                loss_sum, n_tok = summed_loss(model, batch)
+                loss_sum, n_tok = summed_loss(model, batch, distiller)
             loss = loss_sum / max(n_tok, 1)
             accelerator.backward(loss)
             if grad_clip:

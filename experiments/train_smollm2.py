@@ -106,6 +106,7 @@ def stage_apar(work: Path, data: Path, out: Path, args) -> dict:
         model, data, work / "apar-train", tokenizer=tokenizer, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, weight_decay=0.0, mix_ratio=0.5, max_len=args.max_len, resume=True, save_every=args.save_every,
         log_every=5, warmup_steps=max(1, args.steps // 20), stop_after=args.stop_after, keep_checkpoint=True,
+        distill=args.distill,
     )
     facts = {
         "steps": report.steps, "batch_size": args.batch_size, "lr": args.lr, "rank": args.rank, "alpha": args.alpha,
@@ -113,7 +114,7 @@ def stage_apar(work: Path, data: Path, out: Path, args) -> dict:
         "wall_time_s": report.wall_time_s, "trained_tokens": report.trained_tokens,
         "examples": report.num_examples, "structured": report.num_structured, "truncated": report.num_truncated,
         "threads": torch.get_num_threads(), "dtype": "bfloat16 base (frozen), float32 LoRA",
-        "resumed_from": report.start_step,
+        "resumed_from": report.start_step, "distill": args.distill,
     }
     if report.steps < args.steps:
         return facts
@@ -475,6 +476,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=448)
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="weight of KL to the base (adapter off) at ordinary nodes; structural nodes keep CE")
     ap.add_argument("--save-every", type=int, default=20)
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpointed; rerun resumes)")
     ap.add_argument("--draft-steps", type=int, default=400)

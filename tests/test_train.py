@@ -278,3 +278,114 @@ def test_resume_with_other_trainable_parameters_is_a_one_line_error(tmp_path, to
     with pytest.raises(ValueError, match="another set of trainable parameters") as err:
         train(model, micro_rows(4), tmp_path / "part", resume=True, **kw)
     assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+def _distill_case(tokenizer):
+    """A packed fruit tree + a plain answer, and the labelled nodes' (label, input) pairs."""
+    apar = find_apar_tokens(tokenizer)
+    prompt_ids = tokenizer(format_prompt("Name three fruits."), add_special_tokens=False)["input_ids"]
+    batch = collate([pack_tree(prompt_ids, fruit_tree(), tokenizer, apar), pack_plain(prompt_ids, "Just words.", tokenizer)],
+                    tokenizer.pad_token_id)
+    return apar, batch
+
+
+def _reference_distill(student, teacher, batch, weight, hard_labels, hard_inputs, never, hard_after=0):
+    """Node by node, in float64: CE at structural nodes, (1-w) CE + w KL elsewhere."""
+    with torch.no_grad():
+        s_all = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+        t_all = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    total = 0.0
+    for b in range(batch.labels.shape[0]):
+        for i in range(batch.labels.shape[1]):
+            y = int(batch.labels[b, i])
+            if y == IGNORE:
+                continue
+            log_ps = torch.log_softmax(s_all[b, i].double(), -1)
+            t = torch.full_like(log_ps, float("-inf"))
+            t[: t_all.shape[-1]] = t_all[b, i].double()
+            t[list(never)] = float("-inf")
+            log_pt = torch.log_softmax(t, -1)
+            ce = -float(log_ps[y])
+            finite = torch.isfinite(log_pt)
+            kl = float((log_pt[finite].exp() * (log_pt[finite] - log_ps[finite])).sum())
+            recent = batch.input_ids[b, max(0, i - hard_after) : i + 1].tolist()
+            if y in hard_labels or any(t in hard_inputs for t in recent):
+                total += ce
+            else:
+                total += (1 - weight) * ce + weight * kl
+    return total
+
+
+def test_distill_loss_matches_a_node_by_node_reference(tokenizer):
+    from apar_spec.train import Distill, model_teacher
+
+    apar, batch = _distill_case(tokenizer)
+    student = tiny_llama(len(tokenizer))
+    torch.manual_seed(1)
+    teacher = tiny_llama(len(tokenizer))
+    with torch.no_grad():  # a teacher unlike the student (tiny_llama reseeds), and two vocabulary rows short
+        for p in teacher.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        teacher.resize_token_embeddings(len(tokenizer) - 2)
+    hard_labels = (apar.fork_id, apar.child_id, tokenizer.eos_token_id)
+    hard_inputs = (apar.fork_id, apar.child_id)
+    never = (apar.fork_id, apar.child_id)
+    for weight, after in ((0.0, 0), (0.5, 0), (1.0, 0), (0.7, 2)):
+        d = Distill(weight, model_teacher(teacher), hard_labels, hard_inputs, never, hard_after=after)
+        with torch.no_grad():
+            got, n = summed_loss(student, batch, d)
+        want = _reference_distill(student, teacher, batch, weight, hard_labels, hard_inputs, never, after)
+        assert got.item() == pytest.approx(want, rel=1e-6)
+        assert n == int((batch.labels != IGNORE).sum())
+    with torch.no_grad():
+        plain, _ = summed_loss(student, batch)
+        mixed, _ = summed_loss(student, batch, Distill(0.5, model_teacher(teacher), hard_labels, hard_inputs, never))
+    assert mixed.item() != pytest.approx(plain.item(), rel=1e-3)  # the KL term really enters
+
+
+def test_distill_from_itself_leaves_only_the_structural_nodes(tokenizer):
+    """Teacher == student and weight 1: KL is zero, so the loss is the CE of the structural nodes alone."""
+    from apar_spec.train import Distill, model_teacher
+
+    apar, batch = _distill_case(tokenizer)
+    model = tiny_llama(len(tokenizer))
+    hard_labels = (apar.fork_id, apar.child_id, tokenizer.eos_token_id)
+    hard_inputs = (apar.fork_id, apar.child_id)
+    with torch.no_grad():
+        got, _ = summed_loss(model, batch, Distill(1.0, model_teacher(model), hard_labels, hard_inputs, ()))
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    keep = batch.labels != IGNORE
+    labels, inputs = batch.labels[keep], batch.input_ids[keep]
+    hard = torch.isin(labels, torch.tensor(hard_labels)) | torch.isin(inputs, torch.tensor(hard_inputs))
+    assert 0 < int(hard.sum()) < int(keep.sum())
+    ce = torch.nn.functional.cross_entropy(logits[keep][hard], labels[hard], reduction="sum")
+    assert got.item() == pytest.approx(ce.item(), abs=1e-8)
+
+
+def test_distill_training_with_a_peft_adapter_teaches_from_the_base(tmp_path, tokenizer):
+    """train(distill=...) on a peft model: the teacher is the model with its adapter off."""
+    peft = pytest.importorskip("peft")
+    from apar_spec.tokens import add_apar_tokens
+    from apar_spec.train import adapter_off_teacher
+
+    base = tiny_llama(len(tokenizer), dtype=torch.float32)
+    add_apar_tokens(base, tokenizer)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    apar, batch = _distill_case(tokenizer)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base_logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+        on = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+    assert not torch.allclose(on, base_logits)  # the adapter changes the model...
+    assert torch.allclose(adapter_off_teacher(model)(batch), base_logits)  # ...and the teacher is the base
+    with pytest.raises(ValueError, match="distill needs a teacher"):
+        adapter_off_teacher(tiny_llama(len(tokenizer)))
+    report = train(model, micro_rows(), tmp_path / "out", tokenizer=tokenizer, steps=8, batch_size=4, lr=1e-2,
+                   max_len=256, progress=False, distill=0.5)
+    assert report.steps == 8 and all(torch.isfinite(torch.tensor(report.losses)))
+    assert report.losses[-1] < report.losses[0]
+    with pytest.raises(ValueError, match="distill must be in"):
+        train(model, micro_rows(), tmp_path / "bad", tokenizer=tokenizer, steps=1, progress=False, distill=1.5)
