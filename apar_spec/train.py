@@ -380,7 +380,7 @@ class Distill:
     hard_labels: tuple[int, ...]  # labels that train with CE only
     hard_inputs: tuple[int, ...]  # input tokens whose node trains with CE only
     never: tuple[int, ...]  # token ids the teacher gives no probability
-    hard_after: int = 0  # nodes after a hard input that train with CE only too
+    hard_after: int  # nodes after a hard input that train with CE only too (train's default: 3)
 
 
 def summed_loss(model, batch: Batch, distill: Distill | None = None) -> tuple[torch.Tensor, int]:
@@ -404,7 +404,8 @@ def summed_loss(model, batch: Batch, distill: Distill | None = None) -> tuple[to
         log_pt = F.log_softmax(teacher, dim=-1)  # [N, V]
     log_ps = F.log_softmax(student, dim=-1)  # [N, V]
     ce = F.nll_loss(log_ps, labels, reduction="none")  # [N]
-    kl = (log_pt.exp() * (log_pt - log_ps)).nan_to_num(0.0).sum(-1)  # [N]; 0 * -inf -> 0 where the teacher gives 0
+    gives = torch.isfinite(log_pt)  # [N, V]; where the teacher gives 0, the term is 0 (not 0 * -inf)
+    kl = torch.where(gives, log_pt.exp() * (log_pt - log_ps), 0.0).sum(-1)  # [N]
     hard_in = torch.isin(batch.input_ids, torch.tensor(distill.hard_inputs, device=labels.device))  # [B, L]
     zone = hard_in.clone()
     for j in range(1, distill.hard_after + 1):  # the next j columns of the same row

@@ -342,7 +342,7 @@ def test_distill_loss_matches_a_node_by_node_reference(tokenizer):
         assert n == int((batch.labels != IGNORE).sum())
     with torch.no_grad():
         plain, _ = summed_loss(student, batch)
-        mixed, _ = summed_loss(student, batch, Distill(0.5, model_teacher(teacher), hard_labels, hard_inputs, never))
+        mixed, _ = summed_loss(student, batch, Distill(0.5, model_teacher(teacher), hard_labels, hard_inputs, never, hard_after=0))
     assert mixed.item() != pytest.approx(plain.item(), rel=1e-3)  # the KL term really enters
 
 
@@ -355,7 +355,7 @@ def test_distill_from_itself_leaves_only_the_structural_nodes(tokenizer):
     hard_labels = (apar.fork_id, apar.child_id, tokenizer.eos_token_id)
     hard_inputs = (apar.fork_id, apar.child_id)
     with torch.no_grad():
-        got, _ = summed_loss(model, batch, Distill(1.0, model_teacher(model), hard_labels, hard_inputs, ()))
+        got, _ = summed_loss(model, batch, Distill(1.0, model_teacher(model), hard_labels, hard_inputs, (), hard_after=0))
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
     keep = batch.labels != IGNORE
     labels, inputs = batch.labels[keep], batch.input_ids[keep]
