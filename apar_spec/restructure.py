@@ -13,6 +13,11 @@ the parent moves on. The paper finds such places with two rules, tried in order:
    blocks, each prose paragraph keeps its first sentence in the parent, forks after
    it, and the child writes the rest (leading space kept); ``"\\n\\n"`` stays in the
    parent. One-sentence paragraphs, code, tables and list-like blocks do not fork.
+   ``whole_lead=N`` (not in the paper; default 0) keeps the first N paragraphs that
+   could fork whole in the parent. Why: with the paper's rule a paragraph-style root
+   never writes a whole paragraph, while every child does and then stops; a model
+   trained on that ends the answer after its first whole paragraph. A lead paragraph
+   teaches the root to go on after one.
 
 Anything else stays unstructured (a tree with no forks). Both rules cut the
 original text without rewriting it, so ``restructure(a).reassemble() == a``
@@ -226,8 +231,9 @@ def _first_sentence_end(text: str, start: int, end: int) -> int | None:
     return None
 
 
-def _paragraph_spans(text: str) -> list[_Span]:
-    """Forks after the first sentence of every multi-sentence prose paragraph (> 2 blocks)."""
+def _paragraph_spans(text: str, whole_lead: int = 0) -> list[_Span]:
+    """Forks after the first sentence of every multi-sentence prose paragraph (> 2 blocks),
+    except the first ``whole_lead`` of them, which stay whole in the parent."""
     lines = _lines(text)
     fenced = _fenced(text, lines)
     blocks: list[list[int]] = []
@@ -249,8 +255,12 @@ def _paragraph_spans(text: str) -> list[_Span]:
             continue
         start, end = lines[block[0]].start, lines[block[-1]].end
         cut = _first_sentence_end(text, start, end)
-        if cut is not None:
-            spans.append(_Span(cut, end, AnswerTree(text[cut:end])))
+        if cut is None:
+            continue
+        if whole_lead > 0:
+            whole_lead -= 1
+            continue
+        spans.append(_Span(cut, end, AnswerTree(text[cut:end])))
     return spans
 
 
@@ -268,17 +278,20 @@ def _tree_from_spans(text: str, spans: list[_Span]) -> AnswerTree:
     return AnswerTree("".join(parts), forks)
 
 
-def restructure(answer: str, *, max_depth: int = 1) -> AnswerTree:
+def restructure(answer: str, *, max_depth: int = 1, whole_lead: int = 0) -> AnswerTree:
     """The APAR tree of ``answer``: list forks, else paragraph forks, else no forks.
 
     ``max_depth`` caps fork nesting (1: only top-level forks; 0: never fork).
+    ``whole_lead`` keeps that many leading forkable paragraphs unforked (paragraph rule only).
     ``restructure(answer).reassemble() == answer`` always holds.
     """
     if max_depth < 0:
         raise ValueError(f"max_depth must be >= 0, got {max_depth}")
+    if whole_lead < 0:
+        raise ValueError(f"whole_lead must be >= 0, got {whole_lead}")
     if max_depth == 0:
         return AnswerTree(answer)
-    spans = _list_spans(answer, top_level=True, depth_left=max_depth) or _paragraph_spans(answer)
+    spans = _list_spans(answer, top_level=True, depth_left=max_depth) or _paragraph_spans(answer, whole_lead)
     return _tree_from_spans(answer, spans)
 
 
@@ -337,7 +350,9 @@ def _row_flags(row: dict) -> dict[str, bool]:
     return flags
 
 
-def convert_file(in_path: str | Path, out_path: str | Path, *, max_depth: int = 1) -> ConvertReport:
+def convert_file(
+    in_path: str | Path, out_path: str | Path, *, max_depth: int = 1, whole_lead: int = 0
+) -> ConvertReport:
     """Restructure every row of a JSONL file; bad rows are reported, never fatal.
 
     Output rows: ``{"prompt", "answer", "structured": bool, "tree": AnswerTree.to_dict()}``.
@@ -345,9 +360,12 @@ def convert_file(in_path: str | Path, out_path: str | Path, *, max_depth: int = 
     (an answer whose steps depend on each other, e.g. a worked calculation, must not
     fork); ``"open_end": true`` (the answer was cut by a token limit) is passed on, so
     training gives its end no EOS.
+    ``max_depth`` and ``whole_lead`` are :func:`restructure`'s.
     Lines are decoded one at a time so one bad byte costs one row, not the run.
     """
     in_path, out_path = Path(in_path), Path(out_path)
+    if max_depth < 0 or whole_lead < 0:
+        raise ValueError(f"--max-depth and --whole-lead must be >= 0, got {max_depth} and {whole_lead}")
     if not in_path.is_file():
         raise FileNotFoundError(f"input file not found: {in_path} (expected JSONL with prompt/answer or ShareGPT rows)")
     if out_path.exists() and out_path.resolve() == in_path.resolve():
@@ -372,7 +390,7 @@ def convert_file(in_path: str | Path, out_path: str | Path, *, max_depth: int = 
             except _BadRow as e:
                 report.bad_rows.append((line_number, str(e)))
                 continue
-            tree = restructure(answer, max_depth=max_depth) if flags.get("restructure", True) else AnswerTree(answer)
+            tree = restructure(answer, max_depth=max_depth, whole_lead=whole_lead) if flags.get("restructure", True) else AnswerTree(answer)
             structured = bool(tree.forks)
             row = {"prompt": prompt, "answer": answer, "structured": structured, "tree": tree.to_dict()}
             if flags.get("open_end"):

@@ -364,12 +364,15 @@ def convert(
     input: Annotated[Path, typer.Argument(help="JSONL with prompt/answer or ShareGPT 'conversations' rows.")],
     output: Annotated[Path, typer.Argument(help="Where the APAR-restructured rows go (JSONL).")],
     max_depth: Annotated[int, typer.Option("--max-depth", help="Fork nesting depth to restructure.")] = _convert_default("max_depth"),
+    whole_lead: Annotated[int, typer.Option(
+        "--whole-lead", help="Paragraph answers: keep the first N forkable paragraphs whole in the parent (0: the paper's rule).")
+    ] = _convert_default("whole_lead"),
     as_json: AsJson = False,
 ) -> None:
     """Restructure answers into APAR trees. Bad rows are reported, not fatal."""
     from apar_spec.restructure import convert_file
 
-    rep = convert_file(input, output, max_depth=max_depth)
+    rep = convert_file(input, output, max_depth=max_depth, whole_lead=whole_lead)
     if as_json:
         print_json(dataclasses.asdict(rep))
         return

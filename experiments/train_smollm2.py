@@ -489,6 +489,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-len", type=int, default=448)
     ap.add_argument("--distill", type=float, default=0.0,
                     help="weight of KL to the base (adapter off) at ordinary nodes; structural nodes keep CE (0: CE only)")
+    ap.add_argument("--whole-lead", type=int, default=0,
+                    help="convert: keep the first N forkable paragraphs of a paragraph answer whole (restructure's whole_lead)")
     ap.add_argument("--save-every", type=int, default=20)
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpointed; rerun resumes)")
     ap.add_argument("--draft-steps", type=int, default=400)
@@ -514,8 +516,8 @@ def main(argv=None) -> None:
         from apar_spec.restructure import convert_file
 
         counts = clean_answers(answers, clean)
-        rep = convert_file(clean, data)
-        counts.update(structured=rep.structured, unstructured=rep.unstructured)
+        rep = convert_file(clean, data, whole_lead=args.whole_lead)
+        counts.update(structured=rep.structured, unstructured=rep.unstructured, whole_lead=args.whole_lead)
         (work / "data_counts.json").write_text(json.dumps(counts, indent=1))
         print(f"data: {counts}", flush=True)
     if "apar" in stages:

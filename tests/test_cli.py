@@ -207,6 +207,19 @@ def test_convert_reports_bad_rows_and_missing_input(tmp_path):
     data = json.loads(run("convert", src, tmp_path / "out2.jsonl", "--json").stdout)
     assert data["rows_written"] == 1 and data["bad_rows"][0][0] == 2
     assert_user_error(run("convert", tmp_path / "missing.jsonl", tmp_path / "o.jsonl"), "input file not found")
+    assert_user_error(run("convert", src, tmp_path / "o.jsonl", "--whole-lead", "-1"), "--whole-lead must be >= 0")
+
+
+def test_convert_whole_lead(tmp_path):
+    src = tmp_path / "in.jsonl"
+    answer = "Rest well. Sleep more.\n\nMove daily. Walk often.\n\nEat well. Cook often."
+    src.write_text(json.dumps({"prompt": "Health tips?", "answer": answer}) + "\n")
+    forks = {}
+    for n in ("0", "1"):
+        assert run("convert", src, tmp_path / f"out{n}.jsonl", "--whole-lead", n).exit_code == 0
+        tree = json.loads((tmp_path / f"out{n}.jsonl").read_text())["tree"]
+        forks[n] = len(tree["forks"])
+    assert forks == {"0": 3, "1": 2}
 
 
 def test_train_command(micro, tmp_path):

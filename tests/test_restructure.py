@@ -313,3 +313,31 @@ def test_convert_file_missing_input_and_same_output(tmp_path):
     with pytest.raises(ValueError, match="is the input file"):
         convert_file(src, src)
     assert convert_file(src, tmp_path / "out.jsonl") == ConvertReport()
+
+
+def test_whole_lead_keeps_the_first_forkable_paragraphs_whole():
+    answer = "# Title\n\nSleep matters. It restores you.\n\nOne sentence only.\n\nMove daily. It helps.\n\nEat well. Mostly plants."
+    paper = restructure(answer)
+    assert child_texts(paper) == [" It restores you.", " It helps.", " Mostly plants."]
+    lead = restructure(answer, whole_lead=1)
+    # the title and the one-sentence paragraph cannot fork, so they do not use up the lead
+    assert child_texts(lead) == [" It helps.", " Mostly plants."]
+    assert lead.segments()[0] == "# Title\n\nSleep matters. It restores you.\n\nOne sentence only.\n\nMove daily."
+    assert restructure(answer, whole_lead=3).forks == []
+    for n in range(4):
+        assert restructure(answer, whole_lead=n).reassemble() == answer
+    # lists are the paper's rule 1 and ignore the lead
+    listy = "Intro. More intro.\n\n1. A: x.\n2. B: y.\n3. C: z."
+    assert restructure(listy, whole_lead=2) == restructure(listy)
+    with pytest.raises(ValueError, match="whole_lead must be >= 0"):
+        restructure(answer, whole_lead=-1)
+
+
+def test_convert_file_whole_lead(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "p", "answer": "Rest well. Sleep more.\n\nMove daily. Walk often.\n\nEat well. Cook often."}) + "\n", encoding="utf-8")
+    convert_file(src, tmp_path / "out.jsonl", whole_lead=1)
+    tree = AnswerTree.from_dict(json.loads((tmp_path / "out.jsonl").read_text(encoding="utf-8"))["tree"])
+    assert child_texts(tree) == [" Walk often.", " Cook often."]
+    with pytest.raises(ValueError, match="--whole-lead must be >= 0"):
+        convert_file(src, tmp_path / "out2.jsonl", whole_lead=-2)
