@@ -9,7 +9,11 @@ Stages (each resumes: a finished stage is skipped, a stopped one continues):
 2. ``convert``: answers cut by the token limit lose their unfinished last block and
    train no EOS (so the model learns neither to stop mid-sentence nor to stop early),
    then ``restructure`` turns lists into forks and, failing that, paragraphs (SmolLM2
-   often answers in paragraphs); short-answer rows stay one branch.
+   often answers in paragraphs); short-answer rows stay one branch. ``--whole-lead 1``
+   keeps a paragraph answer's first forkable paragraph whole in the root: with the
+   paper's rule (``--whole-lead 0``) the root never wrote a whole paragraph while every
+   child did and stopped, and the model ended 28 of 210 public answers after one
+   paragraph (11 with the lead; model card).
 3. ``apar``: LoRA (peft) on every linear layer + the two new token rows
    (``trainable_token_indices``; SmolLM2 ties embedding and LM head, and peft ties the
    trained rows too), trained with ``apar_spec.train`` (packed tree mask, loss rules),
@@ -321,6 +325,13 @@ def distill_text(weight: float) -> str:
             "EOS, a child's first token, a parent's next 3 tokens after a fork)")
 
 
+def _lead_text(whole_lead: int) -> str:
+    if not whole_lead:
+        return ""
+    return (f"paragraph answers keep their first {'forkable paragraph' if whole_lead == 1 else f'{whole_lead} forkable paragraphs'} "
+            "whole in the root (`convert --whole-lead`), so the root also learns to go on after a whole paragraph; ")
+
+
 def write_cards(out: Path) -> None:
     """README.md model cards from the train.json facts (and measured figures, when present)."""
     apar = out / "smollm2-apar"
@@ -339,7 +350,7 @@ refuses any other base (weights fingerprint `{json.loads((apar / 'adapter.json')
 
 | | |
 |---|---|
-| data | {d.get('rows', '?')} self-distilled answers of the base to our own prompts ({d.get('list', '?')} list/multi-paragraph, {d.get('short', '?')} short-answer; experiments/smollm2_prompts.py, none close to the eval sets); {d.get('open_end', '?')} answers stopped by the token limit (320 list / 128 short) train no EOS at their end ("open end"; {d.get('cut', '?')} list answers among them cut back to their last complete block, {d.get('dropped', '?')} dropped); short answers never fork; restructured: {d.get('structured', '?')} with forks, {d.get('unstructured', '?')} without |
+| data | {d.get('rows', '?')} self-distilled answers of the base to our own prompts ({d.get('list', '?')} list/multi-paragraph, {d.get('short', '?')} short-answer; experiments/smollm2_prompts.py, none close to the eval sets); {d.get('open_end', '?')} answers stopped by the token limit (320 list / 128 short) train no EOS at their end ("open end"; {d.get('cut', '?')} list answers among them cut back to their last complete block, {d.get('dropped', '?')} dropped); short answers never fork; {_lead_text(d.get('whole_lead', 0))}restructured: {d.get('structured', '?')} with forks, {d.get('unstructured', '?')} without |
 | method | LoRA r={f['rank']}, alpha={f['alpha']} on q/k/v/o/gate/up/down of all 30 layers + the `[Fork]`/`[Child]` rows (peft `trainable_token_indices`, tied embedding/LM head); packed answer trees with the tree mask (`apar_spec.train`), 0.5/0.5 structured/unstructured batches{distill_text(f.get('distill', 0.0))} |
 | steps | {f['steps']} x batch {f['batch_size']} (max {f['max_len']} nodes), lr {f['lr']} cosine, {f['trained_tokens']:,} trained tokens, {f.get('structured', '?')} structured of {f.get('examples', '?')} examples |
 | final loss | {f['final_loss']:.4f} (mean per-token {'CE/KL mix' if f.get('distill') else 'cross-entropy'}, last 10% of steps) |
@@ -489,7 +500,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-len", type=int, default=448)
     ap.add_argument("--distill", type=float, default=0.0,
                     help="weight of KL to the base (adapter off) at ordinary nodes; structural nodes keep CE (0: CE only)")
-    ap.add_argument("--whole-lead", type=int, default=0,
+    ap.add_argument("--whole-lead", type=int, default=1,
                     help="convert: keep the first N forkable paragraphs of a paragraph answer whole (restructure's whole_lead)")
     ap.add_argument("--save-every", type=int, default=20)
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpointed; rerun resumes)")

@@ -255,8 +255,9 @@ def test_smollm2_apar_spec_equals_apar_with_both_drafts():
     model, tok = apar_spec.load("smollm2-apar", dtype="float32")
     draft, _ = apar_spec.load("smollm2-draft", dtype="float32")
     loaded = Loaded("smollm2-apar", model, tok)
-    texts = ["How can I improve my time management skills?", "What are the most effective ways to deal with stress?",
-             "What is 7 times 8?"]
+    # the adapter writes a paragraph answer's first paragraph whole (--whole-lead 1), so under a
+    # 24-token branch cap only a list answer forks
+    texts = ["How can I improve my time management skills?", "List some ways to save money.", "What is 7 times 8?"]
     prompts = [encode_prompt(loaded, t) for t in texts]
     # a per-branch cap, not a request budget: which branch a shared budget cuts depends on how
     # many tokens each step accepted, so only answers that end on their own can be compared
