@@ -278,7 +278,7 @@ def stage_draft(work: Path, data: Path, out: Path, apar_dir: Path, args) -> dict
     facts = {"steps": report.steps, "batch_size": args.batch_size, "lr": args.draft_lr, "final_loss": report.final_loss,
              "losses": report.losses, "wall_time_s": report.wall_time_s, "trained_tokens": report.trained_tokens,
              "examples": report.num_examples, "init_layers": list(DRAFT_LAYERS), "threads": torch.get_num_threads(),
-             "dtype": "bfloat16"}
+             "dtype": "bfloat16", "whole_lead": args.whole_lead}
     if report.steps < args.draft_steps:
         return facts
     out.mkdir(parents=True, exist_ok=True)
@@ -379,7 +379,7 @@ A 2-layer draft model for speculative decoding with smollm2-apar and smollm2 (sa
 |---|---|
 | architecture | Llama, width 576, 2 layers initialised from SmolLM2's layers {f['init_layers']}; embedding/LM head are SmolLM2's own (incl. the `[Fork]`/`[Child]` rows of smollm2-apar), frozen and **not shipped**: taken from the base at load |
 | shipped | {(draft / 'draft.safetensors').stat().st_size / 1e6:.1f} MB (bf16) |
-| data | the same self-distilled answers: APAR trees mixed 0.5/0.5 with the sequential form of every answer, so it drafts for both the APAR model and the base |
+| data | the same self-distilled answers: APAR trees (`convert --whole-lead {f.get('whole_lead', 0)}`) mixed 0.5/0.5 with the sequential form of every answer, so it drafts for both the APAR model and the base |
 | steps | {f['steps']} x batch {f['batch_size']}, lr {f['lr']}, {f['trained_tokens']:,} trained tokens |
 | final loss | {f['final_loss']:.4f} |
 | wall time | {f['wall_time_s'] / 60:.1f} min ({f['threads']} torch threads, {f['dtype']}) |
