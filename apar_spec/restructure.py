@@ -231,7 +231,7 @@ def _first_sentence_end(text: str, start: int, end: int) -> int | None:
     return None
 
 
-def _paragraph_spans(text: str, whole_lead: int = 0) -> list[_Span]:
+def _paragraph_spans(text: str, whole_lead: int) -> list[_Span]:
     """Forks after the first sentence of every multi-sentence prose paragraph (> 2 blocks),
     except the first ``whole_lead`` of them, which stay whole in the parent."""
     lines = _lines(text)
