@@ -364,6 +364,8 @@ def convert_file(
     Lines are decoded one at a time so one bad byte costs one row, not the run.
     """
     in_path, out_path = Path(in_path), Path(out_path)
+    # restructure checks these too, but only at the first row: here a bad value fails
+    # before the output file is opened, so no half-written output is left behind
     if max_depth < 0 or whole_lead < 0:
         raise ValueError(f"--max-depth and --whole-lead must be >= 0, got {max_depth} and {whole_lead}")
     if not in_path.is_file():
