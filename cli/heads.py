@@ -45,6 +45,8 @@ def train_heads(
     data: Annotated[str, typer.Option("--data", help="JSONL of {\"prompt\"} rows (an \"answer\" is used as given), or corpus:N.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for heads.safetensors + heads.json (and resumable state).")],
     num_heads: Annotated[int, typer.Option("--heads")] = _D.num_heads,
+    kind: Annotated[str, typer.Option("--kind", help="medusa (each head reads the hidden state) or hydra (each head also reads the token before it).")] = _D.kind,
+    width: Annotated[int, typer.Option("--width", help="hydra: hidden width of each head (0 = the target's hidden size).")] = _D.width,
     steps: Annotated[int, typer.Option("--steps")] = _D.steps,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Positions per step.")] = _D.batch_size,
     lr: Annotated[float, typer.Option("--lr")] = _D.lr,
@@ -56,7 +58,7 @@ def train_heads(
     threads: Annotated[int, typer.Option("--threads", help="torch CPU threads (0 = leave as is).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Self-distill draft heads (Medusa-1) for a frozen target; re-run with the same --out to resume."""
+    """Self-distill draft heads (Medusa-1 or Hydra) for a frozen target; re-run with the same --out to resume."""
     import torch
 
     from apar_spec.loading import load
@@ -64,7 +66,8 @@ def train_heads(
 
     if threads > 0:
         torch.set_num_threads(threads)
-    cfg = HeadsTrainConfig(num_heads=num_heads, steps=steps, batch_size=batch_size, lr=lr, max_new_tokens=max_new_tokens, seed=seed, mode=mode)
+    cfg = HeadsTrainConfig(num_heads=num_heads, steps=steps, batch_size=batch_size, lr=lr, max_new_tokens=max_new_tokens, seed=seed, mode=mode,
+                            kind=kind, width=width)
     rows = read_rows(data)
     ranking_dir = vocab_from or out.parent
     if vocab < 0:

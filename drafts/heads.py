@@ -1,4 +1,16 @@
-"""Medusa-1 style draft heads: drafting from the target's own hidden state, no extra forward.
+"""Draft heads: drafting from the target's own hidden state, no extra forward.
+
+Two kinds, both sharing the target's frozen LM head (``heads.json`` ``kind``):
+
+- ``medusa`` (Medusa-1, ``DraftHeads``): head ``i`` guesses the token ``i + 1``
+  positions past the pending one from the hidden state alone; described below.
+- ``hydra`` (``ChainedHeads``, after Hydra, arXiv 2402.05109): head ``i`` maps (a
+  state, the embedding of the token that state chose) to the next state, so every
+  draft is conditioned on the tokens drafted before it: the pending token for the
+  first draft, a node's own token for its children. Stateless like Medusa (no draft
+  KV cache: the chain restarts from the target's hidden state every step), and it
+  generalises better (measured on SmolLM2, public prompts: depth-1 top-1 0.29 vs
+  0.20 for Medusa heads trained on the same answers).
 
 ``K`` heads, each a residual block ``h + SiLU(W h + b)`` (``d x d``) on the target's
 final hidden state ``h``, all sharing the target's frozen LM head, so a head costs
@@ -32,6 +44,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from apar_spec.draft_tree import chain
 from apar_spec.speculator import BranchView, Outcome, Proposal
 
 from .vocab import DraftVocab
@@ -42,6 +55,8 @@ WEIGHTS = "heads.safetensors"
 
 class DraftHeads(nn.Module):
     """``K`` residual blocks on a ``[..., d]`` hidden state; outputs ``[K, ..., d]`` (apply the LM head after)."""
+
+    kind = "medusa"
 
     def __init__(self, hidden_size: int, num_heads: int = 4):
         super().__init__()
@@ -54,18 +69,67 @@ class DraftHeads(nn.Module):
     def num_heads(self) -> int:
         return len(self.blocks)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [..., d] -> [K, ..., d]
-        return torch.stack([h + nn.functional.silu(block(h)) for block in self.blocks])
+    def forward(self, h: torch.Tensor, upto: Optional[int] = None) -> torch.Tensor:  # [..., d] -> [K or upto, ..., d]
+        """``upto``: run only the first heads (a shallow draft needs no deeper guesses)."""
+        return torch.stack([h + nn.functional.silu(block(h)) for block in self.blocks[:upto]])
 
 
-def save_heads(heads: DraftHeads, out: str | Path, meta: dict) -> None:
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    """Unit-RMS rows: the hidden state and a token embedding enter a chained head on one scale."""
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+
+
+class ChainedHeads(nn.Module):
+    """Hydra-style heads: ``state' = state + W_out SiLU(W_in [rms(state); rms(emb(token))])``.
+
+    ``step(i, state, emb)`` is head ``i``: from the state whose LM-head logits chose a
+    token and that token's embedding, the state whose logits guess the next token.
+    ``W_out`` starts at zero (the head starts as the identity, like Medusa's).
+    """
+
+    kind = "hydra"
+
+    def __init__(self, hidden_size: int, num_heads: int = 3, width: Optional[int] = None):
+        super().__init__()
+        width = width or hidden_size
+        self.inp = nn.ModuleList(nn.Linear(2 * hidden_size, width) for _ in range(num_heads))
+        self.out = nn.ModuleList(nn.Linear(width, hidden_size) for _ in range(num_heads))
+        for layer in self.out:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.inp)
+
+    @property
+    def width(self) -> int:
+        return self.inp[0].out_features
+
+    def step(self, i: int, state: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # [..., d], [..., d] -> [..., d]
+        return state + self.out[i](nn.functional.silu(self.inp[i](torch.cat([_rms(state), _rms(emb)], dim=-1))))
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced chain: ``h`` [B, d] chose token 1, ``emb`` [B, K, d] embeds tokens 1..K;
+        returns [K, B, d], state ``i`` guessing token ``i + 2``."""
+        states, state = [], h
+        for i in range(self.num_heads):
+            state = self.step(i, state, emb[:, i])
+            states.append(state)
+        return torch.stack(states)
+
+
+def save_heads(heads: DraftHeads | ChainedHeads, out: str | Path, meta: dict) -> None:
     """Write ``heads.safetensors`` + ``heads.json`` (``meta``: target, hidden_size, vocab_size, fingerprint...)."""
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in heads.state_dict().items()}, str(out / WEIGHTS))
-    (out / CONFIG).write_text(json.dumps({"num_heads": heads.num_heads, **meta}, indent=2) + "\n")
+    shape = {"kind": heads.kind, "num_heads": heads.num_heads}
+    if isinstance(heads, ChainedHeads):
+        shape["width"] = heads.width
+    (out / CONFIG).write_text(json.dumps({**shape, **meta}, indent=2) + "\n")
 
 
 def read_config(path: str | Path) -> dict:
@@ -105,7 +169,7 @@ def pick_folder(path: str | Path, target) -> Path:
     raise ValueError(f"no draft heads in '{path}' were trained for this target (they fit: {names}); train some with `apar-spec train-heads`")
 
 
-def load_heads(path: str | Path, target, tokenizer=None, name: Optional[str] = None) -> DraftHeads:
+def load_heads(path: str | Path, target, tokenizer=None, name: Optional[str] = None) -> DraftHeads | ChainedHeads:
     """Heads from ``path`` for ``target``, in its dtype and device; refuses a mismatch in one line."""
     from safetensors.torch import load_file
 
@@ -127,22 +191,39 @@ def load_heads(path: str | Path, target, tokenizer=None, name: Optional[str] = N
                 f"draft heads '{label}' fit vocabulary {cfg['fingerprint']} ({cfg.get('vocab_size', '?')} tokens), "
                 f"the target's is {fp} ({n} tokens); train heads for it with `apar-spec train-heads`"
             )
-    heads = DraftHeads(hidden, int(cfg["num_heads"]))
+    kind = cfg.get("kind", "medusa")  # heads written before kinds existed are Medusa heads
+    if kind == "medusa":
+        heads = DraftHeads(hidden, int(cfg["num_heads"]))
+    elif kind == "hydra":
+        heads = ChainedHeads(hidden, int(cfg["num_heads"]), int(cfg.get("width") or hidden))
+    else:
+        raise ValueError(f"draft heads '{label}' are of unknown kind '{kind}' (known: medusa, hydra); "
+                         "upgrade apar-spec or retrain them with `apar-spec train-heads`")
     heads.load_state_dict({k: v.float() for k, v in load_file(str(Path(path) / WEIGHTS)).items()})
     return heads.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
 
 
 class HeadsSpeculator:
-    """Per-branch top-k trees from the heads (see the module docstring)."""
+    """Per-branch top-k trees from the heads (see the module docstring).
+
+    Medusa heads: every head runs once per branch and a node at depth ``d``, rank ``r``
+    takes head ``d - 1``'s rank-``r`` guess. Chained (hydra) heads: the tree grows
+    depth by depth; each node with children in the shape is *expanded* once (its state
+    and its token through the next head) and its rank-``r`` child is that expansion's
+    ``r``-th guess. One batched head call per depth, over every branch."""
 
     name = "heads"
     needs_hidden = True  # the decoder returns the target's final hidden states with each verify pass
 
-    def __init__(self, heads: DraftHeads, lm_head: nn.Module, name: Optional[str] = None, mask_ids: tuple[int, ...] = (),
-                 vocab: Optional[DraftVocab] = None):
+    def __init__(self, heads: DraftHeads | ChainedHeads, lm_head: nn.Module, name: Optional[str] = None,
+                 mask_ids: tuple[int, ...] = (), vocab: Optional[DraftVocab] = None, embed: Optional[nn.Module] = None):
         """``vocab``: the heads propose only these token ids, through the target's LM head
-        cut to their rows (``drafts/vocab.py``): K heads then cost K x N x d, not K x V x d."""
+        cut to their rows (``drafts/vocab.py``): K heads then cost K x N x d, not K x V x d.
+        ``embed``: the target's input embeddings (chained heads read the tokens through them)."""
+        if isinstance(heads, ChainedHeads) and embed is None:
+            raise ValueError("chained (hydra) draft heads need the target's input embeddings (embed=)")
         self.heads = heads
+        self.embed = embed
         self.vocab = vocab
         self.lm_head = vocab.head(lm_head) if vocab is not None else lm_head
         if name:
@@ -170,16 +251,19 @@ class HeadsSpeculator:
         live = [i for i, v in enumerate(views) if v.hidden is not None and v.k > 0]
         if not live:
             return Proposal(tokens, [None] * len(views), parents)
+        if isinstance(self.heads, ChainedHeads):
+            return self._propose_chained(views, live, tokens, parents)
         K = self.heads.num_heads
         shapes = [views[i].shape for i in live]
         width = max(max((s.width(d) for d in range(1, min(s.depth, K) + 1)), default=1) if s is not None else 1 for s in shapes)
+        need = max(min(s.depth if s is not None else views[i].k, K) for s, i in zip(shapes, live))
         h = torch.stack([views[i].hidden for i in live])  # [m, d]
-        logits = self.lm_head(self.heads(h)).float()  # [K, m, V or N]
+        logits = self.lm_head(self.heads(h, upto=need)).float()  # [need, m, V or N]
         if self.vocab is None:
             logits = logits[..., : self.vocab_size]
         if self._masked:
             logits[..., self._masked] = float("-inf")
-        top = logits.topk(min(width, logits.shape[-1]), dim=-1).indices  # [K, m, width]
+        top = logits.topk(min(width, logits.shape[-1]), dim=-1).indices  # [need, m, width]
         if self.vocab is not None:
             top = self.vocab.ids.to(top.device)[top]  # columns -> token ids
         top = top.tolist()
@@ -187,15 +271,68 @@ class HeadsSpeculator:
         for row, i in enumerate(live):
             shape, v = shapes[row], views[i]
             if shape is None:  # a plain chain of k
-                depth = min(v.k, K)
+                depth = min(v.k, need)
                 tokens[i] = [top[d][row][0] for d in range(depth)]
                 parents[i] = list(range(-1, depth - 1))
                 continue
             for node, (p, d, r) in enumerate(zip(shape.parents, shape.depths, shape.ranks)):
-                if d > K:
+                if d > need:
                     break  # layout order is by depth: every later node is deeper
                 tokens[i].append(top[d - 1][row][r])
                 parents[i].append(p)
+        return Proposal(tokens, [None] * len(views), parents)
+
+    def _guesses(self, states: torch.Tensor, width: int) -> list[list[int]]:
+        """Top-``width`` token ids of the LM head on ``states`` [E, d] (masked, vocabulary-mapped)."""
+        logits = self.lm_head(states).float()  # [E, V or N]
+        if self.vocab is None:
+            logits = logits[..., : self.vocab_size]
+        if self._masked:
+            logits[..., self._masked] = float("-inf")
+        top = logits.topk(min(width, logits.shape[-1]), dim=-1).indices  # [E, width]
+        if self.vocab is not None:
+            top = self.vocab.ids.to(top.device)[top]
+        return top.tolist()
+
+    def _propose_chained(self, views: list[BranchView], live: list[int], tokens: list[list[int]],
+                         parents: list[list[int]]) -> Proposal:
+        """Grow each live branch's tree depth by depth (see the class docstring)."""
+        K = self.heads.num_heads
+        shapes = [views[i].shape if views[i].shape is not None else chain(max(1, views[i].k)) for i in live]
+        # the nodes to expand at the next depth: (live row, node index; -1 = the pending token)
+        frontier = [(row, -1) for row in range(len(live))]
+        state = torch.stack([views[i].hidden for i in live])  # [m, d]: the pending tokens' states
+        token = [views[i].tokens[-1] for i in live]
+        for depth in range(1, K + 1):
+            want = [(row, node) for row, node in frontier
+                    if any(p == node and d == depth for p, d in zip(shapes[row].parents, shapes[row].depths))]
+            if not want:
+                break
+            keep = [frontier.index(w) for w in want]
+            s_in = state[keep]  # [E, d]
+            t_in = torch.tensor([token[j] for j in keep], device=s_in.device)  # [E]
+            new = self.heads.step(depth - 1, s_in, self.embed(t_in).to(s_in.dtype))  # [E, d]
+            width = max(shapes[row].width(depth) for row, _ in want)
+            top = self._guesses(new, width)
+            self.head_calls += 1
+            slot = {w: e for e, w in enumerate(want)}
+            frontier, rows_state, token = [], [], []
+            for row, i in enumerate(live):
+                shape = shapes[row]
+                for node, (p, d, r) in enumerate(zip(shape.parents, shape.depths, shape.ranks)):
+                    if d != depth or (row, p) not in slot:
+                        continue
+                    e = slot[(row, p)]
+                    if len(tokens[i]) != node:  # layout order is by depth: a node past a gap cannot be placed
+                        continue
+                    tokens[i].append(top[e][r])
+                    parents[i].append(p)
+                    frontier.append((row, node))
+                    rows_state.append(e)
+                    token.append(top[e][r])
+            if not frontier:
+                break
+            state = new[torch.tensor(rows_state, device=new.device)]
         return Proposal(tokens, [None] * len(views), parents)
 
     def observe(self, outcome: Outcome) -> None:

@@ -255,7 +255,8 @@ def resolve(draft: Any, target, tokenizer) -> Speculator:
         heads = _cached(entry, target, lambda: load_heads(_weights_path(entry.weights), target, tokenizer, entry.name))
         folder = pick_folder(_weights_path(entry.weights), target)
         vocab = _vocab(entry, [folder, folder.parent], vocab_size)
-        return HeadsSpeculator(heads, target.get_output_embeddings(), name=entry.name, mask_ids=mask, vocab=vocab)
+        return HeadsSpeculator(heads, target.get_output_embeddings(), name=entry.name, mask_ids=mask, vocab=vocab,
+                               embed=target.get_input_embeddings())
     model, draft_tok = _cached(entry, target, lambda: _load_model(entry, target))
     if tokenizer is not None:
         check_vocab(draft_tok, tokenizer, entry.name)

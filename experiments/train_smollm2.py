@@ -395,29 +395,42 @@ A 2-layer draft model for speculative decoding with smollm2-apar and smollm2 (sa
 HEADS_PROMPTS = (240, 60)  # list-style and short-answer training prompts the heads are distilled on
 
 
-def heads_prompts(answers: Path, seed: int = 1) -> list[dict]:
+def heads_prompts(answers: Path, seed: int = 1, counts: tuple[int, int] = HEADS_PROMPTS) -> list[dict]:
     """The prompts (only: each target answers them itself) the heads are self-distilled on:
-    240 list-style and 60 short-answer training prompts, shuffled with a fixed seed."""
+    ``counts`` list-style and short-answer training prompts (default 240 and 60), shuffled with a fixed seed."""
     import random
 
     rows = [json.loads(line) for line in answers.open(encoding="utf-8") if line.strip()]
     rng = random.Random(seed)
     picked = []
-    for kind, n in zip(("list", "short"), HEADS_PROMPTS):
+    for kind, n in zip(("list", "short"), counts):
         mine = [r for r in rows if r["kind"] == kind]
         rng.shuffle(mine)
         picked += [{"prompt": r["prompt"]} for r in mine[:n]]
     return picked
 
 
-def stage_heads(answers: Path, work: Path, out: Path, args) -> dict:
-    """Medusa-1 heads for smollm2-apar (and the base): ``apar_spec.train_heads`` on the targets'
-    own greedy answers (APAR mode for smollm2-apar: its branches, forks included)."""
+def stage_heads(answers: Path, work: Path, out: Path, args, kind: str = "medusa") -> dict:
+    """Draft heads for smollm2-apar (and the base): ``apar_spec.train_heads`` on the targets'
+    own greedy answers (APAR mode for smollm2-apar: its branches, forks included).
+
+    ``kind="medusa"``: smollm2-heads, 300 prompts. ``kind="hydra"``: smollm2-hydra, chained
+    heads distilled on every training prompt (3x the answers: the chained heads gain from more
+    data, where Medusa heads mostly memorised their 300 answers; the distillation is cached per
+    prompt, so a rerun after the Medusa stage only answers the new ones)."""
     import apar_spec
     from apar_spec import smollm2
     from apar_spec.train_heads import HeadsTrainConfig, train_heads
 
-    rows = heads_prompts(answers)[: args.limit] if args.limit else heads_prompts(answers)
+    everything = (10**9, 10**9)
+    rows = heads_prompts(answers, counts=everything if kind == "hydra" else HEADS_PROMPTS)
+    if kind == "hydra":  # the same token ranking as smollm2-heads (this run's, else the shipped one), next to the heads
+        from apar_spec.drafts.vocab import VOCAB_FILE
+
+        ranking = args.out / "smollm2-heads" / VOCAB_FILE
+        out.mkdir(parents=True, exist_ok=True)
+        (out / VOCAB_FILE).write_bytes((ranking if ranking.exists() else MODELS_DIR / "smollm2-heads" / VOCAB_FILE).read_bytes())
+    rows = rows[: args.limit] if args.limit else rows
     facts = {}
     for target in args.heads_targets:
         # bfloat16: the precision the models are measured in on a CPU (see README), and ~3x
@@ -426,14 +439,20 @@ def stage_heads(answers: Path, work: Path, out: Path, args) -> dict:
             model, tokenizer = smollm2.load_apar(dtype=torch.bfloat16, folder=args.out / "smollm2-apar")
         else:
             model, tokenizer = apar_spec.load(target, dtype="bfloat16")
-        cfg = HeadsTrainConfig(steps=args.heads_steps)
+        if kind == "hydra":
+            cfg = HeadsTrainConfig(steps=args.hydra_steps, kind="hydra")
+            folder = work / f"hydra-{target}"
+        else:
+            cfg = HeadsTrainConfig(steps=args.heads_steps)
+            folder = work / f"heads-{target}"
         vocab = _heads_vocab(out, args.heads_vocab, model)
-        report = train_heads(model, tokenizer, rows, work / f"heads-{target}", cfg, target_name=target,
+        report = train_heads(model, tokenizer, rows, folder, cfg, target_name=target,
                              progress=lambda msg: print(msg, flush=True), vocab=vocab)
         dest = out / target
         dest.mkdir(parents=True, exist_ok=True)
         for name in ("heads.json", "heads.safetensors"):
-            (dest / name).write_bytes((work / f"heads-{target}" / name).read_bytes())
+            (dest / name).write_bytes((folder / name).read_bytes())
+
         facts[target] = {k: report[k] for k in ("steps", "positions", "val_loss", "val_top1_accuracy", "train_vocab", "seconds")}
     return facts
 
@@ -490,7 +509,7 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=Path("smol_runs"), help="answers, converted data, checkpoints")
     ap.add_argument("--out", type=Path, default=MODELS_DIR, help="where smollm2-apar/ and smollm2-draft/ go")
     ap.add_argument("--threads", type=int, default=1, help="1 on a shared machine (OpenMP spin-waits), 2 when idle")
-    ap.add_argument("--only", nargs="*", choices=("answers", "convert", "apar", "forkrow", "draft", "vocab", "heads"))
+    ap.add_argument("--only", nargs="*", choices=("answers", "convert", "apar", "forkrow", "draft", "vocab", "heads", "hydra"))
     ap.add_argument("--limit", type=int, default=None, help="answer only the first N prompts (quick runs)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -507,6 +526,7 @@ def main(argv=None) -> None:
     ap.add_argument("--draft-steps", type=int, default=400)
     ap.add_argument("--draft-lr", type=float, default=2e-3)
     ap.add_argument("--heads-steps", type=int, default=2000)
+    ap.add_argument("--hydra-steps", type=int, default=3000)
     ap.add_argument("--heads-vocab", type=int, default=8192,
                     help="train the heads against the N most frequent tokens (what smollm2-heads@N proposes from)")
     ap.add_argument("--heads-targets", nargs="*", default=["smollm2-apar"],
@@ -514,7 +534,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    stages = set(args.only or ("answers", "convert", "apar", "forkrow", "draft", "vocab", "heads"))
+    stages = set(args.only or ("answers", "convert", "apar", "forkrow", "draft", "vocab", "heads", "hydra"))
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     answers, clean, data = work / "answers.jsonl", work / "answers_clean.jsonl", work / "apar.jsonl"
@@ -549,6 +569,9 @@ def main(argv=None) -> None:
     if "heads" in stages:
         facts = stage_heads(answers, work, args.out / "smollm2-heads", args)
         print(f"smollm2-heads: {facts}", flush=True)
+    if "hydra" in stages:
+        facts = stage_heads(answers, work, args.out / "smollm2-hydra", args, kind="hydra")
+        print(f"smollm2-hydra: {facts}", flush=True)
     write_cards(args.out)
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
 

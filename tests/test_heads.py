@@ -125,7 +125,7 @@ def test_head_training_reduces_the_heads_loss(tmp_path):
     model, tok, rows = micro_training_setup()
     cfg = micro_heads_config(steps=60)
     rep = train_heads(model, tok, rows, tmp_path / "h", cfg, target_name="micro")
-    assert rep["val_loss"] < 0.9 * rep["val_loss_start"]
+    assert rep["val_loss"] < 0.95 * rep["val_loss_start"], (rep["val_loss"], rep["val_loss_start"])
     assert (tmp_path / "h" / "heads.safetensors").is_file() and (tmp_path / "h" / "distill.jsonl").is_file()
     # resume: a second run with more steps continues from the saved state, distillation is not redone
     lines = (tmp_path / "h" / "distill.jsonl").read_text()
@@ -160,11 +160,12 @@ def test_heads_train_on_a_reduced_vocabulary_and_count_outside_tokens_as_misses(
     half = train_heads(model, tok, rows, tmp_path / "half", cfg, target_name="micro", progress=msgs.append, vocab=DraftVocab(ids))
     assert half["train_vocab"] == V // 2 and full["train_vocab"] is None
     assert any("reduced vocabulary" in m for m in msgs)
-    assert half["val_loss"] < 0.9 * half["val_loss_start"]
+    assert half["val_loss"] < 0.95 * half["val_loss_start"], (half["val_loss"], half["val_loss_start"])
     # accuracy in full ids: a head that only knows the first half can never hit a token of the second half
     heads = load_heads(tmp_path / "half", model)
     sequences = [(list(ids_), int(first)) for r in seqs for ids_, first in r["sequences"]]
-    H, Y = features(model, sequences, 2)
+    feats = features(model, sequences, 2)
+    H, Y = feats.H, feats.Y
     outside = float(((Y >= V // 2) & (Y >= 0)).sum() / (Y >= 0).sum())
     assert outside > 0.05  # the check below can fail
     acc = head_accuracy(heads, DraftVocab(ids).head(model.get_output_embeddings()), H, Y, ids)
@@ -188,6 +189,8 @@ def test_cli_train_heads_and_its_bad_input(tmp_path):
     data.write_text('{"prompt": ""}\n')
     assert_user_error(run("train-heads", "--target", target, "--data", str(data), "--out", str(out)), "line 1", "prompt")
     assert_user_error(run("train-heads", "--target", target, "--data", "corpus:x", "--out", str(out)), "corpus:N")
+    assert_user_error(run("train-heads", "--target", target, "--data", str(data), "--out", str(out), "--kind", "eagle"),
+                      "kind must be medusa or hydra")
     data.write_text("".join(json.dumps({"prompt": f"w{5 + i} w{9 + i}"}) + "\n" for i in range(6)))
     reduced = tmp_path / "ranked" / "h"
     assert_user_error(run("train-heads", "--target", target, "--data", str(data), "--out", str(reduced), "--vocab", "16"),
@@ -237,3 +240,144 @@ def test_distill_notes_given_answers_for_an_apar_target(tmp_path):
     (tmp_path / "b").mkdir()
     distill(model, tok, [{"prompt": "w12"}], tmp_path / "b", HeadsTrainConfig(max_new_tokens=4), said.append)
     assert not any("carry an answer" in m for m in said)
+
+
+# --- chained (hydra) heads -------------------------------------------------------------------
+
+
+def random_chained(model, seed=0, num_heads=3, width=24):
+    from apar_spec.drafts.heads import ChainedHeads
+
+    torch.manual_seed(seed)
+    heads = ChainedHeads(model.config.hidden_size, num_heads, width).to(model.dtype)
+    with torch.no_grad():
+        for layer in heads.out:
+            layer.weight.normal_(0, 0.3)
+    return heads
+
+
+def chained_speculator(model, seed=0, **kw):
+    return HeadsSpeculator(random_chained(model, seed, **kw), model.get_output_embeddings(), mask_ids=(CHILD,),
+                           embed=model.get_input_embeddings())
+
+
+@pytest.mark.parametrize("shape", [None] + SHAPES)
+def test_chained_heads_trees_are_lossless_in_greedy(shape):
+    seed = 0 if shape is None else len(shape) % 3
+    model = micro_model("llama", seed=seed)
+    tok = micro_tokenizer()
+    proc = fork_processor(3, 3, salt=seed)
+    kw = dict(max_new_tokens=3000, max_branch_tokens=20, max_depth=3, logits_processor=proc, batch_size=3)
+    for plain_mode, spec_mode in [("ar", "spec"), ("apar", "apar+spec")]:
+        plain = generate(model, tok, PROMPTS, mode=plain_mode, **kw)
+        spec = generate(model, tok, PROMPTS, mode=spec_mode, draft=chained_speculator(model, seed), tree=shape, **kw)
+        for p, s in zip(plain, spec):
+            assert tree_key(s) == tree_key(p)
+            assert s.token_ids == p.token_ids and s.text == p.text
+            assert s.stats.draft_forwards == 0 and s.stats.drafted > 0
+
+
+def reference_chained_tree(heads, lm_head, embed, hidden, pending, shape, masked=(CHILD,)):
+    """Slow reference: expand every node on its own, recursively, from (state, token)."""
+    out_tokens = [None] * len(shape.parents)
+
+    def guesses(state, token, depth):
+        with torch.inference_mode():
+            new = heads.step(depth - 1, state[None], embed(torch.tensor([token])))[0]
+            logits = lm_head(new).float()
+            logits[list(masked)] = float("-inf")
+        return new, logits.argsort(descending=True).tolist()
+
+    def grow(node, state, token, depth):
+        if depth > heads.num_heads:
+            return
+        kids = [i for i, p in enumerate(shape.parents) if p == node]
+        if not kids:
+            return
+        new, order = guesses(state, token, depth)
+        for i in kids:
+            out_tokens[i] = order[shape.ranks[i]]
+            grow(i, new, out_tokens[i], depth + 1)
+
+    grow(-1, hidden, pending, 1)
+    return [t for t in out_tokens if t is not None]
+
+
+@pytest.mark.parametrize("shape", ["chain:3", "topk:2x2", "[[0],[1],[0,0],[1,0],[0,1],[0,0,0]]", "topk:2x4"])
+def test_chained_heads_propose_what_expanding_each_node_alone_gives(shape):
+    from apar_spec.draft_tree import parse_tree
+    from apar_spec.speculator import BranchView
+
+    model = micro_model("llama", seed=4)
+    spec = chained_speculator(model, seed=4)
+    spec.reset(1, model.config.vocab_size)
+    tree = parse_tree(shape)
+    torch.manual_seed(1)
+    views = [BranchView(0, b, None, None, [5, 6 + b], [], tree.depth, tree, torch.randn(model.config.hidden_size).to(model.dtype))
+             for b in range(3)]
+    got = spec.propose(views)
+    for i, v in enumerate(views):
+        want = reference_chained_tree(spec.heads, model.get_output_embeddings(), model.get_input_embeddings(),
+                                      v.hidden, v.tokens[-1], tree)
+        assert got.tokens[i] == want
+        assert got.parents[i] == list(tree.parents[: len(want)])
+    assert len(got.tokens[0]) == min(tree.size, sum(1 for d in tree.depths if d <= 3))  # nodes deeper than 3 heads dropped
+    assert spec.head_calls == min(tree.depth, 3)  # one batched call per depth, over every branch
+
+
+def test_chained_heads_save_reload_and_refuse_an_unknown_kind(tmp_path):
+    from apar_spec.drafts.heads import ChainedHeads
+
+    model, tok = micro_model("llama", seed=1), micro_tokenizer()
+    heads = random_chained(model, width=20)
+    save_heads(heads, tmp_path / "h", {"target": "micro", "hidden_size": 32, "target_fingerprint": target_fingerprint(model)})
+    cfg = json.loads((tmp_path / "h" / "heads.json").read_text())
+    assert cfg["kind"] == "hydra" and cfg["width"] == 20 and cfg["num_heads"] == 3
+    again = load_heads(tmp_path / "h", model, tok)
+    assert isinstance(again, ChainedHeads) and again.width == 20
+    assert torch.allclose(again.out[1].weight, heads.out[1].weight.to(torch.bfloat16).to(model.dtype))
+    spec = resolve(str(tmp_path / "h"), model, tok)
+    assert isinstance(spec, HeadsSpeculator) and spec.embed is model.get_input_embeddings()
+    cfg["kind"] = "eagle9"
+    (tmp_path / "h" / "heads.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown kind 'eagle9'"):
+        load_heads(tmp_path / "h", model, tok)
+    with pytest.raises(ValueError, match="need the target's input embeddings"):
+        HeadsSpeculator(heads, model.get_output_embeddings())
+
+
+def test_medusa_heads_run_only_the_heads_a_shallow_draft_needs():
+    model = micro_model("llama", seed=2)
+    heads = random_heads(model, num_heads=4)
+    ran = []
+    for i, block in enumerate(heads.blocks):
+        block.register_forward_hook(lambda *a, i=i: ran.append(i))
+    generate(model, micro_tokenizer(), PROMPTS[:1], mode="spec", draft=HeadsSpeculator(heads, model.get_output_embeddings()),
+             num_draft_tokens=2, max_new_tokens=12)
+    assert ran and set(ran) == {0, 1}
+
+
+def test_chained_head_training_reduces_the_loss_and_resumes_only_its_kind(tmp_path):
+    from dataclasses import replace
+
+    model, tok, rows = micro_training_setup()
+    cfg = replace(micro_heads_config(steps=60), kind="hydra", width=16)
+    rep = train_heads(model, tok, rows, tmp_path / "h", cfg, target_name="micro")
+    assert rep["val_loss"] < 0.95 * rep["val_loss_start"], (rep["val_loss"], rep["val_loss_start"])
+    saved = json.loads((tmp_path / "h" / "heads.json").read_text())
+    assert saved["kind"] == "hydra" and saved["width"] == 16
+    with pytest.raises(ValueError, match="holds hydra heads, not medusa"):
+        train_heads(model, tok, rows, tmp_path / "h", micro_heads_config(steps=70), target_name="micro")
+    with pytest.raises(ValueError, match="kind must be medusa or hydra"):
+        HeadsTrainConfig(kind="eagle")
+
+
+def test_held_out_split_keeps_whole_sequences_apart():
+    from apar_spec.train_heads import split_held_out
+
+    seq = torch.arange(25).repeat_interleave(4)  # 25 sequences of 4 positions
+    val, tr = split_held_out(seq, torch.Generator().manual_seed(0))
+    assert set(seq[val].tolist()) == {0, 10, 20} and not set(seq[tr].tolist()) & {0, 10, 20}
+    assert len(val) + len(tr) == len(seq)
+    val, tr = split_held_out(torch.zeros(30, dtype=torch.long), torch.Generator().manual_seed(0))  # one sequence
+    assert len(val) == 3 and len(tr) == 27
