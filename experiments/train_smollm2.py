@@ -442,6 +442,10 @@ def stage_heads(answers: Path, work: Path, out: Path, args, kind: str = "medusa"
         if kind == "hydra":
             cfg = HeadsTrainConfig(steps=args.hydra_steps, kind="hydra")
             folder = work / f"hydra-{target}"
+            medusa_cache = work / f"heads-{target}" / "distill.jsonl"
+            if medusa_cache.exists() and not (folder / "distill.jsonl").exists():  # keyed by prompt: reuse its answers
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "distill.jsonl").write_bytes(medusa_cache.read_bytes())
         else:
             cfg = HeadsTrainConfig(steps=args.heads_steps)
             folder = work / f"heads-{target}"
