@@ -258,15 +258,7 @@ class HeadsSpeculator:
         width = max(max((s.width(d) for d in range(1, min(s.depth, K) + 1)), default=1) if s is not None else 1 for s in shapes)
         need = max(min(s.depth if s is not None else views[i].k, K) for s, i in zip(shapes, live))
         h = torch.stack([views[i].hidden for i in live])  # [m, d]
-        logits = self.lm_head(self.heads(h, upto=need)).float()  # [need, m, V or N]
-        if self.vocab is None:
-            logits = logits[..., : self.vocab_size]
-        if self._masked:
-            logits[..., self._masked] = float("-inf")
-        top = logits.topk(min(width, logits.shape[-1]), dim=-1).indices  # [need, m, width]
-        if self.vocab is not None:
-            top = self.vocab.ids.to(top.device)[top]  # columns -> token ids
-        top = top.tolist()
+        top = self._guesses(self.heads(h, upto=need), width)  # [need][m][width]
         self.head_calls += 1
         for row, i in enumerate(live):
             shape, v = shapes[row], views[i]
@@ -282,16 +274,17 @@ class HeadsSpeculator:
                 parents[i].append(p)
         return Proposal(tokens, [None] * len(views), parents)
 
-    def _guesses(self, states: torch.Tensor, width: int) -> list[list[int]]:
-        """Top-``width`` token ids of the LM head on ``states`` [E, d] (masked, vocabulary-mapped)."""
-        logits = self.lm_head(states).float()  # [E, V or N]
+    def _guesses(self, states: torch.Tensor, width: int) -> list:
+        """Top-``width`` token ids of the LM head on ``states`` [..., d] (masked, vocabulary-mapped),
+        as nested lists [...][width]."""
+        logits = self.lm_head(states).float()  # [..., V or N]
         if self.vocab is None:
             logits = logits[..., : self.vocab_size]
         if self._masked:
             logits[..., self._masked] = float("-inf")
-        top = logits.topk(min(width, logits.shape[-1]), dim=-1).indices  # [E, width]
+        top = logits.topk(min(width, logits.shape[-1]), dim=-1).indices  # [..., width]
         if self.vocab is not None:
-            top = self.vocab.ids.to(top.device)[top]
+            top = self.vocab.ids.to(top.device)[top]  # columns -> token ids
         return top.tolist()
 
     def _propose_chained(self, views: list[BranchView], live: list[int], tokens: list[list[int]],
@@ -304,34 +297,29 @@ class HeadsSpeculator:
         state = torch.stack([views[i].hidden for i in live])  # [m, d]: the pending tokens' states
         token = [views[i].tokens[-1] for i in live]
         for depth in range(1, K + 1):
-            want = [(row, node) for row, node in frontier
+            # expand only the frontier nodes that have children at this depth in their shape
+            keep = [j for j, (row, node) in enumerate(frontier)
                     if any(p == node and d == depth for p, d in zip(shapes[row].parents, shapes[row].depths))]
-            if not want:
+            if not keep:
                 break
-            keep = [frontier.index(w) for w in want]
             s_in = state[keep]  # [E, d]
             t_in = torch.tensor([token[j] for j in keep], device=s_in.device)  # [E]
             new = self.heads.step(depth - 1, s_in, self.embed(t_in).to(s_in.dtype))  # [E, d]
-            width = max(shapes[row].width(depth) for row, _ in want)
-            top = self._guesses(new, width)
+            top = self._guesses(new, max(shapes[frontier[j][0]].width(depth) for j in keep))  # [E][width]
             self.head_calls += 1
-            slot = {w: e for e, w in enumerate(want)}
+            slot = {frontier[j]: e for e, j in enumerate(keep)}  # (row, node) -> its expansion
             frontier, rows_state, token = [], [], []
             for row, i in enumerate(live):
                 shape = shapes[row]
+                # layout order is by depth, so every node at this depth lands at its own index
                 for node, (p, d, r) in enumerate(zip(shape.parents, shape.depths, shape.ranks)):
-                    if d != depth or (row, p) not in slot:
-                        continue
-                    e = slot[(row, p)]
-                    if len(tokens[i]) != node:  # layout order is by depth: a node past a gap cannot be placed
-                        continue
-                    tokens[i].append(top[e][r])
-                    parents[i].append(p)
-                    frontier.append((row, node))
-                    rows_state.append(e)
-                    token.append(top[e][r])
-            if not frontier:
-                break
+                    if d == depth:
+                        e = slot[(row, p)]
+                        tokens[i].append(top[e][r])
+                        parents[i].append(p)
+                        frontier.append((row, node))
+                        rows_state.append(e)
+                        token.append(top[e][r])
             state = new[torch.tensor(rows_state, device=new.device)]
         return Proposal(tokens, [None] * len(views), parents)
 
