@@ -424,6 +424,10 @@ def stage_heads(answers: Path, work: Path, out: Path, args, kind: str = "medusa"
 
     everything = (10**9, 10**9)
     rows = heads_prompts(answers, counts=everything if kind == "hydra" else HEADS_PROMPTS)
+    if kind == "hydra" and args.draft_prompts:  # the varied registers too (stories, role-play, how/why ...)
+        from apar_spec.experiments.smollm2_draft_prompts import draft_prompts
+
+        rows += [{"prompt": p.text} for p in draft_prompts()]
     if kind == "hydra":  # the same token ranking as smollm2-heads (this run's, else the shipped one), next to the heads
         from apar_spec.drafts.vocab import VOCAB_FILE
 
@@ -531,6 +535,8 @@ def main(argv=None) -> None:
     ap.add_argument("--draft-lr", type=float, default=2e-3)
     ap.add_argument("--heads-steps", type=int, default=2000)
     ap.add_argument("--hydra-steps", type=int, default=3000)
+    ap.add_argument("--draft-prompts", action=argparse.BooleanOptionalAction, default=True,
+                    help="hydra: also distil on experiments/smollm2_draft_prompts.py (varied registers the adapter never trains on)")
     ap.add_argument("--heads-vocab", type=int, default=8192,
                     help="train the heads against the N most frequent tokens (what smollm2-heads@N proposes from)")
     ap.add_argument("--heads-targets", nargs="*", default=["smollm2-apar"],

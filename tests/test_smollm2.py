@@ -13,6 +13,7 @@ import torch
 
 from apar_spec import smollm2
 from apar_spec.adapter import AdapterError, apply_adapter, base_fingerprint, export_peft
+from apar_spec.experiments.smollm2_draft_prompts import draft_prompts
 from apar_spec.experiments.smollm2_prompts import edit_distance, near_duplicates, training_prompts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,14 +76,24 @@ def test_edit_distance_and_near_duplicate_finder():
     assert len(hits) == 1 and hits[0][1].startswith("How can I improve")
 
 
-def test_no_training_prompt_is_close_to_an_eval_prompt():
+def test_draft_prompts_are_varied_unique_stable_and_apart_from_the_training_prompts():
+    ps = draft_prompts()
+    assert len(ps) >= 700 and {p.kind for p in ps} == {"open", "short"}
+    assert len({p.style for p in ps if p.kind == "open"}) >= 10  # many registers, not one template family
+    assert len({p.id for p in ps}) == len(ps) and len({p.text.lower() for p in ps}) == len(ps)
+    assert draft_prompts() == ps  # a pure function: a resumed distillation skips the right prompts
+    assert not {p.text.lower() for p in ps} & {p.text.lower() for p in training_prompts()}
+
+
+@pytest.mark.parametrize("prompts", [training_prompts, draft_prompts], ids=["training", "draft"])
+def test_no_training_prompt_is_close_to_an_eval_prompt(prompts):
     files = sorted(EVAL.glob("*/question.jsonl")) if EVAL.is_dir() else []
     if not files:
         pytest.skip(f"{EVAL} is absent")
     theirs = [t for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()
               for t in json.loads(line).get("turns", [])]
     assert len(theirs) > 100
-    hits = near_duplicates([p.text for p in training_prompts()], theirs, max_fraction=0.25)
+    hits = near_duplicates([p.text for p in prompts()], theirs, max_fraction=0.25)
     assert hits == [], hits[:5]
 
 
