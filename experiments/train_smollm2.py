@@ -454,7 +454,12 @@ def stage_heads(answers: Path, work: Path, out: Path, args, kind: str = "medusa"
             cfg = HeadsTrainConfig(steps=args.heads_steps)
             folder = work / f"heads-{target}"
         vocab = _heads_vocab(out, args.heads_vocab, model)
-        report = train_heads(model, tokenizer, rows, folder, cfg, target_name=target,
+        mine = rows
+        if kind == "hydra" and target == "smollm2":  # answers.jsonl already holds the base's own greedy answers: reuse them
+            done = [json.loads(line) for line in answers.open(encoding="utf-8") if line.strip()]
+            given = {r["prompt"]: r["answer"] for r in done if r.get("answer")}
+            mine = [{**r, "answer": given[r["prompt"]]} if r["prompt"] in given else r for r in rows]
+        report = train_heads(model, tokenizer, mine, folder, cfg, target_name=target,
                              progress=lambda msg: print(msg, flush=True), vocab=vocab)
         dest = out / target
         dest.mkdir(parents=True, exist_ok=True)

