@@ -415,9 +415,12 @@ def stage_heads(answers: Path, work: Path, out: Path, args, kind: str = "medusa"
     own greedy answers (APAR mode for smollm2-apar: its branches, forks included).
 
     ``kind="medusa"``: smollm2-heads, 300 prompts. ``kind="hydra"``: smollm2-hydra, chained
-    heads distilled on every training prompt (3x the answers: the chained heads gain from more
-    data, where Medusa heads mostly memorised their 300 answers; the distillation is cached per
-    prompt, so a rerun after the Medusa stage only answers the new ones)."""
+    heads distilled on every training prompt and (``--draft-prompts``, the default) the 797
+    draft prompts in other registers: the chained heads gain from more and more varied data,
+    where Medusa heads mostly memorised their 300 answers. The distillation is cached per
+    prompt, so a rerun after the Medusa stage only answers the new ones; for the base
+    (``--heads-targets smollm2``) the training prompts' answers in ``answers.jsonl`` are
+    already its own greedy answers and are used as given."""
     import apar_spec
     from apar_spec import smollm2
     from apar_spec.train_heads import HeadsTrainConfig, train_heads
