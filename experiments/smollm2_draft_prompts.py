@@ -154,10 +154,8 @@ _DIALOGUE = [
 ]
 
 # ---- short answers in new forms (so the drafts also see terse replies)
-_BOOKS = [("Pride and Prejudice", "Jane Austen"), ("Hamlet", "William Shakespeare"), ("1984", "George Orwell"),
-          ("Don Quixote", "Miguel de Cervantes"), ("The Odyssey", "Homer"), ("War and Peace", "Leo Tolstoy"),
-          ("Moby-Dick", "Herman Melville"), ("Frankenstein", "Mary Shelley"), ("Oliver Twist", "Charles Dickens"),
-          ("The Little Prince", "Antoine de Saint-Exupery")]
+_BOOKS = ["Pride and Prejudice", "Hamlet", "1984", "Don Quixote", "The Odyssey", "War and Peace", "Moby-Dick",
+          "Frankenstein", "Oliver Twist", "The Little Prince"]
 _DEFINE = ["serendipity", "photosynthesis", "a peninsula", "an adjective", "a prime number", "a mammal", "a budget",
            "a sonnet", "erosion", "a molecule", "a verb", "humidity", "a hypothesis", "a continent", "a fraction"]
 _CONVERT = ["{n} kilometres in metres", "{n} hours in minutes", "{n} kilograms in grams", "{n} minutes in seconds",
@@ -202,7 +200,7 @@ def draft_prompts(seed: int = 1) -> list[TrainPrompt]:
                      for a, b, t in _DIALOGUE])
 
     short: list[tuple[str, str]] = []
-    for book, _ in _BOOKS:
+    for book in _BOOKS:
         short.append(("fact", rng.choice([f"Who wrote {book}?", f"Name the author of {book}."])))
     for w in _DEFINE:
         short.append(("define", rng.choice([f"Define {w} in one sentence.", f"What is {w}? Answer briefly."])))
