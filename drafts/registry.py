@@ -213,11 +213,24 @@ def vocab_fingerprint(tokenizer, words_only: bool = False) -> tuple[int, str]:
     base (smollm2-apar from smollm2) shares every other id with its base, so one draft
     serves both (the decoder pads or cuts draft logits to the target's width).
     """
-    vocab = tokenizer.get_vocab()
-    if words_only:
-        vocab = {k: v for k, v in vocab.items() if k not in CONTROL_TOKENS}
-    digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:12]
-    return len(vocab), digest
+    key = (len(tokenizer), words_only)
+    try:
+        memo = _FINGERPRINTS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: compute every time
+        memo = {}
+    if key not in memo:
+        vocab = tokenizer.get_vocab()
+        if words_only:
+            vocab = {k: v for k, v in vocab.items() if k not in CONTROL_TOKENS}
+        memo[key] = (len(vocab), hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:12])
+    return memo[key]
+
+
+# tokenizer -> {(its length, words_only): fingerprint}. Why: hashing a 49k-token vocabulary
+# takes ~50 ms, and every ``generate`` call with a named draft checks it (3 times), which a
+# benchmark would time as part of the decode. Keyed by the tokenizer's length, so adding
+# tokens (an adapter's [Fork]/[Child]) gives a new fingerprint; dies with the tokenizer.
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def vocab_fits(draft_fp: str, target_tokenizer) -> bool:

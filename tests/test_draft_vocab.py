@@ -140,3 +140,19 @@ def test_served_reduced_vocab_draft_equals_offline():
         offline = generate(MODEL, TOK, [p], mode="apar+spec", draft=spec(), logits_processor=PROC, **engine.offline_options(m))[0]
         assert [b.token_ids for b in h.result(0).branches] == [b.token_ids for b in offline.branches]
     assert engine.stats.finished == len(prompts)
+
+
+def test_vocab_fingerprint_is_remembered_per_tokenizer_and_follows_added_tokens():
+    """Memoised (a benchmark must not time the hashing), yet a grown vocabulary is a new fingerprint."""
+    from micro import micro_tokenizer
+
+    from apar_spec.drafts.registry import vocab_fingerprint
+
+    tok = micro_tokenizer()
+    first = vocab_fingerprint(tok)
+    assert vocab_fingerprint(tok) == first == vocab_fingerprint(micro_tokenizer())
+    words = vocab_fingerprint(tok, words_only=True)
+    assert words[0] == first[0] - 2  # [Fork]/[Child] left out
+    tok.add_special_tokens({"additional_special_tokens": ["[Fork]", "[Child]", "[Extra]"]})
+    grown = vocab_fingerprint(tok)
+    assert grown[0] == first[0] + 1 and grown[1] != first[1]
