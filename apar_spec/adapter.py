@@ -13,7 +13,8 @@ Files in an adapter folder:
   and ``token_rows`` ``[n_new, hidden]``: the embedding rows of the added tokens (the
   LM head is tied to the embedding in SmolLM2, so the same rows serve both; an untied
   model also gets ``lm_head_rows``);
-- ``adapter.json``: the scale, the added tokens and their ids, and the *fingerprint*
+- ``adapter.json``: the scale, the added tokens and their ids, ``max_depth`` (the fork
+  nesting of the training trees; decoding is capped there), and the *fingerprint*
   of the base the adapter was trained on. Applying it to any other base is refused
   with a one-line error: a LoRA delta on the wrong weights gives plausible garbage.
 """
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from apar_spec.options import TRAINED_DEPTH_KEY
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
@@ -100,6 +103,7 @@ def export_peft(peft_model, tokenizer, out_dir: str | Path, *, base_fp: str, bas
         "new_tokens": new_tokens,
         "new_token_ids": ids,
         "tied_embeddings": tied,
+        **({"max_depth": depth} if isinstance(depth := getattr(peft_model.config, TRAINED_DEPTH_KEY, None), int) else {}),
         **(extra or {}),
     }
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
@@ -175,4 +179,6 @@ def apply_adapter(model, tokenizer, folder: str | Path, *, check_fingerprint: bo
             a = tensors[f"{key}.lora_A"].to(acc)  # [r, in]
             b = tensors[f"{key}.lora_B"].to(acc)  # [out, r]
             w.copy_((w.to(acc) + scale * (b @ a)).to(w.dtype))
+    if isinstance(config.get("max_depth"), int):  # the fork nesting it was trained on caps decoding
+        setattr(model.config, TRAINED_DEPTH_KEY, config["max_depth"])
     return model, tokenizer

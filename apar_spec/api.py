@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from apar_spec.answer_tree import AnswerTree
 from apar_spec.decoder import DecodeResult, Decoder
 from apar_spec.inputs import normalize_prompts
-from apar_spec.options import MODES, DecodeOptions
+from apar_spec.options import MODES, DecodeOptions, model_decode_defaults
 from apar_spec.reassemble import BranchInfo, reading_order, to_answer_tree
 from apar_spec.tokens import find_apar_tokens
 from apar_spec.tree_cache import check_supported
@@ -130,6 +130,7 @@ def generate(
     and ``"apar+spec"`` (a speculator drafts for every active branch; needs
     ``draft``: a registry name, a path/id, a loaded model, or a speculator object).
     ``options``: any field of ``DecodeOptions`` (``max_depth``, ``num_draft_tokens``...);
+    ``max_depth`` defaults to the fork nesting the model records it was trained on, if any;
     ``num_draft_tokens="auto"`` / ``tree="auto"``: the cost model's choice (``cost_model.resolve_auto``).
     ``on_step(requests, tree_cache)``: called after every step with the decoder's live
     requests (their ``branches`` growing) - for live views and tests; must not mutate them.
@@ -144,7 +145,8 @@ def generate(
 
         options = resolve_auto_options(model, tokenizer, mode, draft, options)
     opts = DecodeOptions.build(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, **options
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        **{**model_decode_defaults(model), **options},
     )
     check_supported(model)
     prompt_ids = encode_prompts(tokenizer, prompts, vocab_size=vocab_size_of(model))

@@ -23,7 +23,10 @@ class DecodeOptions:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: Optional[int] = None
-    max_depth: int = 2  # fork nesting: a branch at level >= max_depth may not fork (root = level 0)
+    # Fork nesting: a branch at level >= max_depth may not fork (root = level 0). A model that
+    # records the nesting it was trained on (``model_decode_defaults``) decodes with that
+    # unless the caller gives max_depth; this value is for models that record nothing.
+    max_depth: int = 2
     max_forks_per_branch: int = 16
     max_branch_tokens: Optional[int] = None  # per-branch cap; None = max_new_tokens
     max_live_branches: Optional[int] = None  # memory bound: extra children wait in a queue (never changes tokens)
@@ -84,3 +87,23 @@ class DecodeOptions:
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ValueError(f"unknown option '{key}'{hint}")
         return cls(**kwargs)
+
+
+# The deepest fork nesting a model was trained on, kept in its config (``apar-spec train``
+# writes it; an APAR adapter carries it as ``max_depth`` in adapter.json).
+TRAINED_DEPTH_KEY = "apar_max_depth"
+
+
+def model_decode_defaults(model) -> dict:
+    """Decode options a model records about its own training; the caller's options win.
+
+    Why: a model never trained on nested forks still emits ``[Fork]`` inside a child now
+    and then, and what it writes after such a fork is out of its training distribution
+    (measured on smollm2-apar: stray words right after the nested fork). Capping the
+    nesting at the trained depth keeps every branch in distribution.
+    """
+    depth = getattr(getattr(model, "config", None), TRAINED_DEPTH_KEY, None)
+    if isinstance(depth, int) and not isinstance(depth, bool) and depth >= 1:
+        return {"max_depth": depth}
+    return {}
+

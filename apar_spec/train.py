@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from apar_spec.answer_tree import AnswerTree
 from apar_spec.jsonl import json_objects
+from apar_spec.options import TRAINED_DEPTH_KEY
 from apar_spec.tokens import CHILD_TOKEN, FORK_TOKEN, AparTokens, add_apar_tokens, find_apar_tokens
 
 IGNORE = -100
@@ -566,6 +567,7 @@ class TrainReport:
     num_structured: int = 0
     num_truncated: int = 0
     num_parameters: int = 0
+    fork_depth: int = 0  # deepest fork nesting in the training trees (saved as config.apar_max_depth)
 
 
 def _resolve_model(model, tokenizer):
@@ -670,6 +672,9 @@ def train(
     accelerator = Accelerator(mixed_precision=mixed_precision)
     model, tokenizer = _resolve_model(model, tokenizer)
     apar = add_apar_tokens(model, tokenizer) if mode == "apar" else find_apar_tokens(tokenizer)
+    fork_depth = max((e.tree.depth() for e in examples), default=0)
+    if mode == "apar" and fork_depth >= 1:  # decoding caps fork nesting here (options.model_decode_defaults)
+        setattr(model.config, TRAINED_DEPTH_KEY, fork_depth)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -819,6 +824,7 @@ def train(
         trained_tokens=trained_tokens,
         num_examples=len(examples),
         num_structured=sum(e.structured for e in examples),
+        fork_depth=fork_depth,
         num_truncated=num_truncated,
         num_parameters=sum(p.numel() for p in unwrapped.parameters()),
     )

@@ -82,6 +82,7 @@ Limit = Annotated[Optional[int], typer.Option("--limit", help="At most this many
 PerCategory = Annotated[Optional[int], typer.Option("--per-category", help="At most this many prompts of each category (several prompt files: categories interleaved).")]
 Turn = Annotated[int, typer.Option("--turn", help="Which turn of question.jsonl rows to use (0 = first).")]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Token budget per request, over all branches.")]
+MaxDepth = Annotated[Optional[int], typer.Option("--max-depth", help="Fork nesting cap for apar modes (a branch at this level may not fork; root = 0). Default: the nesting the model was trained on, else 2.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (lossless checks need greedy).")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.")]
 Repeats = Annotated[int, typer.Option("--repeats", help="Timed repeats per (configuration, prompt); the report takes medians.")]
@@ -121,6 +122,7 @@ def generate(
     draft: Annotated[Optional[str], typer.Option("--draft", help="Draft for spec modes: registry name (see `apar-spec drafts list`) or model path.")] = None,
     k: Annotated[int, typer.Option("-k", help="Draft tokens per branch per step.")] = DecodeOptions.num_draft_tokens,
     max_new_tokens: MaxNew = DecodeOptions.max_new_tokens,
+    max_depth: MaxDepth = None,
     temperature: Temperature = DecodeOptions.temperature,
     seed: Seed = DecodeOptions.seed,
     chat_template: ChatTemplate = None,
@@ -152,6 +154,7 @@ def generate(
     kwargs = dict(
         mode=mode, draft=draft_arg, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
         num_draft_tokens=k, max_draft_tokens=max(k, DecodeOptions.max_draft_tokens),
+        **({} if max_depth is None else {"max_depth": max_depth}),
     )
     console = stdout_console()
     with torch_threads(threads, str(loaded.model.device)):
@@ -231,6 +234,7 @@ def bench(
     per_category: PerCategory = None,
     turn: Turn = _bench_default("turn"),
     max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
+    max_depth: MaxDepth = None,
     k: Annotated[str, typer.Option("-k", help="Draft tokens per branch per step (spec, apar+spec, hf-assisted), or 'auto' (the cost model picks).")] = str(_bench_default("k")),
     tree: Annotated[Optional[str], typer.Option("--tree", help="Draft tree per branch for spec/apar+spec: K, chain:K, topk:WxD or a JSON path list.")] = None,
     max_step_tokens: Annotated[Optional[int], typer.Option("--max-step-tokens", help="Cap on the tokens one target forward takes (pending + drafts over all live branches; spec/apar+spec). Default: no cap.")] = None,
@@ -254,7 +258,7 @@ def bench(
     _quiet_transformers()
     settings = _settings(
         target=target, base=base, draft=draft, modes=modes, prompts=prompts, category=category, limit=limit, turn=turn,
-        per_category=per_category, max_new_tokens=max_new_tokens, k=_k_option(k), tree=tree, max_step_tokens=max_step_tokens, temperature=temperature, seed=seed, repeats=repeats,
+        per_category=per_category, max_new_tokens=max_new_tokens, k=_k_option(k), tree=tree, max_step_tokens=max_step_tokens, max_depth=max_depth, temperature=temperature, seed=seed, repeats=repeats,
         warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads, chat_template=chat_template,
         out=out, resume=resume, overwrite=overwrite,
     )
@@ -297,6 +301,7 @@ def sweep(
     per_category: PerCategory = None,
     turn: Turn = _bench_default("turn"),
     max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
+    max_depth: MaxDepth = None,
     temperature: Temperature = _bench_default("temperature"),
     seed: Seed = _bench_default("seed"),
     repeats: Repeats = _bench_default("repeats"),
@@ -321,7 +326,7 @@ def sweep(
     cap_list = _csv(step_caps, "--step-caps", lambda x: None if x.lower() == "none" else int(x))
     settings = _settings(
         target=target, base=base, draft=draft_list[0], modes=modes, prompts=prompts, category=category, limit=limit,
-        per_category=per_category, turn=turn, max_new_tokens=max_new_tokens, k=max(k_list, default=_bench_default("k")), temperature=temperature,
+        per_category=per_category, turn=turn, max_new_tokens=max_new_tokens, max_depth=max_depth, k=max(k_list, default=_bench_default("k")), temperature=temperature,
         seed=seed, repeats=repeats, warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads,
         chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
     )

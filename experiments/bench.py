@@ -59,7 +59,7 @@ import torch
 from apar_spec.api import eos_ids_of, generate
 from apar_spec.hf_baselines import hf_generate
 from apar_spec.loading import resolve_device
-from apar_spec.options import DecodeOptions
+from apar_spec.options import DecodeOptions, model_decode_defaults
 
 from .models import DEFAULT_TARGET, ModelSet, default_draft, encode_prompt, load_models
 from .parallel import Processes, merge_shards, shard_files
@@ -90,6 +90,7 @@ class BenchSettings:
     k: int | str = _D.num_draft_tokens  # "auto": the cost model picks k per configuration (apar_spec.cost_model)
     tree: Optional[str] = _D.tree  # draft tree per branch (parse_tree text); None = a chain of k
     max_step_tokens: Optional[int] = _D.max_step_tokens  # tokens one target forward takes (spec configs); None = no cap
+    max_depth: Optional[int] = None  # fork nesting cap (apar modes); None = the model's trained depth, else DecodeOptions'
     temperature: float = _D.temperature
     top_p: float = _D.top_p
     top_k: int = _D.top_k
@@ -120,7 +121,7 @@ class BenchSettings:
         DecodeOptions.build(  # the decoder's own checks, before anything is loaded
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             num_draft_tokens=self.fixed_k, max_draft_tokens=max(self.fixed_k, _D.max_draft_tokens), tree=self.tree,
-            max_step_tokens=self.max_step_tokens,
+            max_step_tokens=self.max_step_tokens, **self.depth_option,
         )
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0 (got {self.temperature})")
@@ -132,6 +133,11 @@ class BenchSettings:
     @property
     def fixed_k(self) -> int:
         return _D.num_draft_tokens if self.k == "auto" else self.k
+
+    @property
+    def depth_option(self) -> dict:
+        """``max_depth`` for ``generate`` only when given: otherwise the model's own default applies."""
+        return {} if self.max_depth is None else {"max_depth": self.max_depth}
 
     @property
     def draft_name(self) -> str:
@@ -159,6 +165,8 @@ class BenchSettings:
         setup = self.setup()
         if self.device_map is not None:  # only then, so files written before the option keep their id
             setup["device_map"] = self.device_map
+        if self.max_depth is not None:  # likewise
+            setup["max_depth"] = self.max_depth
         return hashlib.sha1(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -546,7 +554,7 @@ class _Runner:
             gen = generate(
                 loaded.model, loaded.tokenizer, [ids], mode=v.config, draft=draft.arg if draft else None,
                 max_new_tokens=s.max_new_tokens, num_draft_tokens=k, max_draft_tokens=max(k, _D.max_draft_tokens),
-                tree=v.tree if draft else None, max_step_tokens=v.step_cap if draft else None, **sampling,
+                tree=v.tree if draft else None, max_step_tokens=v.step_cap if draft else None, **sampling, **s.depth_option,
             )[0]
             _sync(device)
             wall = time.perf_counter() - start
@@ -582,6 +590,11 @@ def _hf_stats(run, tokens: int) -> dict:
     }
 
 
+def _fork_depth(model, s: BenchSettings) -> int:
+    """The fork nesting cap an apar row decoded with: the given one, the model's trained one, or the default."""
+    return s.max_depth if s.max_depth is not None else model_decode_defaults(model).get("max_depth", _D.max_depth)
+
+
 def make_row(runner: _Runner, v: Variant, prompt: Prompt, repeat: int, model: str, prompt_tokens: int,
              out_ids: list[int], text: str, wall: float, stats: dict, extra: dict) -> dict:
     """One JSONL row. ``tokens`` = tokens generated over all branches ([Fork] and EOS count,
@@ -604,6 +617,7 @@ def make_row(runner: _Runner, v: Variant, prompt: Prompt, repeat: int, model: st
         "k": v.k,
         "tree": v.tree,
         "max_step_tokens": v.step_cap,
+        "max_depth": _fork_depth(runner.ms.for_config(v.config).model, s) if v.config in ("apar", "apar+spec") else None,
         "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens,
         "device": runner.ms.device,

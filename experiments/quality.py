@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from apar_spec.options import DecodeOptions, model_decode_defaults
+
 from .prompts import Prompt
 
 _ITEM = re.compile(r"^(\d{1,3})\.\s+(.*)$")
@@ -216,6 +218,7 @@ def run_quality(
     sides_count: int = 10,
     ar_only: bool = False,
     control_dtype: Optional[str] = None,
+    max_depth: Optional[int] = None,
     progress=None,
 ) -> QualitySummary:
     """Greedy base AR and target APAR answers for every prompt (batched), then NLL under the base.
@@ -229,6 +232,10 @@ def run_quality(
     judged like the others. They are the same model's answers, differing only where
     rounding flips a near-tie, so their ratio (``nll_ratio_control``) is what the metric
     gives an answer of unchanged quality.
+
+    ``max_depth``: the fork nesting cap of the APAR answers (None: the target's trained
+    nesting, else the decoder's default); rows record the cap used, and resume only
+    reuses rows decoded under the same cap.
     """
     import apar_spec
 
@@ -238,8 +245,14 @@ def run_quality(
     ar_path = out.with_suffix(".ar.jsonl") if out is not None else None
     ar_done = {str(r["prompt_id"]): r for r in _read_jsonl(ar_path)
                if r.get("base") == short_name(base) and r.get("max_new_tokens") == max_new_tokens}
+    tm = tt = None
+    depth = max_depth
+    if not ar_only:  # loaded first: its trained fork nesting decides which saved rows still count
+        tm, tt = apar_spec.load(target, dtype=dtype)
+        depth = max_depth if max_depth is not None else model_decode_defaults(tm).get("max_depth", DecodeOptions.max_depth)
     done = {str(r["prompt_id"]): r for r in _read_jsonl(out)
-            if r.get("kind") == "quality" and r.get("target") == short_name(target) and r.get("max_new_tokens") == max_new_tokens}
+            if r.get("kind") == "quality" and r.get("target") == short_name(target) and r.get("max_new_tokens") == max_new_tokens
+            and (depth is None or r.get("max_depth", DecodeOptions.max_depth) == depth)}  # rows before the cap: the default
     bm = bt = None
     ar_todo = [p for p in prompts if p.id not in ar_done and p.id not in done]
     if ar_todo:
@@ -264,7 +277,6 @@ def run_quality(
     if todo:
         if bm is None:
             bm, bt = apar_spec.load(base, dtype=dtype)
-        tm, tt = apar_spec.load(target, dtype=dtype)
         b_loaded, t_loaded = Loaded(short_name(base), bm, bt), Loaded(short_name(target), tm, tt)
         f = out.open("a", encoding="utf-8") if out is not None else None
         try:
@@ -272,7 +284,8 @@ def run_quality(
                 chunk = todo[start : start + batch_size]
                 b_ids = [encode_prompt(b_loaded, p.text) for p in chunk]
                 t_ids = [encode_prompt(t_loaded, p.text) for p in chunk]
-                ap = apar_spec.generate(tm, tt, t_ids, mode="apar", max_new_tokens=max_new_tokens, batch_size=len(chunk))
+                ap = apar_spec.generate(tm, tt, t_ids, mode="apar", max_new_tokens=max_new_tokens, batch_size=len(chunk),
+                                       max_depth=depth)
                 nll_ap = mean_nll(bm, bt, b_ids, [g.text for g in ap])
                 for p, g, ng in zip(chunk, ap, nll_ap):
                     a = ar_done[p.id]
@@ -280,7 +293,7 @@ def run_quality(
                     row = {
                         "kind": "quality", "prompt_id": p.id, "category": p.category, "target": t_loaded.name,
                         "base": b_loaded.name, "dtype": str(tm.dtype).removeprefix("torch."),
-                        "max_new_tokens": max_new_tokens, "forked": g.forked, "branches": len(g.branches),
+                        "max_new_tokens": max_new_tokens, "max_depth": depth, "forked": g.forked, "branches": len(g.branches),
                         "ar_steps": a["ar_steps"], "apar_steps": g.stats.target_steps,
                         "steps_ratio": g.stats.target_steps / max(1, a["ar_steps"]),
                         "ar_tokens": a["ar_tokens"], "apar_tokens": g.stats.tokens_generated,

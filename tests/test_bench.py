@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from micro import WORDS, micro_model, micro_tokenizer
 
+from apar_spec.options import DecodeOptions
 from apar_spec.experiments.bench import BenchSettings, CONFIGS, compare, parse_modes, read_rows, sweep
 
 FAST = dict(max_new_tokens=8, repeats=1, warmup=0, limit=2)
@@ -95,6 +96,11 @@ def test_compare_writes_one_row_per_config_prompt_repeat(micro, tmp_path):
     assert ar["mean_acceptance_length"] == 1.0 and ar["drafted"] == 0
     hf = by[("hf-generate", "p1", 0)]
     assert hf["target_steps"] == hf["tokens"] and hf["peak_live_kv"] is None and hf["hf"]["do_sample"] is False
+    assert by[("apar", "p1", 0)]["max_depth"] == DecodeOptions.max_depth and ar["max_depth"] is None  # the cap apar ran under
+    capped = settings(micro, tmp_path / "capped", modes="apar", max_depth=1)
+    assert capped.setup_id() != settings(micro, tmp_path / "capped", modes="apar").setup_id()
+    compare(capped)
+    assert {r["max_depth"] for r in read_rows(capped.out)} == {1}
 
 
 def test_base_model_runs_the_sequential_configs(micro, tmp_path):

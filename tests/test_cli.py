@@ -81,6 +81,7 @@ def test_generate_bad_input(micro):
     assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "spec", "--draft", micro["alien"]),
                       "does not fit the target's vocabulary")
     assert_user_error(run("generate", "hi", "--model", micro["target"], "--chat-template"), "has no chat template")
+    assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--max-depth", "-1"), "max_depth")
 
 
 def test_bench_resume_and_report(micro, tmp_path):

@@ -124,6 +124,32 @@ def test_nested_forks_equal_reference_and_respect_max_depth():
         assert max(len(p) for p in ref) == depth  # nesting reaches max_depth and never exceeds it
 
 
+def test_a_model_records_its_trained_fork_depth_and_the_caller_can_override_it():
+    """``config.apar_max_depth`` (written by training / an adapter) caps nesting like max_depth;
+    an explicit max_depth still wins, and a model without it keeps DecodeOptions' default."""
+    model = micro_model("llama", seed=6)
+    kw = dict(max_new_tokens=4000, max_branch_tokens=30, logits_processor=fork_processor(3, 9, salt=6))
+
+    def nesting(**extra):
+        g = generate(model, micro_tokenizer(), [PROMPTS[0]], mode="apar", **kw, **extra)[0]
+        level = {b.id: 0 if b.parent is None else None for b in g.branches}
+        for b in g.branches:  # parents come before their children
+            if b.parent is not None:
+                level[b.id] = level[b.parent] + 1
+        return max(level.values()), g.token_ids
+
+    default_depth, default_ids = nesting()
+    assert default_depth == DecodeOptions.max_depth
+    model.config.apar_max_depth = 1
+    try:
+        recorded, recorded_ids = nesting()
+        explicit, explicit_ids = nesting(max_depth=3)
+    finally:
+        del model.config.apar_max_depth
+    assert recorded == 1 and recorded_ids == nesting(max_depth=1)[1] != default_ids
+    assert explicit == 3 and explicit_ids == nesting(max_depth=3)[1]
+
+
 def test_batched_requests_and_live_branch_bound_do_not_change_tokens():
     model = micro_model("llama", seed=1)
     base = dict(max_new_tokens=2000, max_depth=2, max_branch_tokens=24, logits_processor=fork_processor(4, 3, salt=1))

@@ -155,6 +155,24 @@ def test_adapter_applies_and_gives_the_fine_tuned_logits(tmp_path):
     assert fresh.lm_head.weight.data_ptr() == fresh.model.embed_tokens.weight.data_ptr()  # still tied
 
 
+def test_adapter_carries_the_trained_fork_depth(tmp_path):
+    """export_peft writes the model's recorded nesting; apply_adapter puts it back on the config."""
+    import json
+
+    from apar_spec.options import model_decode_defaults
+
+    model, tok, apar = _trained_peft(tmp_path)
+    assert "max_depth" not in json.loads((tmp_path / "ad" / "adapter.json").read_text())  # nothing recorded, nothing written
+    model.config.apar_max_depth = 1
+    export_peft(model, tok, tmp_path / "ad1", base_fp=base_fingerprint(_tiny_llama(0)[0]), base_name="tiny",
+                new_tokens=["[Fork]", "[Child]"], dtype=torch.float64)
+    assert json.loads((tmp_path / "ad1" / "adapter.json").read_text())["max_depth"] == 1
+    fresh, fresh_tok = _tiny_llama(0)
+    assert model_decode_defaults(fresh) == {}
+    apply_adapter(fresh, fresh_tok, tmp_path / "ad1")
+    assert model_decode_defaults(fresh) == {"max_depth": 1}
+
+
 def test_adapter_refuses_a_wrong_base(tmp_path):
     _trained_peft(tmp_path)
     other, tok = _tiny_llama(7)  # same shapes, other weights

@@ -228,6 +228,8 @@ def test_micro_training_loss_goes_down_and_reloads(tmp_path, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert find_apar_tokens(tok) == find_apar_tokens(tokenizer)
+    deepest = max(AnswerTree.from_dict(r["tree"]).depth() for r in micro_rows())
+    assert report.fork_depth == deepest >= 1 and model.config.apar_max_depth == deepest  # decoding caps nesting there
     assert tok.apply_chat_template([{"role": "user", "content": "q"}], add_generation_prompt=True, tokenize=False) == format_prompt("q")
     ex = read_examples(data)[0]
     from apar_spec.train import pack_example

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from apar_spec.decoder import DecodeResult, Decoder, Request
-from apar_spec.options import MODES, DecodeOptions
+from apar_spec.options import MODES, DecodeOptions, model_decode_defaults
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class Engine:
         if kv_budget is not None and kv_budget < 1:
             raise ValueError(f"kv_budget must be >= 1 slot or None (got {kv_budget})")
         check_supported(model)
-        opts = DecodeOptions.build(**options)
+        opts = DecodeOptions.build(**{**model_decode_defaults(model), **options})
         if opts.max_branch_tokens is None:
             opts.max_branch_tokens = opts.max_new_tokens
         self.model, self.tokenizer, self.mode, self.opts = model, tokenizer, mode, opts
