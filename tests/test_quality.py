@@ -33,6 +33,12 @@ def test_quality_pass_with_a_control_resumes_without_decoding_again(tmp_path, mo
     assert [r["nll_control"] for r in again.rows] == [r["nll_control"] for r in s.rows]
     without = run_quality("tiny-apar", "tiny-base", ps, **{**kw, "control_dtype": None})
     assert math.isnan(without.by_category["all"]["nll_ratio_control"])
+    # rows record the fork nesting cap they were decoded under (tiny-apar records none: the default 2);
+    # only rows of the same cap are reused
+    assert {r["max_depth"] for r in s.rows} == {2}
+    assert len(run_quality("tiny-apar", "tiny-base", ps, **kw, max_depth=2).rows) == 4  # read back, not decoded
+    with pytest.raises(pytest.fail.Exception, match="decoded again"):
+        run_quality("tiny-apar", "tiny-base", ps, **kw, max_depth=1)
 
 
 def test_cli_quality_refuses_an_unknown_control_dtype(tmp_path):
