@@ -753,7 +753,7 @@ def default_profile(kind: str, draft_name: Optional[str] = None) -> Profile:
 
             entry = registry.lookup(draft_name)
             if entry.acceptance_length:
-                k = getattr(entry, "acceptance_k", None) or 4
+                k = entry.acceptance_k or 4
                 return Profile.from_acceptance_length(entry.acceptance_length, k, f"registry: {draft_name} acceptance length {entry.acceptance_length:.2f}")
         except (ValueError, ImportError):
             pass

@@ -38,6 +38,9 @@ class DraftEntry:
     targets: list[str] = field(default_factory=list)  # models it is meant for
     notes: str = ""
     acceptance_length: Optional[float] = None  # measured mean acceptance length (incl. bonus), if known
+    # the chain length acceptance_length was measured at: the cost model fits its acceptance
+    # profile there (cost_model.default_profile); None = 4
+    acceptance_k: Optional[int] = None
     draft_vocab: Optional[int] = None  # propose only the N most frequent tokens (drafts/vocab.py); None = all
     source: str = "built-in"
 
@@ -56,6 +59,7 @@ BUILTIN = [
         notes="embedded 2-layer draft trained on the APAR corpus; shares the embedded tokenizer; "
         "acceptance measured with tiny-apar (apar+spec, k=4, built-in prompts)",
         acceptance_length=4.0,
+        acceptance_k=4,
     ),
     DraftEntry(
         name="tiny-heads",
@@ -67,6 +71,7 @@ BUILTIN = [
         notes="Medusa-1 heads, self-distilled (apar-spec train-heads): 6 for tiny-apar, 4 for tiny-base; no draft "
         "forward; acceptance measured with tiny-apar (apar+spec, 7-node tree [[0],[1],[0,0],...,[0]*6], built-in prompts)",
         acceptance_length=3.6,
+        acceptance_k=6,  # its 7-node tree is a chain of 6 plus one sibling
     ),
     DraftEntry(
         name="smollm2-draft",
@@ -80,6 +85,7 @@ BUILTIN = [
         "Acceptance measured with smollm2-apar (apar+spec, k=3, greedy, bf16, 18 list-style Vicuna/MT-bench prompts, "
         "384 tokens; 1.32 for spec on smollm2); on a CPU the heads pay more (see the model cards)",
         acceptance_length=1.36,
+        acceptance_k=3,
         draft_vocab=8192,
     ),
     DraftEntry(
@@ -95,6 +101,7 @@ BUILTIN = [
         "with smollm2-apar (apar+spec, k=3, greedy, bf16, 18 list-style Vicuna/MT-bench prompts, 384 tokens; 1.21 for "
         "spec on smollm2)",
         acceptance_length=1.25,
+        acceptance_k=3,
         draft_vocab=8192,
     ),
     DraftEntry(
@@ -111,6 +118,7 @@ BUILTIN = [
         "prompts, 384 tokens; 1.40 at k=1); with smollm2 (spec, k=3, 18 of those prompts): 1.53. Fastest shape measured "
         "for smollm2-apar: --tree '[[0],[1],[0,0],[0,0,0]]' (acceptance 1.68; 2.08x HF generate against 2.00x for k=3)",
         acceptance_length=1.55,
+        acceptance_k=3,
         draft_vocab=8192,
     ),
     DraftEntry(

@@ -160,6 +160,14 @@ def test_geometric_profile_fitted_to_an_acceptance_length():
         assert expected_accepted(chain(k), prof) + 1 == pytest.approx(length, abs=1e-6)
     assert "tiny-draft" in cm.default_profile("model", "tiny-draft").source
     assert cm.default_profile("ngram").table[0][0] == cm.DEFAULT_ALPHA["ngram"]
+    # a registry acceptance length is fitted at the chain length it was measured at
+    from apar_spec.drafts import registry
+
+    for name in ("smollm2-hydra", "tiny-heads", "tiny-draft"):
+        entry = registry.get(name)
+        assert entry.acceptance_k is not None
+        prof = cm.default_profile("heads", name)
+        assert expected_accepted(chain(entry.acceptance_k), prof) + 1 == pytest.approx(entry.acceptance_length, abs=1e-6)
 
 
 # ------------------------------------------------------------------ measuring and the cache
