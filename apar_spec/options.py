@@ -107,3 +107,11 @@ def model_decode_defaults(model) -> dict:
         return {"max_depth": depth}
     return {}
 
+
+def fork_depth(model, max_depth: Optional[int] = None) -> int:
+    """The fork nesting cap a decode of ``model`` runs under: ``max_depth`` if given, else the
+    model's recorded one, else ``DecodeOptions.max_depth`` (what ``generate`` resolves)."""
+    if max_depth is not None:
+        return max_depth
+    return model_decode_defaults(model).get("max_depth", DecodeOptions.max_depth)
+

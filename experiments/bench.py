@@ -59,7 +59,7 @@ import torch
 from apar_spec.api import eos_ids_of, generate
 from apar_spec.hf_baselines import hf_generate
 from apar_spec.loading import resolve_device
-from apar_spec.options import DecodeOptions, model_decode_defaults
+from apar_spec.options import DecodeOptions, fork_depth
 
 from .models import DEFAULT_TARGET, ModelSet, default_draft, encode_prompt, load_models
 from .parallel import Processes, merge_shards, shard_files
@@ -590,11 +590,6 @@ def _hf_stats(run, tokens: int) -> dict:
     }
 
 
-def _fork_depth(model, s: BenchSettings) -> int:
-    """The fork nesting cap an apar row decoded with: the given one, the model's trained one, or the default."""
-    return s.max_depth if s.max_depth is not None else model_decode_defaults(model).get("max_depth", _D.max_depth)
-
-
 def make_row(runner: _Runner, v: Variant, prompt: Prompt, repeat: int, model: str, prompt_tokens: int,
              out_ids: list[int], text: str, wall: float, stats: dict, extra: dict) -> dict:
     """One JSONL row. ``tokens`` = tokens generated over all branches ([Fork] and EOS count,
@@ -617,7 +612,7 @@ def make_row(runner: _Runner, v: Variant, prompt: Prompt, repeat: int, model: st
         "k": v.k,
         "tree": v.tree,
         "max_step_tokens": v.step_cap,
-        "max_depth": _fork_depth(runner.ms.for_config(v.config).model, s) if v.config in ("apar", "apar+spec") else None,
+        "max_depth": fork_depth(runner.ms.for_config(v.config).model, s.max_depth) if v.config in ("apar", "apar+spec") else None,
         "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens,
         "device": runner.ms.device,

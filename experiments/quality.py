@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from apar_spec.options import DecodeOptions, model_decode_defaults
+from apar_spec.options import DecodeOptions, fork_depth
 
 from .prompts import Prompt
 
@@ -249,7 +249,7 @@ def run_quality(
     depth = max_depth
     if not ar_only:  # loaded first: its trained fork nesting decides which saved rows still count
         tm, tt = apar_spec.load(target, dtype=dtype)
-        depth = max_depth if max_depth is not None else model_decode_defaults(tm).get("max_depth", DecodeOptions.max_depth)
+        depth = fork_depth(tm, max_depth)
     done = {str(r["prompt_id"]): r for r in _read_jsonl(out)
             if r.get("kind") == "quality" and r.get("target") == short_name(target) and r.get("max_new_tokens") == max_new_tokens
             and (depth is None or r.get("max_depth", DecodeOptions.max_depth) == depth)}  # rows before the cap: the default
