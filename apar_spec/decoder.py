@@ -51,7 +51,8 @@ class Branch:
     tokens: list[int] = field(default_factory=list)  # committed; children start with the forced [Child]
     nodes: list[int] = field(default_factory=list)  # target-cache nodes of tokens[:len(nodes)]
     forks: int = 0
-    finish: Optional[str] = None  # "eos" | "length" (per-branch cap) | "budget" (request cap) | "context"
+    # "eos" | "length" (per-branch cap) | "budget" (request cap) | "context" | "depth" (asked to fork at the cap)
+    finish: Optional[str] = None
     active: bool = False  # False while queued or finished
     k: int = 0  # draft length asked for next step
     is_child: bool = False
@@ -460,14 +461,28 @@ class Decoder:
         return logits
 
     def may_fork(self, b: Branch, s: RuleState) -> bool:
+        """Whether [Fork] stays in the branch's distribution (a fork by a child at the depth
+        cap under ``depth_cap="end"`` ends that child instead of spawning one)."""
         return (
             self.fork_enabled
             and s.prev not in (self.apar.fork_id, self.apar.child_id)
-            and b.level < self.opts.max_depth
+            and (b.level < self.opts.max_depth or self.ends_at_cap(b))
             and s.forks < self.opts.max_forks_per_branch
             # the [Fork] must be followed by at least one more parent step, so its KV exists for the child
             and self.branch_cap - s.generated > 1
         )
+
+    def ends_at_cap(self, b: Branch) -> bool:
+        return b.is_child and b.level >= self.opts.max_depth and self.opts.depth_cap == "end"
+
+    def settled_length(self, b: Branch) -> int:
+        """How many of ``b``'s tokens no later step can take back (what a stream may send):
+        all of them, except in a running child at the depth cap under ``depth_cap="end"``
+        the line since its last line break, which a [Fork] would cut."""
+        if b.finish is not None or not self.ends_at_cap(b):
+            return len(b.tokens)
+        j = last_line_start(b.tokens, self.apar.line_break_ids, 1, len(b.tokens))
+        return len(b.tokens) if j is None else j
 
     def choose(self, processed: torch.Tensor) -> int:
         """One token from rule-processed logits ``[1, V]`` (greedy or sampled)."""
@@ -484,14 +499,13 @@ class Decoder:
                 break
             b.tokens.append(tok)
             r.budget -= 1
-            if self.apar is not None and tok == self.apar.fork_id:
+            is_fork = self.apar is not None and tok == self.apar.fork_id
+            if is_fork and self.ends_at_cap(b):
+                b.finish = "depth"
+                cut_to_last_line(b.tokens, self.apar.line_break_ids, start=1)
+            elif is_fork:
                 self.spawn_child(r, b)
-            if tok in self.eos_ids:
-                b.finish = "eos"
-            elif b.generated >= self.branch_cap:
-                b.finish = "length"
-            elif self.max_pos is not None and len(r.prompt) + self.depth(r, b, len(b.tokens)) >= self.max_pos:
-                b.finish = "context"
+            b.finish = b.finish or self.end_reason(r, b, tok)
             if b.finish is not None:
                 b.active = False
                 break
@@ -500,6 +514,16 @@ class Decoder:
         # Accepted drafts after a cut (EOS/cap) are not the branch's: keep nodes consistent.
         del b.nodes[len(b.tokens) :]
         del b.logits[b.generated :]
+
+    def end_reason(self, r: Request, b: Branch, tok: int) -> Optional[str]:
+        """Why the branch ends at its newest token ``tok``, or None."""
+        if tok in self.eos_ids:
+            return "eos"
+        if b.generated >= self.branch_cap:
+            return "length"
+        if self.max_pos is not None and len(r.prompt) + self.depth(r, b, len(b.tokens)) >= self.max_pos:
+            return "context"
+        return None
 
     def depth(self, r: Request, b: Branch, upto: int) -> int:
         """Nodes between the prompt and ``b.tokens[upto - 1]`` (itself included): its position - prompt length + 1."""
@@ -588,6 +612,23 @@ class Decoder:
         garbage = tc.num_slots - max(counts, default=0)
         if garbage > 0 and garbage >= self.opts.compact_threshold * tc.num_slots:
             tc.compact([self.live_nodes(r, need) for r, need in zip(live, needs)])
+
+
+def last_line_start(tokens: list[int], line_breaks: frozenset[int], start: int, end: int) -> Optional[int]:
+    """Index of the first token of the last run of line-break tokens in ``tokens[start:end]``
+    (a blank line is often two tokens), or None if there is none."""
+    j = next((i for i in range(end - 1, start - 1, -1) if tokens[i] in line_breaks), None)
+    while j is not None and j > start and tokens[j - 1] in line_breaks:
+        j -= 1
+    return j
+
+
+def cut_to_last_line(tokens: list[int], line_breaks: frozenset[int], start: int) -> None:
+    """Drop, in place, a branch's trailing [Fork] and the unfinished line before it, from
+    its last line break on (tokens before ``start`` are kept). No line break: only the
+    [Fork] goes."""
+    j = last_line_start(tokens, line_breaks, start, len(tokens) - 1)
+    del tokens[len(tokens) - 1 if j is None else j :]
 
 
 # ------------------------------------------------------------------- draft trees

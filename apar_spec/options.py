@@ -8,6 +8,7 @@ from typing import Callable, Optional, Union
 import torch
 
 MODES = ("ar", "apar", "spec", "apar+spec")
+DEPTH_CAP_POLICIES = ("end", "mask")  # DecodeOptions.depth_cap
 
 # (context token ids incl. the node's own token, logits [vocab]) -> logits [vocab].
 # Must depend only on the branch's own context (DESIGN.md: outputs must not depend on scheduling).
@@ -27,6 +28,13 @@ class DecodeOptions:
     # records the nesting it was trained on (``model_decode_defaults``) decodes with that
     # unless the caller gives max_depth; this value is for models that record nothing.
     max_depth: int = 2
+    # What a *child* at max_depth does when its model asks for [Fork]. Such a child has run
+    # past its own item into the next one (it has just written a sibling's title, which its
+    # parent writes too). "end": end the child there and drop that unfinished line (back to
+    # its last line break). "mask": forbid the [Fork] and take the best other token - the
+    # model's output under the constraint, measured on smollm2-apar as stray words ("Convell
+    # The system ...") and repeated items. A root branch at the cap always masks.
+    depth_cap: str = "end"
     max_forks_per_branch: int = 16
     max_branch_tokens: Optional[int] = None  # per-branch cap; None = max_new_tokens
     max_live_branches: Optional[int] = None  # memory bound: extra children wait in a queue (never changes tokens)
@@ -54,6 +62,8 @@ class DecodeOptions:
             raise ValueError(f"max_branch_tokens must be > 0 or None (got {self.max_branch_tokens})")
         if self.max_depth < 0 or self.max_forks_per_branch < 0:
             raise ValueError("max_depth and max_forks_per_branch must be >= 0")
+        if self.depth_cap not in DEPTH_CAP_POLICIES:
+            raise ValueError(f"depth_cap must be one of {', '.join(DEPTH_CAP_POLICIES)} (got {self.depth_cap!r})")
         if self.max_live_branches is not None and self.max_live_branches < 1:
             raise ValueError(f"max_live_branches must be >= 1 or None (got {self.max_live_branches})")
         if self.batch_size < 1:

@@ -47,10 +47,11 @@ def reference_decode(
             if apar is not None:
                 processed[apar.child_id] = float("-inf")
                 generated = len(b.tokens) - len(first)
+                ends_child = level > 0 and level >= opts.max_depth and opts.depth_cap == "end"
                 allowed = (
                     fork_enabled
                     and seq[-1] not in (apar.fork_id, apar.child_id)
-                    and level < opts.max_depth
+                    and (level < opts.max_depth or ends_child)
                     and forks < opts.max_forks_per_branch
                     and cap - generated > 1
                 )
@@ -58,6 +59,14 @@ def reference_decode(
                     processed[apar.fork_id] = float("-inf")
             tok = int(processed.argmax())
             b.tokens.append(tok)
+            if apar is not None and tok == apar.fork_id and level > 0 and level >= opts.max_depth:
+                # a child at the depth cap asked to fork: it ends, minus the line it had begun
+                breaks = [i for i, t in enumerate(b.tokens[:-1]) if t in apar.line_break_ids and i >= len(first)]
+                while len(breaks) > 1 and breaks[-2] == breaks[-1] - 1:  # a run of line breaks goes whole
+                    breaks.pop()
+                b.tokens = b.tokens[: breaks[-1]] if breaks else b.tokens[:-1]
+                b.logits = b.logits[: len(b.tokens) - len(first)]
+                return
             if apar is not None and tok == apar.fork_id:
                 forks += 1
                 run(path + (len(b.tokens) - 1,), context + b.tokens, [apar.child_id], level + 1)

@@ -83,6 +83,7 @@ PerCategory = Annotated[Optional[int], typer.Option("--per-category", help="At m
 Turn = Annotated[int, typer.Option("--turn", help="Which turn of question.jsonl rows to use (0 = first).")]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Token budget per request, over all branches.")]
 MaxDepth = Annotated[Optional[int], typer.Option("--max-depth", help="Fork nesting cap for apar modes (a branch at this level may not fork; root = 0). Default: the nesting the model was trained on, else 2.")]
+DepthCap = Annotated[Optional[str], typer.Option("--depth-cap", help="What a child at the --max-depth cap does when it asks for [Fork]: end (it ends, minus the line it began) or mask (it writes on). Default: end.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (lossless checks need greedy).")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.")]
 Repeats = Annotated[int, typer.Option("--repeats", help="Timed repeats per (configuration, prompt); the report takes medians.")]
@@ -123,6 +124,7 @@ def generate(
     k: Annotated[int, typer.Option("-k", help="Draft tokens per branch per step.")] = DecodeOptions.num_draft_tokens,
     max_new_tokens: MaxNew = DecodeOptions.max_new_tokens,
     max_depth: MaxDepth = None,
+    depth_cap: DepthCap = None,
     temperature: Temperature = DecodeOptions.temperature,
     seed: Seed = DecodeOptions.seed,
     chat_template: ChatTemplate = None,
@@ -155,6 +157,7 @@ def generate(
         mode=mode, draft=draft_arg, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
         num_draft_tokens=k, max_draft_tokens=max(k, DecodeOptions.max_draft_tokens),
         **({} if max_depth is None else {"max_depth": max_depth}),
+        **({} if depth_cap is None else {"depth_cap": depth_cap}),
     )
     console = stdout_console()
     with torch_threads(threads, str(loaded.model.device)):
@@ -235,6 +238,7 @@ def bench(
     turn: Turn = _bench_default("turn"),
     max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
     max_depth: MaxDepth = None,
+    depth_cap: DepthCap = None,
     k: Annotated[str, typer.Option("-k", help="Draft tokens per branch per step (spec, apar+spec, hf-assisted), or 'auto' (the cost model picks).")] = str(_bench_default("k")),
     tree: Annotated[Optional[str], typer.Option("--tree", help="Draft tree per branch for spec/apar+spec: K, chain:K, topk:WxD or a JSON path list.")] = None,
     max_step_tokens: Annotated[Optional[int], typer.Option("--max-step-tokens", help="Cap on the tokens one target forward takes (pending + drafts over all live branches; spec/apar+spec). Default: no cap.")] = None,
@@ -258,7 +262,7 @@ def bench(
     _quiet_transformers()
     settings = _settings(
         target=target, base=base, draft=draft, modes=modes, prompts=prompts, category=category, limit=limit, turn=turn,
-        per_category=per_category, max_new_tokens=max_new_tokens, k=_k_option(k), tree=tree, max_step_tokens=max_step_tokens, max_depth=max_depth, temperature=temperature, seed=seed, repeats=repeats,
+        per_category=per_category, max_new_tokens=max_new_tokens, k=_k_option(k), tree=tree, max_step_tokens=max_step_tokens, max_depth=max_depth, depth_cap=depth_cap, temperature=temperature, seed=seed, repeats=repeats,
         warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads, chat_template=chat_template,
         out=out, resume=resume, overwrite=overwrite,
     )
@@ -302,6 +306,7 @@ def sweep(
     turn: Turn = _bench_default("turn"),
     max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
     max_depth: MaxDepth = None,
+    depth_cap: DepthCap = None,
     temperature: Temperature = _bench_default("temperature"),
     seed: Seed = _bench_default("seed"),
     repeats: Repeats = _bench_default("repeats"),
@@ -326,7 +331,7 @@ def sweep(
     cap_list = _csv(step_caps, "--step-caps", lambda x: None if x.lower() == "none" else int(x))
     settings = _settings(
         target=target, base=base, draft=draft_list[0], modes=modes, prompts=prompts, category=category, limit=limit,
-        per_category=per_category, turn=turn, max_new_tokens=max_new_tokens, max_depth=max_depth, k=max(k_list, default=_bench_default("k")), temperature=temperature,
+        per_category=per_category, turn=turn, max_new_tokens=max_new_tokens, max_depth=max_depth, depth_cap=depth_cap, k=max(k_list, default=_bench_default("k")), temperature=temperature,
         seed=seed, repeats=repeats, warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads,
         chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
     )

@@ -91,6 +91,7 @@ class BenchSettings:
     tree: Optional[str] = _D.tree  # draft tree per branch (parse_tree text); None = a chain of k
     max_step_tokens: Optional[int] = _D.max_step_tokens  # tokens one target forward takes (spec configs); None = no cap
     max_depth: Optional[int] = None  # fork nesting cap (apar modes); None = the model's trained depth, else DecodeOptions'
+    depth_cap: Optional[str] = None  # what a capped child asking for [Fork] does (DecodeOptions.depth_cap); None = its default
     temperature: float = _D.temperature
     top_p: float = _D.top_p
     top_k: int = _D.top_k
@@ -136,8 +137,10 @@ class BenchSettings:
 
     @property
     def depth_option(self) -> dict:
-        """``max_depth`` for ``generate`` only when given: otherwise the model's own default applies."""
-        return {} if self.max_depth is None else {"max_depth": self.max_depth}
+        """``max_depth`` / ``depth_cap`` for ``generate`` only when given: otherwise the model's
+        own default (max_depth) or DecodeOptions' (depth_cap) applies."""
+        given = {"max_depth": self.max_depth, "depth_cap": self.depth_cap}
+        return {k: v for k, v in given.items() if v is not None}
 
     @property
     def draft_name(self) -> str:
@@ -165,8 +168,7 @@ class BenchSettings:
         setup = self.setup()
         if self.device_map is not None:  # only then, so files written before the option keep their id
             setup["device_map"] = self.device_map
-        if self.max_depth is not None:  # likewise
-            setup["max_depth"] = self.max_depth
+        setup.update(self.depth_option)  # likewise
         return hashlib.sha1(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -613,6 +615,7 @@ def make_row(runner: _Runner, v: Variant, prompt: Prompt, repeat: int, model: st
         "tree": v.tree,
         "max_step_tokens": v.step_cap,
         "max_depth": fork_depth(runner.ms.for_config(v.config).model, s.max_depth) if v.config in ("apar", "apar+spec") else None,
+        "depth_cap": (s.depth_cap or _D.depth_cap) if v.config in ("apar", "apar+spec") else None,
         "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens,
         "device": runner.ms.device,

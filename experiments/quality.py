@@ -219,6 +219,7 @@ def run_quality(
     ar_only: bool = False,
     control_dtype: Optional[str] = None,
     max_depth: Optional[int] = None,
+    depth_cap: Optional[str] = None,
     progress=None,
 ) -> QualitySummary:
     """Greedy base AR and target APAR answers for every prompt (batched), then NLL under the base.
@@ -234,8 +235,9 @@ def run_quality(
     gives an answer of unchanged quality.
 
     ``max_depth``: the fork nesting cap of the APAR answers (None: the target's trained
-    nesting, else the decoder's default); rows record the cap used, and resume only
-    reuses rows decoded under the same cap.
+    nesting, else the decoder's default); ``depth_cap``: what a child at that cap does when
+    it asks for [Fork] (None: ``DecodeOptions.depth_cap``). Rows record both, and resume only
+    reuses rows decoded under the same ones.
     """
     import apar_spec
 
@@ -247,12 +249,15 @@ def run_quality(
                if r.get("base") == short_name(base) and r.get("max_new_tokens") == max_new_tokens}
     tm = tt = None
     depth = max_depth
+    cap = depth_cap or DecodeOptions.depth_cap
+    DecodeOptions(depth_cap=cap)  # a bad name is a one-line error before anything loads
     if not ar_only:  # loaded first: its trained fork nesting decides which saved rows still count
         tm, tt = apar_spec.load(target, dtype=dtype)
         depth = fork_depth(tm, max_depth)
     done = {str(r["prompt_id"]): r for r in _read_jsonl(out)
             if r.get("kind") == "quality" and r.get("target") == short_name(target) and r.get("max_new_tokens") == max_new_tokens
-            and (depth is None or r.get("max_depth", DecodeOptions.max_depth) == depth)}  # rows before the cap: the default
+            and (depth is None or r.get("max_depth", DecodeOptions.max_depth) == depth)  # rows before the cap: the default
+            and r.get("depth_cap", "mask") == cap}  # rows before the option were decoded as "mask"
     bm = bt = None
     ar_todo = [p for p in prompts if p.id not in ar_done and p.id not in done]
     if ar_todo:
@@ -285,7 +290,7 @@ def run_quality(
                 b_ids = [encode_prompt(b_loaded, p.text) for p in chunk]
                 t_ids = [encode_prompt(t_loaded, p.text) for p in chunk]
                 ap = apar_spec.generate(tm, tt, t_ids, mode="apar", max_new_tokens=max_new_tokens, batch_size=len(chunk),
-                                       max_depth=depth)
+                                       max_depth=depth, depth_cap=cap)
                 nll_ap = mean_nll(bm, bt, b_ids, [g.text for g in ap])
                 for p, g, ng in zip(chunk, ap, nll_ap):
                     a = ar_done[p.id]
@@ -293,7 +298,7 @@ def run_quality(
                     row = {
                         "kind": "quality", "prompt_id": p.id, "category": p.category, "target": t_loaded.name,
                         "base": b_loaded.name, "dtype": str(tm.dtype).removeprefix("torch."),
-                        "max_new_tokens": max_new_tokens, "max_depth": depth, "forked": g.forked, "branches": len(g.branches),
+                        "max_new_tokens": max_new_tokens, "max_depth": depth, "depth_cap": cap, "forked": g.forked, "branches": len(g.branches),
                         "ar_steps": a["ar_steps"], "apar_steps": g.stats.target_steps,
                         "steps_ratio": g.stats.target_steps / max(1, a["ar_steps"]),
                         "ar_tokens": a["ar_tokens"], "apar_tokens": g.stats.tokens_generated,

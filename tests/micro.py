@@ -18,8 +18,13 @@ WORDS = ["<pad>", "<bos>", "<eos>", "[Fork]", "[Child]"] + [f"w{i}" for i in ran
 FORK, CHILD = 3, 4
 
 
-def micro_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="w0"))
+LINE_BREAK_IDS = frozenset(range(5, VOCAB, 3))  # micro_tokenizer(line_breaks=True): these words end a line
+
+
+def micro_tokenizer(line_breaks: bool = False) -> PreTrainedTokenizerFast:
+    """``line_breaks``: the words at ``LINE_BREAK_IDS`` decode with a trailing newline."""
+    words = [w + "\n" if line_breaks and i in LINE_BREAK_IDS else w for i, w in enumerate(WORDS)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     t = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
     t.add_special_tokens({"additional_special_tokens": ["[Fork]", "[Child]"]})

@@ -101,6 +101,11 @@ def test_compare_writes_one_row_per_config_prompt_repeat(micro, tmp_path):
     assert capped.setup_id() != settings(micro, tmp_path / "capped", modes="apar").setup_id()
     compare(capped)
     assert {r["max_depth"] for r in read_rows(capped.out)} == {1}
+    assert by[("apar", "p1", 0)]["depth_cap"] == DecodeOptions.depth_cap and ar["depth_cap"] is None
+    masked = settings(micro, tmp_path / "masked", modes="apar", depth_cap="mask")
+    assert masked.setup_id() != settings(micro, tmp_path / "masked", modes="apar").setup_id()
+    compare(masked)
+    assert {r["depth_cap"] for r in read_rows(masked.out)} == {"mask"}
 
 
 def test_base_model_runs_the_sequential_configs(micro, tmp_path):

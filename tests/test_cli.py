@@ -82,6 +82,8 @@ def test_generate_bad_input(micro):
                       "does not fit the target's vocabulary")
     assert_user_error(run("generate", "hi", "--model", micro["target"], "--chat-template"), "has no chat template")
     assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--max-depth", "-1"), "max_depth")
+    assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--depth-cap", "stop"),
+                      "depth_cap must be one of end, mask")
 
 
 def test_bench_resume_and_report(micro, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from micro import CHILD, EOS, FORK, fork_processor, micro_model, micro_tokenizer
+from micro import CHILD, EOS, FORK, VOCAB, fork_processor, micro_model, micro_tokenizer
 
 from apar_spec import generate
 from apar_spec.decoder import Decoder
@@ -14,6 +14,8 @@ from apar_spec.tokens import AparTokens
 from apar_spec.tree_cache import UnsupportedModelError
 
 APAR = AparTokens(FORK, CHILD)
+LINE_BREAKS = frozenset(range(5, VOCAB, 3))  # every third word stands in for a line-break token
+APAR_LB = AparTokens(FORK, CHILD, LINE_BREAKS)
 PROMPTS = [[1, 10, 11, 12, 13, 14], [1, 20, 7], [1, 33, 34, 35, 36, 37, 38, 39, 40, 41]]
 
 
@@ -124,6 +126,65 @@ def test_nested_forks_equal_reference_and_respect_max_depth():
         assert max(len(p) for p in ref) == depth  # nesting reaches max_depth and never exceeds it
 
 
+@pytest.mark.parametrize("family,seed", [("llama", 0), ("qwen2", 3), ("mistral", 4)])
+def test_a_child_asking_to_fork_at_the_depth_cap_ends_at_its_last_line_break(family, seed):
+    """depth_cap="end" vs "mask": both equal the reference; the trees have the same branches;
+    parents are identical; an ended child is the masked child cut back to a line break."""
+    model = micro_model(family, seed=seed)
+    base = dict(max_new_tokens=3000, max_depth=1, max_branch_tokens=30, logits_processor=fork_processor(4, 9, salt=seed))
+    runs = {}
+    for policy in ("end", "mask"):
+        opts = DecodeOptions(depth_cap=policy, **base)
+        result = Decoder(model, opts, APAR_LB, True, {EOS}, record_logits=True).run([PROMPTS[0]])[0]
+        ref = reference_decode(model, PROMPTS[0], opts, APAR_LB, True, {EOS})
+        got = {path_of(result.branches, b): b for b in result.branches}
+        assert set(got) == set(ref)
+        for path, rb in ref.items():
+            assert got[path].tokens == rb.tokens, f"{policy}: branch {path} differs from the reference"
+            assert len(got[path].logits) == len(rb.logits)
+            for x, y in zip(got[path].logits, rb.logits):
+                torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+        runs[policy] = got
+    end, mask = runs["end"], runs["mask"]
+    assert set(end) == set(mask) and len(end) >= 3
+    cut_at_break = 0
+    for path, b in end.items():
+        m = mask[path].tokens
+        assert FORK not in b.tokens[1:] or not path  # no capped child keeps a [Fork]
+        if b.finish == "depth":
+            n = len(b.tokens)
+            assert len(m) > n and m[:n] == b.tokens
+            assert n == 1 or b.tokens[-1] not in LINE_BREAKS  # a run of line breaks goes whole
+            cut_at_break += m[n] in LINE_BREAKS
+        else:
+            assert b.tokens == m, f"branch {path} should not differ between the policies"
+    assert cut_at_break >= 2, "the case should cut capped children back to a line break"
+
+
+def test_cut_to_last_line_drops_the_fork_and_the_line_before_it():
+    from apar_spec.decoder import cut_to_last_line
+
+    nl = frozenset({9})
+    for before, after in [
+        ([CHILD, 5, 9, 6, 7, FORK], [CHILD, 5]),  # back to the line break
+        ([CHILD, 5, 9, 9, 6, FORK], [CHILD, 5]),  # a blank line (two breaks) goes whole
+        ([CHILD, 9, 6, FORK], [CHILD]),  # nothing left but [Child]
+        ([CHILD, 5, 6, FORK], [CHILD, 5, 6]),  # no line break: only the [Fork] goes
+        ([CHILD, 5, 9, FORK], [CHILD, 5]),
+    ]:
+        tokens = list(before)
+        cut_to_last_line(tokens, nl, start=1)
+        assert tokens == after, before
+
+
+def test_a_root_at_depth_cap_zero_masks_instead_of_ending():
+    model = micro_model("llama", seed=1)
+    opts = DecodeOptions(max_new_tokens=200, max_depth=0, max_branch_tokens=20, logits_processor=fork_processor(3, 5, salt=1))
+    result = Decoder(model, opts, APAR_LB, True, {EOS}).run([PROMPTS[0]])[0]
+    assert len(result.branches) == 1 and result.branches[0].finish == "length"
+    assert FORK not in result.branches[0].tokens
+
+
 def test_a_model_records_its_trained_fork_depth_and_the_caller_can_override_it():
     """``config.apar_max_depth`` (written by training / an adapter) caps nesting like max_depth;
     an explicit max_depth still wins, and a model without it keeps DecodeOptions' default."""
@@ -179,6 +240,9 @@ def test_live_kv_equals_nodes_some_live_branch_can_see():
     checked = []
 
     def on_step(live, tc):
+        # compact_threshold=0: the slot axis is exactly as wide as the row with the most live KV
+        # (a narrower row's dead slots cost nothing: every row spans the same width anyway)
+        assert tc.num_slots == max(r.counters.live_kv[-1] for r in live)
         for r in live:
             row = tc.rows[r.row]
             anchors = []
@@ -196,8 +260,10 @@ def test_live_kv_equals_nodes_some_live_branch_can_see():
                 continue
             visible = brute_force_visible(row, anchors)
             in_cache = {n for n in row.slot_node if n >= 0}
-            assert in_cache == visible  # compact_threshold=0: exactly the visible nodes are cached
+            assert visible <= in_cache
             assert r.counters.live_kv[-1] == len(visible)
+            if r.counters.live_kv[-1] == tc.num_slots:
+                assert in_cache == visible  # the widest row holds exactly its visible nodes
             checked.append(len(visible))
 
     opts = DecodeOptions(max_new_tokens=2000, max_depth=2, max_branch_tokens=22,
@@ -246,6 +312,7 @@ def test_sampling_is_reproducible_with_a_seed():
         (dict(prompts=["w1"], max_new_tokens=0), "max_new_tokens must be > 0"),
         (dict(prompts=["w1"], mode="fast"), "unknown mode"),
         (dict(prompts=["w1"], max_dept=2), "did you mean 'max_depth'"),
+        (dict(prompts=["w1"], depth_cap="stop"), "depth_cap must be one of end, mask"),
         (dict(prompts=[[1] * 600]), "more than the model's context"),
         (dict(prompts=["w1"], mode="spec"), "needs a draft"),
     ],

@@ -33,6 +33,17 @@ def test_trio_loads_offline_shares_one_vocabulary_and_fits_the_size_budget(trio)
     assert size <= 30 * 1024 * 1024
 
 
+def test_apar_tokens_know_the_line_break_tokens(trio):
+    """The ids a capped child is cut back to: exactly the tokens whose text holds a newline."""
+    _, tok = trio["tiny-apar"]
+    apar = apar_spec.find_apar_tokens(tok)
+    newline = tok("a\nb", add_special_tokens=False)["input_ids"]
+    assert apar.line_break_ids & set(newline)
+    assert all("\n" in tok.decode([i]) for i in apar.line_break_ids)
+    assert not any("\n" in tok.decode([i]) for i in tok("Give three tips: sleep well.", add_special_tokens=False)["input_ids"])
+    assert apar_spec.find_apar_tokens(tok).line_break_ids is apar.line_break_ids  # memoised per tokenizer
+
+
 def test_tiny_apar_forks_on_a_list_prompt_and_not_on_arithmetic(trio):
     model, tok = trio["tiny-apar"]
 

@@ -39,6 +39,21 @@ def test_quality_pass_with_a_control_resumes_without_decoding_again(tmp_path, mo
     assert len(run_quality("tiny-apar", "tiny-base", ps, **kw, max_depth=2).rows) == 4  # read back, not decoded
     with pytest.raises(pytest.fail.Exception, match="decoded again"):
         run_quality("tiny-apar", "tiny-base", ps, **kw, max_depth=1)
+    # ... and the capped-child policy: rows say which, rows from before the option count as "mask"
+    assert {r["depth_cap"] for r in s.rows} == {"end"}
+    with pytest.raises(pytest.fail.Exception, match="decoded again"):
+        run_quality("tiny-apar", "tiny-base", ps, **kw, depth_cap="mask")
+    old = [{**json.loads(line), "depth_cap": None} for line in out.read_text().splitlines()]
+    out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "depth_cap"}) + "\n" for r in old))
+    assert len(run_quality("tiny-apar", "tiny-base", ps, **kw, depth_cap="mask").rows) == 4
+
+
+def test_quality_refuses_an_unknown_depth_cap_before_loading(tmp_path, monkeypatch):
+    import apar_spec
+
+    monkeypatch.setattr(apar_spec, "load", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="depth_cap must be one of end, mask"):
+        run_quality("tiny-apar", "tiny-base", select_prompts("default", limit=1), depth_cap="stop", out=tmp_path / "q.jsonl")
 
 
 def test_cli_quality_refuses_an_unknown_control_dtype(tmp_path):

@@ -12,7 +12,7 @@ import random
 import threading
 
 import pytest
-from micro import CHILD, fork_processor, micro_model, micro_tokenizer
+from micro import CHILD, LINE_BREAK_IDS, fork_processor, micro_model, micro_tokenizer
 
 from apar_spec import generate
 from apar_spec.serving import Engine, RequestError
@@ -92,6 +92,35 @@ def test_stream_deltas_rebuild_every_branch():
                 rebuilt.setdefault(d.branch, []).extend(d.tokens)
         assert rebuilt == {b.id: b.token_ids for b in h.result(0).branches}
         assert all(toks[0] == CHILD for b, toks in rebuilt.items() if b > 0)
+
+
+def test_stream_never_sends_a_line_a_capped_child_may_still_drop():
+    """max_depth=1, depth_cap="end": a capped child's line since its last line break is held
+    back until it is settled, so deltas only ever append, and a child that ends by cutting
+    its last line still streams its finish."""
+    tok = micro_tokenizer(line_breaks=True)
+    assert tok.decode([5]).endswith("\n") and 5 in LINE_BREAK_IDS
+    prompts, budgets, arrivals = random_workload(10, n=4)
+    proc = fork_processor(4, 9, salt=1)
+    engine = Engine(MODEL, tok, mode="apar", max_new_tokens=40, logits_processor=proc, max_depth=1)
+    handles = serve(engine, prompts, [40] * 4, arrivals)
+    cut = 0
+    for p, h in zip(prompts, handles):
+        got = h.result(0)
+        offline = generate(MODEL, tok, [p], mode="apar", logits_processor=proc, max_depth=1, **engine.offline_options(40))[0]
+        assert [b.token_ids for b in got.branches] == [b.token_ids for b in offline.branches]
+        rebuilt: dict[int, list[int]] = {}
+        finishes: dict[int, str] = {}
+        while not h.events.empty():
+            for d in h.events.get_nowait().deltas:
+                assert d.branch not in finishes, "a delta after the branch's finish"
+                rebuilt.setdefault(d.branch, []).extend(d.tokens)
+                if d.finish is not None:
+                    finishes[d.branch] = d.finish
+        assert rebuilt == {b.id: b.token_ids for b in got.branches}
+        assert finishes == {b.id: b.finish for b in got.branches}
+        cut += sum(b.finish == "depth" for b in got.branches)
+    assert cut >= 2, "the workload should end capped children by a [Fork]"
 
 
 def test_cancel_frees_the_request_at_the_next_step_and_others_are_unchanged():

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from micro import CHILD, fork_processor, micro_model, micro_tokenizer
+from micro import CHILD, EOS, FORK, VOCAB, fork_processor, micro_model, micro_tokenizer
 
 from apar_spec import generate
 from apar_spec.drafts.draft_lm import DraftModelSpeculator
 from apar_spec.drafts.ngram import NGramSpeculator
 from apar_spec.drafts.registry import resolve, get, load_user_entries, vocab_fingerprint
+from apar_spec.decoder import Decoder
+from apar_spec.options import DecodeOptions
+from apar_spec.tokens import AparTokens
 
 PROMPTS = ["w10 w11 w12 w13 w14", "w20 w7", "w5 w6 w5 w6 w5"]
 
@@ -73,6 +76,31 @@ def test_speculation_is_lossless_in_greedy(seed, kind):
                 assert s.stats.target_steps <= p.stats.target_steps
         if plain_mode == "apar":
             assert max(len(g.branches) for g in plain) >= 3  # drafts really cross [Fork] and EOS
+
+
+@pytest.mark.parametrize("kind", ["self", "random", "ngram"])
+def test_speculation_is_lossless_where_capped_children_end(kind):
+    """max_depth=1, depth_cap="end": a drafted [Fork] in a capped child ends it (cut back to a
+    line break) exactly as plain decoding does, whatever the draft proposed after it."""
+    model = micro_model("llama", seed=5)
+    proc = fork_processor(3, 6, salt=5)
+    apar = AparTokens(FORK, CHILD, frozenset(range(5, VOCAB, 3)))
+    prompts = [[1, 10, 11, 12, 13, 14], [1, 20, 7]]
+
+    def run(spec=None, k=1):
+        opts = DecodeOptions(max_new_tokens=800, max_branch_tokens=24, max_depth=1, logits_processor=proc, num_draft_tokens=k)
+        results = Decoder(model, opts, apar, True, {EOS}, speculator=spec).run(prompts)
+        def path(branches, b):  # fork path from the root: ids may differ between schedules
+            return () if b.parent is None else path(branches, branches[b.parent]) + (b.fork_index,)
+
+        return [{path(r.branches, b): (b.tokens, b.finish) for b in r.branches} for r in results], results
+
+    plain, results = run()
+    assert sum(b.finish == "depth" for r in results for b in r.branches) >= 2
+    for k in (1, 3):
+        got, spec_results = run(speculators(model, proc, 5)[kind](), k)
+        assert got == plain
+        assert sum(r.counters.target_steps for r in spec_results) <= sum(r.counters.target_steps for r in results)
 
 
 def test_self_draft_accepts_everything_except_at_branch_ends():

@@ -97,6 +97,7 @@ class RequestHandle:
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     emitted: dict[int, int] = field(default_factory=dict)  # branch id -> tokens already streamed
+    closed: set[int] = field(default_factory=set)  # branch ids whose finish was streamed
     draft_forwards0: int = 0
     final_deltas: list = field(default_factory=list)  # committed in the request's last step
 
@@ -421,10 +422,13 @@ class Engine:
             deltas = []
             for b in r.branches:
                 sent = h.emitted.get(b.id, 0)
-                if len(b.tokens) > sent:
-                    deltas.append(BranchDelta(b.id, b.parent, b.fork_index, b.tokens[sent:], b.finish))
-                    n_total += len(b.tokens) - sent - (1 if b.is_child and sent == 0 else 0)  # forced [Child] is not output
-                    h.emitted[b.id] = len(b.tokens)
+                settled = self.decoder.settled_length(b)  # a stream never takes tokens back
+                if settled > sent or (b.finish is not None and b.id not in h.closed):
+                    deltas.append(BranchDelta(b.id, b.parent, b.fork_index, b.tokens[sent:settled], b.finish))
+                    n_total += settled - sent - (1 if b.is_child and sent == 0 else 0)  # forced [Child] is not output
+                    h.emitted[b.id] = settled
+                    if b.finish is not None:
+                        h.closed.add(b.id)
             if deltas and h.t_first_token is None:
                 h.t_first_token = now
             if r.done:
