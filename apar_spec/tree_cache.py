@@ -24,12 +24,14 @@ of every layer; callers do it lazily (see ``DecodeOptions.compact_threshold``).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 # Families whose attention takes a custom boolean 4D mask + position_ids unchanged
 # and whose cache layers are plain (no sliding window / linear attention). Checked
@@ -48,6 +50,62 @@ def check_supported(model) -> None:
             f"model family '{model_type}' is not supported by the tree decoder "
             f"(supported: {', '.join(SUPPORTED_FAMILIES)}); use HF generate for it"
         )
+
+
+# ----------------------------------------------------------------- attention
+GQA_ATTENTION = "apar_sdpa_gqa"
+
+
+def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' ``sdpa`` attention, but grouped K/V heads are read in place under a mask.
+
+    Why: given a mask (a tree always has one), transformers' ``sdpa`` copies K and V once
+    per query head of each group (``repeat_kv``), because CUDA's fast kernels need that.
+    On CPU, torch's SDPA takes the groups directly (``enable_gqa``). Measured on
+    SmolLM2-135M (9 query / 3 KV heads, bf16, 2 cores): apar+spec 6-9% faster per
+    answer, same tokens. A single query token goes to transformers' own function (it folds
+    the groups into the query instead, no copy either), as does anything unusual (no mask,
+    a position bias, softcapping, sinks).
+    """
+    unusual = attention_mask is None or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sinks"))
+    if unusual or query.shape[2] == 1 or getattr(module, "num_key_value_groups", 1) == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(  # [batch, heads, q, head_dim]
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    )
+    return out.transpose(1, 2).contiguous(), None  # [batch, q, heads, head_dim], as transformers returns it
+
+
+AttentionInterface.register(GQA_ATTENTION, sdpa_gqa_attention)  # the documented way to add an attention function
+
+
+def uses_gqa_attention(model) -> bool:
+    """On CPU, a grouped-query model running transformers' ``sdpa`` takes ``sdpa_gqa_attention``
+    for our tree forwards (never on GPU: there a mask with ``enable_gqa`` falls back to the
+    slow math kernel)."""
+    cfg = model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None)
+    return (
+        model.device.type == "cpu"
+        and getattr(cfg, "_attn_implementation", None) == "sdpa"
+        and kv_heads is not None
+        and kv_heads != getattr(cfg, "num_attention_heads", kv_heads)
+    )
+
+
+@contextmanager
+def tree_attention(model, enabled: bool) -> Iterator[None]:
+    """Run the model with ``sdpa_gqa_attention`` inside the block, and give it back its own
+    attention afterwards (public ``set_attn_implementation``; ~0.2 ms each way)."""
+    if not enabled:
+        yield
+        return
+    model.set_attn_implementation(GQA_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 @dataclass
@@ -93,6 +151,7 @@ class TreeCache:
         self._vis = torch.zeros(num_rows, 64, 64, dtype=torch.bool, device=self.device)  # [rows, capacity, capacity]
         self._n = 0  # slots in use (the same for every row; short rows hold padding)
         self.forwards = 0
+        self.gqa = uses_gqa_attention(model)
 
     # ----------------------------------------------------------------- nodes
     @property
@@ -183,13 +242,14 @@ class TreeCache:
             use_cache=True,
         )
         states = None
-        if hidden or head is not None:
-            states = self.model.get_decoder()(**inputs).last_hidden_state  # [rows, new, hidden]
-            logits = (head or self.model.get_output_embeddings())(states)  # [rows, new, vocab or head width]
-            if not hidden:
-                states = None
-        else:
-            logits = self.model(**inputs).logits  # [rows, new, vocab]
+        with tree_attention(self.model, self.gqa and n_new > 1):  # one query token: nothing to gain
+            if hidden or head is not None:
+                states = self.model.get_decoder()(**inputs).last_hidden_state  # [rows, new, hidden]
+                logits = (head or self.model.get_output_embeddings())(states)  # [rows, new, vocab or head width]
+                if not hidden:
+                    states = None
+            else:
+                logits = self.model(**inputs).logits  # [rows, new, vocab]
         self._n = total
         for r in self.rows:
             r.scheduled = []

@@ -343,3 +343,44 @@ def test_requests_finishing_at_the_first_token_leave_the_batch():
     assert [o.token_ids for o in outs] == [a.token_ids for a in alone]
     one = generate(model, None, [PROMPTS[1]], mode="ar", max_new_tokens=10)[0]
     assert one.token_ids == [first]
+
+
+def test_grouped_kv_attention_gives_the_sdpa_logits_and_restores_the_model():
+    """The CPU tree forward reads grouped K/V in place (sdpa_gqa_attention): same logits as
+    transformers' own sdpa path, and the model's attention setting is untouched afterwards,
+    even when the forward fails."""
+    from apar_spec import tree_cache as tc_mod
+
+    model = micro_model("qwen2", seed=3)  # 4 query heads, 2 KV heads
+    assert model.config._attn_implementation == "sdpa" and tc_mod.uses_gqa_attention(model)
+    calls = []
+    real = tc_mod.sdpa_gqa_attention
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(tc_mod.GQA_ATTENTION, counting)
+    try:
+        results = {}
+        for gqa in (True, False):
+            tc = tc_mod.TreeCache(model, 2)
+            tc.gqa = gqa
+            a = tc.add_chain(0, PROMPTS[0], -1)
+            tc.add_chain(1, PROMPTS[1], -1)
+            first = tc.forward().logits
+            tc.add(0, 7, a[-1]), tc.add(0, 9, a[-1])  # two siblings under the same parent: a tree
+            results[gqa] = (first, tc.forward().logits)
+            assert model.config._attn_implementation == "sdpa"
+        assert len(calls) == 2 * model.config.num_hidden_layers  # two forwards, every layer
+        for x, y in zip(results[True], results[False]):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    finally:
+        AttentionInterface.register(tc_mod.GQA_ATTENTION, real)
+    tc = tc_mod.TreeCache(model, 1)
+    tc.add(0, VOCAB + 5, -1)  # out of the vocabulary: the embedding lookup fails inside the block
+    with pytest.raises(IndexError):
+        tc.forward()
+    assert model.config._attn_implementation == "sdpa"
