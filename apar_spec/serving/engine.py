@@ -58,7 +58,11 @@ class RequestError(ValueError):
 
 @dataclass
 class BranchDelta:
-    """Tokens one branch committed in one step (a child's first delta starts with ``[Child]``)."""
+    """Tokens of one branch that settled in one step (a child's first delta starts with ``[Child]``).
+
+    Settled: no later step can take them back (``Decoder.settled_length``; a capped child's
+    unfinished line waits, since a [Fork] would drop it). A branch's last delta carries its
+    finish, possibly with no tokens."""
 
     branch: int
     parent: Optional[int]
