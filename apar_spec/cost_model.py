@@ -390,12 +390,12 @@ class _ForwardBench:
     """A ``TreeCache`` of ``rows`` rows holding ``context`` random prompt tokens each, on which
     a pass with ``n`` new chained nodes per row is timed, then dropped again (``compact``)."""
 
-    def __init__(self, model, context: int, rows: int, gen: torch.Generator):
+    def __init__(self, model, context: int, rows: int, gen: torch.Generator, target: bool = True):
         from apar_spec.tree_cache import TreeCache
 
         self.model, self.rows, self.gen = model, rows, gen
         self.vocab = model.config.vocab_size
-        self.tc = TreeCache(model, rows)
+        self.tc = TreeCache(model, rows, gqa_attention=target)  # the attention the decoder gives it
         self.prefix = [self.tc.add_chain(r, self._ids(context), -1) for r in range(rows)]
         with torch.inference_mode():
             self.tc.forward()
@@ -560,7 +560,7 @@ def measure_switch(target, draft, repeats: int = 15, warmup: int = 2, context: i
     per draft pass and branch: step - (target pass + 4 draft passes + switches + decoder overhead), / 4
     (measured with one branch)."""
     gen = torch.Generator().manual_seed(2)
-    tb, db = _ForwardBench(target, context, 1, gen), _ForwardBench(draft, context, 1, gen)
+    tb, db = _ForwardBench(target, context, 1, gen), _ForwardBench(draft, context, 1, gen, target=False)
 
     def after(first, second, n):
         return lambda: (first.time(1), second.time(n))[1]

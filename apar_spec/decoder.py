@@ -225,7 +225,7 @@ class Decoder:
         ``indices``: the requests' stable ids (default 0..n-1); ``budgets``: per-request
         token budgets (default ``max_new_tokens``). The serving engine passes both and
         merges the returned cache into its running batch (``TreeCache.add_rows``)."""
-        tc = TreeCache(self.model, len(prompts))
+        tc = TreeCache(self.model, len(prompts), gqa_attention=True)
         requests = []
         for row, prompt in enumerate(prompts):
             nodes = tc.add_chain(row, prompt, -1)

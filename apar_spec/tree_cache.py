@@ -135,7 +135,10 @@ class ForwardResult:
 class TreeCache:
     """KV cache of one model for ``num_rows`` token trees (one per request)."""
 
-    def __init__(self, model, num_rows: int):
+    def __init__(self, model, num_rows: int, gqa_attention: bool = False):
+        """``gqa_attention``: run multi-token forwards through ``sdpa_gqa_attention`` where it
+        applies (``uses_gqa_attention``). The decoder asks for it for the target; a small draft
+        model gains less than the switch costs (~0.4 ms a forward), so it does not."""
         check_supported(model)
         self.model = model
         self.device = model.device
@@ -151,7 +154,7 @@ class TreeCache:
         self._vis = torch.zeros(num_rows, 64, 64, dtype=torch.bool, device=self.device)  # [rows, capacity, capacity]
         self._n = 0  # slots in use (the same for every row; short rows hold padding)
         self.forwards = 0
-        self.gqa = uses_gqa_attention(model)
+        self.gqa = gqa_attention and uses_gqa_attention(model)
 
     # ----------------------------------------------------------------- nodes
     @property

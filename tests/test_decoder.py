@@ -346,9 +346,9 @@ def test_requests_finishing_at_the_first_token_leave_the_batch():
 
 
 def test_grouped_kv_attention_gives_the_sdpa_logits_and_restores_the_model():
-    """The CPU tree forward reads grouped K/V in place (sdpa_gqa_attention): same logits as
-    transformers' own sdpa path, and the model's attention setting is untouched afterwards,
-    even when the forward fails."""
+    """The target's CPU tree forward reads grouped K/V in place (sdpa_gqa_attention): same
+    logits as transformers' own sdpa path, and the model's attention setting is untouched
+    afterwards, even when the forward fails. The decoder asks for it for the target only."""
     from apar_spec import tree_cache as tc_mod
 
     model = micro_model("qwen2", seed=3)  # 4 query heads, 2 KV heads
@@ -366,8 +366,8 @@ def test_grouped_kv_attention_gives_the_sdpa_logits_and_restores_the_model():
     try:
         results = {}
         for gqa in (True, False):
-            tc = tc_mod.TreeCache(model, 2)
-            tc.gqa = gqa
+            tc = tc_mod.TreeCache(model, 2, gqa_attention=gqa)
+            assert tc.gqa == gqa
             a = tc.add_chain(0, PROMPTS[0], -1)
             tc.add_chain(1, PROMPTS[1], -1)
             first = tc.forward().logits
@@ -379,8 +379,27 @@ def test_grouped_kv_attention_gives_the_sdpa_logits_and_restores_the_model():
             torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
     finally:
         AttentionInterface.register(tc_mod.GQA_ATTENTION, real)
-    tc = tc_mod.TreeCache(model, 1)
-    tc.add(0, VOCAB + 5, -1)  # out of the vocabulary: the embedding lookup fails inside the block
+    tc = tc_mod.TreeCache(model, 1, gqa_attention=True)
+    tc.add(0, VOCAB + 5, -1)
+    tc.add(0, VOCAB + 6, 0)  # two query tokens: the switch happens  # out of the vocabulary: the embedding lookup fails inside the block
     with pytest.raises(IndexError):
         tc.forward()
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_the_decoder_gives_grouped_kv_attention_to_the_target_only(monkeypatch):
+    from apar_spec.drafts.draft_lm import DraftModelSpeculator
+
+    model, draft = micro_model("llama", seed=1), micro_model("llama", seed=2, layers=1)
+    seen = {}
+    real = Decoder.prefill
+
+    def spy(self, *a, **k):
+        requests, tc = real(self, *a, **k)
+        seen["target"] = tc.gqa
+        return requests, tc
+
+    monkeypatch.setattr(Decoder, "prefill", spy)
+    spec = DraftModelSpeculator(draft, mask_ids=(CHILD,))
+    Decoder(model, DecodeOptions(max_new_tokens=8), APAR, True, {EOS}, speculator=spec).run([PROMPTS[0]])
+    assert seen["target"] is True and spec.tc.gqa is False
