@@ -62,7 +62,7 @@ def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     Why: given a mask (a tree always has one), transformers' ``sdpa`` copies K and V once
     per query head of each group (``repeat_kv``), because CUDA's fast kernels need that.
     On CPU, torch's SDPA takes the groups directly (``enable_gqa``). Measured on
-    SmolLM2-135M (9 query / 3 KV heads, bf16, 2 cores): apar+spec 6-9% faster per
+    SmolLM2-135M (9 query / 3 KV heads, bf16, 2 cores): apar+spec 4-11% faster per
     answer, same tokens. A single query token goes to transformers' own function (it folds
     the groups into the query instead, no copy either), as does anything unusual (no mask,
     a position bias, softcapping, sinks).
