@@ -972,6 +972,9 @@ def resolve_auto_options(model, tokenizer, mode: str, draft: Any, options: dict,
             options["tree"] = None
         return options
     kind, draft_model, draft_name = speculator_kind_of(draft, model)
+    if kind not in KINDS:
+        raise ValueError(f"'auto' draft length/tree: the cost model has no costs for a {kind} draft ('{draft_name}'); "
+                         "give --k or --tree")
     branches = APAR_BRANCHES_GUESS if mode == "apar+spec" else 1.0
     shape = resolve_auto(model, speculator_kind=kind, draft_model=draft_model, draft_name=draft_name,
                          chains_only=not want_tree, branches=branches, tokenizer=tokenizer, say=say)
@@ -1056,7 +1059,8 @@ def draft_kind_of_row(row: dict) -> Optional[str]:
     try:
         from apar_spec.drafts import registry
 
-        return registry.lookup(str(name)).kind
+        kind = registry.lookup(str(name)).kind
+        return kind if kind in KINDS else None  # a union of drafts: no costed kind, no prediction
     except (ValueError, ImportError):
         return "model" if Path(str(name)).expanduser().exists() else None
 

@@ -277,16 +277,19 @@ class Decoder:
 
     def propose(self, views: list[BranchView]) -> Proposal:
         """The speculator's drafts, normalised: explicit parent lists, nodes no deeper than
-        asked or than the branch's own cap allows (those tokens could not be kept)."""
+        asked (or than the speculator's own ``max_draft_depth``, when it has one) or than
+        the branch's own cap allows (those tokens could not be kept)."""
         if self.spec is None:
             return Proposal([[] for _ in views], [None for _ in views], [[] for _ in views])
         raw = self.spec.propose(views, self.sampling)
         probs = list(raw.probs) if raw.probs else [None] * len(views)
+        # a speculator may say it drafts deeper than the shape asks (a union's lookup chain)
+        deeper = getattr(self.spec, "max_draft_depth", 0)
         out = Proposal([], [], [])
         for i, v in enumerate(views):
             b_generated = len(v.tokens) - (1 if v.parent is not None else 0)
             room = max(0, self.branch_cap - b_generated - 1)
-            tokens, parents = prune_tree(raw.tokens[i], raw.parents_of(i), min(v.k, room), self.spec.name)
+            tokens, parents = prune_tree(raw.tokens[i], raw.parents_of(i), min(max(v.k, deeper), room), self.spec.name)
             p = probs[i]
             if p is not None:
                 if any(q != j - 1 for j, q in enumerate(parents)):

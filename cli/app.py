@@ -83,6 +83,7 @@ PerCategory = Annotated[Optional[int], typer.Option("--per-category", help="At m
 Turn = Annotated[int, typer.Option("--turn", help="Which turn of question.jsonl rows to use (0 = first).")]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Token budget per request, over all branches.")]
 MaxDepth = Annotated[Optional[int], typer.Option("--max-depth", help="Fork nesting cap for apar modes (a branch at this level may not fork; root = 0). Default: the nesting the model was trained on, else 2.")]
+MaxBranch = Annotated[Optional[int], typer.Option("--max-branch-tokens", help="Cap on each branch's own tokens (default: --max-new-tokens). With a large --max-new-tokens every branch ends on its own, so speculative rows hold the same tokens as plain ones (no shared budget for acceptance to cut elsewhere); HF and ar rows get the cap as their budget.")]
 DepthCap = Annotated[Optional[str], typer.Option("--depth-cap", help="What a child at the --max-depth cap does when it asks for [Fork]: end (it ends, minus the line it began) or mask (it writes on). Default: end.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (lossless checks need greedy).")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.")]
@@ -120,7 +121,7 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="The question to answer.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Embedded name, local path, .gguf file or cached HF id.")] = _bench_default("target"),
     mode: Annotated[str, typer.Option("--mode", help="ar, apar, spec or apar+spec.")] = _generate_default("mode"),
-    draft: Annotated[Optional[str], typer.Option("--draft", help="Draft for spec modes: registry name (see `apar-spec drafts list`) or model path.")] = None,
+    draft: Annotated[Optional[str], typer.Option("--draft", help="Draft for spec modes: registry name (see `apar-spec drafts list`), model path, or a union such as 'smollm2-hydra+ngram:8'.")] = None,
     k: Annotated[int, typer.Option("-k", help="Draft tokens per branch per step.")] = DecodeOptions.num_draft_tokens,
     max_new_tokens: MaxNew = DecodeOptions.max_new_tokens,
     max_depth: MaxDepth = None,
@@ -229,7 +230,7 @@ def _run_with_progress(run, settings, as_json: bool) -> None:
 def bench(
     target: Target = _bench_default("target"),
     base: Base = None,
-    draft: Annotated[Optional[str], typer.Option("--draft", help="Draft: registry name (see `apar-spec drafts list`) or model path. Default: tiny-draft for embedded targets, else ngram.")] = None,
+    draft: Annotated[Optional[str], typer.Option("--draft", help="Draft: registry name (see `apar-spec drafts list`), model path, or a union 'a+b:8' (b adds an 8-token chain to a's tree). Default: tiny-draft for embedded targets, else ngram.")] = None,
     modes: Modes = None,
     prompts: Prompts = _bench_default("prompts"),
     category: Category = None,
@@ -239,6 +240,7 @@ def bench(
     max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
     max_depth: MaxDepth = None,
     depth_cap: DepthCap = None,
+    max_branch_tokens: MaxBranch = None,
     k: Annotated[str, typer.Option("-k", help="Draft tokens per branch per step (spec, apar+spec, hf-assisted), or 'auto' (the cost model picks).")] = str(_bench_default("k")),
     tree: Annotated[Optional[str], typer.Option("--tree", help="Draft tree per branch for spec/apar+spec: K, chain:K, topk:WxD or a JSON path list.")] = None,
     max_step_tokens: Annotated[Optional[int], typer.Option("--max-step-tokens", help="Cap on the tokens one target forward takes (pending + drafts over all live branches; spec/apar+spec). Default: no cap.")] = None,
@@ -262,7 +264,7 @@ def bench(
     _quiet_transformers()
     settings = _settings(
         target=target, base=base, draft=draft, modes=modes, prompts=prompts, category=category, limit=limit, turn=turn,
-        per_category=per_category, max_new_tokens=max_new_tokens, k=_k_option(k), tree=tree, max_step_tokens=max_step_tokens, max_depth=max_depth, depth_cap=depth_cap, temperature=temperature, seed=seed, repeats=repeats,
+        per_category=per_category, max_new_tokens=max_new_tokens, k=_k_option(k), tree=tree, max_step_tokens=max_step_tokens, max_depth=max_depth, depth_cap=depth_cap, max_branch_tokens=max_branch_tokens, temperature=temperature, seed=seed, repeats=repeats,
         warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads, chat_template=chat_template,
         out=out, resume=resume, overwrite=overwrite,
     )
@@ -292,7 +294,7 @@ def _csv(value: str, what: str, cast=str) -> list:
 @app.command()
 @handle_errors
 def sweep(
-    drafts: Annotated[str, typer.Option("--drafts", help="Comma-separated drafts (registry names or paths).")] = "ngram",
+    drafts: Annotated[str, typer.Option("--drafts", help="Comma-separated drafts (registry names, paths or unions such as 'smollm2-hydra+ngram:8').")] = "ngram",
     ks: Annotated[str, typer.Option("--ks", help="Comma-separated draft lengths ('' = none).")] = "1,2,4,8",
     trees: Annotated[str, typer.Option("--trees", help="Semicolon-separated draft tree shapes, e.g. 'topk:2x3;[[0],[1],[0,0]]'.")] = "",
     step_caps: Annotated[str, typer.Option("--step-caps", help="Comma-separated caps on the tokens one target forward takes, 'none' = no cap, e.g. 'none,8,12'.")] = "none",
@@ -307,6 +309,7 @@ def sweep(
     max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
     max_depth: MaxDepth = None,
     depth_cap: DepthCap = None,
+    max_branch_tokens: MaxBranch = None,
     temperature: Temperature = _bench_default("temperature"),
     seed: Seed = _bench_default("seed"),
     repeats: Repeats = _bench_default("repeats"),
@@ -331,7 +334,7 @@ def sweep(
     cap_list = _csv(step_caps, "--step-caps", lambda x: None if x.lower() == "none" else int(x))
     settings = _settings(
         target=target, base=base, draft=draft_list[0], modes=modes, prompts=prompts, category=category, limit=limit,
-        per_category=per_category, turn=turn, max_new_tokens=max_new_tokens, max_depth=max_depth, depth_cap=depth_cap, k=max(k_list, default=_bench_default("k")), temperature=temperature,
+        per_category=per_category, turn=turn, max_new_tokens=max_new_tokens, max_depth=max_depth, depth_cap=depth_cap, max_branch_tokens=max_branch_tokens, k=max(k_list, default=_bench_default("k")), temperature=temperature,
         seed=seed, repeats=repeats, warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads,
         chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
     )
@@ -445,7 +448,10 @@ def train(
 @drafts_app.command("list")
 @handle_errors
 def drafts_list(as_json: AsJson = False) -> None:
-    """The drafts the registry knows (built-in and from your drafts.json)."""
+    """The drafts the registry knows (built-in and from your drafts.json).
+
+    Any two or more combine as a union, 'smollm2-hydra+ngram:8': the first drafts the
+    decoder's tree, each later one adds a chain of its own length, one verify pass checks all."""
     from apar_spec.drafts import registry
 
     entries = registry.entries()
@@ -476,7 +482,7 @@ def drafts_list(as_json: AsJson = False) -> None:
 
 @drafts_app.command("show")
 @handle_errors
-def drafts_show(name: Annotated[str, typer.Argument(help="A registry name.")], as_json: AsJson = False) -> None:
+def drafts_show(name: Annotated[str, typer.Argument(help="A registry name (or a union such as 'smollm2-hydra+ngram:8').")], as_json: AsJson = False) -> None:
     """Everything the registry records about one draft."""
     from apar_spec.drafts import registry
 

@@ -37,7 +37,7 @@ KvBudget = Annotated[Optional[int], typer.Option("--kv-budget", help="KV budget 
 @handle_errors
 def serve_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Embedded name, local path, .gguf file or cached HF id.")] = "tiny-apar",
-    draft: Annotated[Optional[str], typer.Option("--draft", help="Draft for spec modes (registry name or path). Default: tiny-draft for embedded models, else ngram.")] = None,
+    draft: Annotated[Optional[str], typer.Option("--draft", help="Draft for spec modes (registry name, path or a union 'a+b:8'). Default: tiny-draft for embedded models, else ngram.")] = None,
     mode: Annotated[str, typer.Option("--mode", help="ar, apar, spec or apar+spec.")] = "apar",
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,

@@ -25,13 +25,13 @@ from typing import Any, Optional
 
 from apar_spec.speculator import Speculator
 
-KINDS = ("model", "ngram", "heads")
+KINDS = ("model", "ngram", "heads")  # what a registry file entry may be; unions are named "a+b:8"
 
 
 @dataclass
 class DraftEntry:
     name: str
-    kind: str  # "model" (a draft LM), "ngram" (prompt lookup, no model) or "heads" (Medusa heads on the target)
+    kind: str  # "model" (a draft LM), "ngram" (prompt lookup, no model), "heads" (draft heads on the target) or "union" ("a+b:8")
     weights: Optional[str] = None  # embedded name, local path or cached HF id (kind "model"); heads folder (kind "heads")
     fingerprint: Optional[str] = None  # vocabulary fingerprint it fits (None = checked at load time)
     vocab_size: Optional[int] = None
@@ -192,8 +192,18 @@ def lookup(name: str) -> DraftEntry:
     """
     from dataclasses import replace
 
+    from .union import parse_union
     from .vocab import parse_size, split_name
 
+    parts = None if Path(name).expanduser().exists() else parse_union(name)
+    if parts is not None:  # every part must exist; the union itself is described by its parts
+        entries_ = [lookup(part) for part, _ in parts]
+        if any(e.kind == "union" for e in entries_):
+            raise ValueError(f"draft '{name}': a union cannot nest another union")
+        return DraftEntry(name=name, kind="union", targets=sorted({t for e in entries_ for t in e.targets}),
+                          notes="union: " + ", ".join(f"{p}" + (f" (chain of {k})" if k else " (the decoder's tree)")
+                                                       for p, k in parts),
+                          source="union")
     base, suffix = (name, None) if Path(name).expanduser().exists() else split_name(name)
     if suffix is not None:
         entry = lookup(base)
@@ -276,6 +286,11 @@ def resolve(draft: Any, target, tokenizer) -> Speculator:
     if not isinstance(draft, (str, os.PathLike)):
         raise ValueError(f"draft must be a registry name, a model path, a model or a speculator (got {type(draft).__name__})")
     entry = lookup(str(draft))
+    if entry.kind == "union":
+        from apar_spec.drafts.union import UnionSpeculator, parse_union
+
+        parts = parse_union(entry.name)
+        return UnionSpeculator([resolve(part, target, tokenizer) for part, _ in parts], [k for _, k in parts])
     if entry.kind == "ngram":
         return NGramSpeculator()
     vocab_size = target.get_output_embeddings().weight.shape[0]

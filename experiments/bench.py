@@ -92,6 +92,10 @@ class BenchSettings:
     max_step_tokens: Optional[int] = _D.max_step_tokens  # tokens one target forward takes (spec configs); None = no cap
     max_depth: Optional[int] = None  # fork nesting cap (apar modes); None = the model's trained depth, else DecodeOptions'
     depth_cap: Optional[str] = None  # what a capped child asking for [Fork] does (DecodeOptions.depth_cap); None = its default
+    # each branch's own cap (DecodeOptions.max_branch_tokens); None = max_new_tokens. HF and ar rows get it as their
+    # budget. Why: under a shared budget, which branch is cut depends on how much each step accepted, so a
+    # speculative row may hold other (e.g. more repetitive) text than the plain row it is compared with
+    max_branch_tokens: Optional[int] = None
     temperature: float = _D.temperature
     top_p: float = _D.top_p
     top_k: int = _D.top_k
@@ -122,7 +126,7 @@ class BenchSettings:
         DecodeOptions.build(  # the decoder's own checks, before anything is loaded
             max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             num_draft_tokens=self.fixed_k, max_draft_tokens=max(self.fixed_k, _D.max_draft_tokens), tree=self.tree,
-            max_step_tokens=self.max_step_tokens, **self.depth_option,
+            max_step_tokens=self.max_step_tokens, **self.given_decode_options,
         )
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0 (got {self.temperature})")
@@ -136,11 +140,16 @@ class BenchSettings:
         return _D.num_draft_tokens if self.k == "auto" else self.k
 
     @property
-    def depth_option(self) -> dict:
-        """``max_depth`` / ``depth_cap`` for ``generate`` only when given: otherwise the model's
-        own default (max_depth) or DecodeOptions' (depth_cap) applies."""
-        given = {"max_depth": self.max_depth, "depth_cap": self.depth_cap}
+    def given_decode_options(self) -> dict:
+        """``max_depth`` / ``depth_cap`` / ``max_branch_tokens`` for ``generate`` only when given:
+        otherwise the model's own default (max_depth) or DecodeOptions' applies."""
+        given = {"max_depth": self.max_depth, "depth_cap": self.depth_cap, "max_branch_tokens": self.max_branch_tokens}
         return {k: v for k, v in given.items() if v is not None}
+
+    @property
+    def hf_budget(self) -> int:
+        """HF ``generate``'s budget: one sequence, so a branch cap caps it too (as it caps ``ar``'s root)."""
+        return min(self.max_new_tokens, self.max_branch_tokens or self.max_new_tokens)
 
     @property
     def draft_name(self) -> str:
@@ -168,7 +177,7 @@ class BenchSettings:
         setup = self.setup()
         if self.device_map is not None:  # only then, so files written before the option keep their id
             setup["device_map"] = self.device_map
-        setup.update(self.depth_option)  # likewise
+        setup.update(self.given_decode_options)  # likewise
         return hashlib.sha1(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -295,6 +304,8 @@ def _auto_k(ms: ModelSet, config: str) -> int:
     from apar_spec import cost_model as cm
 
     d = ms.draft
+    if d.kind == "union":
+        raise ValueError(f"-k auto: the cost model has no costs for a union of drafts ('{d.name}'); give -k or --tree")
     kind = d.kind if d.kind in cm.KINDS else "model"
     branches = cm.APAR_BRANCHES_GUESS if config in APAR_CONFIGS else 1.0
     shape = cm.resolve_auto(ms.for_config(config).model, speculator_kind=kind, draft_model=d.model, draft_name=d.name,
@@ -336,6 +347,8 @@ def _not_applicable(config: str, ms: ModelSet, draft: Optional[str] = None) -> O
             return "no draft given (--draft)"
         if config == "hf-assisted" and d.kind == "heads":
             return "HF assisted generation has no Medusa heads"
+        if config == "hf-assisted" and d.kind == "union":
+            return "HF assisted generation drafts with one assistant, not a union"
         if config == "hf-assisted" and d.kind == "model":
             tv = ms.baseline.model.config.vocab_size
             dv = d.model.config.vocab_size
@@ -545,7 +558,7 @@ class _Runner:
             assist = {}
             if v.config == "hf-assisted":
                 assist = {"assistant_model": draft.model, "num_assistant_tokens": k} if draft.kind == "model" else {"prompt_lookup_num_tokens": k}
-            run = hf_generate(loaded.model, loaded.tokenizer, ids, max_new_tokens=s.max_new_tokens, eos_ids=eos, **sampling, **assist)
+            run = hf_generate(loaded.model, loaded.tokenizer, ids, max_new_tokens=s.hf_budget, eos_ids=eos, **sampling, **assist)
             out_ids, wall, text = run.token_ids, run.wall_time_s, loaded.tokenizer.decode(run.token_ids, skip_special_tokens=True)
             stats = _hf_stats(run, len(out_ids))
             extra = {"hf": run.settings}
@@ -556,7 +569,7 @@ class _Runner:
             gen = generate(
                 loaded.model, loaded.tokenizer, [ids], mode=v.config, draft=draft.arg if draft else None,
                 max_new_tokens=s.max_new_tokens, num_draft_tokens=k, max_draft_tokens=max(k, _D.max_draft_tokens),
-                tree=v.tree if draft else None, max_step_tokens=v.step_cap if draft else None, **sampling, **s.depth_option,
+                tree=v.tree if draft else None, max_step_tokens=v.step_cap if draft else None, **sampling, **s.given_decode_options,
             )[0]
             _sync(device)
             wall = time.perf_counter() - start
@@ -616,6 +629,7 @@ def make_row(runner: _Runner, v: Variant, prompt: Prompt, repeat: int, model: st
         "max_step_tokens": v.step_cap,
         "max_depth": fork_depth(runner.ms.for_config(v.config).model, s.max_depth) if v.config in ("apar", "apar+spec") else None,
         "depth_cap": (s.depth_cap or _D.depth_cap) if v.config in ("apar", "apar+spec") else None,
+        "max_branch_tokens": s.max_branch_tokens,
         "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens,
         "device": runner.ms.device,

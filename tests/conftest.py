@@ -16,3 +16,12 @@ def pytest_configure(config) -> None:
 def _private_cache_home(tmp_path_factory, monkeypatch):
     """Tests never read or write the user's caches (e.g. measured costs under ~/.cache/apar-spec)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A test that sets torch's thread count (the fp32 SmolLM2 tests use 1) does not leak it into later tests."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

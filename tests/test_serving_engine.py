@@ -188,3 +188,25 @@ def test_worker_thread_serves_concurrent_clients():
         engine.stop()
     for i, p in enumerate(prompts):
         assert results[i] == generate(MODEL, TOK, [p], mode="apar", logits_processor=PROC, **engine.offline_options(budgets[i]))[0].token_ids
+
+
+def test_served_union_of_drafts_equals_offline():
+    """A union (draft LM tree + n-gram chain) under continuous batching: admit/release reach every part."""
+    from apar_spec.drafts.draft_lm import DraftModelSpeculator
+    from apar_spec.drafts.ngram import NGramSpeculator
+    from apar_spec.drafts.union import UnionSpeculator
+
+    def union():
+        return UnionSpeculator([DraftModelSpeculator(DRAFT, mask_ids=(CHILD,)), NGramSpeculator()], [None, 5])
+
+    prompts, budgets, arrivals = random_workload(6)
+    engine = Engine(MODEL, TOK, mode="apar+spec", draft=union(), kv_budget=200, max_new_tokens=32, logits_processor=PROC,
+                    tree="topk:2x2")
+    assert engine.draft_margin == 6 + 5  # KV a tip may add in a step: the 6-node tree and the n-gram's chain of 5
+    handles = serve(engine, prompts, budgets, arrivals)
+    for p, m, h in zip(prompts, budgets, handles):
+        offline = generate(MODEL, TOK, [p], mode="apar+spec", draft=union(), logits_processor=PROC, tree="topk:2x2",
+                           **engine.offline_options(m))[0]
+        got = h.result(0)
+        assert [b.token_ids for b in got.branches] == [b.token_ids for b in offline.branches]
+    assert engine.stats.finished == len(prompts) and engine.stats.budget_violations == 0

