@@ -199,9 +199,7 @@ def lookup(name: str) -> DraftEntry:
 
     parts = None if Path(name).expanduser().exists() else parse_union(name)
     if parts is not None:  # every part must exist; the union itself is described by its parts
-        entries_ = [lookup(part) for part, _ in parts]
-        if any(e.kind == "union" for e in entries_):
-            raise ValueError(f"draft '{name}': a union cannot nest another union")
+        entries_ = [lookup(part) for part, _ in parts]  # parts hold no '+', so none is a union itself
         return DraftEntry(name=name, kind="union", targets=sorted({t for e in entries_ for t in e.targets}),
                           notes="union: " + ", ".join(f"{p}" + (f" (chain of {k})" if k else " (the decoder's tree)")
                                                        for p, k in parts),
