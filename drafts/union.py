@@ -50,7 +50,7 @@ def merge(proposals: Sequence[tuple[list[int], list[int]]]) -> tuple[list[int], 
     for part, (tokens, parents) in enumerate(proposals):
         where: dict[int, int] = {-1: -1}  # this part's index -> merged node
         for j, (tok, p) in enumerate(zip(tokens, parents)):
-            if p not in where:  # a part's malformed parent: the decoder's prune_tree names it on the merged tree
+            if p not in where:  # a part's malformed parent (later or missing): say which part sent it
                 raise ValueError(f"draft {j} of union part {part} hangs under {p}, which comes later or does not exist")
             up = where[p]
             key = (up, int(tok))

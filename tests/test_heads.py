@@ -8,7 +8,7 @@ import pytest
 import torch
 from micro import CHILD, fork_processor, micro_model, micro_tokenizer
 from test_spec import PROMPTS, tree_key
-from test_tree_spec import SHAPES
+from test_tree_spec import SHAPES, greedy_case
 
 from apar_spec import generate
 from apar_spec.drafts.heads import DraftHeads, HeadsSpeculator, load_heads, pick_folder, save_heads, target_fingerprint
@@ -32,11 +32,7 @@ def speculator(model, seed=0):
 @pytest.mark.parametrize("kind", ["medusa", "hydra"])
 @pytest.mark.parametrize("shape", [None] + SHAPES)
 def test_heads_trees_are_lossless_in_greedy(shape, kind):
-    seed = 0 if shape is None else len(shape) % 3
-    model = micro_model("llama", seed=seed)
-    tok = micro_tokenizer()
-    proc = fork_processor(3, 3, salt=seed)
-    kw = dict(max_new_tokens=3000, max_branch_tokens=20, max_depth=3, logits_processor=proc, batch_size=3)
+    seed, model, tok, _, kw = greedy_case(shape)
     make = speculator if kind == "medusa" else chained_speculator
     for plain_mode, spec_mode in [("ar", "spec"), ("apar", "apar+spec")]:
         plain = generate(model, tok, PROMPTS, mode=plain_mode, **kw)

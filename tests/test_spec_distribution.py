@@ -44,6 +44,17 @@ def exact_marginals(model):
     return p2, p3
 
 
+def assert_exact_marginals(target, outs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens 2 and 3 of ``outs`` (3-token samples after PROMPT) follow ``target``'s exact
+    marginals (chi-square). Returns token 2's counts and exact probabilities for a power check."""
+    p2, p3 = exact_marginals(target)
+    c2 = torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=VOCAB).double()
+    c3 = torch.bincount(torch.tensor([o.token_ids[2] for o in outs]), minlength=VOCAB).double()
+    assert chi_square_p(c2, p2) > 1e-3
+    assert chi_square_p(c3, p3) > 1e-3
+    return c2, p2
+
+
 def test_sampled_speculation_matches_exact_target_marginals():
     target = micro_model("llama", seed=11)
     draft = micro_model("llama", seed=12, hidden=16)
@@ -52,11 +63,7 @@ def test_sampled_speculation_matches_exact_target_marginals():
     assert all(len(o.token_ids) == 3 for o in outs)
     assert sum(o.stats.accepted for o in outs) > 0.1 * N  # drafts were really accepted (and rejected)
     assert sum(o.stats.accepted for o in outs) < sum(o.stats.drafted for o in outs)
-    p2, p3 = exact_marginals(target)
-    c2 = torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=VOCAB).double()
-    c3 = torch.bincount(torch.tensor([o.token_ids[2] for o in outs]), minlength=VOCAB).double()
-    assert chi_square_p(c2, p2) > 1e-3
-    assert chi_square_p(c3, p3) > 1e-3
+    c2, p2 = assert_exact_marginals(target, outs)
     # the test has power: the draft's own distribution is far from the target's
     with torch.inference_mode():
         q2 = (draft(torch.tensor([PROMPT])).logits[0, -1].softmax(-1))

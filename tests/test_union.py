@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from micro import CHILD, VOCAB, fork_processor, micro_model, micro_tokenizer
+from micro import CHILD, VOCAB, micro_model, micro_tokenizer
 from test_heads import chained_speculator
 from test_spec import PROMPTS, tree_key
-from test_spec_distribution import PROMPT, chi_square_p, exact_marginals
-from test_tree_spec import SHAPES, GreedyTreeOf, RandomTree
+from test_spec_distribution import PROMPT, assert_exact_marginals
+from test_tree_spec import SHAPES, GreedyTreeOf, RandomTree, greedy_case
 
 from apar_spec import generate
 from apar_spec.drafts.draft_lm import DraftModelSpeculator
@@ -41,11 +40,7 @@ def test_merge_shares_prefixes_orders_by_depth_and_keeps_each_parts_indices():
 @pytest.mark.parametrize("shape", [None, SHAPES[1], SHAPES[2]])
 @pytest.mark.parametrize("first", ["random-lm", "junk", "heads"])
 def test_union_is_lossless_in_greedy(shape, first):
-    seed = 0 if shape is None else len(shape) % 3
-    model = micro_model("llama", seed=seed)
-    tok = micro_tokenizer()
-    proc = fork_processor(3, 3, salt=seed)
-    kw = dict(max_new_tokens=3000, max_branch_tokens=20, max_depth=3, logits_processor=proc, batch_size=3)
+    seed, model, tok, _, kw = greedy_case(shape)
 
     def union():
         lead = {"random-lm": lambda: DraftModelSpeculator(micro_model("llama", seed=100 + seed, hidden=16), mask_ids=(CHILD,)),
@@ -126,11 +121,7 @@ def test_sampled_union_keeps_the_exact_target_distribution():
                     temperature=1.0, seed=7, batch_size=n, eos_token_id=[])
     assert all(len(o.token_ids) == 3 for o in outs)
     assert sum(o.stats.accepted for o in outs) > 0.05 * n
-    p2, p3 = exact_marginals(target)
-    c2 = torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=VOCAB).double()
-    c3 = torch.bincount(torch.tensor([o.token_ids[2] for o in outs]), minlength=VOCAB).double()
-    assert chi_square_p(c2, p2) > 1e-3
-    assert chi_square_p(c3, p3) > 1e-3
+    assert_exact_marginals(target, outs)
 
 
 def test_a_sampled_part_is_refused():
