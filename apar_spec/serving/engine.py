@@ -214,7 +214,7 @@ class Engine:
         chain_k = opts.max_draft_tokens if opts.adaptive_draft else opts.num_draft_tokens
         shape = self.decoder.shape
         self.draft_margin = (shape.size if shape is not None else chain_k) if spec else 0
-        self.draft_margin += getattr(spec, "extra_draft_nodes", 0)  # a union's later parts add their chains
+        self.draft_margin += getattr(spec, "extra_draft_nodes", 0)
         self.stats = EngineStats()
         self._tc = None
         self._live: list[Request] = []
