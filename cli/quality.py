@@ -67,11 +67,12 @@ def quality(
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
     table = Table("category", "prompts", "fork rate", "steps APAR/AR", "NLL AR", "NLL APAR", "NLL ratio", "well-formed",
-                  "both complete", "ratio (complete)", "ratio (unforked)", "control ratio", "repeated 4-grams AR/APAR",
+                  "both complete", "ratio (complete)", "ratio (unforked)", "ratio (length-matched)", "control ratio", "repeated 4-grams AR/APAR",
                   title=f"{target} vs {base}, greedy, {summary.dtype}", header_style="bold")
     for c, s in summary.by_category.items():
         table.add_row(c, str(s["prompts"]), fmt(s["fork_rate"], ".0%"), fmt(s["steps_ratio"]), fmt(s["nll_ar"], ".3f"),
                       fmt(s["nll_apar"], ".3f"), fmt(s["nll_ratio"], ".3f"), fmt(s["well_formed_rate"], ".0%"),
-                      str(s["complete"]), fmt(s["nll_ratio_complete"], ".3f"), fmt(s["nll_ratio_unforked"], ".3f"), fmt(s["nll_ratio_control"], ".3f"),
+                      str(s["complete"]), fmt(s["nll_ratio_complete"], ".3f"), fmt(s["nll_ratio_unforked"], ".3f"),
+                      fmt(s["nll_ratio_matched"], ".3f"), fmt(s["nll_ratio_control"], ".3f"),
                       f"{fmt(s['repeat4_ar'], '.0%')} / {fmt(s['repeat4_apar'], '.0%')}")
     console.print(table)

@@ -14,6 +14,9 @@ Per prompt (one JSONL row each, ``kind: "quality"``):
 - ``nll_ar`` / ``nll_apar``: mean per-token negative log-likelihood, under the *base*
   model, of the base's own greedy answer and of the reassembled APAR answer (both
   re-tokenised from text, EOS excluded); ``nll_ratio`` = apar / ar;
+- ``nll_ar_matched``: the base's answer scored over only as many tokens as the APAR
+  answer has (a length-matched control: per-token NLL falls along an answer, so an
+  answer that stops early scores worse by its length alone);
 - ``well_formed``: for an answer that forked, its numbered list (if any) counts 1..N
   with no repeated item and no empty item, and no paragraph is empty.
 """
@@ -66,15 +69,28 @@ def well_formed(text: str) -> bool:
     return bool(text.strip())
 
 
+def answer_ids(tokenizer, text: str) -> list[int]:
+    """An answer's tokens as the NLL judge reads them (re-tokenised from text)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
+
+
 @torch.inference_mode()
-def mean_nll(model, tokenizer, prompt_ids: list[list[int]], texts: list[str], batch_size: int = 8) -> list[float]:
-    """Mean per-token NLL of each ``text`` after its prompt, under ``model`` (float32 softmax)."""
+def mean_nll(model, tokenizer, prompt_ids: list[list[int]], texts: list[str], batch_size: int = 8,
+             max_tokens: Optional[list[int]] = None) -> list[float]:
+    """Mean per-token NLL of each ``text`` after its prompt, under ``model`` (float32 softmax).
+
+    ``max_tokens[i]``: score only the first that many tokens of ``texts[i]`` (the
+    length-matched control: an answer's opening tokens cost more than a long answer's
+    later, often repeated, ones, so a short answer has a higher mean NLL by its length alone).
+    """
     out: list[float] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(texts), batch_size):
         seqs, spans = [], []
-        for p, t in zip(prompt_ids[start : start + batch_size], texts[start : start + batch_size]):
-            a = tokenizer(t, add_special_tokens=False)["input_ids"] if t.strip() else []
+        for i, (p, t) in enumerate(zip(prompt_ids[start : start + batch_size], texts[start : start + batch_size])):
+            a = answer_ids(tokenizer, t)
+            if max_tokens is not None:
+                a = a[: max(0, max_tokens[start + i])]
             seqs.append(list(p) + a)
             spans.append((len(p), len(a)))
         L = max(len(s) for s in seqs)
@@ -143,6 +159,12 @@ def _ratio(rs: list[dict]) -> float:
     return statistics.mean(r["nll_apar"] for r in ok) / statistics.mean(r["nll_ar"] for r in ok) if ok else math.nan
 
 
+def _matched_ratio(rs: list[dict]) -> float:
+    """Mean NLL of the APAR answers over that of the base's answers cut to the same token count."""
+    ok = [r for r in _scored(rs) if r.get("nll_ar_matched") is not None and not math.isnan(r["nll_ar_matched"])]
+    return statistics.mean(r["nll_apar"] for r in ok) / statistics.mean(r["nll_ar_matched"] for r in ok) if ok else math.nan
+
+
 def _control_ratio(rs: list[dict]) -> float:
     """Mean NLL of the base's control answers (another precision) over that of its AR answers."""
     ok = [r for r in _scored(rs) if r.get("nll_control") is not None and not math.isnan(r["nll_control"])]
@@ -186,6 +208,7 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
             "nll_ratio_complete": _ratio(complete),
             "nll_ratio_unforked": _ratio([r for r in rs if not r["forked"]]),
             "nll_ratio_control": _control_ratio(rs),
+            "nll_ratio_matched": _matched_ratio(rs),
             "repeat4_ar": statistics.mean(repeated_4grams(r.get("ar_text", "")) for r in rs),
             "repeat4_apar": statistics.mean(repeated_4grams(r.get("apar_text", "")) for r in rs),
         }
@@ -292,7 +315,9 @@ def run_quality(
                 ap = apar_spec.generate(tm, tt, t_ids, mode="apar", max_new_tokens=max_new_tokens, batch_size=len(chunk),
                                        max_depth=depth, depth_cap=cap)
                 nll_ap = mean_nll(bm, bt, b_ids, [g.text for g in ap])
-                for p, g, ng in zip(chunk, ap, nll_ap):
+                matched = mean_nll(bm, bt, b_ids, [ar_done[p.id]["ar_text"] for p in chunk],
+                                   max_tokens=[len(answer_ids(bt, g.text)) for g in ap])
+                for p, g, ng, nm in zip(chunk, ap, nll_ap, matched):
                     a = ar_done[p.id]
                     na = a["nll_ar"]
                     row = {
@@ -304,6 +329,7 @@ def run_quality(
                         "ar_tokens": a["ar_tokens"], "apar_tokens": g.stats.tokens_generated,
                         "apar_critical_path": g.stats.critical_path,
                         "nll_ar": na, "nll_apar": ng, "nll_ratio": ng / na if na and not math.isnan(na) else math.nan,
+                        "nll_ar_matched": nm,
                         "well_formed": well_formed(g.text) if g.forked else None,
                         "prompt": p.text, "ar_text": a["ar_text"], "apar_text": g.text,
                     }
@@ -316,6 +342,7 @@ def run_quality(
         finally:
             if f is not None:
                 f.close()
+    _backfill_matched(rows, prompts, base, dtype, (bm, bt))
     order = {p.id: i for i, p in enumerate(prompts)}
     rows.sort(key=lambda r: order.get(str(r["prompt_id"]), 0))
     for r in rows:
@@ -325,6 +352,24 @@ def run_quality(
         write_sides(rows, sides, sides_count)
     dtype_name = rows[0]["dtype"] if rows else dtype
     return QualitySummary(rows, summarize(rows) if rows else {}, time.perf_counter() - t0, dtype_name)
+
+
+def _backfill_matched(rows: list[dict], prompts: list[Prompt], base: str, dtype: str, loaded: tuple) -> None:
+    """Score the length-matched control for rows saved before it existed (in memory, not in the file)."""
+    import apar_spec
+
+    from .models import Loaded, encode_prompt, short_name
+
+    missing = [r for r in rows if "nll_ar_matched" not in r and "ar_text" in r and "apar_text" in r]
+    if not missing:
+        return
+    bm, bt = loaded if loaded[0] is not None else apar_spec.load(base, dtype=dtype)
+    text = {p.id: p.text for p in prompts}
+    b_ids = [encode_prompt(Loaded(short_name(base), bm, bt), text.get(str(r["prompt_id"]), r.get("prompt", ""))) for r in missing]
+    nll = mean_nll(bm, bt, b_ids, [r["ar_text"] for r in missing],
+                   max_tokens=[len(answer_ids(bt, r["apar_text"])) for r in missing])
+    for r, n in zip(missing, nll):
+        r["nll_ar_matched"] = n
 
 
 def _base_answers(model, tokenizer, judge, prompts: list[Prompt], path: Optional[Path], done: dict, prefix: str,

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from apar_spec.experiments.prompts import select_prompts
 from apar_spec.experiments.quality import run_quality
@@ -62,3 +63,51 @@ def test_cli_quality_refuses_an_unknown_control_dtype(tmp_path):
     assert_user_error(run("quality", "--target", "tiny-apar", "--base", "tiny-base", "--control-dtype", "float13",
                           "--out", str(tmp_path / "q.jsonl")), "unknown dtype 'float13'")
     assert not (tmp_path / "q.jsonl").exists()
+
+
+def test_length_matched_control_scores_the_base_answer_cut_to_the_apar_length(tmp_path):
+    """``nll_ar_matched`` is the base's own answer scored over its first n tokens, n = the APAR answer's
+    length; a row saved before the figure existed gets it on resume, equal to a fresh pass's."""
+    import apar_spec
+    from apar_spec.experiments.models import Loaded, encode_prompt
+    from apar_spec.experiments.quality import answer_ids, mean_nll
+
+    ps = select_prompts("default", limit=3)
+    out = tmp_path / "q.jsonl"
+    s = run_quality("tiny-apar", "tiny-base", ps, max_new_tokens=40, batch_size=3, dtype="float32", out=out)
+    bm, bt = apar_spec.load("tiny-base", dtype="float32")
+    by_id = {p.id: p for p in ps}
+    for r in s.rows:
+        n = len(answer_ids(bt, r["apar_text"]))
+        ids = encode_prompt(Loaded("tiny-base", bm, bt), by_id[r["prompt_id"]].text)
+        want = mean_nll(bm, bt, [ids], [r["ar_text"]], max_tokens=[n])[0]
+        assert r["nll_ar_matched"] == pytest.approx(want, rel=1e-5)
+        full = mean_nll(bm, bt, [ids], [r["ar_text"]])[0]
+        if n >= len(answer_ids(bt, r["ar_text"])):
+            assert r["nll_ar_matched"] == pytest.approx(full, rel=1e-5)
+    assert any(len(answer_ids(bt, r["apar_text"])) < len(answer_ids(bt, r["ar_text"])) for r in s.rows)  # a cut happened
+    ratio = s.by_category["all"]["nll_ratio_matched"]
+    assert ratio == pytest.approx(sum(r["nll_apar"] for r in s.rows) / sum(r["nll_ar_matched"] for r in s.rows))
+    # rows from before the figure: filled in on resume, same numbers
+    old = [json.loads(line) for line in out.read_text().splitlines()]
+    out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "nll_ar_matched"}) + "\n" for r in old))
+    again = run_quality("tiny-apar", "tiny-base", ps, max_new_tokens=40, batch_size=3, dtype="float32", out=out)
+    assert [r["nll_ar_matched"] for r in again.rows] == pytest.approx([r["nll_ar_matched"] for r in s.rows], rel=1e-5)
+
+
+def test_mean_nll_max_tokens_is_the_mean_over_the_first_tokens():
+    import apar_spec
+    from apar_spec.experiments.quality import answer_ids, mean_nll
+
+    m, t = apar_spec.load("tiny-base", dtype="float64")
+    prompt = t("hello", add_special_tokens=False)["input_ids"]
+    text = "one two three four five six"
+    n = len(answer_ids(t, text))
+    ids = torch.tensor([prompt + answer_ids(t, text)])  # [1, P + n]
+    logp = torch.log_softmax(m(input_ids=ids).logits.double(), dim=-1)[0]  # [P + n, V]
+    tok = [-float(logp[len(prompt) - 1 + i, ids[0, len(prompt) + i]]) for i in range(n)]  # each answer token's NLL
+    assert len(set(round(x, 6) for x in tok)) > 1  # the tokens differ, so a prefix mean differs from the whole mean
+    for k in range(1, n + 1):
+        assert mean_nll(m, t, [prompt], [text], max_tokens=[k])[0] == pytest.approx(sum(tok[:k]) / k, rel=1e-6)  # mean_nll: float32 softmax
+    assert mean_nll(m, t, [prompt], [text], max_tokens=[n + 5])[0] == pytest.approx(sum(tok) / n, rel=1e-6)
+    assert math.isnan(mean_nll(m, t, [prompt], [text], max_tokens=[0])[0])
