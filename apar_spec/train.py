@@ -629,6 +629,7 @@ def train(
     distill: float = 0.0,
     teacher=None,
     distill_hard_after: int = 3,
+    distill_hard_labels: tuple[int, ...] = (),
 ) -> TrainReport:
     """Train ``model`` on answer trees (``mode="apar"``) or sequential answers (``mode="plain"``).
 
@@ -648,7 +649,10 @@ def train(
     time-limited jobs, and to test resuming); the schedule still spans ``steps``.
     ``share_rows`` lets short examples share a padded row (same loss, less compute).
     ``distill`` (0..1) mixes a KL term towards ``teacher`` into the loss at ordinary nodes
-    (see :class:`Distill`; ``distill_hard_after`` is its ``hard_after``). The teacher
+    (see :class:`Distill`; ``distill_hard_after`` is its ``hard_after``; ``distill_hard_labels``
+    are more labels that train with CE only, e.g. the tokens holding a line break: where a
+    branch decides between going on and EOS, the teacher's probabilities let the student's
+    learned child EOS win near-ties). The teacher
     defaults to the model as training starts: for a peft model the same model with its
     adapter off (no copy), otherwise a frozen copy taken before the first step (after the
     ``[Fork]``/``[Child]`` rows are added, before any checkpoint is resumed).
@@ -752,7 +756,7 @@ def train(
         distiller = Distill(
             weight=distill,
             teacher=teach,
-            hard_labels=special + (tokenizer.eos_token_id,),
+            hard_labels=special + (tokenizer.eos_token_id,) + tuple(distill_hard_labels),
             hard_inputs=special,
             never=special,
             hard_after=distill_hard_after,

@@ -96,6 +96,11 @@ def lora_model(base, tokenizer, rank: int, alpha: int):
     return get_peft_model(base, config), apar
 
 
+def line_break_tokens(tokenizer) -> tuple[int, ...]:
+    """Ids of every token whose text holds a line break (the labels where a branch goes on past a line)."""
+    return tuple(i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i]))
+
+
 def stage_apar(work: Path, data: Path, out: Path, args) -> dict:
     import apar_spec
     from apar_spec import smollm2
@@ -113,7 +118,7 @@ def stage_apar(work: Path, data: Path, out: Path, args) -> dict:
         model, data, work / "apar-train", tokenizer=tokenizer, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, weight_decay=0.0, mix_ratio=0.5, max_len=args.max_len, resume=True, save_every=args.save_every,
         log_every=5, warmup_steps=max(1, args.steps // 20), stop_after=args.stop_after, keep_checkpoint=True,
-        distill=args.distill,
+        distill=args.distill, distill_hard_labels=line_break_tokens(tokenizer) if args.distill_hard_breaks else (),
     )
     facts = {
         "steps": report.steps, "batch_size": args.batch_size, "lr": args.lr, "rank": args.rank, "alpha": args.alpha,
@@ -121,7 +126,7 @@ def stage_apar(work: Path, data: Path, out: Path, args) -> dict:
         "wall_time_s": report.wall_time_s, "trained_tokens": report.trained_tokens,
         "examples": report.num_examples, "structured": report.num_structured, "truncated": report.num_truncated,
         "threads": torch.get_num_threads(), "dtype": "bfloat16 base (frozen), float32 LoRA",
-        "resumed_from": report.start_step, "distill": args.distill,
+        "resumed_from": report.start_step, "distill": args.distill, "distill_hard_breaks": args.distill_hard_breaks,
     }
     if report.steps < args.steps:
         return facts
@@ -535,6 +540,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-len", type=int, default=448)
     ap.add_argument("--distill", type=float, default=0.0,
                     help="weight of KL to the base (adapter off) at ordinary nodes; structural nodes keep CE (0: CE only)")
+    ap.add_argument("--distill-hard-breaks", action="store_true",
+                    help="with --distill: labels holding a line break train with CE only (the go-on-or-stop decision)")
     ap.add_argument("--whole-lead", type=int, default=1,
                     help="convert: keep the first N forkable paragraphs of a paragraph answer whole (restructure's whole_lead)")
     ap.add_argument("--save-every", type=int, default=20)

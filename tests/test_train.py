@@ -415,3 +415,23 @@ def test_distill_full_model_teaches_from_a_frozen_copy_of_the_start(tmp_path, to
     assert default.losses[-1] != pytest.approx(default.losses[0], rel=1e-3)  # the student moved away from its teacher
     assert stranger.losses[0] != pytest.approx(default.losses[0], rel=1e-3)
     assert default.losses[0] < ce.losses[0]  # a teacher equal to the student: KL ~0 where CE is not
+
+
+def test_distill_hard_labels_train_with_cross_entropy_only(tmp_path, tokenizer):
+    """``distill_hard_labels`` moves nodes with those labels to plain CE: with every token id
+    listed, a weight-1 distillation is the CE run, step by step; with none, it is not."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    start = LlamaForCausalLM(cfg)
+    kw = dict(tokenizer=tokenizer, steps=3, batch_size=4, lr=1e-2, seed=0, max_len=256, progress=False)
+    ce = train(copy.deepcopy(start), micro_rows(), tmp_path / "ce", **kw)
+    every = train(copy.deepcopy(start), micro_rows(), tmp_path / "all", distill=1.0,
+                  distill_hard_labels=tuple(range(len(tokenizer))), **kw)
+    none = train(copy.deepcopy(start), micro_rows(), tmp_path / "none", distill=1.0, **kw)
+    assert every.losses == pytest.approx(ce.losses, rel=1e-5)
+    assert none.losses[0] < ce.losses[0]  # teacher == student at step 0: KL 0 where CE is not
