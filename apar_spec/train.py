@@ -650,9 +650,9 @@ def train(
     ``share_rows`` lets short examples share a padded row (same loss, less compute).
     ``distill`` (0..1) mixes a KL term towards ``teacher`` into the loss at ordinary nodes
     (see :class:`Distill`; ``distill_hard_after`` is its ``hard_after``; ``distill_hard_labels``
-    are more labels that train with CE only, e.g. the tokens holding a line break: where a
-    branch decides between going on and EOS, the teacher's probabilities let the student's
-    learned child EOS win near-ties). The teacher
+    are more labels that train with CE only, e.g. the tokens holding a line break, where a
+    branch goes on instead of ending; on SmolLM2 that made every forked list well-formed but
+    did not cut early stops, see the smollm2-apar card). The teacher
     defaults to the model as training starts: for a peft model the same model with its
     adapter off (no copy), otherwise a frozen copy taken before the first step (after the
     ``[Fork]``/``[Child]`` rows are added, before any checkpoint is resumed).
