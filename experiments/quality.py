@@ -154,21 +154,14 @@ def _scored(rs: list[dict]) -> list[dict]:
     return [r for r in rs if not math.isnan(r["nll_ar"]) and not math.isnan(r["nll_apar"])]
 
 
-def _ratio(rs: list[dict]) -> float:
-    ok = _scored(rs)
-    return statistics.mean(r["nll_apar"] for r in ok) / statistics.mean(r["nll_ar"] for r in ok) if ok else math.nan
+def _ratio(rs: list[dict], top: str = "nll_apar", bottom: str = "nll_ar") -> float:
+    """Mean ``top`` over mean ``bottom``, over scored rows that hold both figures (NaN if none).
 
-
-def _matched_ratio(rs: list[dict]) -> float:
-    """Mean NLL of the APAR answers over that of the base's answers cut to the same token count."""
-    ok = [r for r in _scored(rs) if r.get("nll_ar_matched") is not None and not math.isnan(r["nll_ar_matched"])]
-    return statistics.mean(r["nll_apar"] for r in ok) / statistics.mean(r["nll_ar_matched"] for r in ok) if ok else math.nan
-
-
-def _control_ratio(rs: list[dict]) -> float:
-    """Mean NLL of the base's control answers (another precision) over that of its AR answers."""
-    ok = [r for r in _scored(rs) if r.get("nll_control") is not None and not math.isnan(r["nll_control"])]
-    return statistics.mean(r["nll_control"] for r in ok) / statistics.mean(r["nll_ar"] for r in ok) if ok else math.nan
+    ``nll_apar``/``nll_ar``: the issue's ratio; ``nll_apar``/``nll_ar_matched``: length-matched;
+    ``nll_control``/``nll_ar``: the base's answers in another precision (the metric's floor).
+    """
+    ok = [r for r in _scored(rs) if all(r.get(k) is not None and not math.isnan(r[k]) for k in (top, bottom))]
+    return statistics.mean(r[top] for r in ok) / statistics.mean(r[bottom] for r in ok) if ok else math.nan
 
 
 def summarize(rows: list[dict]) -> dict[str, dict]:
@@ -207,8 +200,8 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
             "complete": len(complete),
             "nll_ratio_complete": _ratio(complete),
             "nll_ratio_unforked": _ratio([r for r in rs if not r["forked"]]),
-            "nll_ratio_control": _control_ratio(rs),
-            "nll_ratio_matched": _matched_ratio(rs),
+            "nll_ratio_control": _ratio(rs, "nll_control", "nll_ar"),
+            "nll_ratio_matched": _ratio(rs, "nll_apar", "nll_ar_matched"),
             "repeat4_ar": statistics.mean(repeated_4grams(r.get("ar_text", "")) for r in rs),
             "repeat4_apar": statistics.mean(repeated_4grams(r.get("apar_text", "")) for r in rs),
         }
