@@ -235,6 +235,8 @@ def test_train_command(micro, tmp_path):
     report = json.loads(result.stdout)
     assert report["steps"] == 1 and (out / "config.json").is_file()
     assert_user_error(run("train", "--model", micro["target"], "--data", tmp_path / "none.jsonl", "--out", out, "--steps", "1"))
+    assert_user_error(run("train", "--model", micro["target"], "--data", data, "--out", tmp_path / "neg", "--steps", "1",
+                          "--root-eos", "-1"))
 
 
 def test_drafts_list_and_show():

@@ -435,3 +435,55 @@ def test_distill_hard_labels_train_with_cross_entropy_only(tmp_path, tokenizer):
     none = train(copy.deepcopy(start), micro_rows(), tmp_path / "none", distill=1.0, **kw)
     assert every.losses == pytest.approx(ce.losses, rel=1e-5)
     assert none.losses[0] < ce.losses[0]  # teacher == student at step 0: KL 0 where CE is not
+
+
+def test_root_nodes_by_hand_across_shared_rows():
+    """Root nodes: labelled nodes before an example's first [Child]; a second example in the
+    same row (its prompt unlabelled) starts a fresh root."""
+    from apar_spec.train import root_nodes
+
+    apar = AparTokens(fork_id=2, child_id=3)
+    tree = AnswerTree("ab", [ForkPoint(1, AnswerTree("c"))])
+    tok = CharTokenizer()
+    # nodes: 0:10 1:11 | 2:'a' 3:[Fork] 4:'b' 5:EOS | 6:[Child] 7:'c' 8:EOS, then 10 11 | 'x' 'y' EOS
+    batch = collate([pack_tree([10, 11], tree, tok, apar), pack_tree([10, 11], AnswerTree("xy"), tok, apar)], 0,
+                    share_rows=True)
+    assert batch.input_ids.shape[0] == 1  # both examples share one row
+    ids = batch.input_ids[0].tolist()
+    assert ids[:14] == [10, 11, 97, 2, 98, 1, 3, 99, 1, 10, 11, 120, 121, 1]  # the longer example first
+    want = [False] + [True] * 4 + [False] * 5 + [True] * 3 + [False]  # EOS nodes and the prompt but its last: unlabelled
+    got = root_nodes(batch, apar.child_id)[0].tolist()
+    assert got[: len(want)] == want
+    assert not any(got[len(want):])  # padding
+
+
+def test_root_eos_term_matches_a_node_by_node_reference(tokenizer):
+    """summed_loss with RootEos = CE (or the distill mix) + w * -log(1 - p(EOS)) at every root
+    node whose label is not EOS, and nothing at child nodes or at the root's EOS."""
+    from apar_spec.train import RootEos, root_nodes
+
+    apar, batch = _distill_case(tokenizer)
+    student = tiny_llama(len(tokenizer))
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        base, n = summed_loss(student, batch)
+        got, n2 = summed_loss(student, batch, None, RootEos(0.7, eos, apar.child_id))
+        logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids).logits.double()
+    roots = root_nodes(batch, apar.child_id)
+    extra, counted = 0.0, 0
+    for b in range(batch.labels.shape[0]):
+        in_child = False
+        for i in range(batch.labels.shape[1]):
+            y = int(batch.labels[b, i])
+            in_child = (in_child or int(batch.input_ids[b, i]) == apar.child_id) and y != IGNORE
+            if y == IGNORE:
+                continue
+            assert bool(roots[b, i]) == (not in_child)
+            if not in_child and y != eos:
+                extra += -0.7 * float(torch.log1p(-torch.softmax(logits[b, i], -1)[eos]))
+                counted += 1
+    assert counted > 0 and bool((roots & (batch.input_ids == apar.child_id)).sum() == 0)
+    assert n2 == n
+    assert got.item() == pytest.approx(base.item() + extra, rel=1e-6)
+    assert got.item() > base.item()
