@@ -455,6 +455,9 @@ def test_root_nodes_by_hand_across_shared_rows():
     got = root_nodes(batch, apar.child_id)[0].tolist()
     assert got[: len(want)] == want
     assert not any(got[len(want):])  # padding
+    lead = root_nodes(batch, apar.child_id, apar.fork_id)[0].tolist()  # only before the root's first [Fork] input
+    assert lead[: len(want)] == [False, True, True] + [False] * 7 + [True] * 3 + [False]
+    assert not any(lead[len(want):])
 
 
 def test_root_eos_term_matches_a_node_by_node_reference(tokenizer):
