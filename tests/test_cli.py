@@ -236,7 +236,7 @@ def test_train_command(micro, tmp_path):
     assert report["steps"] == 1 and (out / "config.json").is_file()
     assert_user_error(run("train", "--model", micro["target"], "--data", tmp_path / "none.jsonl", "--out", out, "--steps", "1"))
     assert_user_error(run("train", "--model", micro["target"], "--data", data, "--out", tmp_path / "neg", "--steps", "1",
-                          "--root-eos", "-1"))
+                          "--root-eos", "-1", "--root-eos-lead-only"))
 
 
 def test_drafts_list_and_show():
