@@ -446,7 +446,8 @@ def summed_loss(model, batch: Batch, distill: Distill | None = None, root_eos: R
     if plain:
         per_node = ce
     else:
-        per_node = torch.where(_hard_nodes(batch, keep, labels, distill), ce, (1.0 - distill.weight) * ce + distill.weight * _kl(batch, keep, log_ps, distill))
+        mixed = (1.0 - distill.weight) * ce + distill.weight * _kl(batch, keep, log_ps, distill)  # [N]
+        per_node = torch.where(_hard_nodes(batch, keep, labels, distill), ce, mixed)
     if root_eos is not None and root_eos.weight > 0.0:
         goes_on = root_nodes(batch, root_eos.child_id, root_eos.fork_id)[keep] & (labels != root_eos.eos_id)  # [N]
         p_eos = log_ps[:, root_eos.eos_id].exp().clamp(max=1.0 - 1e-6)  # [N]
