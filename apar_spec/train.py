@@ -374,6 +374,11 @@ class Distill:
     nodes of the same branch (a parent's ``"\n2."`` after a fork, which the teacher,
     seeing a title with no details after it, would rather fill with details). In a
     packed row a branch's nodes are contiguous, so "the next nodes" are the next columns.
+    ``hard_root_child`` (the ``[Child]`` id; ``None``: off) makes the whole root branch of
+    every *structured* example CE-only: there the teacher reads titles with no details
+    after them, so it would rather write details and never end, while the labels hold the
+    structure (which items, where to fork, where the list ends). Children, and examples
+    with no fork, keep the KL mix.
     """
 
     weight: float
@@ -382,6 +387,7 @@ class Distill:
     hard_inputs: tuple[int, ...]  # input tokens whose node trains with CE only
     never: tuple[int, ...]  # token ids the teacher gives no probability
     hard_after: int  # nodes after a hard input that train with CE only too (train's default: 3)
+    hard_root_child: int | None = None  # [Child] id: roots of structured examples train with CE only
 
 
 @dataclass
@@ -409,13 +415,15 @@ class RootEos:
     fork_id: int | None = None
 
 
-def root_nodes(batch: Batch, child_id: int, fork_id: int | None = None) -> torch.Tensor:
+def root_nodes(batch: Batch, child_id: int, fork_id: int | None = None, structured_only: bool = False) -> torch.Tensor:
     """[B, L] bool: labelled nodes of each example's root branch (before its first ``[Child]`` node).
 
     In a packed row an example is its prompt (labels IGNORE but for its last node), its
     root branch, then its child branches, each opened by a ``[Child]`` input. So a node is
     in a child when a ``[Child]`` input lies between it and the last unlabelled node.
-    With ``fork_id``: only the root's nodes before its first ``[Fork]`` input.
+    With ``fork_id``: only the root's nodes before its first ``[Fork]`` input. With
+    ``structured_only``: only roots of examples that hold a ``[Child]`` (not the roots of
+    answers without a fork); an example starts where its position ids restart at 0.
     """
     at_prompt = batch.labels == IGNORE  # [B, L] prompt nodes and padding start a new count
 
@@ -424,7 +432,15 @@ def root_nodes(batch: Batch, child_id: int, fork_id: int | None = None) -> torch
         return seen == torch.cummax(torch.where(at_prompt, seen, 0), dim=1).values
 
     roots = none_since_prompt(child_id) & ~at_prompt
-    return roots if fork_id is None else roots & none_since_prompt(fork_id)
+    if fork_id is not None:
+        roots &= none_since_prompt(fork_id)
+    if structured_only:
+        example = torch.cumsum((batch.position_ids == 0).long(), dim=1)  # [B, L] example index in its row
+        children = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] + 1, dtype=torch.long,
+                               device=example.device)  # [B, L + 1] [Child] inputs per example index
+        children.scatter_add_(1, example, (batch.input_ids == child_id).long())
+        roots &= children.gather(1, example) > 0
+    return roots
 
 
 def summed_loss(model, batch: Batch, distill: Distill | None = None, root_eos: RootEos | None = None) -> tuple[torch.Tensor, int]:
@@ -474,6 +490,8 @@ def _hard_nodes(batch: Batch, keep: torch.Tensor, labels: torch.Tensor, distill:
     zone = hard_in.clone()
     for j in range(1, distill.hard_after + 1):  # the next j columns of the same row
         zone[:, j:] |= hard_in[:, :-j]
+    if distill.hard_root_child is not None:
+        zone |= root_nodes(batch, distill.hard_root_child, structured_only=True)
     return torch.isin(labels, torch.tensor(distill.hard_labels, device=labels.device)) | zone[keep]
 
 
@@ -690,6 +708,7 @@ def train(
     teacher=None,
     distill_hard_after: int = 3,
     distill_hard_labels: tuple[int, ...] = (),
+    distill_hard_root: bool = False,
     root_eos: float = 0.0,
     root_eos_lead_only: bool = False,
 ) -> TrainReport:
@@ -714,7 +733,8 @@ def train(
     (see :class:`Distill`; ``distill_hard_after`` is its ``hard_after``; ``distill_hard_labels``
     are more labels that train with CE only, e.g. the tokens holding a line break, where a
     branch goes on instead of ending; on SmolLM2 that made every forked list well-formed but
-    did not cut early stops, see the smollm2-apar card). The teacher
+    did not cut early stops, see the smollm2-apar card); ``distill_hard_root`` trains the
+    root of every structured example with CE only (:class:`Distill`'s ``hard_root_child``). The teacher
     defaults to the model as training starts: for a peft model the same model with its
     adapter off (no copy), otherwise a frozen copy taken before the first step (after the
     ``[Fork]``/``[Child]`` rows are added, before any checkpoint is resumed).
@@ -827,6 +847,7 @@ def train(
             hard_inputs=special,
             never=special,
             hard_after=distill_hard_after,
+            hard_root_child=apar.child_id if distill_hard_root and mode == "apar" else None,
         )
 
     ender = None

@@ -294,15 +294,19 @@ def _distill_case(tokenizer):
     return apar, batch
 
 
-def _reference_distill(student, teacher, batch, weight, hard_labels, hard_inputs, never, hard_after=0):
-    """Node by node, in float64: CE at structural nodes, (1-w) CE + w KL elsewhere."""
+def _reference_distill(student, teacher, batch, weight, hard_labels, hard_inputs, never, hard_after=0, hard_root_child=None):
+    """Node by node, in float64: CE at structural nodes, (1-w) CE + w KL elsewhere.
+    With ``hard_root_child``: CE also at the root nodes of a row holding that token (one example per row)."""
     with torch.no_grad():
         s_all = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
         t_all = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
     total = 0.0
     for b in range(batch.labels.shape[0]):
+        structured = hard_root_child is not None and hard_root_child in batch.input_ids[b].tolist()
+        in_child = False
         for i in range(batch.labels.shape[1]):
             y = int(batch.labels[b, i])
+            in_child = in_child or int(batch.input_ids[b, i]) == hard_root_child
             if y == IGNORE:
                 continue
             log_ps = torch.log_softmax(s_all[b, i].double(), -1)
@@ -314,7 +318,7 @@ def _reference_distill(student, teacher, batch, weight, hard_labels, hard_inputs
             finite = torch.isfinite(log_pt)
             kl = float((log_pt[finite].exp() * (log_pt[finite] - log_ps[finite])).sum())
             recent = batch.input_ids[b, max(0, i - hard_after) : i + 1].tolist()
-            if y in hard_labels or any(t in hard_inputs for t in recent):
+            if y in hard_labels or any(t in hard_inputs for t in recent) or (structured and not in_child):
                 total += ce
             else:
                 total += (1 - weight) * ce + weight * kl
@@ -335,13 +339,18 @@ def test_distill_loss_matches_a_node_by_node_reference(tokenizer):
     hard_labels = (apar.fork_id, apar.child_id, tokenizer.eos_token_id)
     hard_inputs = (apar.fork_id, apar.child_id)
     never = (apar.fork_id, apar.child_id)
-    for weight, after in ((0.0, 0), (0.5, 0), (1.0, 0), (0.7, 2)):
-        d = Distill(weight, model_teacher(teacher), hard_labels, hard_inputs, never, hard_after=after)
+    for weight, after, root in ((0.0, 0, None), (0.5, 0, None), (1.0, 0, None), (0.7, 2, None), (0.7, 0, apar.child_id)):
+        d = Distill(weight, model_teacher(teacher), hard_labels, hard_inputs, never, hard_after=after, hard_root_child=root)
         with torch.no_grad():
             got, n = summed_loss(student, batch, d)
-        want = _reference_distill(student, teacher, batch, weight, hard_labels, hard_inputs, never, after)
+        want = _reference_distill(student, teacher, batch, weight, hard_labels, hard_inputs, never, after, root)
         assert got.item() == pytest.approx(want, rel=1e-6)
         assert n == int((batch.labels != IGNORE).sum())
+    with torch.no_grad():  # the hard root really changes the loss (the plain row keeps its KL mix)
+        soft, _ = summed_loss(student, batch, Distill(0.7, model_teacher(teacher), hard_labels, hard_inputs, never, 0))
+        hard, _ = summed_loss(student, batch, Distill(0.7, model_teacher(teacher), hard_labels, hard_inputs, never, 0,
+                                                      hard_root_child=apar.child_id))
+    assert hard.item() != pytest.approx(soft.item(), rel=1e-4)
     with torch.no_grad():
         plain, _ = summed_loss(student, batch)
         mixed, _ = summed_loss(student, batch, Distill(0.5, model_teacher(teacher), hard_labels, hard_inputs, never, hard_after=0))
@@ -458,6 +467,8 @@ def test_root_nodes_by_hand_across_shared_rows():
     lead = root_nodes(batch, apar.child_id, apar.fork_id)[0].tolist()  # only before the root's first [Fork] input
     assert lead[: len(want)] == [False, True, True] + [False] * 7 + [True] * 3 + [False]
     assert not any(lead[len(want):])
+    forked = root_nodes(batch, apar.child_id, structured_only=True)[0].tolist()  # the second example has no [Child]
+    assert forked == [False] + [True] * 4 + [False] * (len(got) - 5)
 
 
 def test_root_eos_term_matches_a_node_by_node_reference(tokenizer):
