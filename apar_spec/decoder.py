@@ -127,6 +127,29 @@ class RuleState:
     prev: int  # the token whose logits are being processed
     forks: int
     generated: int  # sampled tokens so far
+    fence: "Fence"  # code-fence state of the answer text up to and including ``prev``
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Whether an answer's text is inside a ``` block, scanned token by token.
+
+    ``ticks`` counts the backticks that end the text so far (a fence may be split over
+    tokens: "``" then "`"); three in a row toggle ``inside``."""
+
+    inside: bool = False
+    ticks: int = 0
+
+    def after(self, text: Optional[str]) -> "Fence":
+        """The state after a token with this text (``None``: a token without backticks)."""
+        if text is None:
+            return Fence(self.inside, 0) if self.ticks else self
+        inside, ticks = self.inside, self.ticks
+        for ch in text:
+            ticks = ticks + 1 if ch == "`" else 0
+            if ticks == 3:
+                inside, ticks = not inside, 0
+        return Fence(inside, ticks)
 
 
 class Decoder:
@@ -430,15 +453,27 @@ class Decoder:
                 q[i, torch.arange(len(d)), torch.tensor(d, device=device)] = 1.0
         return q
 
-    def rule_states(self, b: Branch, drafts: list[int], parents: list[int], prev: int) -> list[RuleState]:
+    def rule_states(self, r: Request, b: Branch, drafts: list[int], parents: list[int], prev: int) -> list[RuleState]:
         """Rule state at the pending node (token ``prev``) and at each draft node, along the
         node's own path (as if its ancestors were accepted): fed-node order, [1 + N]."""
         fork_id = self.apar.fork_id if self.apar else -1
-        states = [RuleState(prev=prev, forks=b.forks, generated=b.generated)]
+        texts = self.apar.backtick_texts if self.apar else {}
+        states = [RuleState(prev=prev, forks=b.forks, generated=b.generated, fence=self.fence_of(r, b))]
         for tok, p in zip(drafts, parents):
             s = states[p + 1]
-            states.append(RuleState(prev=tok, forks=s.forks + (tok == fork_id), generated=s.generated + 1))
+            states.append(RuleState(prev=tok, forks=s.forks + (tok == fork_id), generated=s.generated + 1,
+                                    fence=s.fence.after(texts.get(tok))))
         return states
+
+    def fence_of(self, r: Request, b: Branch) -> Fence:
+        """Code-fence state after ``b``'s committed tokens, over its answer text (the
+        ancestors' tokens up to the fork, then its own; not the prompt)."""
+        fence = Fence()
+        if self.apar is None or not self.apar.backtick_texts:
+            return fence
+        for tok in r.context(b)[len(r.prompt) :]:
+            fence = fence.after(self.apar.backtick_texts.get(tok))
+        return fence
 
     def apply_rules(self, views, branches: list[Branch], drafts: list[list[int]], parents: list[list[int]], raw: torch.Tensor) -> torch.Tensor:
         """Branch-local logit rules on ``raw`` ``[branches, 1 + N, V]`` (pending node, then
@@ -458,7 +493,7 @@ class Decoder:
         ban = torch.zeros(logits.shape[:2], dtype=torch.bool)  # [branches, 1 + N]
         for i, (v, b, d, par) in enumerate(zip(views, branches, drafts, parents)):
             prev = b.tokens[-1] if b.tokens else self.requests_by_index[v.request].prompt[-1]
-            for j, state in enumerate(self.rule_states(b, d, par, prev)):
+            for j, state in enumerate(self.rule_states(self.requests_by_index[v.request], b, d, par, prev)):
                 ban[i, j] = not self.may_fork(b, state)
         logits[..., self.apar.fork_id].masked_fill_(ban.to(logits.device), NEG_INF)
         return logits
@@ -471,6 +506,7 @@ class Decoder:
             and s.prev not in (self.apar.fork_id, self.apar.child_id)
             and (b.level < self.opts.max_depth or self.ends_at_cap(b))
             and s.forks < self.opts.max_forks_per_branch
+            and (self.opts.fork_in_code or not s.fence.inside)
             # the [Fork] must be followed by at least one more parent step, so its KV exists for the child
             and self.branch_cap - s.generated > 1
         )

@@ -33,6 +33,10 @@ def reference_decode(
     cap = opts.max_branch_tokens or opts.max_new_tokens
     out: dict[tuple[int, ...], RefBranch] = {}
 
+    def in_code(answer: list[int]) -> bool:
+        """An odd number of ``` in the answer text so far (tokens without a backtick read as "x")."""
+        return "".join(apar.backtick_texts.get(t, "x") for t in answer).count("```") % 2 == 1
+
     def run(path: tuple[int, ...], context: list[int], first: list[int], level: int) -> None:
         b = RefBranch(path, tokens=list(first))
         out[path] = b
@@ -54,6 +58,7 @@ def reference_decode(
                     and (level < opts.max_depth or ends_child)
                     and forks < opts.max_forks_per_branch
                     and cap - generated > 1
+                    and (opts.fork_in_code or not in_code(seq[len(prompt) :]))
                 )
                 if not allowed:
                     processed[apar.fork_id] = float("-inf")

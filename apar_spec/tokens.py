@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
 
 FORK_TOKEN = "[Fork]"
 CHILD_TOKEN = "[Child]"
@@ -21,35 +23,55 @@ class AparTokens:
     # Tokens whose text holds a line break. A child at the fork-depth cap that asks for
     # [Fork] is cut back to its last one (``DecodeOptions.depth_cap``); empty: no cut.
     line_break_ids: frozenset[int] = field(default=frozenset(), compare=False, repr=False)
+    # The text of every token that holds a backtick (any other token holds none). Decoding
+    # tracks code fences with it: no [Fork] inside a ``` block (``DecodeOptions.fork_in_code``).
+    backtick_texts: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
 
 
-_LINE_BREAKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+@dataclass(frozen=True)
+class _VocabFacts:
+    size: int
+    line_breaks: frozenset[int]
+    backticks: Mapping[int, str]
+
+
+_FACTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _vocab_facts(tokenizer) -> _VocabFacts:
+    """Per-token facts the decoder needs, memoised per tokenizer (decoding a 49k vocabulary
+    token by token takes ~0.3 s)."""
+    key = len(tokenizer)
+    try:
+        cached = _FACTS.get(tokenizer)
+    except TypeError:  # not weak-referenceable: compute every time
+        cached = None
+    if cached is not None and cached.size == key:
+        return cached
+    texts = tokenizer.batch_decode([[i] for i in range(key)])
+    facts = _VocabFacts(
+        size=key,
+        line_breaks=frozenset(i for i, t in enumerate(texts) if "\n" in t),
+        backticks=MappingProxyType({i: t for i, t in enumerate(texts) if "`" in t}),
+    )
+    try:
+        _FACTS[tokenizer] = facts
+    except TypeError:
+        pass
+    return facts
 
 
 def line_break_ids(tokenizer) -> frozenset[int]:
-    """Ids of the tokens whose decoded text contains a newline (memoised per tokenizer:
-    decoding a 49k vocabulary token by token takes ~0.3 s)."""
-    key = len(tokenizer)
-    try:
-        cached = _LINE_BREAKS.get(tokenizer)
-    except TypeError:  # not weak-referenceable: compute every time
-        cached = None
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    texts = tokenizer.batch_decode([[i] for i in range(key)])
-    found = frozenset(i for i, t in enumerate(texts) if "\n" in t)
-    try:
-        _LINE_BREAKS[tokenizer] = (key, found)
-    except TypeError:
-        pass
-    return found
+    """Ids of the tokens whose decoded text contains a newline (memoised per tokenizer)."""
+    return _vocab_facts(tokenizer).line_breaks
 
 
 def find_apar_tokens(tokenizer) -> AparTokens | None:
     """The ids of ``[Fork]``/``[Child]`` in ``tokenizer``, or None if it has not both."""
     vocab = tokenizer.get_vocab()
     if FORK_TOKEN in vocab and CHILD_TOKEN in vocab:
-        return AparTokens(vocab[FORK_TOKEN], vocab[CHILD_TOKEN], line_break_ids(tokenizer))
+        facts = _vocab_facts(tokenizer)
+        return AparTokens(vocab[FORK_TOKEN], vocab[CHILD_TOKEN], facts.line_breaks, facts.backticks)
     return None
 
 

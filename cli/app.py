@@ -126,6 +126,7 @@ def generate(
     max_new_tokens: MaxNew = DecodeOptions.max_new_tokens,
     max_depth: MaxDepth = None,
     depth_cap: DepthCap = None,
+    fork_in_code: Annotated[bool, typer.Option("--fork-in-code", help="Let a branch fork inside a ``` code block (off by default: a fork there splits one piece of code over two branches).")] = DecodeOptions.fork_in_code,
     temperature: Temperature = DecodeOptions.temperature,
     seed: Seed = DecodeOptions.seed,
     chat_template: ChatTemplate = None,
@@ -156,7 +157,7 @@ def generate(
     ids = encode_prompt(loaded, prompt, chat_template)
     kwargs = dict(
         mode=mode, draft=draft_arg, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-        num_draft_tokens=k, max_draft_tokens=max(k, DecodeOptions.max_draft_tokens),
+        num_draft_tokens=k, max_draft_tokens=max(k, DecodeOptions.max_draft_tokens), fork_in_code=fork_in_code,
         **({} if max_depth is None else {"max_depth": max_depth}),
         **({} if depth_cap is None else {"depth_cap": depth_cap}),
     )

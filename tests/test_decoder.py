@@ -161,6 +161,58 @@ def test_a_child_asking_to_fork_at_the_depth_cap_ends_at_its_last_line_break(fam
     assert cut_at_break >= 2, "the case should cut capped children back to a line break"
 
 
+FENCE_TEXTS = {i: ("```", "```", "``", "`")[i % 4] for i in range(5, VOCAB)}  # fences split over tokens too
+APAR_CODE = AparTokens(FORK, CHILD, LINE_BREAKS, FENCE_TEXTS)
+
+
+def answer_text_inside_code(branches, b, upto):
+    """Independent of both decoders: an odd number of ``` in the branch's answer text before
+    its token ``upto`` (its ancestors' tokens up to the fork, then its own)."""
+    tokens = b.tokens[:upto]
+    while b.parent is not None:
+        parent = branches[b.parent]
+        tokens = parent.tokens[: b.fork_index + 1] + tokens
+        b = parent
+    return "".join(FENCE_TEXTS.get(t, "x") for t in tokens).count("```") % 2 == 1
+
+
+def test_fence_state_by_hand():
+    from apar_spec.decoder import Fence
+
+    assert Fence().after("```python") == Fence(True, 0)
+    assert Fence().after("``").after("`") == Fence(True, 0)  # split over two tokens
+    assert Fence().after("``").after(None).after("`") == Fence(False, 1)  # another token between: no fence
+    assert Fence().after("````") == Fence(True, 1)
+    assert Fence(True, 0).after("\n```") == Fence(False, 0)
+    assert Fence(True, 2).after(None) == Fence(True, 0)
+
+
+@pytest.mark.parametrize("family,seed", [("llama", 0), ("qwen2", 3)])
+def test_no_fork_inside_a_code_fence(family, seed):
+    """fork_in_code=False (the default) bans [Fork] while the branch's answer text is inside a
+    ``` block; both settings equal the reference; the rule really changes the tree."""
+    model = micro_model(family, seed=seed)
+    trees, inside = {}, {}
+    for allowed in (False, True):
+        opts = DecodeOptions(max_new_tokens=3000, max_depth=2, max_branch_tokens=30, fork_in_code=allowed,
+                             logits_processor=fork_processor(4, 6, salt=seed))
+        result = Decoder(model, opts, APAR_CODE, True, {EOS}, record_logits=True).run([PROMPTS[0]])[0]
+        ref = reference_decode(model, PROMPTS[0], opts, APAR_CODE, True, {EOS})
+        got = {path_of(result.branches, b): b for b in result.branches}
+        assert set(got) == set(ref)
+        for path, rb in ref.items():
+            assert got[path].tokens == rb.tokens, f"fork_in_code={allowed}: branch {path} differs from the reference"
+            for x, y in zip(got[path].logits, rb.logits):
+                torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+        trees[allowed] = {p: b.tokens for p, b in got.items()}
+        inside[allowed] = sum(answer_text_inside_code(result.branches, b, i)
+                              for b in result.branches for i, t in enumerate(b.tokens) if t == FORK)
+        assert len(got) >= 3
+    assert inside[False] == 0
+    assert inside[True] >= 1, "the case should fork inside code when allowed"
+    assert trees[False] != trees[True]
+
+
 def test_cut_to_last_line_drops_the_fork_and_the_line_before_it():
     from apar_spec.decoder import cut_to_last_line
 

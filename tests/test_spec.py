@@ -103,6 +103,31 @@ def test_speculation_is_lossless_where_capped_children_end(kind):
         assert sum(r.counters.target_steps for r in spec_results) <= sum(r.counters.target_steps for r in results)
 
 
+@pytest.mark.parametrize("kind", ["self", "random", "ngram"])
+def test_speculation_is_lossless_with_the_code_fence_rule(kind):
+    """Drafts that open or close a ``` block change where [Fork] is allowed at the next
+    node; verification applies the rule along each draft path, so the output is plain decoding's."""
+    model = micro_model("qwen2", seed=2)
+    proc = fork_processor(3, 5, salt=2)
+    texts = {i: ("```", "```", "``", "`")[i % 4] for i in range(5, VOCAB)}  # fences split over tokens too
+    apar = AparTokens(FORK, CHILD, frozenset(), texts)
+    prompts = [[1, 10, 11, 12, 13, 14], [1, 20, 7]]
+
+    def run(spec=None, k=1):
+        opts = DecodeOptions(max_new_tokens=800, max_branch_tokens=24, max_depth=2, logits_processor=proc, num_draft_tokens=k)
+        results = Decoder(model, opts, apar, True, {EOS}, speculator=spec).run(prompts)
+
+        def path(branches, b):
+            return () if b.parent is None else path(branches, branches[b.parent]) + (b.fork_index,)
+
+        return [{path(r.branches, b): b.tokens for b in r.branches} for r in results]
+
+    plain = run()
+    assert max(len(r) for r in plain) >= 3
+    for k in (1, 3):
+        assert run(speculators(model, proc, 2)[kind](), k) == plain
+
+
 def test_self_draft_accepts_everything_except_at_branch_ends():
     model = micro_model("llama", seed=3)
     proc = fork_processor(4, 3, salt=3)
