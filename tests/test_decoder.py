@@ -78,8 +78,8 @@ def path_of(branches, b):
     return tuple(reversed(path))
 
 
-def assert_matches_reference(model, prompt, result, opts):
-    ref = reference_decode(model, prompt, opts, APAR, True, {EOS})
+def assert_matches_reference(model, prompt, result, opts, apar=APAR):
+    ref = reference_decode(model, prompt, opts, apar, True, {EOS})
     got = {path_of(result.branches, b): b for b in result.branches}
     assert set(got) == set(ref), "different tree shape"
     for path, rb in ref.items():
@@ -136,15 +136,8 @@ def test_a_child_asking_to_fork_at_the_depth_cap_ends_at_its_last_line_break(fam
     for policy in ("end", "mask"):
         opts = DecodeOptions(depth_cap=policy, **base)
         result = Decoder(model, opts, APAR_LB, True, {EOS}, record_logits=True).run([PROMPTS[0]])[0]
-        ref = reference_decode(model, PROMPTS[0], opts, APAR_LB, True, {EOS})
-        got = {path_of(result.branches, b): b for b in result.branches}
-        assert set(got) == set(ref)
-        for path, rb in ref.items():
-            assert got[path].tokens == rb.tokens, f"{policy}: branch {path} differs from the reference"
-            assert len(got[path].logits) == len(rb.logits)
-            for x, y in zip(got[path].logits, rb.logits):
-                torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
-        runs[policy] = got
+        assert_matches_reference(model, PROMPTS[0], result, opts, APAR_LB)
+        runs[policy] = {path_of(result.branches, b): b for b in result.branches}
     end, mask = runs["end"], runs["mask"]
     assert set(end) == set(mask) and len(end) >= 3
     cut_at_break = 0
@@ -197,13 +190,8 @@ def test_no_fork_inside_a_code_fence(family, seed):
         opts = DecodeOptions(max_new_tokens=3000, max_depth=2, max_branch_tokens=30, fork_in_code=allowed,
                              logits_processor=fork_processor(4, 6, salt=seed))
         result = Decoder(model, opts, APAR_CODE, True, {EOS}, record_logits=True).run([PROMPTS[0]])[0]
-        ref = reference_decode(model, PROMPTS[0], opts, APAR_CODE, True, {EOS})
+        assert_matches_reference(model, PROMPTS[0], result, opts, APAR_CODE)
         got = {path_of(result.branches, b): b for b in result.branches}
-        assert set(got) == set(ref)
-        for path, rb in ref.items():
-            assert got[path].tokens == rb.tokens, f"fork_in_code={allowed}: branch {path} differs from the reference"
-            for x, y in zip(got[path].logits, rb.logits):
-                torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
         trees[allowed] = {p: b.tokens for p, b in got.items()}
         inside[allowed] = sum(answer_text_inside_code(result.branches, b, i)
                               for b in result.branches for i, t in enumerate(b.tokens) if t == FORK)
