@@ -356,6 +356,9 @@ def _batch_logits(model, batch: Batch) -> torch.Tensor:
     return logits
 
 
+HARD_ROOTS = (None, "forked", "all")  # train(distill_hard_roots=...): see Distill.hard_roots
+
+
 @dataclass
 class Distill:
     """Knowledge distillation from a teacher, mixed into the loss (``train(distill=...)``).
@@ -374,11 +377,12 @@ class Distill:
     nodes of the same branch (a parent's ``"\n2."`` after a fork, which the teacher,
     seeing a title with no details after it, would rather fill with details). In a
     packed row a branch's nodes are contiguous, so "the next nodes" are the next columns.
-    ``hard_root_child`` (the ``[Child]`` id; ``None``: off) makes the whole root branch of
-    every *structured* example CE-only: there the teacher reads titles with no details
-    after them, so it would rather write details and never end, while the labels hold the
-    structure (which items, where to fork, where the list ends). Children, and examples
-    with no fork, keep the KL mix.
+    ``hard_roots`` makes whole root branches CE-only (``child_id`` marks where children
+    start): ``"forked"`` the roots of examples with forks, where the teacher reads titles
+    with no details after them, so it would rather write details and never end, while the
+    labels hold the structure (which items, where to fork, where the list ends);
+    ``"all"`` every root, answers without a fork too, so only children learn from the
+    teacher (the labels keep every fork decision, the teacher a child's wording).
     """
 
     weight: float
@@ -387,7 +391,8 @@ class Distill:
     hard_inputs: tuple[int, ...]  # input tokens whose node trains with CE only
     never: tuple[int, ...]  # token ids the teacher gives no probability
     hard_after: int  # nodes after a hard input that train with CE only too (train's default: 3)
-    hard_root_child: int | None = None  # [Child] id: roots of structured examples train with CE only
+    hard_roots: str | None = None  # None | "forked" | "all": root branches that train with CE only
+    child_id: int | None = None  # [Child]: needed by hard_roots
 
 
 @dataclass
@@ -490,8 +495,8 @@ def _hard_nodes(batch: Batch, keep: torch.Tensor, labels: torch.Tensor, distill:
     zone = hard_in.clone()
     for j in range(1, distill.hard_after + 1):  # the next j columns of the same row
         zone[:, j:] |= hard_in[:, :-j]
-    if distill.hard_root_child is not None:
-        zone |= root_nodes(batch, distill.hard_root_child, structured_only=True)
+    if distill.hard_roots is not None:
+        zone |= root_nodes(batch, distill.child_id, structured_only=distill.hard_roots == "forked")
     return torch.isin(labels, torch.tensor(distill.hard_labels, device=labels.device)) | zone[keep]
 
 
@@ -708,7 +713,7 @@ def train(
     teacher=None,
     distill_hard_after: int = 3,
     distill_hard_labels: tuple[int, ...] = (),
-    distill_hard_root: bool = False,
+    distill_hard_roots: str | None = None,
     root_eos: float = 0.0,
     root_eos_lead_only: bool = False,
 ) -> TrainReport:
@@ -733,8 +738,8 @@ def train(
     (see :class:`Distill`; ``distill_hard_after`` is its ``hard_after``; ``distill_hard_labels``
     are more labels that train with CE only, e.g. the tokens holding a line break, where a
     branch goes on instead of ending; on SmolLM2 that made every forked list well-formed but
-    did not cut early stops, see the smollm2-apar card); ``distill_hard_root`` trains the
-    root of every structured example with CE only (:class:`Distill`'s ``hard_root_child``). The teacher
+    did not cut early stops, see the smollm2-apar card); ``distill_hard_roots`` ("forked" or
+    "all") trains those root branches with CE only (:class:`Distill`'s ``hard_roots``). The teacher
     defaults to the model as training starts: for a peft model the same model with its
     adapter off (no copy), otherwise a frozen copy taken before the first step (after the
     ``[Fork]``/``[Child]`` rows are added, before any checkpoint is resumed).
@@ -754,6 +759,8 @@ def train(
         raise ValueError(f"distill must be in [0, 1], got {distill}")
     if root_eos < 0.0:
         raise ValueError(f"root_eos must be >= 0, got {root_eos}")
+    if distill_hard_roots not in HARD_ROOTS:
+        raise ValueError(f"distill_hard_roots must be one of {', '.join(map(str, HARD_ROOTS))}, got {distill_hard_roots!r}")
     examples = read_examples(data, mode=mode, max_depth=max_depth)  # fail on bad data before loading a model
     out_dir = Path(out_dir)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoint"
@@ -847,7 +854,8 @@ def train(
             hard_inputs=special,
             never=special,
             hard_after=distill_hard_after,
-            hard_root_child=apar.child_id if distill_hard_root and mode == "apar" else None,
+            hard_roots=distill_hard_roots if mode == "apar" else None,
+            child_id=apar.child_id if apar is not None else None,
         )
 
     ender = None

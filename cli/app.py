@@ -420,7 +420,7 @@ def train(
     mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16 or bf16 (accelerate).")] = _train_default("mixed_precision"),
     save_every: Annotated[int, typer.Option("--save-every")] = _train_default("save_every"),
     distill: Annotated[float, typer.Option("--distill", help="0-1: weight of KL to the starting model's own distribution at ordinary nodes (keeps a pretrained model's wording; [Fork]/EOS nodes learn from the labels).")] = _train_default("distill"),
-    distill_hard_root: Annotated[bool, typer.Option("--distill-hard-root", help="With --distill: the root branch of every answer with forks learns from the labels only (its structure: items, forks, the end).")] = _train_default("distill_hard_root"),
+    distill_hard_roots: Annotated[Optional[str], typer.Option("--distill-hard-roots", help="With --distill: root branches that learn from the labels only: 'forked' (answers with forks: their structure) or 'all' (only children learn from the teacher).")] = _train_default("distill_hard_roots"),
     root_eos: Annotated[float, typer.Option("--root-eos", help=">= 0: weight of a term against EOS at root nodes that go on (children's EOS after a paragraph otherwise teaches roots to stop early).")] = _train_default("root_eos"),
     root_eos_lead_only: Annotated[bool, typer.Option("--root-eos-lead-only", help="With --root-eos: only the root's nodes before its first [Fork].")] = _train_default("root_eos_lead_only"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from out/checkpoint.")] = False,
@@ -435,7 +435,7 @@ def train(
     rep = train_fn(
         source, data, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, mode=mode, max_len=max_len,
         max_depth=max_depth, mix_ratio=mix_ratio, mixed_precision=mixed_precision, save_every=save_every,
-        distill=distill, distill_hard_root=distill_hard_root, root_eos=root_eos, root_eos_lead_only=root_eos_lead_only, resume=resume, progress=stdout_console().is_terminal and not as_json,
+        distill=distill, distill_hard_roots=distill_hard_roots, root_eos=root_eos, root_eos_lead_only=root_eos_lead_only, resume=resume, progress=stdout_console().is_terminal and not as_json,
     )
     if as_json:
         print_json(dataclasses.asdict(rep))

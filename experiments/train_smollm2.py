@@ -119,7 +119,7 @@ def stage_apar(work: Path, data: Path, out: Path, args) -> dict:
         lr=args.lr, weight_decay=0.0, mix_ratio=0.5, max_len=args.max_len, resume=True, save_every=args.save_every,
         log_every=5, warmup_steps=max(1, args.steps // 20), stop_after=args.stop_after, keep_checkpoint=True,
         distill=args.distill, distill_hard_labels=line_break_tokens(tokenizer) if args.distill_hard_breaks else (),
-        distill_hard_root=args.distill_hard_root,
+        distill_hard_roots=args.distill_hard_roots,
         root_eos=args.root_eos, root_eos_lead_only=args.root_eos_lead_only,
     )
     facts = {
@@ -129,7 +129,7 @@ def stage_apar(work: Path, data: Path, out: Path, args) -> dict:
         "examples": report.num_examples, "structured": report.num_structured, "truncated": report.num_truncated,
         "threads": torch.get_num_threads(), "dtype": "bfloat16 base (frozen), float32 LoRA",
         "resumed_from": report.start_step, "distill": args.distill, "distill_hard_breaks": args.distill_hard_breaks,
-        "distill_hard_root": args.distill_hard_root,
+        "distill_hard_roots": args.distill_hard_roots,
         "root_eos": args.root_eos, "root_eos_lead_only": args.root_eos_lead_only,
     }
     if report.steps < args.steps:
@@ -546,8 +546,8 @@ def main(argv=None) -> None:
                     help="weight of KL to the base (adapter off) at ordinary nodes; structural nodes keep CE (0: CE only)")
     ap.add_argument("--distill-hard-breaks", action="store_true",
                     help="with --distill: labels holding a line break train with CE only (the go-on-or-stop decision)")
-    ap.add_argument("--distill-hard-root", action="store_true",
-                    help="with --distill: the root of every answer with forks trains with CE only (its structure)")
+    ap.add_argument("--distill-hard-roots", choices=("forked", "all"), default=None,
+                    help="with --distill: root branches that train with CE only (answers with forks / every answer)")
     ap.add_argument("--root-eos", type=float, default=0.0,
                     help="weight of an unlikelihood term against EOS at root nodes that go on (train's root_eos; 0: off)")
     ap.add_argument("--root-eos-lead-only", action="store_true",

@@ -237,6 +237,8 @@ def test_train_command(micro, tmp_path):
     assert_user_error(run("train", "--model", micro["target"], "--data", tmp_path / "none.jsonl", "--out", out, "--steps", "1"))
     assert_user_error(run("train", "--model", micro["target"], "--data", data, "--out", tmp_path / "neg", "--steps", "1",
                           "--root-eos", "-1", "--root-eos-lead-only"))
+    assert_user_error(run("train", "--model", micro["target"], "--data", data, "--out", tmp_path / "scope", "--steps", "1",
+                          "--distill", "0.5", "--distill-hard-roots", "some"))
 
 
 def test_drafts_list_and_show():

@@ -294,19 +294,20 @@ def _distill_case(tokenizer):
     return apar, batch
 
 
-def _reference_distill(student, teacher, batch, weight, hard_labels, hard_inputs, never, hard_after=0, hard_root_child=None):
+def _reference_distill(student, teacher, batch, weight, hard_labels, hard_inputs, never, hard_after=0, hard_roots=None, child_id=None):
     """Node by node, in float64: CE at structural nodes, (1-w) CE + w KL elsewhere.
-    With ``hard_root_child``: CE also at the root nodes of a row holding that token (one example per row)."""
+    ``hard_roots="forked"``: CE also at the root nodes of a row holding ``child_id`` (one
+    example per row); ``"all"``: at every row's root nodes."""
     with torch.no_grad():
         s_all = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
         t_all = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
     total = 0.0
     for b in range(batch.labels.shape[0]):
-        structured = hard_root_child is not None and hard_root_child in batch.input_ids[b].tolist()
+        hard_root = hard_roots == "all" or (hard_roots == "forked" and child_id in batch.input_ids[b].tolist())
         in_child = False
         for i in range(batch.labels.shape[1]):
             y = int(batch.labels[b, i])
-            in_child = in_child or int(batch.input_ids[b, i]) == hard_root_child
+            in_child = in_child or int(batch.input_ids[b, i]) == child_id
             if y == IGNORE:
                 continue
             log_ps = torch.log_softmax(s_all[b, i].double(), -1)
@@ -318,7 +319,7 @@ def _reference_distill(student, teacher, batch, weight, hard_labels, hard_inputs
             finite = torch.isfinite(log_pt)
             kl = float((log_pt[finite].exp() * (log_pt[finite] - log_ps[finite])).sum())
             recent = batch.input_ids[b, max(0, i - hard_after) : i + 1].tolist()
-            if y in hard_labels or any(t in hard_inputs for t in recent) or (structured and not in_child):
+            if y in hard_labels or any(t in hard_inputs for t in recent) or (hard_root and not in_child):
                 total += ce
             else:
                 total += (1 - weight) * ce + weight * kl
@@ -339,18 +340,19 @@ def test_distill_loss_matches_a_node_by_node_reference(tokenizer):
     hard_labels = (apar.fork_id, apar.child_id, tokenizer.eos_token_id)
     hard_inputs = (apar.fork_id, apar.child_id)
     never = (apar.fork_id, apar.child_id)
-    for weight, after, root in ((0.0, 0, None), (0.5, 0, None), (1.0, 0, None), (0.7, 2, None), (0.7, 0, apar.child_id)):
-        d = Distill(weight, model_teacher(teacher), hard_labels, hard_inputs, never, hard_after=after, hard_root_child=root)
+    for weight, after, roots in ((0.0, 0, None), (0.5, 0, None), (1.0, 0, None), (0.7, 2, None), (0.7, 0, "forked"), (0.7, 0, "all")):
+        d = Distill(weight, model_teacher(teacher), hard_labels, hard_inputs, never, hard_after=after, hard_roots=roots,
+                    child_id=apar.child_id)
         with torch.no_grad():
             got, n = summed_loss(student, batch, d)
-        want = _reference_distill(student, teacher, batch, weight, hard_labels, hard_inputs, never, after, root)
+        want = _reference_distill(student, teacher, batch, weight, hard_labels, hard_inputs, never, after, roots, apar.child_id)
         assert got.item() == pytest.approx(want, rel=1e-6)
         assert n == int((batch.labels != IGNORE).sum())
-    with torch.no_grad():  # the hard root really changes the loss (the plain row keeps its KL mix)
-        soft, _ = summed_loss(student, batch, Distill(0.7, model_teacher(teacher), hard_labels, hard_inputs, never, 0))
-        hard, _ = summed_loss(student, batch, Distill(0.7, model_teacher(teacher), hard_labels, hard_inputs, never, 0,
-                                                      hard_root_child=apar.child_id))
-    assert hard.item() != pytest.approx(soft.item(), rel=1e-4)
+    with torch.no_grad():  # each scope really changes the loss ("forked" leaves the plain row's KL mix, "all" not)
+        losses = [summed_loss(student, batch, Distill(0.7, model_teacher(teacher), hard_labels, hard_inputs, never, 0,
+                                                      hard_roots=roots, child_id=apar.child_id))[0].item()
+                  for roots in (None, "forked", "all")]
+    assert len({round(x, 6) for x in losses}) == 3
     with torch.no_grad():
         plain, _ = summed_loss(student, batch)
         mixed, _ = summed_loss(student, batch, Distill(0.5, model_teacher(teacher), hard_labels, hard_inputs, never, hard_after=0))
