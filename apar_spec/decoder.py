@@ -42,6 +42,28 @@ NEG_INF = float("-inf")
 
 
 # ------------------------------------------------------------------- state
+@dataclass(frozen=True)
+class Fence:
+    """Whether an answer's text is inside a ``` block, scanned token by token.
+
+    ``ticks`` counts the backticks that end the text so far (a fence may be split over
+    tokens: "``" then "`"); three in a row toggle ``inside``."""
+
+    inside: bool = False
+    ticks: int = 0
+
+    def after(self, text: Optional[str]) -> "Fence":
+        """The state after a token with this text (``None``: a token without backticks)."""
+        if text is None:
+            return Fence(self.inside, 0) if self.ticks else self
+        inside, ticks = self.inside, self.ticks
+        for ch in text:
+            ticks = ticks + 1 if ch == "`" else 0
+            if ticks == 3:
+                inside, ticks = not inside, 0
+        return Fence(inside, ticks)
+
+
 @dataclass
 class Branch:
     id: int
@@ -58,6 +80,9 @@ class Branch:
     is_child: bool = False
     logits: list = field(default_factory=list)  # raw logits per sampled token (only with record_logits)
     hidden: Optional[torch.Tensor] = None  # [hidden] target state at the node that chose the pending token (heads)
+    # code-fence state after the branch's first fence_at tokens (Decoder.fence_of)
+    fence: Fence = field(default_factory=Fence)
+    fence_at: int = 0
 
     @property
     def generated(self) -> int:
@@ -127,29 +152,7 @@ class RuleState:
     prev: int  # the token whose logits are being processed
     forks: int
     generated: int  # sampled tokens so far
-    fence: "Fence"  # code-fence state of the answer text up to and including ``prev``
-
-
-@dataclass(frozen=True)
-class Fence:
-    """Whether an answer's text is inside a ``` block, scanned token by token.
-
-    ``ticks`` counts the backticks that end the text so far (a fence may be split over
-    tokens: "``" then "`"); three in a row toggle ``inside``."""
-
-    inside: bool = False
-    ticks: int = 0
-
-    def after(self, text: Optional[str]) -> "Fence":
-        """The state after a token with this text (``None``: a token without backticks)."""
-        if text is None:
-            return Fence(self.inside, 0) if self.ticks else self
-        inside, ticks = self.inside, self.ticks
-        for ch in text:
-            ticks = ticks + 1 if ch == "`" else 0
-            if ticks == 3:
-                inside, ticks = not inside, 0
-        return Fence(inside, ticks)
+    fence: Fence  # code-fence state of the answer text up to and including ``prev``
 
 
 class Decoder:
@@ -453,27 +456,32 @@ class Decoder:
                 q[i, torch.arange(len(d)), torch.tensor(d, device=device)] = 1.0
         return q
 
-    def rule_states(self, r: Request, b: Branch, drafts: list[int], parents: list[int], prev: int) -> list[RuleState]:
+    def rule_states(self, b: Branch, drafts: list[int], parents: list[int], prev: int) -> list[RuleState]:
         """Rule state at the pending node (token ``prev``) and at each draft node, along the
         node's own path (as if its ancestors were accepted): fed-node order, [1 + N]."""
         fork_id = self.apar.fork_id if self.apar else -1
         texts = self.apar.backtick_texts if self.apar else {}
-        states = [RuleState(prev=prev, forks=b.forks, generated=b.generated, fence=self.fence_of(r, b))]
+        states = [RuleState(prev=prev, forks=b.forks, generated=b.generated, fence=self.fence_of(b))]
         for tok, p in zip(drafts, parents):
             s = states[p + 1]
             states.append(RuleState(prev=tok, forks=s.forks + (tok == fork_id), generated=s.generated + 1,
                                     fence=s.fence.after(texts.get(tok))))
         return states
 
-    def fence_of(self, r: Request, b: Branch) -> Fence:
+    def fence_of(self, b: Branch) -> Fence:
         """Code-fence state after ``b``'s committed tokens, over its answer text (the
-        ancestors' tokens up to the fork, then its own; not the prompt)."""
-        fence = Fence()
+        ancestors' tokens up to the fork, then its own; not the prompt). A child starts
+        outside any block: while the rule holds its parent forked outside one, and the
+        ``[Fork]`` ends any run of backticks. So only the branch's own tokens are scanned,
+        incrementally."""
         if self.apar is None or not self.apar.backtick_texts:
-            return fence
-        for tok in r.context(b)[len(r.prompt) :]:
-            fence = fence.after(self.apar.backtick_texts.get(tok))
-        return fence
+            return Fence()
+        if b.fence_at > len(b.tokens):  # tokens were cut (a capped child ends): scan afresh
+            b.fence, b.fence_at = Fence(), 0
+        for tok in b.tokens[b.fence_at :]:
+            b.fence = b.fence.after(self.apar.backtick_texts.get(tok))
+        b.fence_at = len(b.tokens)
+        return b.fence
 
     def apply_rules(self, views, branches: list[Branch], drafts: list[list[int]], parents: list[list[int]], raw: torch.Tensor) -> torch.Tensor:
         """Branch-local logit rules on ``raw`` ``[branches, 1 + N, V]`` (pending node, then
@@ -493,7 +501,7 @@ class Decoder:
         ban = torch.zeros(logits.shape[:2], dtype=torch.bool)  # [branches, 1 + N]
         for i, (v, b, d, par) in enumerate(zip(views, branches, drafts, parents)):
             prev = b.tokens[-1] if b.tokens else self.requests_by_index[v.request].prompt[-1]
-            for j, state in enumerate(self.rule_states(self.requests_by_index[v.request], b, d, par, prev)):
+            for j, state in enumerate(self.rule_states(b, d, par, prev)):
                 ban[i, j] = not self.may_fork(b, state)
         logits[..., self.apar.fork_id].masked_fill_(ban.to(logits.device), NEG_INF)
         return logits
