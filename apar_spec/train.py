@@ -383,6 +383,9 @@ class Distill:
     labels hold the structure (which items, where to fork, where the list ends);
     ``"all"`` every root, answers without a fork too, so only children learn from the
     teacher (the labels keep every fork decision, the teacher a child's wording).
+    Measured on SmolLM2 (smollm2-apar card): neither scope kept CE's fork decisions
+    (short-answer prompts forked 21-23% against 9% for CE on the same answers), so the
+    shipped adapter uses neither.
     """
 
     weight: float
