@@ -177,6 +177,8 @@ class Decoder:
         self.opts = opts
         self.apar = apar
         self.fork_enabled = fork_enabled and apar is not None
+        # backtick texts the code-fence rule tracks; empty where the rule cannot ban a fork
+        self.fence_texts = apar.backtick_texts if self.fork_enabled and not opts.fork_in_code else {}
         self.eos_ids = eos_ids
         self.spec = speculator
         self.sampling = SamplingConfig(opts.temperature, opts.top_p, opts.top_k)
@@ -460,7 +462,7 @@ class Decoder:
         """Rule state at the pending node (token ``prev``) and at each draft node, along the
         node's own path (as if its ancestors were accepted): fed-node order, [1 + N]."""
         fork_id = self.apar.fork_id if self.apar else -1
-        texts = self.apar.backtick_texts if self.apar else {}
+        texts = self.fence_texts
         states = [RuleState(prev=prev, forks=b.forks, generated=b.generated, fence=self.fence_of(b))]
         for tok, p in zip(drafts, parents):
             s = states[p + 1]
@@ -474,12 +476,12 @@ class Decoder:
         outside any block: while the rule holds its parent forked outside one, and the
         ``[Fork]`` ends any run of backticks. So only the branch's own tokens are scanned,
         incrementally."""
-        if self.apar is None or not self.apar.backtick_texts:
+        if not self.fence_texts:
             return Fence()
         if b.fence_at > len(b.tokens):  # tokens were cut (a capped child ends): scan afresh
             b.fence, b.fence_at = Fence(), 0
         for tok in b.tokens[b.fence_at :]:
-            b.fence = b.fence.after(self.apar.backtick_texts.get(tok))
+            b.fence = b.fence.after(self.fence_texts.get(tok))
         b.fence_at = len(b.tokens)
         return b.fence
 
@@ -514,7 +516,7 @@ class Decoder:
             and s.prev not in (self.apar.fork_id, self.apar.child_id)
             and (b.level < self.opts.max_depth or self.ends_at_cap(b))
             and s.forks < self.opts.max_forks_per_branch
-            and (self.opts.fork_in_code or not s.fence.inside)
+            and not s.fence.inside  # always outside where fence_texts is empty (rule off)
             # the [Fork] must be followed by at least one more parent step, so its KV exists for the child
             and self.branch_cap - s.generated > 1
         )
