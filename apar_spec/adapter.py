@@ -14,7 +14,8 @@ Files in an adapter folder:
   LM head is tied to the embedding in SmolLM2, so the same rows serve both; an untied
   model also gets ``lm_head_rows``);
 - ``adapter.json``: the scale, the added tokens and their ids, ``max_depth`` (the fork
-  nesting of the training trees; decoding is capped there), and the *fingerprint*
+  nesting of the training trees; decoding is capped there), optionally ``fork_bias`` (the
+  ``[Fork]`` logit offset it was calibrated with, a decode default), and the *fingerprint*
   of the base the adapter was trained on. Applying it to any other base is refused
   with a one-line error: a LoRA delta on the wrong weights gives plausible garbage.
 """
@@ -23,12 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from apar_spec.options import TRAINED_DEPTH_KEY
+from apar_spec.options import FORK_BIAS_KEY, TRAINED_DEPTH_KEY
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
@@ -143,6 +145,9 @@ def apply_adapter(model, tokenizer, folder: str | Path, *, check_fingerprint: bo
 
     folder = Path(folder)
     config = read_config(folder)
+    bias = config.get("fork_bias")
+    if bias is not None and (isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias)):
+        raise AdapterError(f"adapter '{folder.name}': {ADAPTER_CONFIG} fork_bias must be a finite number (got {bias!r}); fix or remove it")
     if check_fingerprint:
         got = base_fingerprint(model)
         if got != config["base_fingerprint"]:
@@ -181,4 +186,6 @@ def apply_adapter(model, tokenizer, folder: str | Path, *, check_fingerprint: bo
             w.copy_((w.to(acc) + scale * (b @ a)).to(w.dtype))
     if isinstance(config.get("max_depth"), int):  # the fork nesting it was trained on caps decoding
         setattr(model.config, TRAINED_DEPTH_KEY, config["max_depth"])
+    if bias is not None:  # the [Fork] logit offset it was calibrated with (a decode default)
+        setattr(model.config, FORK_BIAS_KEY, float(bias))
     return model, tokenizer

@@ -488,7 +488,7 @@ class Decoder:
     def apply_rules(self, views, branches: list[Branch], drafts: list[list[int]], parents: list[list[int]], raw: torch.Tensor) -> torch.Tensor:
         """Branch-local logit rules on ``raw`` ``[branches, 1 + N, V]`` (pending node, then
         drafts), each node's along its own path: the user's processor, never ``[Child]``,
-        ``[Fork]`` only where ``may_fork`` allows."""
+        ``[Fork]`` offset by ``fork_bias`` and only where ``may_fork`` allows."""
         logits = raw.clone()
         if self.opts.logits_processor is not None:
             for i, (v, b, d, par) in enumerate(zip(views, branches, drafts, parents)):
@@ -500,6 +500,8 @@ class Decoder:
         if self.apar is None:
             return logits
         logits[..., self.apar.child_id] = NEG_INF
+        if self.opts.fork_bias:
+            logits[..., self.apar.fork_id] += self.opts.fork_bias
         ban = torch.zeros(logits.shape[:2], dtype=torch.bool)  # [branches, 1 + N]
         for i, (v, b, d, par) in enumerate(zip(views, branches, drafts, parents)):
             prev = b.tokens[-1] if b.tokens else self.requests_by_index[v.request].prompt[-1]

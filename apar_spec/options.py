@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Callable, Optional, Union
 
@@ -41,6 +42,11 @@ class DecodeOptions:
     # code over two branches that never see each other; measured on KL-trained SmolLM2
     # adapters, which forked C++ right after "#include <".
     fork_in_code: bool = False
+    # Added to the [Fork] logit wherever a fork is allowed, before greedy choice or sampling:
+    # a calibration knob that trades forks (fewer steps) against quality (forks in answers that
+    # want none). Part of the target's distribution, so speculation stays lossless under it.
+    # A model may record its own (``model_decode_defaults``); the caller's value wins.
+    fork_bias: float = 0.0
     max_branch_tokens: Optional[int] = None  # per-branch cap; None = max_new_tokens
     max_live_branches: Optional[int] = None  # memory bound: extra children wait in a queue (never changes tokens)
     batch_size: int = 1  # requests decoded together (one cache row each)
@@ -83,6 +89,8 @@ class DecodeOptions:
             parse_tree(self.tree)  # a malformed shape is a one-line ValueError here, before any work
         if self.max_step_tokens is not None and self.max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be >= 1 or None (got {self.max_step_tokens})")
+        if not math.isfinite(self.fork_bias):
+            raise ValueError(f"fork_bias must be a finite number (got {self.fork_bias})")
         if not 0.0 <= self.compact_threshold <= 1.0:
             raise ValueError(f"compact_threshold must be in [0, 1] (got {self.compact_threshold})")
 
@@ -107,20 +115,28 @@ class DecodeOptions:
 # The deepest fork nesting a model was trained on, kept in its config (``apar-spec train``
 # writes it; an APAR adapter carries it as ``max_depth`` in adapter.json).
 TRAINED_DEPTH_KEY = "apar_max_depth"
+# A [Fork] logit offset a model was calibrated with (adapter.json: ``fork_bias``).
+FORK_BIAS_KEY = "apar_fork_bias"
 
 
 def model_decode_defaults(model) -> dict:
     """Decode options a model records about its own training; the caller's options win.
 
-    Why: a model never trained on nested forks still emits ``[Fork]`` inside a child now
+    ``max_depth``, why: a model never trained on nested forks still emits ``[Fork]`` inside a child now
     and then, and what it writes after such a fork is out of its training distribution
     (measured on smollm2-apar: stray words right after the nested fork). Capping the
-    nesting at the trained depth keeps every branch in distribution.
+    nesting at the trained depth keeps every branch in distribution. ``fork_bias``: the
+    [Fork] logit offset the model was calibrated with (see ``DecodeOptions.fork_bias``).
     """
-    depth = getattr(getattr(model, "config", None), TRAINED_DEPTH_KEY, None)
+    config = getattr(model, "config", None)
+    out: dict = {}
+    depth = getattr(config, TRAINED_DEPTH_KEY, None)
     if isinstance(depth, int) and not isinstance(depth, bool) and depth >= 1:
-        return {"max_depth": depth}
-    return {}
+        out["max_depth"] = depth
+    bias = getattr(config, FORK_BIAS_KEY, None)
+    if isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias) and bias != 0:
+        out["fork_bias"] = float(bias)
+    return out
 
 
 def fork_depth(model, max_depth: Optional[int] = None) -> int:
@@ -130,3 +146,11 @@ def fork_depth(model, max_depth: Optional[int] = None) -> int:
         return max_depth
     return model_decode_defaults(model).get("max_depth", DecodeOptions.max_depth)
 
+
+
+def fork_bias(model, bias: Optional[float] = None) -> float:
+    """The [Fork] logit offset a decode of ``model`` runs under: ``bias`` if given, else the
+    model's recorded one, else ``DecodeOptions.fork_bias``."""
+    if bias is not None:
+        return bias
+    return model_decode_defaults(model).get("fork_bias", DecodeOptions.fork_bias)

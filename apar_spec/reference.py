@@ -60,8 +60,7 @@ def reference_decode(
                     and cap - generated > 1
                     and (opts.fork_in_code or not in_code(seq[len(prompt) :]))
                 )
-                if not allowed:
-                    processed[apar.fork_id] = float("-inf")
+                processed[apar.fork_id] = processed[apar.fork_id] + opts.fork_bias if allowed else float("-inf")
             tok = int(processed.argmax())
             b.tokens.append(tok)
             if apar is not None and tok == apar.fork_id and level > 0 and level >= opts.max_depth:

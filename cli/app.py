@@ -84,6 +84,7 @@ Turn = Annotated[int, typer.Option("--turn", help="Which turn of question.jsonl 
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Token budget per request, over all branches.")]
 MaxDepth = Annotated[Optional[int], typer.Option("--max-depth", help="Fork nesting cap for apar modes (a branch at this level may not fork; root = 0). Default: the nesting the model was trained on, else 2.")]
 MaxBranch = Annotated[Optional[int], typer.Option("--max-branch-tokens", help="Cap on each branch's own tokens (default: --max-new-tokens). With a large --max-new-tokens every branch ends on its own, so speculative rows hold the same tokens as plain ones (no shared budget for acceptance to cut elsewhere); HF and ar rows get the cap as their budget.")]
+ForkBias = Annotated[Optional[float], typer.Option("--fork-bias", help="Added to the [Fork] logit wherever a fork is allowed (apar modes): > 0 forks more, < 0 less. Default: the model's recorded one, else 0.")]
 DepthCap = Annotated[Optional[str], typer.Option("--depth-cap", help="What a child at the --max-depth cap does when it asks for [Fork]: end (it ends, minus the line it began) or mask (it writes on). Default: end.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (lossless checks need greedy).")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.")]
@@ -126,6 +127,7 @@ def generate(
     max_new_tokens: MaxNew = DecodeOptions.max_new_tokens,
     max_depth: MaxDepth = None,
     depth_cap: DepthCap = None,
+    fork_bias: ForkBias = None,
     fork_in_code: Annotated[bool, typer.Option("--fork-in-code", help="Let a branch fork inside a ``` code block (off by default: a fork there splits one piece of code over two branches).")] = DecodeOptions.fork_in_code,
     temperature: Temperature = DecodeOptions.temperature,
     seed: Seed = DecodeOptions.seed,
@@ -160,6 +162,7 @@ def generate(
         num_draft_tokens=k, max_draft_tokens=max(k, DecodeOptions.max_draft_tokens), fork_in_code=fork_in_code,
         **({} if max_depth is None else {"max_depth": max_depth}),
         **({} if depth_cap is None else {"depth_cap": depth_cap}),
+        **({} if fork_bias is None else {"fork_bias": fork_bias}),
     )
     console = stdout_console()
     with torch_threads(threads, str(loaded.model.device)):
@@ -241,6 +244,7 @@ def bench(
     max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
     max_depth: MaxDepth = None,
     depth_cap: DepthCap = None,
+    fork_bias: ForkBias = None,
     max_branch_tokens: MaxBranch = None,
     k: Annotated[str, typer.Option("-k", help="Draft tokens per branch per step (spec, apar+spec, hf-assisted), or 'auto' (the cost model picks).")] = str(_bench_default("k")),
     tree: Annotated[Optional[str], typer.Option("--tree", help="Draft tree per branch for spec/apar+spec: K, chain:K, topk:WxD or a JSON path list.")] = None,
@@ -265,7 +269,7 @@ def bench(
     _quiet_transformers()
     settings = _settings(
         target=target, base=base, draft=draft, modes=modes, prompts=prompts, category=category, limit=limit, turn=turn,
-        per_category=per_category, max_new_tokens=max_new_tokens, k=_k_option(k), tree=tree, max_step_tokens=max_step_tokens, max_depth=max_depth, depth_cap=depth_cap, max_branch_tokens=max_branch_tokens, temperature=temperature, seed=seed, repeats=repeats,
+        per_category=per_category, max_new_tokens=max_new_tokens, k=_k_option(k), tree=tree, max_step_tokens=max_step_tokens, max_depth=max_depth, depth_cap=depth_cap, fork_bias=fork_bias, max_branch_tokens=max_branch_tokens, temperature=temperature, seed=seed, repeats=repeats,
         warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads, chat_template=chat_template,
         out=out, resume=resume, overwrite=overwrite,
     )
@@ -310,6 +314,7 @@ def sweep(
     max_new_tokens: MaxNew = _bench_default("max_new_tokens"),
     max_depth: MaxDepth = None,
     depth_cap: DepthCap = None,
+    fork_bias: ForkBias = None,
     max_branch_tokens: MaxBranch = None,
     temperature: Temperature = _bench_default("temperature"),
     seed: Seed = _bench_default("seed"),
@@ -335,7 +340,7 @@ def sweep(
     cap_list = _csv(step_caps, "--step-caps", lambda x: None if x.lower() == "none" else int(x))
     settings = _settings(
         target=target, base=base, draft=draft_list[0], modes=modes, prompts=prompts, category=category, limit=limit,
-        per_category=per_category, turn=turn, max_new_tokens=max_new_tokens, max_depth=max_depth, depth_cap=depth_cap, max_branch_tokens=max_branch_tokens, k=max(k_list, default=_bench_default("k")), temperature=temperature,
+        per_category=per_category, turn=turn, max_new_tokens=max_new_tokens, max_depth=max_depth, depth_cap=depth_cap, fork_bias=fork_bias, max_branch_tokens=max_branch_tokens, k=max(k_list, default=_bench_default("k")), temperature=temperature,
         seed=seed, repeats=repeats, warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads,
         chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
     )

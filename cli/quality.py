@@ -33,6 +33,7 @@ def quality(
     ar_only: Annotated[bool, typer.Option("--ar-only", help="Only the base's AR answers (cached next to --out; the APAR pass reuses them).")] = False,
     max_depth: Annotated[Optional[int], typer.Option("--max-depth", help="Fork nesting cap of the APAR answers. Default: the nesting the target was trained on, else 2.")] = None,
     depth_cap: Annotated[Optional[str], typer.Option("--depth-cap", help="What a child at the cap does when it asks for [Fork]: end or mask. Default: end.")] = None,
+    fork_bias: Annotated[Optional[float], typer.Option("--fork-bias", help="Added to the [Fork] logit where a fork is allowed (more forks > 0 > fewer). Default: the target's recorded one, else 0.")] = None,
     control_dtype: Annotated[Optional[str], typer.Option("--control-dtype", help="Also decode the base in this precision (e.g. float32): the NLL ratio of an answer of unchanged quality.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
@@ -56,7 +57,7 @@ def quality(
         console.print(f"quality: {done}/{total} prompts", markup=False)
 
     summary = run_quality(target, base, ps, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
-                          out=out, sides=sides, ar_only=ar_only, control_dtype=control_dtype, max_depth=max_depth, depth_cap=depth_cap, progress=progress)
+                          out=out, sides=sides, ar_only=ar_only, control_dtype=control_dtype, max_depth=max_depth, depth_cap=depth_cap, fork_bias=fork_bias, progress=progress)
     if as_json:
         print_json({"dtype": summary.dtype, "wall_s": summary.wall_s, "by_category": summary.by_category,
                     "rows": [{k: v for k, v in r.items() if not k.endswith("_text")} for r in summary.rows]})

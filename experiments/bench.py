@@ -59,7 +59,7 @@ import torch
 from apar_spec.api import eos_ids_of, generate
 from apar_spec.hf_baselines import hf_generate
 from apar_spec.loading import resolve_device
-from apar_spec.options import DecodeOptions, fork_depth
+from apar_spec.options import DecodeOptions, fork_bias, fork_depth
 
 from .models import DEFAULT_TARGET, ModelSet, default_draft, encode_prompt, load_models
 from .parallel import Processes, merge_shards, shard_files
@@ -92,6 +92,7 @@ class BenchSettings:
     max_step_tokens: Optional[int] = _D.max_step_tokens  # tokens one target forward takes (spec configs); None = no cap
     max_depth: Optional[int] = None  # fork nesting cap (apar modes); None = the model's trained depth, else DecodeOptions'
     depth_cap: Optional[str] = None  # what a capped child asking for [Fork] does (DecodeOptions.depth_cap); None = its default
+    fork_bias: Optional[float] = None  # [Fork] logit offset (apar modes); None = the model's recorded one, else DecodeOptions'
     # each branch's own cap (DecodeOptions.max_branch_tokens); None = max_new_tokens. HF and ar rows get it as their
     # budget. Why: under a shared budget, which branch is cut depends on how much each step accepted, so a
     # speculative row may hold other (e.g. more repetitive) text than the plain row it is compared with
@@ -141,9 +142,10 @@ class BenchSettings:
 
     @property
     def given_decode_options(self) -> dict:
-        """``max_depth`` / ``depth_cap`` / ``max_branch_tokens`` for ``generate`` only when given:
-        otherwise the model's own default (max_depth) or DecodeOptions' applies."""
-        given = {"max_depth": self.max_depth, "depth_cap": self.depth_cap, "max_branch_tokens": self.max_branch_tokens}
+        """``max_depth`` / ``depth_cap`` / ``fork_bias`` / ``max_branch_tokens`` for ``generate`` only
+        when given: otherwise the model's own default (max_depth, fork_bias) or DecodeOptions' applies."""
+        given = {"max_depth": self.max_depth, "depth_cap": self.depth_cap, "fork_bias": self.fork_bias,
+                 "max_branch_tokens": self.max_branch_tokens}
         return {k: v for k, v in given.items() if v is not None}
 
     @property
@@ -629,6 +631,7 @@ def make_row(runner: _Runner, v: Variant, prompt: Prompt, repeat: int, model: st
         "max_step_tokens": v.step_cap,
         "max_depth": fork_depth(runner.ms.for_config(v.config).model, s.max_depth) if v.config in ("apar", "apar+spec") else None,
         "depth_cap": (s.depth_cap or _D.depth_cap) if v.config in ("apar", "apar+spec") else None,
+        "fork_bias": fork_bias(runner.ms.for_config(v.config).model, s.fork_bias) if v.config in ("apar", "apar+spec") else None,
         "max_branch_tokens": s.max_branch_tokens,
         "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens,

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from apar_spec.options import DecodeOptions, fork_depth
+from apar_spec.options import fork_bias as fork_bias_of
 
 from .prompts import Prompt
 
@@ -236,6 +237,7 @@ def run_quality(
     control_dtype: Optional[str] = None,
     max_depth: Optional[int] = None,
     depth_cap: Optional[str] = None,
+    fork_bias: Optional[float] = None,
     progress=None,
 ) -> QualitySummary:
     """Greedy base AR and target APAR answers for every prompt (batched), then NLL under the base.
@@ -252,7 +254,8 @@ def run_quality(
 
     ``max_depth``: the fork nesting cap of the APAR answers (None: the target's trained
     nesting, else the decoder's default); ``depth_cap``: what a child at that cap does when
-    it asks for [Fork] (None: ``DecodeOptions.depth_cap``). Rows record both, and resume only
+    it asks for [Fork] (None: ``DecodeOptions.depth_cap``); ``fork_bias``: the [Fork] logit
+    offset (None: the target's recorded one, else 0). Rows record all three, and resume only
     reuses rows decoded under the same ones.
     """
     import apar_spec
@@ -266,14 +269,17 @@ def run_quality(
     tm = tt = None
     depth = max_depth
     cap = depth_cap or DecodeOptions.depth_cap
-    DecodeOptions(depth_cap=cap)  # a bad name is a one-line error before anything loads
+    bias = fork_bias
+    DecodeOptions(depth_cap=cap, fork_bias=0.0 if bias is None else bias)  # bad values: a one-line error before anything loads
     if not ar_only:  # loaded first: its trained fork nesting decides which saved rows still count
         tm, tt = apar_spec.load(target, dtype=dtype)
         depth = fork_depth(tm, max_depth)
+        bias = fork_bias_of(tm, fork_bias)
     done = {str(r["prompt_id"]): r for r in _read_jsonl(out)
             if r.get("kind") == "quality" and r.get("target") == short_name(target) and r.get("max_new_tokens") == max_new_tokens
             and (depth is None or r.get("max_depth", DecodeOptions.max_depth) == depth)  # rows before the cap: the default
-            and r.get("depth_cap", "mask") == cap}  # rows before the option were decoded as "mask"
+            and r.get("depth_cap", "mask") == cap  # rows before the option were decoded as "mask"
+            and r.get("fork_bias", 0.0) == (bias or 0.0)}
     bm = bt = None
     ar_todo = [p for p in prompts if p.id not in ar_done and p.id not in done]
     if ar_todo:
@@ -306,7 +312,7 @@ def run_quality(
                 b_ids = [encode_prompt(b_loaded, p.text) for p in chunk]
                 t_ids = [encode_prompt(t_loaded, p.text) for p in chunk]
                 ap = apar_spec.generate(tm, tt, t_ids, mode="apar", max_new_tokens=max_new_tokens, batch_size=len(chunk),
-                                       max_depth=depth, depth_cap=cap)
+                                       max_depth=depth, depth_cap=cap, fork_bias=bias)
                 nll_ap = mean_nll(bm, bt, b_ids, [g.text for g in ap])
                 matched = mean_nll(bm, bt, b_ids, [ar_done[p.id]["ar_text"] for p in chunk],
                                    max_tokens=[len(answer_ids(bt, g.text)) for g in ap])
@@ -316,7 +322,7 @@ def run_quality(
                     row = {
                         "kind": "quality", "prompt_id": p.id, "category": p.category, "target": t_loaded.name,
                         "base": b_loaded.name, "dtype": str(tm.dtype).removeprefix("torch."),
-                        "max_new_tokens": max_new_tokens, "max_depth": depth, "depth_cap": cap, "forked": g.forked, "branches": len(g.branches),
+                        "max_new_tokens": max_new_tokens, "max_depth": depth, "depth_cap": cap, "fork_bias": bias, "forked": g.forked, "branches": len(g.branches),
                         "ar_steps": a["ar_steps"], "apar_steps": g.stats.target_steps,
                         "steps_ratio": g.stats.target_steps / max(1, a["ar_steps"]),
                         "ar_tokens": a["ar_tokens"], "apar_tokens": g.stats.tokens_generated,

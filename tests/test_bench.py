@@ -106,6 +106,12 @@ def test_compare_writes_one_row_per_config_prompt_repeat(micro, tmp_path):
     assert masked.setup_id() != settings(micro, tmp_path / "masked", modes="apar").setup_id()
     compare(masked)
     assert {r["depth_cap"] for r in read_rows(masked.out)} == {"mask"}
+    assert by[("apar", "p1", 0)]["fork_bias"] == DecodeOptions.fork_bias and ar["fork_bias"] is None
+    biased = settings(micro, tmp_path / "biased", modes="apar", fork_bias=-50.0)
+    assert biased.setup_id() != settings(micro, tmp_path / "biased", modes="apar").setup_id()
+    compare(biased)
+    assert max(r["num_branches"] for r in rows if r["variant"] == "apar") > 1
+    assert {(r["fork_bias"], r["num_branches"]) for r in read_rows(biased.out)} == {(-50.0, 1)}  # no fork survives it
 
 
 def test_base_model_runs_the_sequential_configs(micro, tmp_path):

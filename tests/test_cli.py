@@ -84,6 +84,8 @@ def test_generate_bad_input(micro):
     assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--max-depth", "-1"), "max_depth")
     assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--depth-cap", "stop"),
                       "depth_cap must be one of end, mask")
+    assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--fork-bias", "inf"),
+                      "fork_bias must be a finite number")
 
 
 def test_bench_resume_and_report(micro, tmp_path):

@@ -201,6 +201,41 @@ def test_no_fork_inside_a_code_fence(family, seed):
     assert trees[False] != trees[True]
 
 
+@pytest.mark.parametrize("family,seed", [("llama", 0), ("qwen2", 3)])
+def test_fork_bias_moves_the_fork_decision_and_equals_the_reference(family, seed):
+    """fork_bias is added to the [Fork] logit where a fork is allowed: -20 overturns even the
+    processor's forced forks (a +10 margin), +1 adds forks; each tree equals the reference,
+    which applies the bias on its own."""
+    model = micro_model(family, seed=seed)
+    forks = {}
+    for bias in (-20.0, 0.0, 1.0):
+        opts = DecodeOptions(max_new_tokens=3000, max_depth=2, max_branch_tokens=30, fork_bias=bias,
+                             logits_processor=fork_processor(7, 6, salt=seed))
+        result = run_tree(model, [PROMPTS[0]], opts)[0]
+        assert_matches_reference(model, PROMPTS[0], result, opts)
+        forks[bias] = sum(t == FORK for b in result.branches for t in b.tokens)
+    assert forks[-20.0] == 0
+    assert forks[1.0] > forks[0.0] >= 1
+
+
+def test_a_model_records_its_fork_bias_and_the_caller_can_override_it():
+    model = micro_model("llama", seed=0)
+    kw = dict(max_new_tokens=3000, max_branch_tokens=30, max_depth=2, logits_processor=fork_processor(7, 6, salt=0))
+
+    def tree(**extra):
+        g = generate(model, micro_tokenizer(), [PROMPTS[0]], mode="apar", **kw, **extra)[0]
+        return len(g.branches), g.token_ids
+
+    default = tree()
+    model.config.apar_fork_bias = -20.0
+    try:
+        recorded, explicit = tree(), tree(fork_bias=0.0)
+    finally:
+        del model.config.apar_fork_bias
+    assert default[0] >= 3 and recorded[0] == 1
+    assert recorded == tree(fork_bias=-20.0) and explicit == default
+
+
 def test_cut_to_last_line_drops_the_fork_and_the_line_before_it():
     from apar_spec.decoder import cut_to_last_line
 

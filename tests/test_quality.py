@@ -47,6 +47,11 @@ def test_quality_pass_with_a_control_resumes_without_decoding_again(tmp_path, mo
     old = [{**json.loads(line), "depth_cap": None} for line in out.read_text().splitlines()]
     out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "depth_cap"}) + "\n" for r in old))
     assert len(run_quality("tiny-apar", "tiny-base", ps, **kw, depth_cap="mask").rows) == 4
+    # ... and the [Fork] logit offset: rows before the option were decoded at 0
+    assert {r.get("fork_bias") for r in s.rows} == {0.0}
+    assert len(run_quality("tiny-apar", "tiny-base", ps, **kw, depth_cap="mask", fork_bias=0.0).rows) == 4
+    with pytest.raises(pytest.fail.Exception, match="decoded again"):
+        run_quality("tiny-apar", "tiny-base", ps, **kw, depth_cap="mask", fork_bias=-2.0)
 
 
 def test_quality_refuses_an_unknown_depth_cap_before_loading(tmp_path, monkeypatch):

@@ -173,6 +173,29 @@ def test_adapter_carries_the_trained_fork_depth(tmp_path):
     assert model_decode_defaults(fresh) == {"max_depth": 1}
 
 
+def test_adapter_carries_a_fork_bias_and_refuses_a_bad_one(tmp_path):
+    """``fork_bias`` in adapter.json becomes the model's recorded decode default; a value that
+    is not a finite number is a one-line error before the model or tokenizer change."""
+    import json
+
+    from apar_spec.options import model_decode_defaults
+
+    _trained_peft(tmp_path)
+    cfg_path = tmp_path / "ad" / "adapter.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "fork_bias": 0.75}))
+    fresh, fresh_tok = _tiny_llama(0)
+    apply_adapter(fresh, fresh_tok, tmp_path / "ad")
+    assert model_decode_defaults(fresh) == {"fork_bias": 0.75}
+    for bad in ("1.0", True, float("nan")):
+        cfg_path.write_text(json.dumps({**cfg, "fork_bias": bad}))
+        fresh, fresh_tok = _tiny_llama(0)
+        with pytest.raises(AdapterError) as err:
+            apply_adapter(fresh, fresh_tok, tmp_path / "ad")
+        assert "fork_bias" in str(err.value) and "\n" not in str(err.value)
+        assert len(fresh_tok) == 64 and model_decode_defaults(fresh) == {}  # nothing was changed
+
+
 def test_adapter_refuses_a_wrong_base(tmp_path):
     _trained_peft(tmp_path)
     other, tok = _tiny_llama(7)  # same shapes, other weights

@@ -128,6 +128,31 @@ def test_speculation_is_lossless_with_the_code_fence_rule(kind):
         assert run(speculators(model, proc, 2)[kind](), k) == plain
 
 
+@pytest.mark.parametrize("kind", ["self", "random", "ngram"])
+def test_speculation_is_lossless_under_a_fork_bias(kind):
+    """The [Fork] offset is part of the target's distribution: verification applies it at
+    every draft node (the self draft does not, so its drafts disagree exactly there)."""
+    model = micro_model("llama", seed=0)
+    proc = fork_processor(7, 6, salt=0)
+    prompts = [[1, 10, 11, 12, 13, 14], [1, 20, 7]]
+    apar = AparTokens(FORK, CHILD)
+    for bias in (-1.5, 1.0):
+        def run(spec=None, k=1):
+            opts = DecodeOptions(max_new_tokens=800, max_branch_tokens=24, max_depth=2, logits_processor=proc,
+                                 num_draft_tokens=k, fork_bias=bias)
+            results = Decoder(model, opts, apar, True, {EOS}, speculator=spec).run(prompts)
+
+            def path(branches, b):
+                return () if b.parent is None else path(branches, branches[b.parent]) + (b.fork_index,)
+
+            return [{path(r.branches, b): b.tokens for b in r.branches} for r in results]
+
+        plain = run()
+        assert max(len(r) for r in plain) >= 3
+        for k in (1, 3):
+            assert run(speculators(model, proc, 0)[kind](), k) == plain
+
+
 def test_self_draft_accepts_everything_except_at_branch_ends():
     model = micro_model("llama", seed=3)
     proc = fork_processor(4, 3, salt=3)
