@@ -488,7 +488,8 @@ class Decoder:
     def apply_rules(self, views, branches: list[Branch], drafts: list[list[int]], parents: list[list[int]], raw: torch.Tensor) -> torch.Tensor:
         """Branch-local logit rules on ``raw`` ``[branches, 1 + N, V]`` (pending node, then
         drafts), each node's along its own path: the user's processor, never ``[Child]``,
-        ``[Fork]`` offset by ``fork_bias`` and only where ``may_fork`` allows."""
+        ``[Fork]`` offset by ``fork_bias`` where it would spawn a child, and only where
+        ``may_fork`` allows."""
         logits = raw.clone()
         if self.opts.logits_processor is not None:
             for i, (v, b, d, par) in enumerate(zip(views, branches, drafts, parents)):
@@ -500,8 +501,9 @@ class Decoder:
         if self.apar is None:
             return logits
         logits[..., self.apar.child_id] = NEG_INF
-        if self.opts.fork_bias:
-            logits[..., self.apar.fork_id] += self.opts.fork_bias
+        if self.opts.fork_bias and self.fork_enabled:  # where a [Fork] would spawn a child, not end one at the cap
+            spawns = torch.tensor([b.level < self.opts.max_depth for b in branches], dtype=logits.dtype)  # [branches]
+            logits[..., self.apar.fork_id] += (spawns * self.opts.fork_bias).to(logits.device)[:, None]
         ban = torch.zeros(logits.shape[:2], dtype=torch.bool)  # [branches, 1 + N]
         for i, (v, b, d, par) in enumerate(zip(views, branches, drafts, parents)):
             prev = b.tokens[-1] if b.tokens else self.requests_by_index[v.request].prompt[-1]

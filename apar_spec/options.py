@@ -42,10 +42,12 @@ class DecodeOptions:
     # code over two branches that never see each other; measured on KL-trained SmolLM2
     # adapters, which forked C++ right after "#include <".
     fork_in_code: bool = False
-    # Added to the [Fork] logit wherever a fork is allowed, before greedy choice or sampling:
-    # a calibration knob that trades forks (fewer steps) against quality (forks in answers that
-    # want none). Part of the target's distribution, so speculation stays lossless under it.
-    # A model may record its own (``model_decode_defaults``); the caller's value wins.
+    # Added to the [Fork] logit where a fork is allowed and would spawn a child (below
+    # max_depth), before greedy choice or sampling: a calibration knob that trades forks (fewer
+    # steps) against quality (forks in answers that want none). Not where a [Fork] ends a child
+    # at the cap: that is the child's end-of-item decision, not a fork. Part of the target's
+    # distribution, so speculation stays lossless under it. A model may record its own
+    # (``model_decode_defaults``); the caller's value wins.
     fork_bias: float = 0.0
     max_branch_tokens: Optional[int] = None  # per-branch cap; None = max_new_tokens
     max_live_branches: Optional[int] = None  # memory bound: extra children wait in a queue (never changes tokens)

@@ -60,7 +60,10 @@ def reference_decode(
                     and cap - generated > 1
                     and (opts.fork_in_code or not in_code(seq[len(prompt) :]))
                 )
-                processed[apar.fork_id] = processed[apar.fork_id] + opts.fork_bias if allowed else float("-inf")
+                if not allowed:
+                    processed[apar.fork_id] = float("-inf")
+                elif level < opts.max_depth:  # the offset applies where a fork spawns a child, not where it ends one
+                    processed[apar.fork_id] += opts.fork_bias
             tok = int(processed.argmax())
             b.tokens.append(tok)
             if apar is not None and tok == apar.fork_id and level > 0 and level >= opts.max_depth:

@@ -84,7 +84,7 @@ Turn = Annotated[int, typer.Option("--turn", help="Which turn of question.jsonl 
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Token budget per request, over all branches.")]
 MaxDepth = Annotated[Optional[int], typer.Option("--max-depth", help="Fork nesting cap for apar modes (a branch at this level may not fork; root = 0). Default: the nesting the model was trained on, else 2.")]
 MaxBranch = Annotated[Optional[int], typer.Option("--max-branch-tokens", help="Cap on each branch's own tokens (default: --max-new-tokens). With a large --max-new-tokens every branch ends on its own, so speculative rows hold the same tokens as plain ones (no shared budget for acceptance to cut elsewhere); HF and ar rows get the cap as their budget.")]
-ForkBias = Annotated[Optional[float], typer.Option("--fork-bias", help="Added to the [Fork] logit wherever a fork is allowed (apar modes): > 0 forks more, < 0 less. Default: the model's recorded one, else 0.")]
+ForkBias = Annotated[Optional[float], typer.Option("--fork-bias", help="Added to the [Fork] logit where a fork is allowed and would spawn a child (apar modes): > 0 forks more, < 0 less. Default: the model's recorded one, else 0.")]
 DepthCap = Annotated[Optional[str], typer.Option("--depth-cap", help="What a child at the --max-depth cap does when it asks for [Fork]: end (it ends, minus the line it began) or mask (it writes on). Default: end.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (lossless checks need greedy).")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.")]

@@ -33,7 +33,7 @@ def quality(
     ar_only: Annotated[bool, typer.Option("--ar-only", help="Only the base's AR answers (cached next to --out; the APAR pass reuses them).")] = False,
     max_depth: Annotated[Optional[int], typer.Option("--max-depth", help="Fork nesting cap of the APAR answers. Default: the nesting the target was trained on, else 2.")] = None,
     depth_cap: Annotated[Optional[str], typer.Option("--depth-cap", help="What a child at the cap does when it asks for [Fork]: end or mask. Default: end.")] = None,
-    fork_bias: Annotated[Optional[float], typer.Option("--fork-bias", help="Added to the [Fork] logit where a fork is allowed (more forks > 0 > fewer). Default: the target's recorded one, else 0.")] = None,
+    fork_bias: Annotated[Optional[float], typer.Option("--fork-bias", help="Added to the [Fork] logit where a fork is allowed and would spawn a child (more forks > 0 > fewer). Default: the target's recorded one, else 0.")] = None,
     control_dtype: Annotated[Optional[str], typer.Option("--control-dtype", help="Also decode the base in this precision (e.g. float32): the NLL ratio of an answer of unchanged quality.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:

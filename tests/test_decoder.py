@@ -201,21 +201,24 @@ def test_no_fork_inside_a_code_fence(family, seed):
     assert trees[False] != trees[True]
 
 
-@pytest.mark.parametrize("family,seed", [("llama", 0), ("qwen2", 3)])
-def test_fork_bias_moves_the_fork_decision_and_equals_the_reference(family, seed):
-    """fork_bias is added to the [Fork] logit where a fork is allowed: -20 overturns even the
-    processor's forced forks (a +10 margin), +1 adds forks; each tree equals the reference,
-    which applies the bias on its own."""
+@pytest.mark.parametrize("family,seed,depth", [("llama", 0, 2), ("qwen2", 3, 1)])
+def test_fork_bias_moves_the_fork_decision_and_equals_the_reference(family, seed, depth):
+    """fork_bias is added to the [Fork] logit where a fork is allowed and would spawn a child:
+    -20 overturns even the processor's forced forks (a +10 margin), +1 adds forks; each tree
+    equals the reference, which applies the bias on its own (and not to a child at the depth
+    cap, whose [Fork] ends it: depth_cap="end")."""
     model = micro_model(family, seed=seed)
-    forks = {}
+    forks, ends = {}, {}
     for bias in (-20.0, 0.0, 1.0):
-        opts = DecodeOptions(max_new_tokens=3000, max_depth=2, max_branch_tokens=30, fork_bias=bias,
+        opts = DecodeOptions(max_new_tokens=3000, max_depth=depth, max_branch_tokens=30, fork_bias=bias,
                              logits_processor=fork_processor(7, 6, salt=seed))
-        result = run_tree(model, [PROMPTS[0]], opts)[0]
-        assert_matches_reference(model, PROMPTS[0], result, opts)
+        result = Decoder(model, opts, APAR_LB, True, {EOS}, record_logits=True).run([PROMPTS[0]])[0]
+        assert_matches_reference(model, PROMPTS[0], result, opts, APAR_LB)
         forks[bias] = sum(t == FORK for b in result.branches for t in b.tokens)
+        ends[bias] = sum(b.finish == "depth" for b in result.branches)
     assert forks[-20.0] == 0
     assert forks[1.0] > forks[0.0] >= 1
+    assert ends[1.0] >= 1, "the case should end a capped child by its [Fork]"
 
 
 def test_a_model_records_its_fork_bias_and_the_caller_can_override_it():
