@@ -149,8 +149,7 @@ def fork_depth(model, max_depth: Optional[int] = None) -> int:
     return model_decode_defaults(model).get("max_depth", DecodeOptions.max_depth)
 
 
-
-def fork_bias(model, bias: Optional[float] = None) -> float:
+def fork_bias_of(model, bias: Optional[float] = None) -> float:
     """The [Fork] logit offset a decode of ``model`` runs under: ``bias`` if given, else the
     model's recorded one, else ``DecodeOptions.fork_bias``."""
     if bias is not None:

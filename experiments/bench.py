@@ -59,7 +59,7 @@ import torch
 from apar_spec.api import eos_ids_of, generate
 from apar_spec.hf_baselines import hf_generate
 from apar_spec.loading import resolve_device
-from apar_spec.options import DecodeOptions, fork_bias, fork_depth
+from apar_spec.options import DecodeOptions, fork_bias_of, fork_depth
 
 from .models import DEFAULT_TARGET, ModelSet, default_draft, encode_prompt, load_models
 from .parallel import Processes, merge_shards, shard_files
@@ -631,7 +631,7 @@ def make_row(runner: _Runner, v: Variant, prompt: Prompt, repeat: int, model: st
         "max_step_tokens": v.step_cap,
         "max_depth": fork_depth(runner.ms.for_config(v.config).model, s.max_depth) if v.config in ("apar", "apar+spec") else None,
         "depth_cap": (s.depth_cap or _D.depth_cap) if v.config in ("apar", "apar+spec") else None,
-        "fork_bias": fork_bias(runner.ms.for_config(v.config).model, s.fork_bias) if v.config in ("apar", "apar+spec") else None,
+        "fork_bias": fork_bias_of(runner.ms.for_config(v.config).model, s.fork_bias) if v.config in ("apar", "apar+spec") else None,
         "max_branch_tokens": s.max_branch_tokens,
         "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens,

@@ -35,8 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from apar_spec.options import DecodeOptions, fork_depth
-from apar_spec.options import fork_bias as fork_bias_of
+from apar_spec.options import DecodeOptions, fork_bias_of, fork_depth
 
 from .prompts import Prompt
 
