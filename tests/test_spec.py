@@ -29,6 +29,17 @@ def tree_key(gen):
     return {path(b): b.token_ids for b in gen.branches}
 
 
+def fork_path(branches, b) -> tuple:
+    """A branch's fork indices from the root (branch ids may differ between schedules)."""
+    return () if b.parent is None else fork_path(branches, branches[b.parent]) + (b.fork_index,)
+
+
+def decode_trees(model, apar, prompts, opts, spec=None) -> list[dict]:
+    """Each request's branches as {fork path: tokens}, decoded by the tree decoder."""
+    results = Decoder(model, opts, apar, True, {EOS}, speculator=spec).run(prompts)
+    return [{fork_path(r.branches, b): b.tokens for b in r.branches} for r in results]
+
+
 class Recorder:
     """Wraps a speculator and records (branch, tokens before the step, drafted, accepted)."""
 
@@ -115,12 +126,7 @@ def test_speculation_is_lossless_with_the_code_fence_rule(kind):
 
     def run(spec=None, k=1):
         opts = DecodeOptions(max_new_tokens=800, max_branch_tokens=24, max_depth=2, logits_processor=proc, num_draft_tokens=k)
-        results = Decoder(model, opts, apar, True, {EOS}, speculator=spec).run(prompts)
-
-        def path(branches, b):
-            return () if b.parent is None else path(branches, branches[b.parent]) + (b.fork_index,)
-
-        return [{path(r.branches, b): b.tokens for b in r.branches} for r in results]
+        return decode_trees(model, apar, prompts, opts, spec)
 
     plain = run()
     assert max(len(r) for r in plain) >= 3
@@ -137,20 +143,12 @@ def test_speculation_is_lossless_under_a_fork_bias(kind):
     prompts = [[1, 10, 11, 12, 13, 14], [1, 20, 7]]
     apar = AparTokens(FORK, CHILD)
     for bias in (-1.5, 1.0):
-        def run(spec=None, k=1):
-            opts = DecodeOptions(max_new_tokens=800, max_branch_tokens=24, max_depth=2, logits_processor=proc,
-                                 num_draft_tokens=k, fork_bias=bias)
-            results = Decoder(model, opts, apar, True, {EOS}, speculator=spec).run(prompts)
-
-            def path(branches, b):
-                return () if b.parent is None else path(branches, branches[b.parent]) + (b.fork_index,)
-
-            return [{path(r.branches, b): b.tokens for b in r.branches} for r in results]
-
-        plain = run()
+        opts = dict(max_new_tokens=800, max_branch_tokens=24, max_depth=2, logits_processor=proc, fork_bias=bias)
+        plain = decode_trees(model, apar, prompts, DecodeOptions(**opts))
         assert max(len(r) for r in plain) >= 3
         for k in (1, 3):
-            assert run(speculators(model, proc, 0)[kind](), k) == plain
+            spec = speculators(model, proc, 0)[kind]()
+            assert decode_trees(model, apar, prompts, DecodeOptions(**opts, num_draft_tokens=k), spec) == plain
 
 
 def test_self_draft_accepts_everything_except_at_branch_ends():
