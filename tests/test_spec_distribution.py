@@ -68,3 +68,51 @@ def test_sampled_speculation_matches_exact_target_marginals():
     with torch.inference_mode():
         q2 = (draft(torch.tensor([PROMPT])).logits[0, -1].softmax(-1))
     assert chi_square_p(c2, 0.5 * p2 + 0.5 * q2) < 1e-3
+
+
+def test_sampled_apar_speculation_keeps_the_fork_biased_distribution():
+    """apar+spec at temperature 1 under a fork_bias: the root's 2nd and 3rd tokens (accepted
+    drafts, resampled rejections or bonus tokens: the 3rd is often verified at a draft node)
+    follow the exact marginals of the rule-processed target: [Child] never, [Fork] offset by
+    the bias where allowed, banned right after a [Fork] and where the branch cap leaves no room."""
+    from apar_spec.decoder import Decoder
+    from apar_spec.options import DecodeOptions
+    from apar_spec.tokens import AparTokens
+    from micro import CHILD, FORK
+
+    target = micro_model("llama", seed=11)
+    draft = micro_model("llama", seed=12, hidden=16)
+    bias, cap = 2.5, 4
+
+    def processed(logits: torch.Tensor, fork_ok: torch.Tensor, b: float) -> torch.Tensor:
+        """[..., V] logits -> probabilities under the decoder's rules (``fork_ok`` [...])."""
+        lg = logits.clone()
+        lg[..., CHILD] = float("-inf")
+        lg[..., FORK] = torch.where(fork_ok, lg[..., FORK] + b, torch.tensor(float("-inf"), dtype=lg.dtype))
+        return lg.softmax(-1)
+
+    @torch.inference_mode()
+    def root_marginals(b: float) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.arange(VOCAB)
+        p1 = processed(target(torch.tensor([PROMPT])).logits[0, -1], torch.tensor(True), b)  # [V]
+        l2 = target(torch.tensor([PROMPT + [a] for a in range(VOCAB)])).logits[:, -1]  # [t1, V]
+        p2_given = processed(l2, t != FORK, b)  # [t1, V]
+        seqs3 = torch.tensor([PROMPT + [a, c] for a in range(VOCAB) for c in range(VOCAB)])  # [V*V, P+2]
+        l3 = target(seqs3).logits[:, -1].view(VOCAB, VOCAB, VOCAB)  # [t1, t2, V]
+        p3_given = processed(l3, (t != FORK)[None, :].expand(VOCAB, VOCAB), b)  # fork ok after t2 != [Fork]
+        joint12 = p1[:, None] * p2_given  # [t1, t2]
+        return p1 @ p2_given, torch.einsum("ab,abv->v", joint12, p3_given)
+
+    opts = DecodeOptions(max_new_tokens=64, max_branch_tokens=cap, max_depth=1, temperature=1.0, seed=5, batch_size=N,
+                         num_draft_tokens=2, fork_bias=bias)
+    spec = DraftModelSpeculator(draft, mask_ids=(CHILD,))
+    results = Decoder(target, opts, AparTokens(FORK, CHILD), True, set(), speculator=spec).run([PROMPT] * N)
+    roots = [next(b for b in r.branches if b.parent is None) for r in results]
+    assert all(len(b.tokens) == cap for b in roots)
+    assert sum(b.tokens[0] == FORK for b in roots) > 0.05 * N  # the bias makes forks common
+    assert sum(r.counters.accepted for r in results) > 0.05 * N  # drafts were really accepted (and rejected)
+    c2, c3 = (torch.bincount(torch.tensor([b.tokens[i] for b in roots]), minlength=VOCAB).double() for i in (1, 2))
+    p2, p3 = root_marginals(bias)
+    assert chi_square_p(c2, p2) > 1e-3 and chi_square_p(c3, p3) > 1e-3
+    q2, q3 = root_marginals(0.0)  # power: without the bias they are other distributions
+    assert chi_square_p(c2, q2) < 1e-3 and chi_square_p(c3, q3) < 1e-3
