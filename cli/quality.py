@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import handle_errors
+from .errors import fail, handle_errors
 from .output import print_json, stdout_console
 
 
@@ -33,7 +33,7 @@ def quality(
     ar_only: Annotated[bool, typer.Option("--ar-only", help="Only the base's AR answers (cached next to --out; the APAR pass reuses them).")] = False,
     max_depth: Annotated[Optional[int], typer.Option("--max-depth", help="Fork nesting cap of the APAR answers. Default: the nesting the target was trained on, else 2.")] = None,
     depth_cap: Annotated[Optional[str], typer.Option("--depth-cap", help="What a child at the cap does when it asks for [Fork]: end or mask. Default: end.")] = None,
-    fork_bias: Annotated[Optional[float], typer.Option("--fork-bias", help="Added to the [Fork] logit where a fork is allowed and would spawn a child (more forks > 0 > fewer). Default: the target's recorded one, else 0.")] = None,
+    fork_bias: Annotated[Optional[str], typer.Option("--fork-bias", help="Added to the [Fork] logit where a fork is allowed and would spawn a child (more forks > 0 > fewer); several, comma-separated (e.g. -1,0,1), run side by side on the same base answers (needs --out). Default: the target's recorded one, else 0.")] = None,
     control_dtype: Annotated[Optional[str], typer.Option("--control-dtype", help="Also decode the base in this precision (e.g. float32): the NLL ratio of an answer of unchanged quality.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
@@ -56,8 +56,26 @@ def quality(
     def progress(done: int, total: int) -> None:
         console.print(f"quality: {done}/{total} prompts", markup=False)
 
-    summary = run_quality(target, base, ps, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
-                          out=out, sides=sides, ar_only=ar_only, control_dtype=control_dtype, max_depth=max_depth, depth_cap=depth_cap, fork_bias=fork_bias, progress=progress)
+    biases = _fork_biases(fork_bias)
+    if len(biases) > 1:
+        if out is None:
+            fail("several --fork-bias values need --out (the base's answers are decoded once there and reused)")
+        if sides is not None or ar_only:
+            fail("--sides and --ar-only take one --fork-bias value")
+    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, out=out, sides=sides, ar_only=ar_only,
+              control_dtype=control_dtype, max_depth=max_depth, depth_cap=depth_cap)
+    if len(biases) > 1:
+        runs = {}
+        for b in biases:
+            console.print(f"quality: --fork-bias {b:g}", markup=False)
+            runs[b] = run_quality(target, base, ps, **kw, fork_bias=b, progress=progress)
+        if as_json:
+            print_json({"dtype": runs[biases[0]].dtype, "by_fork_bias": {str(b): r.by_category for b, r in runs.items()},
+                        "rows": [{k: v for k, v in row.items() if not k.endswith("_text")} for r in runs.values() for row in r.rows]})
+        else:
+            console.print(bias_table(runs, f"{target} vs {base}, greedy, {runs[biases[0]].dtype}: by --fork-bias"))
+        return
+    summary = run_quality(target, base, ps, **kw, fork_bias=biases[0] if biases else None, progress=progress)
     if as_json:
         print_json({"dtype": summary.dtype, "wall_s": summary.wall_s, "by_category": summary.by_category,
                     "rows": [{k: v for k, v in r.items() if not k.endswith("_text")} for r in summary.rows]})
@@ -77,3 +95,44 @@ def quality(
                       fmt(s["nll_ratio_matched"], ".3f"), fmt(s["nll_ratio_control"], ".3f"),
                       f"{fmt(s['repeat4_ar'], '.0%')} / {fmt(s['repeat4_apar'], '.0%')}")
     console.print(table)
+
+
+def _fork_biases(text: Optional[str]) -> list[float]:
+    """``--fork-bias``: none (the target's own), one value, or several comma-separated."""
+    if text is None:
+        return []
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"--fork-bias takes numbers, comma-separated (got '{text}')")
+    if not values or any(not math.isfinite(v) for v in values):
+        fail(f"--fork-bias takes finite numbers, comma-separated (got '{text}')")
+    if len(set(values)) != len(values):
+        fail(f"--fork-bias lists a value twice (got '{text}')")
+    return values
+
+
+# the summary's named groups (experiments.quality.groups) and their short labels
+_BIAS_GROUPS = {"LIST-STYLE": "list-style", "asks for tips/steps/ways/reasons": "tips/steps/ways/reasons",
+                "short-answer categories": "short-answer", "all": "all"}
+# (label, summary key, format) of the side-by-side table's measures
+_BIAS_MEASURES = (("fork rate", "fork_rate", ".0%"), ("steps APAR/AR", "steps_ratio", ".3f"), ("NLL ratio", "nll_ratio", ".2f"),
+                  ("NLL ratio, length-matched", "nll_ratio_matched", ".2f"), ("well-formed", "well_formed_rate", ".0%"))
+
+
+def bias_table(runs: dict, title: str):
+    """One row per (group, measure), one column per --fork-bias value: the trade-off at a glance."""
+    from rich.table import Table
+
+    table = Table("group", "measure", *(f"{b:+g}" if b else "0" for b in runs), title=title, header_style="bold")
+    first = next(iter(runs.values())).by_category
+    groups = [g for g in _BIAS_GROUPS if g in first] or list(first)
+    for g in groups:
+        for i, (label, key, spec) in enumerate(_BIAS_MEASURES):
+            cells = []
+            for r in runs.values():
+                x = r.by_category.get(g, {}).get(key)
+                cells.append("-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec))
+            table.add_row(f"{_BIAS_GROUPS.get(g, g)} ({first[g]['prompts']})" if i == 0 else "", label, *cells,
+                          end_section=i == len(_BIAS_MEASURES) - 1)
+    return table

@@ -70,6 +70,29 @@ def test_cli_quality_refuses_an_unknown_control_dtype(tmp_path):
     assert not (tmp_path / "q.jsonl").exists()
 
 
+def test_cli_quality_runs_several_fork_biases_side_by_side_on_one_set_of_base_answers(tmp_path):
+    from test_cli import assert_user_error, run
+
+    out = tmp_path / "q.jsonl"
+    args = ["quality", "--target", "tiny-apar", "--base", "tiny-base", "--limit", "3", "--max-new-tokens", "24", "--out", str(out)]
+    res = run(*args, "--fork-bias=-50,0", "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    by = doc["by_fork_bias"]
+    assert set(by) == {"-50.0", "0.0"}
+    assert by["-50.0"]["all"]["fork_rate"] == 0 < by["0.0"]["all"]["fork_rate"]  # the offset really reached the decoder
+    assert sorted(r["fork_bias"] for r in doc["rows"]) == [-50.0] * 3 + [0.0] * 3
+    assert len(out.with_suffix(".ar.jsonl").read_text().splitlines()) == 3  # the base answered once, for both
+    again = run(*args, "--fork-bias", "0", "--json")  # one value: the usual summary, rows read back from the shared file
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["by_category"] == by["0.0"]
+    assert len(out.read_text().splitlines()) == 6  # nothing decoded again
+    assert_user_error(run(*args, "--fork-bias", "1,x"), "--fork-bias takes numbers")
+    assert_user_error(run(*args, "--fork-bias", "1,1"), "lists a value twice")
+    assert_user_error(run(*args[:-2], "--fork-bias", "0,1"), "need --out")
+    assert_user_error(run(*args, "--fork-bias", "0,1", "--sides", str(tmp_path / "s.md")), "take one --fork-bias")
+
+
 def test_length_matched_control_scores_the_base_answer_cut_to_the_apar_length(tmp_path):
     """``nll_ar_matched`` is the base's own answer scored over its first n tokens, n = the APAR answer's
     length; a row saved before the figure existed gets it on resume, equal to a fresh pass's."""
