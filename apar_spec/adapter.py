@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from apar_spec.options import FORK_BIAS_KEY, TRAINED_DEPTH_KEY
+from apar_spec.options import FORK_BIAS_KEY, TRAINED_DEPTH_KEY, is_finite_number
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
@@ -146,7 +145,7 @@ def apply_adapter(model, tokenizer, folder: str | Path, *, check_fingerprint: bo
     folder = Path(folder)
     config = read_config(folder)
     bias = config.get("fork_bias")
-    if bias is not None and (isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias)):
+    if bias is not None and not is_finite_number(bias):
         raise AdapterError(f"adapter '{folder.name}': {ADAPTER_CONFIG} fork_bias must be a finite number (got {bias!r}); fix or remove it")
     if check_fingerprint:
         got = base_fingerprint(model)

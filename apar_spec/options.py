@@ -136,7 +136,7 @@ def model_decode_defaults(model) -> dict:
     if isinstance(depth, int) and not isinstance(depth, bool) and depth >= 1:
         out["max_depth"] = depth
     bias = getattr(config, FORK_BIAS_KEY, None)
-    if isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias) and bias != 0:
+    if is_finite_number(bias) and bias != 0:
         out["fork_bias"] = float(bias)
     return out
 
@@ -147,6 +147,11 @@ def fork_depth(model, max_depth: Optional[int] = None) -> int:
     if max_depth is not None:
         return max_depth
     return model_decode_defaults(model).get("max_depth", DecodeOptions.max_depth)
+
+
+def is_finite_number(x) -> bool:
+    """A real int or float that is not inf/NaN (a bool is not a number here)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def fork_bias_of(model, bias: Optional[float] = None) -> float:

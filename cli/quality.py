@@ -12,6 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from apar_spec.options import DecodeOptions
+
 from .errors import fail, handle_errors
 from .output import print_json, stdout_console
 
@@ -105,8 +107,10 @@ def _fork_biases(text: Optional[str]) -> list[float]:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         fail(f"--fork-bias takes numbers, comma-separated (got '{text}')")
-    if not values or any(not math.isfinite(v) for v in values):
-        fail(f"--fork-bias takes finite numbers, comma-separated (got '{text}')")
+    if not values:
+        fail(f"--fork-bias takes numbers, comma-separated (got '{text}')")
+    for v in values:  # the decoder's own check, for every value before the first run starts
+        DecodeOptions(fork_bias=v)
     if len(set(values)) != len(values):
         fail(f"--fork-bias lists a value twice (got '{text}')")
     return values

@@ -269,7 +269,7 @@ def run_quality(
     depth = max_depth
     cap = depth_cap or DecodeOptions.depth_cap
     bias = fork_bias
-    DecodeOptions(depth_cap=cap, fork_bias=0.0 if bias is None else bias)  # bad values: a one-line error before anything loads
+    DecodeOptions(depth_cap=cap, fork_bias=fork_bias or 0.0)  # bad values: a one-line error before anything loads
     if not ar_only:  # loaded first: its trained fork nesting decides which saved rows still count
         tm, tt = apar_spec.load(target, dtype=dtype)
         depth = fork_depth(tm, max_depth)
