@@ -73,13 +73,17 @@ def quality(
             runs[b] = run_quality(target, base, ps, **kw, fork_bias=b, progress=progress)
         if as_json:
             print_json({"dtype": runs[biases[0]].dtype, "by_fork_bias": {str(b): r.by_category for b, r in runs.items()},
+                        "labels_by_fork_bias": {str(b): r.labels for b, r in runs.items()},
                         "rows": [{k: v for k, v in row.items() if not k.endswith("_text")} for r in runs.values() for row in r.rows]})
         else:
             console.print(bias_table(runs, f"{target} vs {base}, greedy, {runs[biases[0]].dtype}: by --fork-bias"))
+            for b, r in runs.items():
+                if r.labels:
+                    console.print(f"--fork-bias {b:g}: {labels_line(r.labels)}", markup=False)
         return
     summary = run_quality(target, base, ps, **kw, fork_bias=biases[0] if biases else None, progress=progress)
     if as_json:
-        print_json({"dtype": summary.dtype, "wall_s": summary.wall_s, "by_category": summary.by_category,
+        print_json({"dtype": summary.dtype, "wall_s": summary.wall_s, "by_category": summary.by_category, "labels": summary.labels,
                     "rows": [{k: v for k, v in r.items() if not k.endswith("_text")} for r in summary.rows]})
         return
     from rich.table import Table
@@ -97,6 +101,16 @@ def quality(
                       fmt(s["nll_ratio_matched"], ".3f"), fmt(s["nll_ratio_control"], ".3f"),
                       f"{fmt(s['repeat4_ar'], '.0%')} / {fmt(s['repeat4_apar'], '.0%')}")
     console.print(table)
+    if summary.labels:
+        console.print(labels_line(summary.labels), markup=False)
+
+
+def labels_line(a: dict) -> str:
+    """One line: the fork decision against Skeleton-of-Thought's list labels."""
+    return (f"fork decision vs SoT labels: forked {a['recall']:.0%} of {a['list_prompts']} list prompts, "
+            f"{a['false_fork_rate']:.0%} of {a['other_prompts']} others; precision "
+            f"{'-' if math.isnan(a['precision']) else format(a['precision'], '.0%')}, "
+            f"accuracy {a['accuracy']:.0%}")
 
 
 def _fork_biases(text: Optional[str]) -> list[float]:
@@ -118,7 +132,8 @@ def _fork_biases(text: Optional[str]) -> list[float]:
 
 # the summary's named groups (experiments.quality.groups) and their short labels
 _BIAS_GROUPS = {"LIST-STYLE": "list-style", "asks for tips/steps/ways/reasons": "tips/steps/ways/reasons",
-                "short-answer categories": "short-answer", "all": "all"}
+                "short-answer categories": "short-answer", "SoT label: a list": "SoT: a list",
+                "SoT label: not a list": "SoT: not a list", "all": "all"}
 # (label, summary key, format) of the side-by-side table's measures
 _BIAS_MEASURES = (("fork rate", "fork_rate", ".0%"), ("steps APAR/AR", "steps_ratio", ".3f"), ("NLL ratio", "nll_ratio", ".2f"),
                   ("NLL ratio, length-matched", "nll_ratio_matched", ".2f"), ("well-formed", "well_formed_rate", ".0%"))

@@ -13,6 +13,10 @@ File formats, told apart per file:
   object per line, either ``{"prompt": ...}`` (optional ``id``/``question_id`` and
   ``category``) or Spec-Bench / FastChat MT-Bench ``question.jsonl`` rows
   (``{"question_id", "category", "turns": [...]}``; ``turn`` picks one, first by default);
+- a first non-blank line ``label;request``: Skeleton-of-Thought's router labels
+  (``sot_router_labels/*.csv``; label 1 = a person judged the answer naturally a list of
+  points), categories ``sot-list`` / ``sot-not-list``; the one public set of prompts labelled
+  for whether their answer should be parallel, so it measures the fork decision;
 - anything else: plain text, one prompt per non-blank line.
 
 Every problem is a ``ValueError`` naming the file and line, so the CLI prints one line.
@@ -75,6 +79,8 @@ def _round_robin(sets: dict[str, tuple[str, ...]]) -> tuple[Prompt, ...]:
 BUILTIN_SETS: dict[str, tuple[Prompt, ...]] = {"default": _round_robin(_DEFAULT)}
 DEFAULT_SET = "default"
 PLAIN_CATEGORY = "general"  # category of prompts from files that do not name one
+SOT_HEADER = "label;request"  # first line of a Skeleton-of-Thought router-label file
+SOT_CATEGORIES = {"1": "sot-list", "0": "sot-not-list"}  # its label -> our category
 
 
 def load_prompts(
@@ -136,7 +142,10 @@ def read_prompt_file(path: str | Path, *, turn: int = 0) -> list[Prompt]:
     if first is None:
         raise ValueError(f"prompt file {path} has no prompts (it is empty)")
     is_jsonl = path.suffix.lower() in (".jsonl", ".json") or first.lstrip().startswith("{")
-    prompts = _parse_jsonl(path, lines, turn) if is_jsonl else _parse_text(lines)
+    if first.strip().lower() == SOT_HEADER:
+        prompts = _parse_sot_labels(path, text)
+    else:
+        prompts = _parse_jsonl(path, lines, turn) if is_jsonl else _parse_text(lines)
     seen: dict[str, int] = {}
     for p, line_no in prompts:
         if p.id in seen:
@@ -147,6 +156,31 @@ def read_prompt_file(path: str | Path, *, turn: int = 0) -> list[Prompt]:
 
 def _parse_text(lines: list[str]) -> list[tuple[Prompt, int]]:
     return [(Prompt(f"L{n}", ln.strip(), PLAIN_CATEGORY), n) for n, ln in enumerate(lines, start=1) if ln.strip()]
+
+
+def _parse_sot_labels(path: Path, text: str) -> list[tuple[Prompt, int]]:
+    """``label;request`` CSV rows (``;``-separated, a quoted request may span lines)."""
+    import csv
+    import io
+
+    out = []
+    reader = csv.reader(io.StringIO(text.lstrip("\r\n")), delimiter=";")
+    next(reader)  # the header
+    skipped = len(text) - len(text.lstrip("\r\n"))
+    start = reader.line_num + 1  # a row's first line (line_num is its last)
+    for row in reader:
+        line, start = start + text[:skipped].count("\n"), reader.line_num + 1
+        if not row or not any(c.strip() for c in row):
+            continue
+        label, request = row[0].strip(), ";".join(row[1:]).strip()
+        if label not in SOT_CATEGORIES:
+            raise ValueError(f"{path} line {line}: the label must be 0 or 1 (got '{label[:20]}')")
+        if not request:
+            raise ValueError(f"{path} line {line}: the request is empty")
+        out.append((Prompt(f"L{line}", request, SOT_CATEGORIES[label]), line))
+    if not out:
+        raise ValueError(f"prompt file {path} has a '{SOT_HEADER}' header but no rows")
+    return out
 
 
 def _parse_jsonl(path: Path, lines: list[str], turn: int) -> list[tuple[Prompt, int]]:
@@ -173,6 +207,16 @@ def _parse_jsonl(path: Path, lines: list[str], turn: int) -> list[tuple[Prompt, 
             raise ValueError(f"{where}: 'category' must be a non-empty string")
         out.append((Prompt(str(pid), text, category), n))
     return out
+
+
+def _set_tag(source: str) -> str:
+    """The prefix of a set's ids and categories when several are mixed: the folder of a
+    FastChat / Spec-Bench ``question.jsonl`` (the folder names the set), else the file's
+    stem (``sot_router_labels/vicuna_router.csv`` -> ``vicuna_router``)."""
+    path = Path(source)
+    if path.name == "question.jsonl" and path.parent.name:
+        return path.parent.name
+    return path.stem or source
 
 
 def select_prompts(
@@ -205,7 +249,7 @@ def select_prompts(
     several = len(sources) > 1
     by_cat: dict[str, list[Prompt]] = {}
     for src in sources:
-        tag = Path(src).parent.name or Path(src).stem
+        tag = _set_tag(src)
         for p in load_prompts(src, turn=turn):
             if several:
                 p = replace(p, id=f"{tag}/{p.id}", category=f"{tag}/{p.category}")

@@ -117,6 +117,7 @@ class QualitySummary:
 
     rows: list[dict]
     by_category: dict[str, dict] = field(default_factory=dict)
+    labels: Optional[dict] = None  # label_agreement: the fork decision against SoT's labels
     wall_s: float = 0.0
     dtype: str = ""
 
@@ -129,6 +130,7 @@ LIST_STYLE = (
 )
 SHORT_ANSWER = ("math", "coding", "extraction", "qa", "math_reasoning", "translation")  # category names (any set)
 ASKS_FOR_LIST = re.compile(r"\b(tips|steps|ways|reasons|strategies)\b", re.IGNORECASE)
+SOT_GROUPS = {"sot-list": "SoT label: a list", "sot-not-list": "SoT label: not a list"}  # category -> group name
 
 
 def groups(rows: list[dict]) -> dict[str, list[dict]]:
@@ -137,8 +139,30 @@ def groups(rows: list[dict]) -> dict[str, list[dict]]:
         "LIST-STYLE": [r for r in rows if r["category"] in LIST_STYLE],
         "asks for tips/steps/ways/reasons": [r for r in rows if ASKS_FOR_LIST.search(r.get("prompt", ""))],
         "short-answer categories": [r for r in rows if r["category"].rsplit("/", 1)[-1] in SHORT_ANSWER],
+        # Skeleton-of-Thought's manual router labels (prompts.SOT_CATEGORIES): a person's call on
+        # whether the answer is naturally a list of points, so the fork decision has a public key
+        SOT_GROUPS["sot-list"]: [r for r in rows if r["category"].rsplit("/", 1)[-1] == "sot-list"],
+        SOT_GROUPS["sot-not-list"]: [r for r in rows if r["category"].rsplit("/", 1)[-1] == "sot-not-list"],
     }
     return {name: rs for name, rs in found.items() if rs}
+
+
+def label_agreement(rows: list[dict]) -> Optional[dict]:
+    """The fork decision scored against the SoT router labels (None without labelled rows).
+
+    ``recall``: share of list-labelled prompts that forked; ``false_fork_rate``: share of the
+    others that forked; ``precision``: share of forked prompts that are list-labelled. A
+    not-list prompt answered in several paragraphs may fork by APAR's own rule (a paragraph's
+    first sentence), so ``false_fork_rate`` is an upper bound on wrong forks, not a count of them.
+    """
+    pos = [r for r in rows if r["category"].rsplit("/", 1)[-1] == "sot-list"]
+    neg = [r for r in rows if r["category"].rsplit("/", 1)[-1] == "sot-not-list"]
+    if not pos or not neg:
+        return None
+    tp, fp = sum(r["forked"] for r in pos), sum(r["forked"] for r in neg)
+    return {"list_prompts": len(pos), "other_prompts": len(neg), "recall": tp / len(pos),
+            "false_fork_rate": fp / len(neg), "precision": tp / (tp + fp) if tp + fp else math.nan,
+            "accuracy": (tp + len(neg) - fp) / (len(pos) + len(neg))}
 
 
 def repeated_4grams(text: str) -> float:
@@ -349,7 +373,8 @@ def run_quality(
     if sides is not None and rows:
         write_sides(rows, sides, sides_count)
     dtype_name = rows[0]["dtype"] if rows else dtype
-    return QualitySummary(rows, summarize(rows) if rows else {}, time.perf_counter() - t0, dtype_name)
+    return QualitySummary(rows, summarize(rows) if rows else {}, labels=label_agreement(rows),
+                          wall_s=time.perf_counter() - t0, dtype=dtype_name)
 
 
 def _backfill_matched(rows: list[dict], prompts: list[Prompt], base: str, dtype: str, loaded: tuple) -> None:

@@ -145,3 +145,40 @@ def test_select_prompts_mixes_sets_per_category_and_interleaves(tmp_path):
         select_prompts(both, category="a/z")
     with pytest.raises(ValueError, match="--per-category must be >= 1"):
         select_prompts(both, per_category=0)
+
+
+def test_sot_router_labels_csv(tmp_path):
+    """Skeleton-of-Thought's ``label;request`` files: a quoted request may span lines (and hold
+    ';' and '"'), ids name the row's first line, labels become sot-list / sot-not-list."""
+    f = write(tmp_path / "r.csv", 'label;request\n1;How can I sleep better?\n0;"Sum the array:\n\n[1; 2] ""fast"""\n\n0;What is 2+2?\n')
+    assert load_prompts(f) == [Prompt("L2", "How can I sleep better?", "sot-list"),
+                               Prompt("L3", 'Sum the array:\n\n[1; 2] "fast"', "sot-not-list"),
+                               Prompt("L7", "What is 2+2?", "sot-not-list")]
+    assert [p.id for p in load_prompts(f, category="sot-list")] == ["L2"]
+    with pytest.raises(ValueError, match=r"r2.csv line 3: the label must be 0 or 1 \(got 'yes'\)"):
+        load_prompts(write(tmp_path / "r2.csv", "label;request\n1;A?\nyes;B?\n"))
+    with pytest.raises(ValueError, match="line 2: the request is empty"):
+        load_prompts(write(tmp_path / "r3.csv", "label;request\n0;  \n"))
+    with pytest.raises(ValueError, match="has a 'label;request' header but no rows"):
+        load_prompts(write(tmp_path / "r4.csv", "label;request\n\n"))
+
+
+def test_several_label_files_in_one_folder_are_told_apart_by_their_names(tmp_path):
+    from apar_spec.experiments.prompts import select_prompts
+
+    a = write(tmp_path / "vicuna_router.csv", "label;request\n1;List tips for focus.\n")
+    b = write(tmp_path / "wizardlm_router.csv", "label;request\n0;What is 3*3?\n1;Ways to save money?\n")
+    ps = select_prompts(f"{a},{b}")
+    assert [(p.id, p.category) for p in ps] == [("vicuna_router/L2", "vicuna_router/sot-list"),
+                                                ("wizardlm_router/L2", "wizardlm_router/sot-not-list"),
+                                                ("wizardlm_router/L3", "wizardlm_router/sot-list")]
+
+
+@pytest.mark.parametrize("name,rows,lists", [("vicuna", 80, 37), ("wizardlm", 218, 58)])
+def test_shared_sot_label_files_parse_when_present(name, rows, lists):
+    path = Path("/work/shared/eval/sot_router_labels") / f"{name}_router.csv"
+    if not path.is_file():
+        pytest.skip(f"{path} not on this machine")
+    prompts = load_prompts(path)
+    assert len(prompts) == rows and sum(p.category == "sot-list" for p in prompts) == lists  # ../shared/eval/README.md
+    assert len({p.id for p in prompts}) == rows and all(p.text.strip() for p in prompts)

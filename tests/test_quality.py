@@ -139,3 +139,44 @@ def test_mean_nll_max_tokens_is_the_mean_over_the_first_tokens():
         assert mean_nll(m, t, [prompt], [text], max_tokens=[k])[0] == pytest.approx(sum(tok[:k]) / k, rel=1e-6)  # mean_nll: float32 softmax
     assert mean_nll(m, t, [prompt], [text], max_tokens=[n + 5])[0] == pytest.approx(sum(tok) / n, rel=1e-6)
     assert math.isnan(mean_nll(m, t, [prompt], [text], max_tokens=[0])[0])
+
+
+def test_label_agreement_scores_the_fork_decision_against_sot_labels():
+    from apar_spec.experiments.quality import groups, label_agreement
+
+    def row(cat, forked):
+        return {"category": cat, "forked": forked, "prompt": "q"}
+
+    rows = [row("w/sot-list", True), row("w/sot-list", True), row("w/sot-list", False),
+            row("v/sot-not-list", True), row("v/sot-not-list", False), row("v/sot-not-list", False), row("v/sot-not-list", False)]
+    a = label_agreement(rows)
+    assert a == {"list_prompts": 3, "other_prompts": 4, "recall": 2 / 3, "false_fork_rate": 1 / 4,
+                 "precision": 2 / 3, "accuracy": 5 / 7}
+    g = groups(rows)
+    assert len(g["SoT label: a list"]) == 3 and len(g["SoT label: not a list"]) == 4
+    assert label_agreement(rows[:3]) is None  # one label only: nothing to score against
+    assert math.isnan(label_agreement([row("sot-list", False), row("sot-not-list", False)])["precision"])
+
+
+def test_cli_quality_on_a_sot_label_file_prints_the_fork_decision(tmp_path):
+    from test_cli import run
+
+    from apar_spec.experiments.prompts import load_prompts
+
+    lists = [p.text for p in load_prompts("default", category="list")][:2]
+    shorts = [p.text for p in load_prompts("default", category="short")][:2]
+    csv = tmp_path / "labels.csv"
+    csv.write_text("label;request\n" + "".join(f"1;{t}\n" for t in lists) + "".join(f"0;{t}\n" for t in shorts))
+    args = ["quality", "--target", "tiny-apar", "--base", "tiny-base", "--prompts", str(csv), "--max-new-tokens", "40",
+            "--out", str(tmp_path / "q.jsonl")]
+    res = run(*args, "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    forked = {r["prompt_id"]: r["forked"] for r in doc["rows"]}
+    assert doc["labels"]["recall"] == (forked["L2"] + forked["L3"]) / 2
+    assert doc["labels"]["false_fork_rate"] == (forked["L4"] + forked["L5"]) / 2
+    assert doc["labels"]["recall"] > doc["labels"]["false_fork_rate"]  # the embedded model forks lists, not sums
+    assert doc["by_category"]["SoT label: a list"]["prompts"] == 2
+    text = run(*args)  # the table, then one line on the labels (rows read back)
+    assert text.exit_code == 0, text.output
+    assert f"forked {doc['labels']['recall']:.0%} of 2 list prompts" in text.stdout

@@ -87,11 +87,15 @@ def test_draft_prompts_are_varied_unique_stable_and_apart_from_the_training_prom
 
 @pytest.mark.parametrize("prompts", [training_prompts, draft_prompts], ids=["training", "draft"])
 def test_no_training_prompt_is_close_to_an_eval_prompt(prompts):
+    from apar_spec.experiments.prompts import read_prompt_file
+
     files = sorted(EVAL.glob("*/question.jsonl")) if EVAL.is_dir() else []
     if not files:
         pytest.skip(f"{EVAL} is absent")
     theirs = [t for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()
               for t in json.loads(line).get("turns", [])]
+    # the SoT router labels' requests too (WizardLM's are a held-out set for the fork decision)
+    theirs += [p.text for f in sorted(EVAL.glob("sot_router_labels/*.csv")) for p in read_prompt_file(f)]
     assert len(theirs) > 100
     hits = near_duplicates([p.text for p in prompts()], theirs, max_fraction=0.25)
     assert hits == [], hits[:5]
