@@ -46,6 +46,7 @@ def serve_command(
     k: Annotated[int, typer.Option("-k", help="Draft tokens per branch per step.")] = DecodeOptions.num_draft_tokens,
     temperature: Annotated[float, typer.Option("--temperature", help="Temperature of every request (0 = greedy).")] = DecodeOptions.temperature,
     served_name: Annotated[Optional[str], typer.Option("--served-model-name", help="Model name clients send (default: --model).")] = None,
+    fork_bias: Annotated[Optional[float], typer.Option("--fork-bias", help="Added to the [Fork] logit where a fork would spawn a child (more forks > 0 > fewer). Default: the model's recorded one, else 0.")] = None,
     dtype: Dtype = None,
     device: Device = None,
     threads: Threads = None,
@@ -71,6 +72,8 @@ def serve_command(
         fail(f"--draft is only used by --mode spec or apar+spec (got --mode {mode})")
     if not 0 < port < 65536:
         fail(f"--port must be in 1..65535 (got {port})")
+    decode = {} if fork_bias is None else {"fork_bias": fork_bias}  # absent: the model's recorded default applies
+    DecodeOptions(**decode)  # a bad value: one line before the model loads
     _quiet_transformers()
     loaded = Loaded(model, *load(model, dtype=dtype, device=device))
     draft_arg = None
@@ -79,7 +82,7 @@ def serve_command(
     with torch_threads(threads, str(loaded.model.device)):
         engine = Engine(
             loaded.model, loaded.tokenizer, mode=mode, draft=draft_arg, kv_budget=kv_budget, max_new_tokens=max_tokens,
-            num_draft_tokens=k, max_draft_tokens=max(k, DecodeOptions.max_draft_tokens), temperature=temperature,
+            num_draft_tokens=k, max_draft_tokens=max(k, DecodeOptions.max_draft_tokens), temperature=temperature, **decode,
         ).start()
         app = create_app(engine, served_name or model)
         err = stdout_console(stderr=True)

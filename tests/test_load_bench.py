@@ -87,3 +87,5 @@ def test_cli_json_and_input_errors(tmp_path):
         assert res.exit_code == 2 and res.stderr.startswith("Error: ") and fragment in res.stderr, (args, res.output)
     res = runner.invoke(app, ["serve", "--mode", "beam"])
     assert res.exit_code == 2 and "unknown mode" in res.stderr
+    res = runner.invoke(app, ["serve", "--fork-bias", "nan"])
+    assert res.exit_code == 2 and res.stderr.startswith("Error: ") and "fork_bias" in res.stderr, res.output

@@ -68,6 +68,21 @@ def test_served_equals_offline_under_random_arrivals(mode, draft, seed, tree):
         assert any(h.t_admit > h.t_submit for h in handles)
 
 
+@pytest.mark.parametrize("mode,draft,bias", [("apar", None, 2.0), ("apar+spec", DRAFT, -1.5), ("apar", None, -50.0)])
+def test_served_fork_bias_equals_offline(mode, draft, bias):
+    """A [Fork] logit offset given to the engine decodes every request as offline generate does under it."""
+    prompts, budgets, arrivals = random_workload(11)
+    engine = Engine(MODEL, TOK, mode=mode, draft=draft, kv_budget=150, max_new_tokens=32, logits_processor=PROC, fork_bias=bias)
+    assert engine.opts.fork_bias == bias
+    handles = serve(engine, prompts, budgets, arrivals)
+    for p, m, h in zip(prompts, budgets, handles):
+        offline = generate(MODEL, TOK, [p], mode=mode, draft=draft, logits_processor=PROC, fork_bias=bias,
+                           **engine.offline_options(m))[0]
+        assert [b.token_ids for b in h.result(0).branches] == [b.token_ids for b in offline.branches]
+    if bias < -20:
+        assert all(len(h.result(0).branches) == 1 for h in handles)  # the offset reached the served decoder
+
+
 def test_default_branch_cap_equals_plain_generate():
     """With max_tokens = the engine's max_new_tokens, the offline twin is plain generate()."""
     prompts, _, arrivals = random_workload(7, n=4)
