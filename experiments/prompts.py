@@ -159,18 +159,19 @@ def _parse_text(lines: list[str]) -> list[tuple[Prompt, int]]:
 
 
 def _parse_sot_labels(path: Path, text: str) -> list[tuple[Prompt, int]]:
-    """``label;request`` CSV rows (``;``-separated, a quoted request may span lines)."""
+    """``label;request`` CSV rows after the header (``;``-separated, a quoted request may span lines)."""
     import csv
     import io
 
-    out = []
-    reader = csv.reader(io.StringIO(text.lstrip("\r\n")), delimiter=";")
-    next(reader)  # the header
-    skipped = len(text) - len(text.lstrip("\r\n"))
-    start = reader.line_num + 1  # a row's first line (line_num is its last)
+    out: list[tuple[Prompt, int]] = []
+    reader = csv.reader(io.StringIO(text), delimiter=";")
+    header_seen, start = False, 1
     for row in reader:
-        line, start = start + text[:skipped].count("\n"), reader.line_num + 1
-        if not row or not any(c.strip() for c in row):
+        line, start = start, reader.line_num + 1  # the row's first line (line_num is its last)
+        if not any(c.strip() for c in row):
+            continue
+        if not header_seen:
+            header_seen = True
             continue
         label, request = row[0].strip(), ";".join(row[1:]).strip()
         if label not in SOT_CATEGORIES:

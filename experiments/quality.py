@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from apar_spec.options import DecodeOptions, fork_bias_of, fork_depth
 
-from .prompts import Prompt
+from .prompts import SOT_CATEGORIES, Prompt
 
 _ITEM = re.compile(r"^(\d{1,3})\.\s+(.*)$")
 
@@ -130,7 +130,8 @@ LIST_STYLE = (
 )
 SHORT_ANSWER = ("math", "coding", "extraction", "qa", "math_reasoning", "translation")  # category names (any set)
 ASKS_FOR_LIST = re.compile(r"\b(tips|steps|ways|reasons|strategies)\b", re.IGNORECASE)
-SOT_GROUPS = {"sot-list": "SoT label: a list", "sot-not-list": "SoT label: not a list"}  # category -> group name
+SOT_LIST, SOT_OTHER = SOT_CATEGORIES["1"], SOT_CATEGORIES["0"]  # categories of SoT's router labels
+SOT_GROUPS = {SOT_LIST: "SoT label: a list", SOT_OTHER: "SoT label: not a list"}  # category -> group name
 
 
 def groups(rows: list[dict]) -> dict[str, list[dict]]:
@@ -141,8 +142,7 @@ def groups(rows: list[dict]) -> dict[str, list[dict]]:
         "short-answer categories": [r for r in rows if r["category"].rsplit("/", 1)[-1] in SHORT_ANSWER],
         # Skeleton-of-Thought's manual router labels (prompts.SOT_CATEGORIES): a person's call on
         # whether the answer is naturally a list of points, so the fork decision has a public key
-        SOT_GROUPS["sot-list"]: [r for r in rows if r["category"].rsplit("/", 1)[-1] == "sot-list"],
-        SOT_GROUPS["sot-not-list"]: [r for r in rows if r["category"].rsplit("/", 1)[-1] == "sot-not-list"],
+        **{name: [r for r in rows if r["category"].rsplit("/", 1)[-1] == c] for c, name in SOT_GROUPS.items()},
     }
     return {name: rs for name, rs in found.items() if rs}
 
@@ -155,8 +155,8 @@ def label_agreement(rows: list[dict]) -> Optional[dict]:
     not-list prompt answered in several paragraphs may fork by APAR's own rule (a paragraph's
     first sentence), so ``false_fork_rate`` is an upper bound on wrong forks, not a count of them.
     """
-    pos = [r for r in rows if r["category"].rsplit("/", 1)[-1] == "sot-list"]
-    neg = [r for r in rows if r["category"].rsplit("/", 1)[-1] == "sot-not-list"]
+    pos = [r for r in rows if r["category"].rsplit("/", 1)[-1] == SOT_LIST]
+    neg = [r for r in rows if r["category"].rsplit("/", 1)[-1] == SOT_OTHER]
     if not pos or not neg:
         return None
     tp, fp = sum(r["forked"] for r in pos), sum(r["forked"] for r in neg)
