@@ -113,9 +113,11 @@ def stage_apar(work: Path, data: Path, out: Path, args) -> dict:
     del base32
     base, tokenizer = apar_spec.load("smollm2", dtype="bfloat16")
     base.train()
+    if args.seed:  # another draw of the LoRA init (0: the shipped run's, torch's start-up state)
+        torch.manual_seed(args.seed)
     model, apar = lora_model(base, tokenizer, args.rank, args.alpha)
     report = train(
-        model, data, work / "apar-train", tokenizer=tokenizer, steps=args.steps, batch_size=args.batch_size,
+        model, data, work / "apar-train", tokenizer=tokenizer, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
         lr=args.lr, weight_decay=0.0, mix_ratio=0.5, max_len=args.max_len, resume=True, save_every=args.save_every,
         log_every=5, warmup_steps=max(1, args.steps // 20), stop_after=args.stop_after, keep_checkpoint=True,
         distill=args.distill, distill_hard_labels=line_break_tokens(tokenizer) if args.distill_hard_breaks else (),
@@ -130,7 +132,7 @@ def stage_apar(work: Path, data: Path, out: Path, args) -> dict:
         "threads": torch.get_num_threads(), "dtype": "bfloat16 base (frozen), float32 LoRA",
         "resumed_from": report.start_step, "distill": args.distill, "distill_hard_breaks": args.distill_hard_breaks,
         "distill_hard_roots": args.distill_hard_roots,
-        "root_eos": args.root_eos, "root_eos_lead_only": args.root_eos_lead_only,
+        "root_eos": args.root_eos, "root_eos_lead_only": args.root_eos_lead_only, "seed": args.seed,
     }
     if report.steps < args.steps:
         return facts
@@ -538,6 +540,8 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=int, default=None, help="answer only the first N prompts (quick runs)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the adapter's batch order and, when not 0, its LoRA init: another draw of the same recipe")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=32)
