@@ -35,6 +35,7 @@ from apar_spec.speculator import BranchView, Outcome, Proposal, Speculator
 from apar_spec.options import DecodeOptions
 from apar_spec.draft_tree import TreeShape, chain, parse_tree
 from apar_spec.sampling import SamplingConfig, rejection_accept, sample, to_probs, tree_accept_path
+from apar_spec.restructure import title_key
 from apar_spec.tokens import AparTokens
 from apar_spec.tree_cache import TreeCache
 
@@ -74,6 +75,7 @@ class Branch:
     nodes: list[int] = field(default_factory=list)  # target-cache nodes of tokens[:len(nodes)]
     forks: int = 0
     # "eos" | "length" (per-branch cap) | "budget" (request cap) | "context" | "depth" (asked to fork at the cap)
+    # | "repeat" (asked to fork after a title it had forked after: DecodeOptions.repeated_title)
     finish: Optional[str] = None
     active: bool = False  # False while queued or finished
     k: int = 0  # draft length asked for next step
@@ -179,6 +181,8 @@ class Decoder:
         self.fork_enabled = fork_enabled and apar is not None
         # backtick texts the code-fence rule tracks; empty where the rule cannot ban a fork
         self.fence_texts = apar.backtick_texts if self.fork_enabled and not opts.fork_in_code else {}
+        # token texts the repeated-title rule reads; empty where the rule is off
+        self.title_texts = apar.token_texts if self.fork_enabled and opts.repeated_title == "end" else ()
         self.eos_ids = eos_ids
         self.spec = speculator
         self.sampling = SamplingConfig(opts.temperature, opts.top_p, opts.top_k)
@@ -531,11 +535,29 @@ class Decoder:
     def settled_length(self, b: Branch) -> int:
         """How many of ``b``'s tokens no later step can take back (what a stream may send):
         all of them, except in a running child at the depth cap under ``depth_cap="end"``
-        the line since its last line break, which a [Fork] would cut."""
-        if b.finish is not None or not self.ends_at_cap(b):
+        the line since its last line break, which a [Fork] would cut; and in a branch that
+        may still fork, inside a run of forked titles (``repeated_title="end"``), the open
+        segment, which a [Fork] after a repeated title would cut."""
+        if b.finish is not None:
             return len(b.tokens)
-        j = last_line_start(b.tokens, self.apar.line_break_ids, 1, len(b.tokens))
-        return len(b.tokens) if j is None else j
+        start = 1 if b.is_child else 0
+        if self.ends_at_cap(b):
+            j = last_line_start(b.tokens, self.apar.line_break_ids, start, len(b.tokens))
+            return len(b.tokens) if j is None else j
+        if self.title_texts and b.level < self.opts.max_depth:
+            titles, _ = title_run(self.title_texts, self.apar.fork_id, b.tokens[start:])
+            if titles:
+                return open_segment_start(b.tokens, self.apar.line_break_ids, self.apar.fork_id, start, len(b.tokens))
+        return len(b.tokens)
+
+    def repeats_title(self, b: Branch) -> bool:
+        """Whether ``b``'s newest token, a spawning [Fork], follows a title that the branch
+        already forked after in the same run (``DecodeOptions.repeated_title``)."""
+        if not self.title_texts:
+            return False
+        titles, segment = title_run(self.title_texts, self.apar.fork_id, b.tokens[(1 if b.is_child else 0) : -1])
+        key = title_key(segment)
+        return key is not None and key in titles
 
     def choose(self, processed: torch.Tensor) -> int:
         """One token from rule-processed logits ``[1, V]`` (greedy or sampled)."""
@@ -556,6 +578,10 @@ class Decoder:
             if is_fork and self.ends_at_cap(b):
                 b.finish = "depth"
                 cut_to_last_line(b.tokens, self.apar.line_break_ids, start=1)
+            elif is_fork and self.repeats_title(b):
+                b.finish = "repeat"
+                del b.tokens[open_segment_start(b.tokens, self.apar.line_break_ids, self.apar.fork_id,
+                                                1 if b.is_child else 0, len(b.tokens) - 1) :]
             elif is_fork:
                 self.spawn_child(r, b)
             b.finish = b.finish or self.end_reason(r, b, tok)
@@ -682,6 +708,40 @@ def cut_to_last_line(tokens: list[int], line_breaks: frozenset[int], start: int)
     [Fork] goes."""
     j = last_line_start(tokens, line_breaks, start, len(tokens) - 1)
     del tokens[len(tokens) - 1 if j is None else j :]
+
+
+# ------------------------------------------------------------------- repeated titles
+FORK_MARK = "\x00"  # stands for [Fork] in a branch's text (no token's text holds it)
+
+
+def title_run(texts: tuple[str, ...], fork_id: int, tokens: list[int]) -> tuple[set[str], str]:
+    """The keys of the titles a branch forked after in its current run, and its open segment.
+
+    ``tokens`` are the branch's own (a child's without its ``[Child]``). In their text, a
+    *forked segment* is the text before a [Fork], back to the previous line break or
+    [Fork]; the *open segment* is the text after the last of either. The run is the forked
+    segments from the open one back to the last non-blank line without a [Fork]."""
+    text = "".join(FORK_MARK if t == fork_id else (texts[t] if t < len(texts) else "") for t in tokens)
+    lines = text.split("\n")
+    *forked, segment = lines[-1].split(FORK_MARK)
+    for line in reversed(lines[:-1]):
+        if FORK_MARK in line:
+            forked.extend(line.split(FORK_MARK)[:-1])
+        elif line.strip():
+            break
+    keys = {title_key(f) for f in forked}
+    keys.discard(None)
+    return keys, segment
+
+
+def open_segment_start(tokens: list[int], line_breaks: frozenset[int], fork_id: int, start: int, end: int) -> int:
+    """Where the open segment of ``tokens[start:end]`` begins, as a cut point: its last run
+    of line-break tokens, or just after its last [Fork] if that comes later; ``start`` if
+    neither exists."""
+    j = last_line_start(tokens, line_breaks, start, end)
+    f = next((i for i in range(end - 1, start - 1, -1) if tokens[i] == fork_id), None)
+    cut = start if j is None else j
+    return max(cut, f + 1) if f is not None else cut
 
 
 # ------------------------------------------------------------------- draft trees

@@ -10,6 +10,7 @@ import torch
 
 MODES = ("ar", "apar", "spec", "apar+spec")
 DEPTH_CAP_POLICIES = ("end", "mask")  # DecodeOptions.depth_cap
+REPEATED_TITLE_POLICIES = ("end", "keep")  # DecodeOptions.repeated_title
 
 # (context token ids incl. the node's own token, logits [vocab]) -> logits [vocab].
 # Must depend only on the branch's own context (DESIGN.md: outputs must not depend on scheduling).
@@ -36,6 +37,17 @@ class DecodeOptions:
     # model's output under the constraint, measured on smollm2-apar as stray words ("Convell
     # The system ...") and repeated items. A root branch at the cap always masks.
     depth_cap: str = "end"
+    # What a branch does when it forks after a title it already forked after: the same
+    # text, once a list item's number/bullet, markdown and closing colon are set aside, as
+    # an earlier forked line of the same run (forked lines back to the branch's last
+    # non-blank line without a [Fork]; a header or a paragraph starts a new run, so "Pros:"
+    # and "Cons:" may each have a "1. **Cost**"). Such a branch is looping: measured on
+    # smollm2-apar, most ill-formed forked lists repeat titles ("4. **Take Care of Your
+    # Self-Care**" twice, "The answer is 12." five times), and each repeat spawns a child that
+    # writes the same details again. "end": the branch ends there, minus that line (back to
+    # its last line break, or to its previous [Fork] on the same line). "keep": fork anyway.
+    # It decides on committed tokens only, so speculation stays lossless under it.
+    repeated_title: str = "end"
     max_forks_per_branch: int = 16
     # Whether a branch may fork inside a ``` code block (counted over the branch's own answer
     # text: its ancestors' tokens up to the fork and its own). A fork there splits one piece of
@@ -77,6 +89,10 @@ class DecodeOptions:
             raise ValueError("max_depth and max_forks_per_branch must be >= 0")
         if self.depth_cap not in DEPTH_CAP_POLICIES:
             raise ValueError(f"depth_cap must be one of {', '.join(DEPTH_CAP_POLICIES)} (got {self.depth_cap!r})")
+        if self.repeated_title not in REPEATED_TITLE_POLICIES:
+            raise ValueError(
+                f"repeated_title must be one of {', '.join(REPEATED_TITLE_POLICIES)} (got {self.repeated_title!r})"
+            )
         if self.max_live_branches is not None and self.max_live_branches < 1:
             raise ValueError(f"max_live_branches must be >= 1 or None (got {self.max_live_branches})")
         if self.batch_size < 1:

@@ -31,7 +31,9 @@ class BranchInfo:
     parent: Optional[int]
     fork_index: Optional[int]  # index in the parent's ``token_ids`` of the [Fork] it hangs under
     token_ids: list[int]  # the branch's own tokens, control tokens included ([Child] first for a child)
-    finish: Optional[str]  # "eos", "length", "budget", "context", "depth" (a capped child that asked to fork)
+    # "eos", "length", "budget", "context", "depth" (a capped child that asked to fork),
+    # "repeat" (asked to fork after a title it had forked after: DecodeOptions.repeated_title)
+    finish: Optional[str]
 
     def to_dict(self) -> dict:
         return {"id": self.id, "parent": self.parent, "fork_index": self.fork_index, "token_ids": self.token_ids, "finish": self.finish}

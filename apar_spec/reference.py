@@ -33,6 +33,42 @@ def reference_decode(
     cap = opts.max_branch_tokens or opts.max_new_tokens
     out: dict[tuple[int, ...], RefBranch] = {}
 
+    def norm(title: str) -> Optional[str]:
+        """A title without its item number/bullet, emphasis, closing colon, case, extra spaces."""
+        t = title.strip()
+        bullets = len(t) - len(t.lstrip("-*+•#>"))
+        digits = len(t) - len(t.lstrip("0123456789"))
+        if bullets:
+            t = t[bullets:]
+        elif 1 <= digits <= 3 and t[digits : digits + 1] in (".", ")"):
+            t = t[digits + 1 :]
+        words = t.replace("*", " ").replace("_", " ").split()
+        t = " ".join(words).rstrip(":").strip().lower()
+        return t if any(c.isalnum() for c in t) else None
+
+    def repeated(own: list[int]) -> bool:
+        """The branch's own tokens end in a spawning [Fork] whose title it forked after
+        earlier in the same run of forked lines (walked line by line, newest first)."""
+        if opts.repeated_title != "end" or not apar.token_texts:
+            return False
+        lines: list[list[str]] = [[""]]  # per line, its segments; a [Fork] closes a segment
+        for t in own[:-1]:
+            if t == apar.fork_id:
+                lines[-1].append("")
+                continue
+            for ch in apar.token_texts[t]:
+                if ch == "\n":
+                    lines.append([""])
+                else:
+                    lines[-1][-1] += ch
+        new = norm(lines[-1][-1])
+        earlier = set(lines[-1][:-1])
+        for segments in lines[-2::-1]:
+            if len(segments) == 1 and segments[0].strip():
+                break
+            earlier.update(segments[:-1])
+        return new is not None and new in {norm(e) for e in earlier}
+
     def in_code(answer: list[int]) -> bool:
         """An odd number of ``` in the answer text so far (tokens without a backtick read as "x")."""
         return "".join(apar.backtick_texts.get(t, "x") for t in answer).count("```") % 2 == 1
@@ -72,6 +108,16 @@ def reference_decode(
                 while len(breaks) > 1 and breaks[-2] == breaks[-1] - 1:  # a run of line breaks goes whole
                     breaks.pop()
                 b.tokens = b.tokens[: breaks[-1]] if breaks else b.tokens[:-1]
+                b.logits = b.logits[: len(b.tokens) - len(first)]
+                return
+            if apar is not None and tok == apar.fork_id and repeated(b.tokens[len(first) :]):
+                # a fork after a title this run already forked after: the branch ends, minus that segment
+                cut = len(b.tokens) - 1
+                while cut > len(first) and b.tokens[cut - 1] != apar.fork_id and b.tokens[cut - 1] not in apar.line_break_ids:
+                    cut -= 1  # back over the segment's text
+                while cut > len(first) and b.tokens[cut - 1] in apar.line_break_ids:
+                    cut -= 1  # and the line breaks before it
+                b.tokens = b.tokens[:cut]
                 b.logits = b.logits[: len(b.tokens) - len(first)]
                 return
             if apar is not None and tok == apar.fork_id:

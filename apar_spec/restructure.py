@@ -278,6 +278,47 @@ def _tree_from_spans(text: str, spans: list[_Span]) -> AnswerTree:
     return AnswerTree("".join(parts), forks)
 
 
+_LEADER = re.compile(r"^(?:\d{1,3}[.)]|[-*+•#>]+)\s*")
+
+
+def title_key(text: str) -> str | None:
+    """What two list titles are compared by: the text without a leading item number or
+    bullet, markdown emphasis, a closing colon, case and extra spaces; None if no letter or
+    digit is left (nothing to compare). The decoder's ``repeated_title`` rule and
+    :func:`cut_repeated_items` read titles the same way."""
+    t = _LEADER.sub("", text.strip())
+    t = " ".join(t.replace("*", " ").replace("_", " ").split()).rstrip(":").strip().lower()
+    return t if any(ch.isalnum() for ch in t) else None
+
+
+def cut_repeated_items(answer: str) -> str:
+    """``answer`` up to its first top-level numbered item whose title repeats an earlier
+    item's title in the same list (a list restarts at item 1), or unchanged.
+
+    Why: a small model's greedy lists loop ("4. **Take care of your health**" again and
+    again); trained on such answers, an APAR model learns to fork after titles it already
+    forked after. The title is the text up to the item's fork point ("Title:"), else the line.
+    """
+    lines = _lines(answer)
+    fenced = _fenced(answer, lines)
+    seen: set[str] = set()
+    for i, line in enumerate(lines):
+        if fenced[i]:
+            continue
+        item = _item_at(answer, lines, i)
+        if item is None or item.indent or item.style[0] != "number":
+            continue
+        if item.ordinal == 1:
+            seen = set()
+        key = title_key(answer[line.start : item.fork_at if item.fork_at is not None else line.end])
+        if key is None:
+            continue
+        if key in seen:
+            return answer[: line.start].rstrip()
+        seen.add(key)
+    return answer
+
+
 def restructure(answer: str, *, max_depth: int = 1, whole_lead: int = 0) -> AnswerTree:
     """The APAR tree of ``answer``: list forks, else paragraph forks, else no forks.
 

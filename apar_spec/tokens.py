@@ -26,6 +26,9 @@ class AparTokens:
     # The text of every token that holds a backtick (any other token holds none). Decoding
     # tracks code fences with it: no [Fork] inside a ``` block (``DecodeOptions.fork_in_code``).
     backtick_texts: Mapping[int, str] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
+    # Every token's text, by id: a branch's lines are compared with them at each fork
+    # (``DecodeOptions.repeated_title``); empty: the rule cannot compare, so it never ends a branch.
+    token_texts: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class _VocabFacts:
     size: int
     line_breaks: frozenset[int]
     backticks: Mapping[int, str]
+    texts: tuple[str, ...]
 
 
 _FACTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -53,6 +57,7 @@ def _vocab_facts(tokenizer) -> _VocabFacts:
         size=key,
         line_breaks=frozenset(i for i, t in enumerate(texts) if "\n" in t),
         backticks=MappingProxyType({i: t for i, t in enumerate(texts) if "`" in t}),
+        texts=tuple(texts),
     )
     try:
         _FACTS[tokenizer] = facts
@@ -71,7 +76,7 @@ def find_apar_tokens(tokenizer) -> AparTokens | None:
     vocab = tokenizer.get_vocab()
     if FORK_TOKEN in vocab and CHILD_TOKEN in vocab:
         facts = _vocab_facts(tokenizer)
-        return AparTokens(vocab[FORK_TOKEN], vocab[CHILD_TOKEN], facts.line_breaks, facts.backticks)
+        return AparTokens(vocab[FORK_TOKEN], vocab[CHILD_TOKEN], facts.line_breaks, facts.backticks, facts.texts)
     return None
 
 

@@ -47,6 +47,7 @@ def serve_command(
     temperature: Annotated[float, typer.Option("--temperature", help="Temperature of every request (0 = greedy).")] = DecodeOptions.temperature,
     served_name: Annotated[Optional[str], typer.Option("--served-model-name", help="Model name clients send (default: --model).")] = None,
     fork_bias: Annotated[Optional[float], typer.Option("--fork-bias", help="Added to the [Fork] logit where a fork would spawn a child (more forks > 0 > fewer). Default: the model's recorded one, else 0.")] = None,
+    repeated_title: Annotated[Optional[str], typer.Option("--repeated-title", help="What a branch does when it forks after a title it already forked after in the same list: end (it ends, minus that title) or keep. Default: end.")] = None,
     dtype: Dtype = None,
     device: Device = None,
     threads: Threads = None,
@@ -73,6 +74,8 @@ def serve_command(
     if not 0 < port < 65536:
         fail(f"--port must be in 1..65535 (got {port})")
     decode = {} if fork_bias is None else {"fork_bias": fork_bias}  # absent: the model's recorded default applies
+    if repeated_title is not None:
+        decode["repeated_title"] = repeated_title
     DecodeOptions(**decode)  # a bad value: one line before the model loads
     _quiet_transformers()
     loaded = Loaded(model, *load(model, dtype=dtype, device=device))

@@ -93,6 +93,7 @@ class BenchSettings:
     max_depth: Optional[int] = None  # fork nesting cap (apar modes); None = the model's trained depth, else DecodeOptions'
     depth_cap: Optional[str] = None  # what a capped child asking for [Fork] does (DecodeOptions.depth_cap); None = its default
     fork_bias: Optional[float] = None  # [Fork] logit offset (apar modes); None = the model's recorded one, else DecodeOptions'
+    repeated_title: Optional[str] = None  # a fork after a repeated title (DecodeOptions.repeated_title); None = its default
     # each branch's own cap (DecodeOptions.max_branch_tokens); None = max_new_tokens. HF and ar rows get it as their
     # budget. Why: under a shared budget, which branch is cut depends on how much each step accepted, so a
     # speculative row may hold other (e.g. more repetitive) text than the plain row it is compared with
@@ -142,9 +143,10 @@ class BenchSettings:
 
     @property
     def given_decode_options(self) -> dict:
-        """``max_depth`` / ``depth_cap`` / ``fork_bias`` / ``max_branch_tokens`` for ``generate`` only
+        """``max_depth`` / ``depth_cap`` / ``fork_bias`` / ``repeated_title`` / ``max_branch_tokens`` for ``generate`` only
         when given: otherwise the model's own default (max_depth, fork_bias) or DecodeOptions' applies."""
         given = {"max_depth": self.max_depth, "depth_cap": self.depth_cap, "fork_bias": self.fork_bias,
+                 "repeated_title": self.repeated_title,
                  "max_branch_tokens": self.max_branch_tokens}
         return {k: v for k, v in given.items() if v is not None}
 
@@ -632,6 +634,7 @@ def make_row(runner: _Runner, v: Variant, prompt: Prompt, repeat: int, model: st
         "max_depth": fork_depth(runner.ms.for_config(v.config).model, s.max_depth) if v.config in ("apar", "apar+spec") else None,
         "depth_cap": (s.depth_cap or _D.depth_cap) if v.config in ("apar", "apar+spec") else None,
         "fork_bias": fork_bias_of(runner.ms.for_config(v.config).model, s.fork_bias) if v.config in ("apar", "apar+spec") else None,
+        "repeated_title": (s.repeated_title or _D.repeated_title) if v.config in ("apar", "apar+spec") else None,
         "max_branch_tokens": s.max_branch_tokens,
         "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens,

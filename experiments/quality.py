@@ -69,6 +69,11 @@ def well_formed(text: str) -> bool:
     return bool(text.strip())
 
 
+def has_numbered_list(text: str) -> bool:
+    """Whether some top-level line of ``text`` is a numbered item ("3. ...")."""
+    return any(_ITEM.match(line) for line in text.splitlines())
+
+
 def answer_ids(tokenizer, text: str) -> list[int]:
     """An answer's tokens as the NLL judge reads them (re-tokenised from text)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text.strip() else []
@@ -207,6 +212,7 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
     out = {}
     for c, rs in cats.items():
         forked = [r for r in rs if r["forked"]]
+        numbered = [r for r in forked if has_numbered_list(r.get("apar_text", ""))]
         complete = [r for r in rs if max(r["ar_tokens"], r["apar_tokens"]) < r.get("max_new_tokens", math.inf)]
         scored = _scored(rs)
         out[c] = {
@@ -228,6 +234,11 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
             "nll_ratio_matched": _ratio(rs, "nll_apar", "nll_ar_matched"),
             "repeat4_ar": statistics.mean(repeated_4grams(r.get("ar_text", "")) for r in rs),
             "repeat4_apar": statistics.mean(repeated_4grams(r.get("apar_text", "")) for r in rs),
+            # forked answers holding a numbered list, and how many of those are well-formed (the
+            # rate above also counts paragraph forks, which are well-formed unless a paragraph is empty)
+            "numbered": len(numbered),
+            "well_formed_numbered": (sum(r["well_formed"] for r in numbered) / len(numbered)) if numbered else math.nan,
+            "repeat_ended": sum(bool(r.get("repeat_ends")) for r in rs),  # answers with a branch ended on a repeated title
         }
     return out
 
@@ -261,6 +272,7 @@ def run_quality(
     max_depth: Optional[int] = None,
     depth_cap: Optional[str] = None,
     fork_bias: Optional[float] = None,
+    repeated_title: Optional[str] = None,
     progress=None,
 ) -> QualitySummary:
     """Greedy base AR and target APAR answers for every prompt (batched), then NLL under the base.
@@ -278,8 +290,9 @@ def run_quality(
     ``max_depth``: the fork nesting cap of the APAR answers (None: the target's trained
     nesting, else the decoder's default); ``depth_cap``: what a child at that cap does when
     it asks for [Fork] (None: ``DecodeOptions.depth_cap``); ``fork_bias``: the [Fork] logit
-    offset (None: the target's recorded one, else 0). Rows record all three, and resume only
-    reuses rows decoded under the same ones.
+    offset (None: the target's recorded one, else 0); ``repeated_title``: what a branch does
+    when it forks after a title it already forked after (None: ``DecodeOptions.repeated_title``).
+    Rows record all four, and resume only reuses rows decoded under the same ones.
     """
     import apar_spec
 
@@ -293,7 +306,8 @@ def run_quality(
     depth = max_depth
     cap = depth_cap or DecodeOptions.depth_cap
     bias = fork_bias
-    DecodeOptions(depth_cap=cap, fork_bias=fork_bias or 0.0)  # bad values: a one-line error before anything loads
+    repeat = repeated_title or DecodeOptions.repeated_title
+    DecodeOptions(depth_cap=cap, fork_bias=fork_bias or 0.0, repeated_title=repeat)  # bad values: a one-line error before anything loads
     if not ar_only:  # loaded first: its trained fork nesting decides which saved rows still count
         tm, tt = apar_spec.load(target, dtype=dtype)
         depth = fork_depth(tm, max_depth)
@@ -302,7 +316,8 @@ def run_quality(
             if r.get("kind") == "quality" and r.get("target") == short_name(target) and r.get("max_new_tokens") == max_new_tokens
             and (depth is None or r.get("max_depth", DecodeOptions.max_depth) == depth)  # rows before the cap: the default
             and r.get("depth_cap", "mask") == cap  # rows before the option were decoded as "mask"
-            and r.get("fork_bias", 0.0) == (bias or 0.0)}
+            and r.get("fork_bias", 0.0) == (bias or 0.0)
+            and r.get("repeated_title", "keep") == repeat}  # rows before the option forked on repeats
     bm = bt = None
     ar_todo = [p for p in prompts if p.id not in ar_done and p.id not in done]
     if ar_todo:
@@ -335,7 +350,7 @@ def run_quality(
                 b_ids = [encode_prompt(b_loaded, p.text) for p in chunk]
                 t_ids = [encode_prompt(t_loaded, p.text) for p in chunk]
                 ap = apar_spec.generate(tm, tt, t_ids, mode="apar", max_new_tokens=max_new_tokens, batch_size=len(chunk),
-                                       max_depth=depth, depth_cap=cap, fork_bias=bias)
+                                       max_depth=depth, depth_cap=cap, fork_bias=bias, repeated_title=repeat)
                 nll_ap = mean_nll(bm, bt, b_ids, [g.text for g in ap])
                 matched = mean_nll(bm, bt, b_ids, [ar_done[p.id]["ar_text"] for p in chunk],
                                    max_tokens=[len(answer_ids(bt, g.text)) for g in ap])
@@ -345,7 +360,9 @@ def run_quality(
                     row = {
                         "kind": "quality", "prompt_id": p.id, "category": p.category, "target": t_loaded.name,
                         "base": b_loaded.name, "dtype": str(tm.dtype).removeprefix("torch."),
-                        "max_new_tokens": max_new_tokens, "max_depth": depth, "depth_cap": cap, "fork_bias": bias, "forked": g.forked, "branches": len(g.branches),
+                        "max_new_tokens": max_new_tokens, "max_depth": depth, "depth_cap": cap, "fork_bias": bias,
+                        "repeated_title": repeat, "forked": g.forked, "branches": len(g.branches),
+                        "repeat_ends": sum(b.finish == "repeat" for b in g.branches),
                         "ar_steps": a["ar_steps"], "apar_steps": g.stats.target_steps,
                         "steps_ratio": g.stats.target_steps / max(1, a["ar_steps"]),
                         "ar_tokens": a["ar_tokens"], "apar_tokens": g.stats.tokens_generated,

@@ -106,6 +106,11 @@ def test_compare_writes_one_row_per_config_prompt_repeat(micro, tmp_path):
     assert masked.setup_id() != settings(micro, tmp_path / "masked", modes="apar").setup_id()
     compare(masked)
     assert {r["depth_cap"] for r in read_rows(masked.out)} == {"mask"}
+    assert by[("apar", "p1", 0)]["repeated_title"] == DecodeOptions.repeated_title and ar["repeated_title"] is None
+    kept = settings(micro, tmp_path / "kept", modes="apar", repeated_title="keep")
+    assert kept.setup_id() != settings(micro, tmp_path / "kept", modes="apar").setup_id()
+    compare(kept)
+    assert {r["repeated_title"] for r in read_rows(kept.out)} == {"keep"}
     assert by[("apar", "p1", 0)]["fork_bias"] == DecodeOptions.fork_bias and ar["fork_bias"] is None
     biased = settings(micro, tmp_path / "biased", modes="apar", fork_bias=-50.0)
     assert biased.setup_id() != settings(micro, tmp_path / "biased", modes="apar").setup_id()

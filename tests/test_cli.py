@@ -86,6 +86,8 @@ def test_generate_bad_input(micro):
                       "depth_cap must be one of end, mask")
     assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--fork-bias", "inf"),
                       "fork_bias must be a finite number")
+    assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--repeated-title", "stop"),
+                      "repeated_title must be one of end, keep")
 
 
 def test_bench_resume_and_report(micro, tmp_path):

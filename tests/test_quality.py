@@ -52,6 +52,14 @@ def test_quality_pass_with_a_control_resumes_without_decoding_again(tmp_path, mo
     assert len(run_quality("tiny-apar", "tiny-base", ps, **kw, depth_cap="mask", fork_bias=0.0).rows) == 4
     with pytest.raises(pytest.fail.Exception, match="decoded again"):
         run_quality("tiny-apar", "tiny-base", ps, **kw, depth_cap="mask", fork_bias=-2.0)
+    # ... and the repeated-title rule: rows say which, rows from before the option count as "keep"
+    assert {r["repeated_title"] for r in s.rows} == {"end"}
+    assert all(r["repeat_ends"] == 0 or r["forked"] for r in s.rows)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "repeated_title"}) + "\n" for r in rows))
+    assert len(run_quality("tiny-apar", "tiny-base", ps, **kw, depth_cap="mask", repeated_title="keep").rows) == 4
+    with pytest.raises(pytest.fail.Exception, match="decoded again"):
+        run_quality("tiny-apar", "tiny-base", ps, **kw, depth_cap="mask")
 
 
 def test_quality_refuses_an_unknown_depth_cap_before_loading(tmp_path, monkeypatch):
@@ -60,6 +68,14 @@ def test_quality_refuses_an_unknown_depth_cap_before_loading(tmp_path, monkeypat
     monkeypatch.setattr(apar_spec, "load", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match="depth_cap must be one of end, mask"):
         run_quality("tiny-apar", "tiny-base", select_prompts("default", limit=1), depth_cap="stop", out=tmp_path / "q.jsonl")
+
+
+def test_quality_refuses_an_unknown_repeated_title_policy_before_loading(tmp_path, monkeypatch):
+    import apar_spec
+
+    monkeypatch.setattr(apar_spec, "load", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="repeated_title must be one of end, keep"):
+        run_quality("tiny-apar", "tiny-base", select_prompts("default", limit=1), repeated_title="loop", out=tmp_path / "q.jsonl")
 
 
 def test_cli_quality_refuses_an_unknown_control_dtype(tmp_path):
@@ -156,6 +172,23 @@ def test_label_agreement_scores_the_fork_decision_against_sot_labels():
     assert len(g["SoT label: a list"]) == 3 and len(g["SoT label: not a list"]) == 4
     assert label_agreement(rows[:3]) is None  # one label only: nothing to score against
     assert math.isnan(label_agreement([row("sot-list", False), row("sot-not-list", False)])["precision"])
+
+
+def test_summary_scores_numbered_lists_apart_and_counts_repeat_ends():
+    """The well-formed rate over all forked answers counts paragraph forks too; the numbered
+    figures keep to forked answers that hold a numbered list."""
+    from apar_spec.experiments.quality import summarize, well_formed
+
+    def row(text, forked, repeat_ends=0):
+        return {"category": "c", "forked": forked, "apar_text": text, "ar_text": "x", "well_formed": well_formed(text) if forked else None,
+                "ar_tokens": 5, "apar_tokens": 5, "max_new_tokens": 9, "ar_steps": 5, "apar_steps": 3, "steps_ratio": 0.6,
+                "nll_ar": 1.0, "nll_apar": 1.0, "branches": 2 if forked else 1, "repeat_ends": repeat_ends}
+
+    rows = [row("Para one.\n\nPara two.", True), row("1. A: x.\n2. B: y.", True, 1), row("1. A: x.\n2. A: y.", True),
+            row("1. A: x.", False), {k: v for k, v in row("Old.\n\nRow.", True).items() if k != "repeat_ends"}]
+    s = summarize(rows)["all"]
+    assert s["well_formed_rate"] == 3 / 4 and s["numbered"] == 2 and s["well_formed_numbered"] == 1 / 2
+    assert s["repeat_ended"] == 1
 
 
 def test_cli_quality_on_a_sot_label_file_prints_the_fork_decision(tmp_path):

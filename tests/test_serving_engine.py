@@ -138,6 +138,37 @@ def test_stream_never_sends_a_line_a_capped_child_may_still_drop():
     assert cut >= 2, "the workload should end capped children by a [Fork]"
 
 
+@pytest.mark.parametrize("mode,draft", [("apar", None), ("apar+spec", DRAFT)])
+def test_stream_never_sends_a_repeated_title_the_rule_cuts(mode, draft):
+    """repeated_title="end" (the default): a root that forks after a title it already forked
+    after ends there, minus that title. Served == offline, under both policies; the streamed
+    deltas only ever append and rebuild every branch with its finish."""
+    prompts, budgets, arrivals = random_workload(1)
+    proc = fork_processor(3, 4)
+    ended = 0
+    for policy in ("end", "keep"):
+        engine = Engine(MODEL, TOK, mode=mode, draft=draft, kv_budget=150, max_new_tokens=32, logits_processor=proc,
+                        repeated_title=policy)
+        handles = serve(engine, prompts, budgets, arrivals)
+        for p, m, h in zip(prompts, budgets, handles):
+            got = h.result(0)
+            offline = generate(MODEL, TOK, [p], mode=mode, draft=draft, logits_processor=proc, repeated_title=policy,
+                               **engine.offline_options(m))[0]
+            assert [b.token_ids for b in got.branches] == [b.token_ids for b in offline.branches]
+            rebuilt: dict[int, list[int]] = {}
+            finishes: dict[int, str] = {}
+            while not h.events.empty():
+                for d in h.events.get_nowait().deltas:
+                    assert d.branch not in finishes, "a delta after the branch's finish"
+                    rebuilt.setdefault(d.branch, []).extend(d.tokens)
+                    if d.finish is not None:
+                        finishes[d.branch] = d.finish
+            assert rebuilt == {b.id: b.token_ids for b in got.branches}
+            assert finishes == {b.id: b.finish for b in got.branches}
+            ended += sum(b.finish == "repeat" for b in got.branches) * (1 if policy == "end" else -100)
+    assert ended >= 1, "the workload should end a branch on a repeated title (and never under keep)"
+
+
 def test_cancel_frees_the_request_at_the_next_step_and_others_are_unchanged():
     prompts, _, _ = random_workload(9, n=3)
     engine = Engine(MODEL, TOK, mode="apar", max_new_tokens=32, logits_processor=PROC)
