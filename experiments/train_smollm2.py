@@ -49,7 +49,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 DRAFT_LAYERS = (0, 29)  # base layers the draft starts from
 
 
-def clean_answers(src: Path, dst: Path) -> dict:
+def clean_answers(src: Path, dst: Path, cut_repeats: bool = False) -> dict:
     """Copy answer rows for ``convert``, marking what the token limit cut and what must not fork.
 
     A list-kind answer cut by the limit loses its unfinished last block (restructuring
@@ -57,8 +57,14 @@ def clean_answers(src: Path, dst: Path) -> dict:
     writer would have gone on (the first smollm2-apar learned to stop after a paragraph
     from exactly these EOS). Short-kind answers are never restructured: a worked
     calculation's steps depend on each other, so the model must learn not to fork there.
+
+    ``cut_repeats``: a list-kind answer also ends before its first numbered item whose title
+    repeats an earlier one (``restructure.cut_repeated_items``) and learns EOS there, not the
+    loop: measured on the regenerated answers, 192 of 306 numbered lists repeat a title.
     """
-    counts = {"rows": 0, "cut": 0, "open_end": 0, "dropped": 0, "list": 0, "short": 0}
+    from apar_spec.restructure import cut_repeated_items, restructure
+
+    counts = {"rows": 0, "cut": 0, "open_end": 0, "dropped": 0, "list": 0, "short": 0, "repeats_cut": 0, "repeats_dropped": 0}
     with src.open(encoding="utf-8") as f, dst.open("w", encoding="utf-8") as out:
         for line in f:
             if not line.strip():
@@ -75,7 +81,16 @@ def clean_answers(src: Path, dst: Path) -> dict:
                     answer = answer[:cut].rstrip()
                     counts["cut"] += 1
                 flags["open_end"] = True
-                counts["open_end"] += 1
+            if cut_repeats and row["kind"] != "short":
+                looped = cut_repeated_items(answer)
+                if looped != answer and restructure(answer).forks and not restructure(looped).forks:
+                    counts["repeats_dropped"] += 1  # it loops before a list can fork: a bad answer, not a lesson
+                    continue
+                if looped != answer:
+                    answer = looped
+                    flags.pop("open_end", None)  # the answer ends where its list began to loop: EOS there
+                    counts["repeats_cut"] += 1
+            counts["open_end"] += bool(flags.get("open_end"))
             counts["rows"] += 1
             counts[row["kind"]] += 1
             out.write(json.dumps({**row, "answer": answer, **flags}, ensure_ascii=False) + "\n")
@@ -556,6 +571,8 @@ def main(argv=None) -> None:
                     help="weight of an unlikelihood term against EOS at root nodes that go on (train's root_eos; 0: off)")
     ap.add_argument("--root-eos-lead-only", action="store_true",
                     help="with --root-eos: only the root's nodes before its first [Fork]")
+    ap.add_argument("--cut-repeats", action="store_true",
+                    help="convert: end a list answer before its first item whose title repeats an earlier one (EOS there)")
     ap.add_argument("--whole-lead", type=int, default=1,
                     help="convert: keep the first N forkable paragraphs of a paragraph answer whole (restructure's whole_lead)")
     ap.add_argument("--save-every", type=int, default=20)
@@ -585,9 +602,10 @@ def main(argv=None) -> None:
     if "convert" in stages:
         from apar_spec.restructure import convert_file
 
-        counts = clean_answers(answers, clean)
+        counts = clean_answers(answers, clean, cut_repeats=args.cut_repeats)
         rep = convert_file(clean, data, whole_lead=args.whole_lead)
-        counts.update(structured=rep.structured, unstructured=rep.unstructured, whole_lead=args.whole_lead)
+        counts.update(structured=rep.structured, unstructured=rep.unstructured, whole_lead=args.whole_lead,
+                      cut_repeats=args.cut_repeats)
         (work / "data_counts.json").write_text(json.dumps(counts, indent=1))
         print(f"data: {counts}", flush=True)
     if "apar" in stages:

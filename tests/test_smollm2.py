@@ -68,6 +68,29 @@ def test_clean_answers_marks_cut_answers_open_and_keeps_short_ones_whole(tmp_pat
     assert out["Sum?"]["structured"] is False  # a worked calculation stays one branch
 
 
+def test_clean_answers_can_cut_a_looping_list_before_its_first_repeated_title(tmp_path):
+    """--cut-repeats: a list answer ends before its first item whose title repeats (and learns
+    EOS there, even if the limit cut it); one that loops before it could fork is dropped; a
+    list that restarts at 1 under a new header is no loop; short answers are left alone."""
+    from apar_spec.experiments.train_smollm2 import clean_answers
+
+    LOOP = "Tips:\n\n1. **A**: x.\n\n2. **B**: y.\n\n3. **C**: z.\n\n4. **b**: y again.\n\n5. **A**: x."
+    rows = [
+        {"id": "l1", "kind": "list", "prompt": "Loop?", "answer": LOOP + "\n\n6. **B**: unfini", "finish": "length"},
+        {"id": "l2", "kind": "list", "prompt": "Early?", "answer": "1. A: x.\n2. A: x.\n3. B: y.\n4. C: z.", "finish": "eos"},
+        {"id": "l3", "kind": "list", "prompt": "Two lists?", "answer": "Pros:\n1. A: x.\n2. B: y.\n3. C: z.\n\nCons:\n1. A: w.\n2. D: v.\n3. E: u.", "finish": "eos"},
+        {"id": "s1", "kind": "short", "prompt": "Sum?", "answer": "1. A: 1.\n2. A: 1.", "finish": "eos"},
+    ]
+    src, clean = tmp_path / "a.jsonl", tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert clean_answers(src, clean)["repeats_cut"] == 0  # off by default: the shipped recipe
+    counts = clean_answers(src, clean, cut_repeats=True)
+    assert (counts["repeats_cut"], counts["repeats_dropped"], counts["rows"]) == (1, 1, 3)
+    out = {r["prompt"]: r for r in map(json.loads, clean.read_text(encoding="utf-8").splitlines())}
+    assert out["Loop?"]["answer"] == "Tips:\n\n1. **A**: x.\n\n2. **B**: y.\n\n3. **C**: z." and "open_end" not in out["Loop?"]
+    assert out["Two lists?"]["answer"] == rows[2]["answer"] and out["Sum?"]["answer"] == rows[3]["answer"]
+
+
 def test_edit_distance_and_near_duplicate_finder():
     assert edit_distance("kitten", "sitting", 10) == 3
     assert edit_distance("abc", "abc", 0) == 0
