@@ -109,6 +109,20 @@ def test_stream_deltas_rebuild_every_branch():
         assert all(toks[0] == CHILD for b, toks in rebuilt.items() if b > 0)
 
 
+def assert_stream_rebuilds(h, got) -> None:
+    """The request's streamed deltas only append, and rebuild every branch with its finish."""
+    rebuilt: dict[int, list[int]] = {}
+    finishes: dict[int, str] = {}
+    while not h.events.empty():
+        for d in h.events.get_nowait().deltas:
+            assert d.branch not in finishes, "a delta after the branch's finish"
+            rebuilt.setdefault(d.branch, []).extend(d.tokens)
+            if d.finish is not None:
+                finishes[d.branch] = d.finish
+    assert rebuilt == {b.id: b.token_ids for b in got.branches}
+    assert finishes == {b.id: b.finish for b in got.branches}
+
+
 def test_stream_never_sends_a_line_a_capped_child_may_still_drop():
     """max_depth=1, depth_cap="end": a capped child's line since its last line break is held
     back until it is settled, so deltas only ever append, and a child that ends by cutting
@@ -124,16 +138,7 @@ def test_stream_never_sends_a_line_a_capped_child_may_still_drop():
         got = h.result(0)
         offline = generate(MODEL, tok, [p], mode="apar", logits_processor=proc, max_depth=1, **engine.offline_options(40))[0]
         assert [b.token_ids for b in got.branches] == [b.token_ids for b in offline.branches]
-        rebuilt: dict[int, list[int]] = {}
-        finishes: dict[int, str] = {}
-        while not h.events.empty():
-            for d in h.events.get_nowait().deltas:
-                assert d.branch not in finishes, "a delta after the branch's finish"
-                rebuilt.setdefault(d.branch, []).extend(d.tokens)
-                if d.finish is not None:
-                    finishes[d.branch] = d.finish
-        assert rebuilt == {b.id: b.token_ids for b in got.branches}
-        assert finishes == {b.id: b.finish for b in got.branches}
+        assert_stream_rebuilds(h, got)
         cut += sum(b.finish == "depth" for b in got.branches)
     assert cut >= 2, "the workload should end capped children by a [Fork]"
 
@@ -145,7 +150,7 @@ def test_stream_never_sends_a_repeated_title_the_rule_cuts(mode, draft):
     deltas only ever append and rebuild every branch with its finish."""
     prompts, budgets, arrivals = random_workload(1)
     proc = fork_processor(3, 4)
-    ended = 0
+    ended = {"end": 0, "keep": 0}
     for policy in ("end", "keep"):
         engine = Engine(MODEL, TOK, mode=mode, draft=draft, kv_budget=150, max_new_tokens=32, logits_processor=proc,
                         repeated_title=policy)
@@ -155,18 +160,9 @@ def test_stream_never_sends_a_repeated_title_the_rule_cuts(mode, draft):
             offline = generate(MODEL, TOK, [p], mode=mode, draft=draft, logits_processor=proc, repeated_title=policy,
                                **engine.offline_options(m))[0]
             assert [b.token_ids for b in got.branches] == [b.token_ids for b in offline.branches]
-            rebuilt: dict[int, list[int]] = {}
-            finishes: dict[int, str] = {}
-            while not h.events.empty():
-                for d in h.events.get_nowait().deltas:
-                    assert d.branch not in finishes, "a delta after the branch's finish"
-                    rebuilt.setdefault(d.branch, []).extend(d.tokens)
-                    if d.finish is not None:
-                        finishes[d.branch] = d.finish
-            assert rebuilt == {b.id: b.token_ids for b in got.branches}
-            assert finishes == {b.id: b.finish for b in got.branches}
-            ended += sum(b.finish == "repeat" for b in got.branches) * (1 if policy == "end" else -100)
-    assert ended >= 1, "the workload should end a branch on a repeated title (and never under keep)"
+            assert_stream_rebuilds(h, got)
+            ended[policy] += sum(b.finish == "repeat" for b in got.branches)
+    assert ended["end"] >= 1 and ended["keep"] == 0, "the workload should end a branch on a repeated title"
 
 
 def test_cancel_frees_the_request_at_the_next_step_and_others_are_unchanged():
