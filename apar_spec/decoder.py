@@ -544,7 +544,7 @@ class Decoder:
         if self.ends_at_cap(b):
             j = last_line_start(b.tokens, self.apar.line_break_ids, start, len(b.tokens))
             return len(b.tokens) if j is None else j
-        if self.title_texts and b.level < self.opts.max_depth:
+        if self.title_texts and b.forks and b.level < self.opts.max_depth:  # no fork yet: no title to repeat
             titles, _ = title_run(self.title_texts, self.apar.fork_id, b.tokens[start:])
             if titles:
                 return open_segment_start(b.tokens, self.apar.line_break_ids, self.apar.fork_id, start, len(b.tokens))
