@@ -17,7 +17,9 @@ Files in an adapter folder:
   nesting of the training trees; decoding is capped there), optionally ``fork_bias`` (the
   ``[Fork]`` logit offset it was calibrated with, a decode default), and the *fingerprint*
   of the base the adapter was trained on. Applying it to any other base is refused
-  with a one-line error: a LoRA delta on the wrong weights gives plausible garbage.
+  with a one-line error: a LoRA delta on the wrong weights gives plausible garbage;
+- ``router.json`` (optional): the fork router fitted on the adapted model's prompt states
+  (``apar_spec.router``), a decode default like ``fork_bias``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Optional
 import torch
 
 from apar_spec.options import FORK_BIAS_KEY, TRAINED_DEPTH_KEY, is_finite_number
+from apar_spec.router import ROUTER_FILE, ForkRouter, set_router
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
@@ -147,6 +150,7 @@ def apply_adapter(model, tokenizer, folder: str | Path, *, check_fingerprint: bo
     bias = config.get("fork_bias")
     if bias is not None and not is_finite_number(bias):
         raise AdapterError(f"adapter '{folder.name}': {ADAPTER_CONFIG} fork_bias must be a finite number (got {bias!r}); fix or remove it")
+    router = read_router(folder) if (folder / ROUTER_FILE).exists() else None  # checked before anything changes
     if check_fingerprint:
         got = base_fingerprint(model)
         if got != config["base_fingerprint"]:
@@ -187,4 +191,22 @@ def apply_adapter(model, tokenizer, folder: str | Path, *, check_fingerprint: bo
         setattr(model.config, TRAINED_DEPTH_KEY, config["max_depth"])
     if bias is not None:  # the [Fork] logit offset it was calibrated with (a decode default)
         setattr(model.config, FORK_BIAS_KEY, float(bias))
+    if router is not None:  # the fork router fitted on this adapted model (a decode default)
+        set_router(model, router)
     return model, tokenizer
+
+
+def read_router(folder: str | Path) -> ForkRouter:
+    """The adapter's ``router.json``; unreadable or malformed is a one-line AdapterError."""
+    path = Path(folder) / ROUTER_FILE
+    where = f"adapter '{Path(folder).name}' {ROUTER_FILE}"
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise AdapterError(f"{where} is unreadable ({err.__class__.__name__}); reinstall apar-spec") from None
+    except ValueError:
+        raise AdapterError(f"{where} is not valid JSON; fix or remove it") from None
+    try:
+        return ForkRouter.from_dict(data, where)
+    except ValueError as err:
+        raise AdapterError(f"{err}; fix or remove it") from None

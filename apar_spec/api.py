@@ -40,6 +40,10 @@ class GenerationStats:
     # accepted = the target's token there was the node's. accepted / verified = p(depth, rank).
     depth_rank_verified: list[list[int]] = field(default_factory=list)
     depth_rank_accepted: list[list[int]] = field(default_factory=list)
+    # The fork router (DecodeOptions.fork_gate): its p(list) for the prompt (None: no router in
+    # use) and whether it kept the request from forking.
+    p_list: Optional[float] = None
+    forks_gated: bool = False
 
     @property
     def tokens_per_s(self) -> float:
@@ -207,6 +211,8 @@ def _to_generation(r: DecodeResult, tokenizer, apar, eos: set[int]) -> Generatio
             acceptance_rate_per_position=[a / d for a, d in zip(c.accepted_at, c.drafted_at) if d],
             depth_rank_verified=[list(x) for x in c.depth_rank_verified],
             depth_rank_accepted=[list(x) for x in c.depth_rank_accepted],
+            p_list=r.p_list,
+            forks_gated=r.forks_gated,
         ),
         prompt_ids=r.prompt,
         tree=tree,

@@ -36,6 +36,7 @@ from apar_spec.options import DecodeOptions
 from apar_spec.draft_tree import TreeShape, chain, parse_tree
 from apar_spec.sampling import SamplingConfig, rejection_accept, sample, to_probs, tree_accept_path
 from apar_spec.restructure import title_key
+from apar_spec.router import gate_of
 from apar_spec.tokens import AparTokens
 from apar_spec.tree_cache import TreeCache
 
@@ -120,6 +121,10 @@ class Request:
     prompt_nodes: list[int]
     branches: list[Branch]
     budget: int  # tokens the request may still generate, over all branches
+    # the fork router's p(list) for this prompt (None: no router in use) and whether it
+    # gated the request: no [Fork] anywhere in it (DecodeOptions.fork_gate)
+    p_list: Optional[float] = None
+    forks_gated: bool = False
     queue: deque = field(default_factory=deque)  # branch ids waiting for a live slot
     counters: StepCounters = field(default_factory=StepCounters)
 
@@ -144,6 +149,8 @@ class DecodeResult:
     counters: StepCounters
     wall_time_s: float
     draft_forwards: int
+    p_list: Optional[float] = None  # the fork router's score (None: no router in use)
+    forks_gated: bool = False
 
 
 # ------------------------------------------------------------------- rules
@@ -197,6 +204,8 @@ class Decoder:
             raise ValueError("tree='auto' must be resolved by the cost model before decoding; give a shape such as 'topk:2x3'")
         self.shape: Optional[TreeShape] = None if opts.tree is None else parse_tree(opts.tree)
         self.wants_hidden = bool(getattr(speculator, "needs_hidden", False))
+        # (router, threshold) where prompts are routed, else None (DecodeOptions.fork_gate)
+        self.gate = gate_of(model, opts.fork_gate) if self.fork_enabled else None
         self.requests_by_index: dict[int, Request] = {}
 
     # ------------------------------------------------------------ the loop
@@ -213,7 +222,7 @@ class Decoder:
             live = self.drop_finished(tc, live)
         wall = time.perf_counter() - start
         draft_forwards = (self.spec.forwards if self.spec is not None else 0) - draft_forwards0
-        return [DecodeResult(r.prompt, r.branches, r.counters, wall, draft_forwards) for r in requests]
+        return [DecodeResult(r.prompt, r.branches, r.counters, wall, draft_forwards, r.p_list, r.forks_gated) for r in requests]
 
     def outcome(self, live: list[Request], views: list[BranchView], paths: list[list[int]]) -> Outcome:
         by_index = {r.index: r for r in live}
@@ -266,8 +275,12 @@ class Decoder:
             budget = self.opts.max_new_tokens if budgets is None else budgets[row]
             requests.append(Request(index, row, list(prompt), nodes, [root], budget=budget))
         self.requests_by_index.update({r.index: r for r in requests})
-        result = tc.forward(hidden=self.wants_hidden)
+        result = tc.forward(hidden=self.wants_hidden or self.gate is not None)
         for r in requests:
+            if self.gate is not None:  # route the prompt before its first token is chosen
+                router, threshold = self.gate
+                r.p_list = router.p_list(result.hidden[r.row, result.column[r.row][r.prompt_nodes[-1]]])  # of [hidden]
+                r.forks_gated = r.p_list < threshold
             r.counters.target_steps += 1
             r.counters.attended_keys += len(r.prompt) * (len(r.prompt) + 1) // 2
             root = r.branches[0]
@@ -275,7 +288,7 @@ class Decoder:
             view = BranchView(r.index, 0, None, None, [], r.prompt, 0)
             processed = self.apply_rules([view], [root], [[]], [[]], logits[None])[0]  # [1, V]
             token = self.choose(processed)
-            if result.hidden is not None:
+            if result.hidden is not None and self.wants_hidden:
                 root.hidden = result.hidden[r.row, result.column[r.row][r.prompt_nodes[-1]]].clone()  # [hidden]
             if self.record_logits:
                 root.logits.append(logits[0])
@@ -493,7 +506,7 @@ class Decoder:
         """Branch-local logit rules on ``raw`` ``[branches, 1 + N, V]`` (pending node, then
         drafts), each node's along its own path: the user's processor, never ``[Child]``,
         ``[Fork]`` offset by ``fork_bias`` where it would spawn a child, and only where
-        ``may_fork`` allows."""
+        ``may_fork`` allows and the request is not gated by the fork router."""
         logits = raw.clone()
         if self.opts.logits_processor is not None:
             for i, (v, b, d, par) in enumerate(zip(views, branches, drafts, parents)):
@@ -510,7 +523,11 @@ class Decoder:
             logits[..., self.apar.fork_id] += (spawns * self.opts.fork_bias).to(logits.device)[:, None]
         ban = torch.zeros(logits.shape[:2], dtype=torch.bool)  # [branches, 1 + N]
         for i, (v, b, d, par) in enumerate(zip(views, branches, drafts, parents)):
-            prev = b.tokens[-1] if b.tokens else self.requests_by_index[v.request].prompt[-1]
+            r = self.requests_by_index[v.request]
+            if r.forks_gated:
+                ban[i] = True
+                continue
+            prev = b.tokens[-1] if b.tokens else r.prompt[-1]
             for j, state in enumerate(self.rule_states(b, d, par, prev)):
                 ban[i, j] = not self.may_fork(b, state)
         logits[..., self.apar.fork_id].masked_fill_(ban.to(logits.device), NEG_INF)

@@ -61,6 +61,13 @@ class DecodeOptions:
     # distribution, so speculation stays lossless under it. A model may record its own
     # (``model_decode_defaults``); the caller's value wins.
     fork_bias: float = 0.0
+    # The fork router's threshold (apar_spec.router): a request whose prompt the model's
+    # router scores under it as wanting a list, p(list) < fork_gate, decodes with [Fork]
+    # disabled - the model's plain answer. Why: forks on short-answer prompts (arithmetic,
+    # facts, translations) cost quality and save nothing. None = the threshold the router was
+    # fitted with, if the model records a router (no router: no gate); 0 = off. A number
+    # > 0 needs a model with a router. It reads the prompt only, so speculation stays lossless.
+    fork_gate: Optional[float] = None
     max_branch_tokens: Optional[int] = None  # per-branch cap; None = max_new_tokens
     max_live_branches: Optional[int] = None  # memory bound: extra children wait in a queue (never changes tokens)
     batch_size: int = 1  # requests decoded together (one cache row each)
@@ -109,6 +116,8 @@ class DecodeOptions:
             raise ValueError(f"max_step_tokens must be >= 1 or None (got {self.max_step_tokens})")
         if not math.isfinite(self.fork_bias):
             raise ValueError(f"fork_bias must be a finite number (got {self.fork_bias})")
+        if self.fork_gate is not None and not (is_finite_number(self.fork_gate) and 0.0 <= self.fork_gate <= 1.0):
+            raise ValueError(f"fork_gate must be a number in [0, 1] or None (got {self.fork_gate!r}); 0 turns the router off")
         if not 0.0 <= self.compact_threshold <= 1.0:
             raise ValueError(f"compact_threshold must be in [0, 1] (got {self.compact_threshold})")
 

@@ -9,6 +9,7 @@ again on purpose: this file must not share logic with the fast path it checks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -32,6 +33,16 @@ def reference_decode(
     """All branches of one request, keyed by their fork path."""
     cap = opts.max_branch_tokens or opts.max_new_tokens
     out: dict[tuple[int, ...], RefBranch] = {}
+
+    # The fork router, read from the config and applied here by hand: a prompt it scores
+    # under the threshold gets no fork at all.
+    raw = getattr(model.config, "apar_fork_router", None)
+    threshold = opts.fork_gate if opts.fork_gate is not None else (raw or {}).get("threshold", 0.0)
+    if fork_enabled and raw is not None and threshold > 0:
+        h = model.get_decoder()(torch.tensor([prompt], device=model.device)).last_hidden_state[0, -1]  # [hidden]
+        z = float(torch.dot(h.float().cpu(), torch.tensor(raw["weight"], dtype=torch.float32))) + raw["bias"]
+        if 1.0 / (1.0 + math.exp(-z)) < threshold:
+            fork_enabled = False
 
     def norm(title: str) -> Optional[str]:
         """A title without its item number/bullet, emphasis, closing colon, case, extra spaces."""

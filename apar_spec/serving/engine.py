@@ -464,7 +464,7 @@ class Engine:
             c.branch_steps += r.counters.branch_steps
             c.accept_plus_bonus += r.counters.accept_plus_bonus
             forwards = (self.spec.forwards if self.spec is not None else 0) - h.draft_forwards0
-            result = DecodeResult(r.prompt, r.branches, r.counters, now - h.t_submit, forwards)
+            result = DecodeResult(r.prompt, r.branches, r.counters, now - h.t_submit, forwards, r.p_list, r.forks_gated)
             h.generation = _to_generation(result, self.tokenizer, self.apar, self.eos)
             self._end(h, cancelled=h.cancelled, deltas=h.final_deltas)
         self.stats.running = len(self._live)

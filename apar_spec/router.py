@@ -1,0 +1,149 @@
+"""A fork router: whether a prompt wants a forked answer at all, read off the prompt's own state.
+
+Why: an APAR model decides where to fork token by token, from the text it is writing. On
+short-answer prompts (arithmetic, a fact, a translation, code) that text sometimes looks
+like a list or a paragraph opening, and the model forks where the answer wants none
+(measured on smollm2-apar: 7 of 70 short-answer public prompts, e.g. "Solve for x in
+3x + 10 = 5(x - 2)"). Skeleton-of-Thought routes each question before it decodes (its
+"SoT-R" router); here the router is a logistic regression on the target's final hidden
+state at the last prompt token - the state the first answer token is chosen from, which
+the prefill computes anyway - so routing costs one dot product per request.
+
+A request the router scores under its threshold decodes with ``[Fork]`` disabled: exactly
+the model's plain (``ar``) answer. The decision depends only on the prompt and the target,
+so it is part of the target's distribution and speculation stays lossless under it.
+
+The router lives in the model's config (``apar_fork_router``: weight, bias, threshold), so
+a merged model saved with ``save_pretrained`` keeps it; an APAR adapter carries it as
+``router.json`` (``apar_spec.adapter``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+ROUTER_KEY = "apar_fork_router"  # model.config attribute
+ROUTER_FILE = "router.json"  # in an adapter folder
+
+
+@dataclass(frozen=True)
+class ForkRouter:
+    """``p(list) = sigmoid(weight . h + bias)``, ``h`` the target's final hidden state at the
+    last prompt token; a prompt with ``p(list) < threshold`` does not fork."""
+
+    weight: tuple[float, ...]  # [hidden]
+    bias: float
+    threshold: float
+
+    def p_list(self, hidden: torch.Tensor) -> float:
+        """``hidden``: [hidden] (any dtype/device); computed in float32 on the CPU, so the
+        fast path and the reference agree to the last bit on the same state."""
+        h = hidden.detach().to("cpu", torch.float32).reshape(-1)  # [hidden]
+        w = torch.tensor(self.weight, dtype=torch.float32)  # [hidden]
+        if h.shape != w.shape:
+            raise ValueError(f"the fork router expects hidden states of size {w.numel()}, got {h.numel()}; it belongs to another model")
+        return float(torch.sigmoid((h * w).sum() + self.bias))
+
+    def to_dict(self) -> dict:
+        return {"weight": list(self.weight), "bias": self.bias, "threshold": self.threshold}
+
+    @classmethod
+    def from_dict(cls, d, where: str = "fork router") -> "ForkRouter":
+        """One-line ``ValueError`` for anything malformed (it comes from a file or a config)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected an object with weight, bias and threshold (got {type(d).__name__})")
+        w, b, t = d.get("weight"), d.get("bias"), d.get("threshold")
+        if not isinstance(w, (list, tuple)) or not w or not all(_finite(x) for x in w):
+            raise ValueError(f"{where}: weight must be a non-empty list of finite numbers")
+        if not _finite(b):
+            raise ValueError(f"{where}: bias must be a finite number (got {b!r})")
+        if not _finite(t) or not 0.0 <= t <= 1.0:
+            raise ValueError(f"{where}: threshold must be a number in [0, 1] (got {t!r})")
+        return cls(tuple(float(x) for x in w), float(b), float(t))
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def router_of(model) -> Optional[ForkRouter]:
+    """The router a model records in its config, if any (malformed: a one-line ValueError)."""
+    raw = getattr(getattr(model, "config", None), ROUTER_KEY, None)
+    return None if raw is None else ForkRouter.from_dict(raw, f"model config {ROUTER_KEY}")
+
+
+def set_router(model, router: Optional[ForkRouter]) -> None:
+    setattr(model.config, ROUTER_KEY, None if router is None else router.to_dict())
+
+
+@torch.inference_mode()
+def prompt_states(model, prompts: Sequence[list[int]], batch_size: int = 16, pad_id: int = 0) -> torch.Tensor:
+    """The final hidden state at each prompt's last token, [n, hidden] float32 (left-padded batches,
+    so the last column is every prompt's last token)."""
+    decoder = model.get_decoder()
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        n = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)  # [b, n]
+        mask = torch.zeros(len(chunk), n, dtype=torch.long)  # [b, n]
+        for i, p in enumerate(chunk):
+            ids[i, n - len(p) :] = torch.tensor(p)
+            mask[i, n - len(p) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, n] pads do not shift the prompt's positions
+        h = decoder(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                    position_ids=positions.to(model.device)).last_hidden_state  # [b, n, hidden]
+        out.append(h[:, -1].float().cpu())
+    return torch.cat(out)
+
+
+def fit_router(states: torch.Tensor, wants_list: Sequence[bool], *, threshold: float, l2: float = 0.1) -> ForkRouter:
+    """L2-regularised logistic regression of "wants a list / several paragraphs" on ``states``
+    [n, hidden]. Features are standardised for the fit (so ``l2`` means the same on any model),
+    then folded back into one weight vector and bias."""
+    y = torch.tensor([1.0 if v else 0.0 for v in wants_list])  # [n]
+    if y.numel() != states.shape[0] or y.min() == y.max():
+        raise ValueError("fit_router needs one label per state and both labels present")
+    mu, sd = states.mean(0), states.std(0) + 1e-4  # [hidden]
+    z = (states - mu) / sd  # [n, hidden]
+    w = torch.zeros(z.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w_raw = (w.detach() / sd).double()  # [hidden]
+    b_raw = float(b.detach().double() - (mu.double() * w_raw).sum())
+    return ForkRouter(tuple(w_raw.tolist()), b_raw, float(threshold))
+
+
+def gate_of(model, fork_gate: Optional[float]) -> Optional[tuple[ForkRouter, float]]:
+    """The router and threshold a decode of ``model`` runs under (``DecodeOptions.fork_gate``),
+    or None where no request is gated: ``fork_gate`` 0, or None on a model without a router.
+    A threshold > 0 on a model without a router is a one-line ValueError."""
+    router = router_of(model)
+    if fork_gate is None:
+        return None if router is None or router.threshold <= 0 else (router, router.threshold)
+    if fork_gate <= 0:
+        return None
+    if router is None:
+        raise ValueError(
+            f"fork_gate={fork_gate} needs a model with a fork router ({ROUTER_KEY} in its config) and this one has none; "
+            "leave fork_gate unset or 0"
+        )
+    return router, float(fork_gate)
+
+
+def gate_threshold(model, fork_gate: Optional[float]) -> float:
+    """The threshold a decode of ``model`` gates under (0.0: no gate), for reports and rows."""
+    routed = gate_of(model, fork_gate)
+    return routed[1] if routed is not None else 0.0
