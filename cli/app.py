@@ -87,6 +87,7 @@ MaxBranch = Annotated[Optional[int], typer.Option("--max-branch-tokens", help="C
 ForkBias = Annotated[Optional[float], typer.Option("--fork-bias", help="Added to the [Fork] logit where a fork is allowed and would spawn a child (apar modes): > 0 forks more, < 0 less. Default: the model's recorded one, else 0.")]
 DepthCap = Annotated[Optional[str], typer.Option("--depth-cap", help="What a child at the --max-depth cap does when it asks for [Fork]: end (it ends, minus the line it began) or mask (it writes on). Default: end.")]
 RepeatedTitle = Annotated[Optional[str], typer.Option("--repeated-title", help="What a branch does when it forks after a title it already forked after in the same list (a loop): end (it ends, minus that title) or keep (it forks again). Default: end.")]
+ForkGate = Annotated[Optional[float], typer.Option("--fork-gate", help="The fork router's threshold (apar modes): a prompt the model's router scores under it as wanting a list decodes without forks. Default: the router's own (no router: no gate); 0 turns it off.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy (lossless checks need greedy).")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.")]
 Repeats = Annotated[int, typer.Option("--repeats", help="Timed repeats per (configuration, prompt); the report takes medians.")]
@@ -130,6 +131,7 @@ def generate(
     depth_cap: DepthCap = None,
     fork_bias: ForkBias = None,
     repeated_title: RepeatedTitle = None,
+    fork_gate: ForkGate = None,
     fork_in_code: Annotated[bool, typer.Option("--fork-in-code", help="Let a branch fork inside a ``` code block (off by default: a fork there splits one piece of code over two branches).")] = DecodeOptions.fork_in_code,
     temperature: Temperature = DecodeOptions.temperature,
     seed: Seed = DecodeOptions.seed,
@@ -166,6 +168,7 @@ def generate(
         **({} if depth_cap is None else {"depth_cap": depth_cap}),
         **({} if fork_bias is None else {"fork_bias": fork_bias}),
         **({} if repeated_title is None else {"repeated_title": repeated_title}),
+        **({} if fork_gate is None else {"fork_gate": fork_gate}),
     )
     console = stdout_console()
     with torch_threads(threads, str(loaded.model.device)):
@@ -249,6 +252,7 @@ def bench(
     depth_cap: DepthCap = None,
     fork_bias: ForkBias = None,
     repeated_title: RepeatedTitle = None,
+    fork_gate: ForkGate = None,
     max_branch_tokens: MaxBranch = None,
     k: Annotated[str, typer.Option("-k", help="Draft tokens per branch per step (spec, apar+spec, hf-assisted), or 'auto' (the cost model picks).")] = str(_bench_default("k")),
     tree: Annotated[Optional[str], typer.Option("--tree", help="Draft tree per branch for spec/apar+spec: K, chain:K, topk:WxD or a JSON path list.")] = None,
@@ -273,7 +277,7 @@ def bench(
     _quiet_transformers()
     settings = _settings(
         target=target, base=base, draft=draft, modes=modes, prompts=prompts, category=category, limit=limit, turn=turn,
-        per_category=per_category, max_new_tokens=max_new_tokens, k=_k_option(k), tree=tree, max_step_tokens=max_step_tokens, max_depth=max_depth, depth_cap=depth_cap, fork_bias=fork_bias, repeated_title=repeated_title, max_branch_tokens=max_branch_tokens, temperature=temperature, seed=seed, repeats=repeats,
+        per_category=per_category, max_new_tokens=max_new_tokens, k=_k_option(k), tree=tree, max_step_tokens=max_step_tokens, max_depth=max_depth, depth_cap=depth_cap, fork_bias=fork_bias, repeated_title=repeated_title, fork_gate=fork_gate, max_branch_tokens=max_branch_tokens, temperature=temperature, seed=seed, repeats=repeats,
         warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads, chat_template=chat_template,
         out=out, resume=resume, overwrite=overwrite,
     )
@@ -320,6 +324,7 @@ def sweep(
     depth_cap: DepthCap = None,
     fork_bias: ForkBias = None,
     repeated_title: RepeatedTitle = None,
+    fork_gate: ForkGate = None,
     max_branch_tokens: MaxBranch = None,
     temperature: Temperature = _bench_default("temperature"),
     seed: Seed = _bench_default("seed"),
@@ -345,7 +350,7 @@ def sweep(
     cap_list = _csv(step_caps, "--step-caps", lambda x: None if x.lower() == "none" else int(x))
     settings = _settings(
         target=target, base=base, draft=draft_list[0], modes=modes, prompts=prompts, category=category, limit=limit,
-        per_category=per_category, turn=turn, max_new_tokens=max_new_tokens, max_depth=max_depth, depth_cap=depth_cap, fork_bias=fork_bias, repeated_title=repeated_title, max_branch_tokens=max_branch_tokens, k=max(k_list, default=_bench_default("k")), temperature=temperature,
+        per_category=per_category, turn=turn, max_new_tokens=max_new_tokens, max_depth=max_depth, depth_cap=depth_cap, fork_bias=fork_bias, repeated_title=repeated_title, fork_gate=fork_gate, max_branch_tokens=max_branch_tokens, k=max(k_list, default=_bench_default("k")), temperature=temperature,
         seed=seed, repeats=repeats, warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads,
         chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
     )

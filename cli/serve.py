@@ -48,6 +48,7 @@ def serve_command(
     served_name: Annotated[Optional[str], typer.Option("--served-model-name", help="Model name clients send (default: --model).")] = None,
     fork_bias: Annotated[Optional[float], typer.Option("--fork-bias", help="Added to the [Fork] logit where a fork would spawn a child (more forks > 0 > fewer). Default: the model's recorded one, else 0.")] = None,
     repeated_title: Annotated[Optional[str], typer.Option("--repeated-title", help="What a branch does when it forks after a title it already forked after in the same list: end (it ends, minus that title) or keep. Default: end.")] = None,
+    fork_gate: Annotated[Optional[float], typer.Option("--fork-gate", help="The fork router's threshold: a prompt the model's router scores under it decodes without forks. Default: the router's own (no router: no gate); 0 turns it off.")] = None,
     dtype: Dtype = None,
     device: Device = None,
     threads: Threads = None,
@@ -76,6 +77,8 @@ def serve_command(
     decode = {} if fork_bias is None else {"fork_bias": fork_bias}  # absent: the model's recorded default applies
     if repeated_title is not None:
         decode["repeated_title"] = repeated_title
+    if fork_gate is not None:
+        decode["fork_gate"] = fork_gate
     DecodeOptions(**decode)  # a bad value: one line before the model loads
     _quiet_transformers()
     loaded = Loaded(model, *load(model, dtype=dtype, device=device))

@@ -60,6 +60,7 @@ from apar_spec.api import eos_ids_of, generate
 from apar_spec.hf_baselines import hf_generate
 from apar_spec.loading import resolve_device
 from apar_spec.options import DecodeOptions, fork_bias_of, fork_depth
+from apar_spec.router import gate_threshold
 
 from .models import DEFAULT_TARGET, ModelSet, default_draft, encode_prompt, load_models
 from .parallel import Processes, merge_shards, shard_files
@@ -94,6 +95,7 @@ class BenchSettings:
     depth_cap: Optional[str] = None  # what a capped child asking for [Fork] does (DecodeOptions.depth_cap); None = its default
     fork_bias: Optional[float] = None  # [Fork] logit offset (apar modes); None = the model's recorded one, else DecodeOptions'
     repeated_title: Optional[str] = None  # a fork after a repeated title (DecodeOptions.repeated_title); None = its default
+    fork_gate: Optional[float] = None  # the fork router's threshold (DecodeOptions.fork_gate); None = the model's router's own
     # each branch's own cap (DecodeOptions.max_branch_tokens); None = max_new_tokens. HF and ar rows get it as their
     # budget. Why: under a shared budget, which branch is cut depends on how much each step accepted, so a
     # speculative row may hold other (e.g. more repetitive) text than the plain row it is compared with
@@ -146,7 +148,7 @@ class BenchSettings:
         """``max_depth`` / ``depth_cap`` / ``fork_bias`` / ``repeated_title`` / ``max_branch_tokens`` for ``generate`` only
         when given: otherwise the model's own default (max_depth, fork_bias) or DecodeOptions' applies."""
         given = {"max_depth": self.max_depth, "depth_cap": self.depth_cap, "fork_bias": self.fork_bias,
-                 "repeated_title": self.repeated_title,
+                 "repeated_title": self.repeated_title, "fork_gate": self.fork_gate,
                  "max_branch_tokens": self.max_branch_tokens}
         return {k: v for k, v in given.items() if v is not None}
 
@@ -635,6 +637,7 @@ def make_row(runner: _Runner, v: Variant, prompt: Prompt, repeat: int, model: st
         "depth_cap": (s.depth_cap or _D.depth_cap) if v.config in ("apar", "apar+spec") else None,
         "fork_bias": fork_bias_of(runner.ms.for_config(v.config).model, s.fork_bias) if v.config in ("apar", "apar+spec") else None,
         "repeated_title": (s.repeated_title or _D.repeated_title) if v.config in ("apar", "apar+spec") else None,
+        "fork_gate": gate_threshold(runner.ms.for_config(v.config).model, s.fork_gate) if v.config in ("apar", "apar+spec") else None,
         "max_branch_tokens": s.max_branch_tokens,
         "temperature": s.temperature,
         "max_new_tokens": s.max_new_tokens,

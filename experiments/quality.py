@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from apar_spec.options import DecodeOptions, fork_bias_of, fork_depth
+from apar_spec.router import gate_threshold
 
 from .prompts import SOT_CATEGORIES, Prompt
 
@@ -239,6 +240,7 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
             "numbered": len(numbered),
             "well_formed_numbered": (sum(r["well_formed"] for r in numbered) / len(numbered)) if numbered else math.nan,
             "repeat_ended": sum(bool(r.get("repeat_ends")) for r in rs),  # answers with a branch ended on a repeated title
+            "gated": sum(bool(r.get("forks_gated")) for r in rs),  # prompts the fork router kept from forking
         }
     return out
 
@@ -273,6 +275,7 @@ def run_quality(
     depth_cap: Optional[str] = None,
     fork_bias: Optional[float] = None,
     repeated_title: Optional[str] = None,
+    fork_gate: Optional[float] = None,
     progress=None,
 ) -> QualitySummary:
     """Greedy base AR and target APAR answers for every prompt (batched), then NLL under the base.
@@ -291,8 +294,10 @@ def run_quality(
     nesting, else the decoder's default); ``depth_cap``: what a child at that cap does when
     it asks for [Fork] (None: ``DecodeOptions.depth_cap``); ``fork_bias``: the [Fork] logit
     offset (None: the target's recorded one, else 0); ``repeated_title``: what a branch does
-    when it forks after a title it already forked after (None: ``DecodeOptions.repeated_title``).
-    Rows record all four, and resume only reuses rows decoded under the same ones.
+    when it forks after a title it already forked after (None: ``DecodeOptions.repeated_title``);
+    ``fork_gate``: the fork router's threshold (None: the target router's own; 0: off). Rows
+    record all five (a gate that is off as 0, with each prompt's router score ``p_list`` and
+    ``forks_gated`` where one ran), and resume only reuses rows decoded under the same ones.
     """
     import apar_spec
 
@@ -307,17 +312,21 @@ def run_quality(
     cap = depth_cap or DecodeOptions.depth_cap
     bias = fork_bias
     repeat = repeated_title or DecodeOptions.repeated_title
-    DecodeOptions(depth_cap=cap, fork_bias=fork_bias or 0.0, repeated_title=repeat)  # bad values: a one-line error before anything loads
+    # bad values: a one-line error before anything loads
+    DecodeOptions(depth_cap=cap, fork_bias=fork_bias or 0.0, repeated_title=repeat, fork_gate=fork_gate)
+    gate = 0.0  # the threshold in effect (0: no gate)
     if not ar_only:  # loaded first: its trained fork nesting decides which saved rows still count
         tm, tt = apar_spec.load(target, dtype=dtype)
         depth = fork_depth(tm, max_depth)
         bias = fork_bias_of(tm, fork_bias)
+        gate = gate_threshold(tm, fork_gate)
     done = {str(r["prompt_id"]): r for r in _read_jsonl(out)
             if r.get("kind") == "quality" and r.get("target") == short_name(target) and r.get("max_new_tokens") == max_new_tokens
             and (depth is None or r.get("max_depth", DecodeOptions.max_depth) == depth)  # rows before the cap: the default
             and r.get("depth_cap", "mask") == cap  # rows before the option were decoded as "mask"
             and r.get("fork_bias", 0.0) == (bias or 0.0)
-            and r.get("repeated_title", "keep") == repeat}  # rows before the option forked on repeats
+            and r.get("repeated_title", "keep") == repeat  # rows before the option forked on repeats
+            and r.get("fork_gate", 0.0) == gate}  # rows before the router had none
     bm = bt = None
     ar_todo = [p for p in prompts if p.id not in ar_done and p.id not in done]
     if ar_todo:
@@ -350,7 +359,7 @@ def run_quality(
                 b_ids = [encode_prompt(b_loaded, p.text) for p in chunk]
                 t_ids = [encode_prompt(t_loaded, p.text) for p in chunk]
                 ap = apar_spec.generate(tm, tt, t_ids, mode="apar", max_new_tokens=max_new_tokens, batch_size=len(chunk),
-                                       max_depth=depth, depth_cap=cap, fork_bias=bias, repeated_title=repeat)
+                                       max_depth=depth, depth_cap=cap, fork_bias=bias, repeated_title=repeat, fork_gate=gate)
                 nll_ap = mean_nll(bm, bt, b_ids, [g.text for g in ap])
                 matched = mean_nll(bm, bt, b_ids, [ar_done[p.id]["ar_text"] for p in chunk],
                                    max_tokens=[len(answer_ids(bt, g.text)) for g in ap])
@@ -361,7 +370,8 @@ def run_quality(
                         "kind": "quality", "prompt_id": p.id, "category": p.category, "target": t_loaded.name,
                         "base": b_loaded.name, "dtype": str(tm.dtype).removeprefix("torch."),
                         "max_new_tokens": max_new_tokens, "max_depth": depth, "depth_cap": cap, "fork_bias": bias,
-                        "repeated_title": repeat, "forked": g.forked, "branches": len(g.branches),
+                        "repeated_title": repeat, "fork_gate": gate, "p_list": g.stats.p_list,
+                        "forks_gated": g.stats.forks_gated, "forked": g.forked, "branches": len(g.branches),
                         "repeat_ends": sum(b.finish == "repeat" for b in g.branches),
                         "ar_steps": a["ar_steps"], "apar_steps": g.stats.target_steps,
                         "steps_ratio": g.stats.target_steps / max(1, a["ar_steps"]),

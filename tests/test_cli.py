@@ -88,6 +88,10 @@ def test_generate_bad_input(micro):
                       "fork_bias must be a finite number")
     assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--repeated-title", "stop"),
                       "repeated_title must be one of end, keep")
+    assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--fork-gate", "2"),
+                      "fork_gate must be a number in [0, 1]")
+    assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--fork-gate", "0.5"),
+                      "needs a model with a fork router")
 
 
 def test_bench_resume_and_report(micro, tmp_path):

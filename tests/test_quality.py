@@ -213,3 +213,29 @@ def test_cli_quality_on_a_sot_label_file_prints_the_fork_decision(tmp_path):
     text = run(*args)  # the table, then one line on the labels (rows read back)
     assert text.exit_code == 0, text.output
     assert f"forked {doc['labels']['recall']:.0%} of 2 list prompts" in text.stdout
+
+
+def test_quality_rows_record_the_fork_router(tmp_path):
+    """A target whose config holds a router: its gate decides which prompts may fork, rows record
+    the threshold, each prompt's score and decision, and resume keys on the threshold."""
+    import shutil
+
+    from apar_spec.loading import embedded_dir
+
+    folder = tmp_path / "tiny-apar-routed"
+    shutil.copytree(embedded_dir("tiny-apar"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    hidden = config["hidden_size"]
+    config["apar_fork_router"] = {"weight": [0.0] * hidden, "bias": 0.0, "threshold": 0.75}  # p(list) = 0.5 everywhere
+    (folder / "config.json").write_text(json.dumps(config))
+    ps = select_prompts("default", limit=3)
+    out = tmp_path / "q.jsonl"
+    kw = dict(max_new_tokens=40, batch_size=3, dtype="float32", out=out)
+    gated = run_quality(str(folder), "tiny-base", ps, **kw)  # the router's own threshold: 0.5 < 0.75, all gated
+    assert [(r["fork_gate"], r["p_list"], r["forks_gated"], r["forked"]) for r in gated.rows] == [(0.75, 0.5, True, False)] * 3
+    assert gated.by_category["all"]["gated"] == 3
+    free = run_quality(str(folder), "tiny-base", ps, **kw, fork_gate=0.25)  # 0.5 >= 0.25: decoded again, none gated
+    assert [(r["fork_gate"], r["forks_gated"]) for r in free.rows] == [(0.25, False)] * 3
+    assert any(r["forked"] for r in free.rows)  # tiny-apar forks on these when allowed
+    off = run_quality("tiny-apar", "tiny-base", ps, **{**kw, "out": tmp_path / "plain.jsonl"})  # no router: no gate
+    assert [(r["fork_gate"], r["p_list"], r["forks_gated"]) for r in off.rows] == [(0.0, None, False)] * 3
