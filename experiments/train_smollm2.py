@@ -254,6 +254,52 @@ def fit_fork_head_row(apar_dir: Path, data: Path, *, examples: int = 96, steps: 
     return facts
 
 
+# The fork router's threshold and L2 weight (apar_spec.router). Chosen on prompts the issue's
+# goals are not scored on: at 0.1, a router fitted on the training prompts gated 78 of the 81
+# short draft-distillation prompts (held out: never in the adapter's or router's training),
+# 32 of their 716 open ones (stories, poems, letters ...), and 2 of the 58 WizardLM questions
+# people labelled as lists (Skeleton-of-Thought's router labels) against 70 of the other 160.
+ROUTER_THRESHOLD = 0.1
+ROUTER_L2 = 0.1
+
+
+def fit_fork_router(apar_dir: Path, *, threshold: float = ROUTER_THRESHOLD, l2: float = ROUTER_L2) -> dict:
+    """Fit the adapter's fork router (``router.json``) on the training prompts' labels.
+
+    The labels are the prompts' own kinds (list-inviting / short-answer,
+    ``smollm2_prompts``); the features are the adapted model's final hidden state at each
+    prompt's last token in float32 (``apar_spec.router``). The held-out figures use the
+    draft-distillation prompts, which the adapter never trained on.
+    """
+    from apar_spec import smollm2
+    from apar_spec.experiments.models import Loaded, encode_prompt
+    from apar_spec.experiments.smollm2_draft_prompts import draft_prompts
+    from apar_spec.experiments.smollm2_prompts import training_prompts
+    from apar_spec.router import ROUTER_FILE, fit_router, prompt_states
+
+    model, tokenizer = smollm2.load_apar(dtype=torch.float32, folder=apar_dir)
+    model.eval()
+    loaded = Loaded("smollm2-apar", model, tokenizer)
+    pad = tokenizer.pad_token_id or 0
+
+    def states(prompts) -> torch.Tensor:
+        return prompt_states(model, [encode_prompt(loaded, p.text) for p in prompts], pad_id=pad)  # [n, hidden]
+
+    train = training_prompts()
+    router = fit_router(states(train), [p.kind == "list" for p in train], threshold=threshold, l2=l2)
+    held = draft_prompts()
+    p_held = [router.p_list(h) for h in states(held)]
+    gated = {kind: sum(p < threshold for p, q in zip(p_held, held) if q.kind == kind) for kind in ("short", "open")}
+    totals = {kind: sum(q.kind == kind for q in held) for kind in ("short", "open")}
+    (apar_dir / ROUTER_FILE).write_text(json.dumps(router.to_dict()))
+    facts = {"fork_router": {"train_prompts": len(train), "list_prompts": sum(p.kind == "list" for p in train),
+                             "threshold": threshold, "l2": l2,
+                             "held_out_short_gated": f"{gated['short']}/{totals['short']}",
+                             "held_out_open_gated": f"{gated['open']}/{totals['open']}"}}
+    _merge_facts(apar_dir / "train.json", facts)
+    return facts
+
+
 def draft_model(base, tokenizer):
     """A 2-layer Llama of the base's width, layers copied from the base, embedding shared (frozen)."""
     from transformers import AutoModelForCausalLM
@@ -343,6 +389,18 @@ def fork_row_text(fit: dict | None) -> str:
             f"of other positions (`python experiments/train_smollm2.py --only forkrow`).")
 
 
+def router_text(fit: dict | None) -> str:
+    if not fit:
+        return ""
+    return (f"## Fork router\n\n`router.json`: a logistic regression (L2 {fit['l2']}) of the training prompts' kinds "
+            f"({fit['list_prompts']} list-inviting of {fit['train_prompts']}) on the adapted model's final hidden state at the "
+            f"last prompt token (float32). A prompt it scores under p(list) = {fit['threshold']} decodes without forks "
+            f"(`DecodeOptions.fork_gate`; `--fork-gate 0` turns it off). Held out (the draft-distillation prompts, which "
+            f"neither the adapter nor the router trained on), it gates {fit['held_out_short_gated']} short-answer prompts and "
+            f"{fit['held_out_open_gated']} open ones (stories, letters, explanations ...) "
+            f"(`python experiments/train_smollm2.py --only router`).")
+
+
 def distill_text(weight: float) -> str:
     if not weight:
         return ""
@@ -388,6 +446,8 @@ refuses any other base (weights fingerprint `{json.loads((apar / 'adapter.json')
 {loss_curve(f['losses'])}
 
 {fork_row_text(f.get('fork_row_fit'))}
+
+{router_text(f.get('fork_router'))}
 
 {measured}
 
@@ -551,7 +611,7 @@ def main(argv=None) -> None:
     ap.add_argument("--work", type=Path, default=Path("smol_runs"), help="answers, converted data, checkpoints")
     ap.add_argument("--out", type=Path, default=MODELS_DIR, help="where smollm2-apar/ and smollm2-draft/ go")
     ap.add_argument("--threads", type=int, default=1, help="1 on a shared machine (OpenMP spin-waits), 2 when idle")
-    ap.add_argument("--only", nargs="*", choices=("answers", "convert", "apar", "forkrow", "draft", "vocab", "heads", "hydra"))
+    ap.add_argument("--only", nargs="*", choices=("answers", "convert", "apar", "forkrow", "router", "draft", "vocab", "heads", "hydra"))
     ap.add_argument("--limit", type=int, default=None, help="answer only the first N prompts (quick runs)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -590,7 +650,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    stages = set(args.only or ("answers", "convert", "apar", "forkrow", "draft", "vocab", "heads", "hydra"))
+    stages = set(args.only or ("answers", "convert", "apar", "forkrow", "router", "draft", "vocab", "heads", "hydra"))
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     answers, clean, data = work / "answers.jsonl", work / "answers_clean.jsonl", work / "apar.jsonl"
@@ -617,6 +677,9 @@ def main(argv=None) -> None:
     if "forkrow" in stages:
         facts = fit_fork_head_row(args.out / "smollm2-apar", data)
         print(f"fork row: {facts}", flush=True)
+    if "router" in stages:
+        facts = fit_fork_router(args.out / "smollm2-apar")
+        print(f"fork router: {facts}", flush=True)
     if "draft" in stages:
         facts = stage_draft(work, data, args.out / "smollm2-draft", args.out / "smollm2-apar", args)
         print(f"smollm2-draft: step {facts['steps']}/{args.draft_steps}, loss {facts['final_loss']:.4f}", flush=True)

@@ -436,3 +436,14 @@ def test_adapter_head_rows_untie_the_new_tokens_only(tmp_path):
     assert torch.equal(emb[apar.fork_id], tensors["token_rows"][0].to(emb.dtype))
     assert torch.equal(out[apar.fork_id], head[0].to(out.dtype))
     assert torch.equal(emb[: apar.fork_id], out[: apar.fork_id])  # every other row still equal
+
+
+def test_the_shipped_fork_router_is_well_formed():
+    """smollm2-apar ships the router fitted by `train_smollm2.py --only router` (no model needed to read it)."""
+    from apar_spec.adapter import read_router
+    from apar_spec.experiments.train_smollm2 import ROUTER_THRESHOLD
+    from apar_spec.smollm2 import shipped_dir
+
+    router = read_router(shipped_dir("smollm2-apar"))
+    assert len(router.weight) == 576 and router.threshold == ROUTER_THRESHOLD
+    assert any(w != 0 for w in router.weight)
