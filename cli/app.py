@@ -461,6 +461,37 @@ def train(
     )
 
 
+@app.command("fit-router")
+@handle_errors
+def fit_router_command(
+    model: Annotated[Path, typer.Option("--model", help="A local APAR model folder (the router goes into its config.json) or an APAR adapter folder (router.json).")],
+    data: Annotated[Path, typer.Option("--data", help="JSONL as `apar-spec train` reads it: a prompt whose answer forks counts as wanting a forked answer.")],
+    threshold: Annotated[float, typer.Option("--threshold", help="Prompts scored under this p(list) decode without forks.")] = 0.1,
+    l2: Annotated[float, typer.Option("--l2", help="L2 weight of the logistic regression (on standardised states).")] = 0.1,
+    check: Annotated[Optional[Path], typer.Option("--check", help="Held-out data in the same format: reported, not fitted on.")] = None,
+    threads: Threads = None,
+    as_json: AsJson = False,
+) -> None:
+    """Fit a fork router for an APAR model: prompts it scores as wanting one short answer never fork."""
+    import torch
+
+    from apar_spec.router import fit_router_into
+
+    if threads:
+        torch.set_num_threads(threads)
+    _quiet_transformers()
+    fit = fit_router_into(model, data, threshold=threshold, l2=l2, check=check)
+    if as_json:
+        print_json(dataclasses.asdict(fit))
+        return
+    line = (f"fork router written to {fit.path}: gates {fit.gated_plain} of {fit.prompts - fit.forked} prompts whose answer "
+            f"does not fork and {fit.gated_forked} of {fit.forked} whose answer forks (threshold {fit.threshold:g})")
+    if fit.check:
+        c = fit.check
+        line += f"; held out: {c['gated_plain']} of {c['prompts'] - c['forked']} and {c['gated_forked']} of {c['forked']}"
+    stdout_console().print(line, markup=False)
+
+
 # ------------------------------------------------------------------ drafts
 
 

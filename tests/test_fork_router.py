@@ -190,3 +190,59 @@ def test_served_requests_are_routed_as_offline(mode, draft):
         assert len(got.branches) == 1 or not got.stats.forks_gated
     assert 0 < sum(gated) < len(PROMPTS)
     assert any(len(h.result(0).branches) > 1 for h in handles)  # the others really forked
+
+
+LIST_PROMPTS = ["Give 3 tips for better sleep.", "List 4 ways to save money.", "Name 3 steps to learn to swim.",
+                "Give 3 reasons to read more.", "List 3 ways to stay calm.", "Name 4 tips for a tidy desk."]
+SHORT_PROMPTS = ["What is 2 + 3?", "What is 7 + 1?", "What is 4 + 4?", "What is 9 + 2?", "What is 5 + 6?", "What is 3 + 3?"]
+LIST_ANSWER = "1. Plan: make a plan first.\n2. Start: begin with small steps.\n3. Keep: repeat it every day."
+
+
+def router_data(path, list_prompts, short_prompts):
+    rows = [{"prompt": p, "answer": LIST_ANSWER} for p in list_prompts] + [{"prompt": p, "answer": "It is 5."} for p in short_prompts]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_fit_router_writes_a_router_into_a_model_folder(tmp_path):
+    """Labels come from the data's own answer trees; the router lands in config.json, loads with
+    the model, and gates the short prompts at decode time. Held-out counts are reported."""
+    import shutil
+
+    from test_cli import run
+
+    from apar_spec import generate
+    from apar_spec.loading import embedded_dir, load
+
+    folder = tmp_path / "m"
+    shutil.copytree(embedded_dir("tiny-apar"), folder)
+    data = router_data(tmp_path / "d.jsonl", LIST_PROMPTS[:5], SHORT_PROMPTS[:5])
+    check = router_data(tmp_path / "c.jsonl", LIST_PROMPTS[5:], SHORT_PROMPTS[5:])
+    res = run("fit-router", "--model", str(folder), "--data", str(data), "--check", str(check), "--threshold", "0.5", "--json")
+    assert res.exit_code == 0, res.output
+    fit = json.loads(res.stdout)
+    assert (fit["prompts"], fit["forked"], fit["gated_forked"], fit["gated_plain"]) == (10, 5, 0, 5)
+    assert fit["check"]["prompts"] == 2 and fit["path"] == str(folder / "config.json")
+    model, tok = load(str(folder))
+    assert router_of(model).threshold == 0.5
+    outs = generate(model, tok, ["Question: What is 8 + 1?\nAnswer:", "Question: Give 3 tips for a calm morning.\nAnswer:"],
+                    mode="apar", max_new_tokens=40)
+    assert [o.stats.forks_gated for o in outs] == [True, False] and outs[0].stats.p_list < 0.5 < outs[1].stats.p_list
+
+
+def test_cli_fit_router_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    import shutil
+
+    from test_cli import assert_user_error, run
+
+    from apar_spec.loading import embedded_dir
+
+    folder = tmp_path / "m"
+    shutil.copytree(embedded_dir("tiny-apar"), folder)
+    before = (folder / "config.json").read_text()
+    one_kind = router_data(tmp_path / "d.jsonl", LIST_PROMPTS, [])
+    assert_user_error(run("fit-router", "--model", str(folder), "--data", str(one_kind)), "answers with forks and answers without")
+    assert_user_error(run("fit-router", "--model", str(tmp_path / "nope"), "--data", str(one_kind)), "is not a folder")
+    assert_user_error(run("fit-router", "--model", str(folder), "--data", str(tmp_path / "missing.jsonl")), "not found")
+    assert_user_error(run("fit-router", "--model", str(folder), "--data", str(one_kind), "--threshold", "1.5"), "threshold must be in (0, 1)")
+    assert (folder / "config.json").read_text() == before and not list(folder.glob("*.tmp"))
