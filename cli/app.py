@@ -461,13 +461,19 @@ def train(
     )
 
 
+def _router_default(name: str) -> Any:
+    from apar_spec.router import fit_router_into
+
+    return _default(fit_router_into, name)
+
+
 @app.command("fit-router")
 @handle_errors
 def fit_router_command(
     model: Annotated[Path, typer.Option("--model", help="A local APAR model folder (the router goes into its config.json) or an APAR adapter folder (router.json).")],
     data: Annotated[Path, typer.Option("--data", help="JSONL as `apar-spec train` reads it: a prompt whose answer forks counts as wanting a forked answer.")],
-    threshold: Annotated[float, typer.Option("--threshold", help="Prompts scored under this p(list) decode without forks.")] = 0.1,
-    l2: Annotated[float, typer.Option("--l2", help="L2 weight of the logistic regression (on standardised states).")] = 0.1,
+    threshold: Annotated[float, typer.Option("--threshold", help="Prompts scored under this p(list) decode without forks.")] = _router_default("threshold"),
+    l2: Annotated[float, typer.Option("--l2", help="L2 weight of the logistic regression (on standardised states).")] = _router_default("l2"),
     check: Annotated[Optional[Path], typer.Option("--check", help="Held-out data in the same format: reported, not fitted on.")] = None,
     threads: Threads = None,
     as_json: AsJson = False,

@@ -44,6 +44,8 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from apar_spec.router import DEFAULT_L2, DEFAULT_THRESHOLD  # noqa: E402  (after the path fix for script runs)
+
 MODELS_DIR = Path(__file__).resolve().parent.parent / "apar_spec" / "models"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DRAFT_LAYERS = (0, 29)  # base layers the draft starts from
@@ -254,13 +256,10 @@ def fit_fork_head_row(apar_dir: Path, data: Path, *, examples: int = 96, steps: 
     return facts
 
 
-# The fork router's threshold and L2 weight (apar_spec.router). Chosen on prompts the issue's
-# goals are not scored on: at 0.1, a router fitted on the training prompts gated 78 of the 81
-# short draft-distillation prompts (held out: never in the adapter's or router's training),
-# 32 of their 716 open ones (stories, poems, letters ...), and 2 of the 58 WizardLM questions
-# people labelled as lists (Skeleton-of-Thought's router labels) against 70 of the other 160.
-ROUTER_THRESHOLD = 0.1
-ROUTER_L2 = 0.1
+# The fork router's threshold and L2 weight: apar_spec.router's defaults (chosen there, on
+# prompts the goals are not scored on).
+ROUTER_THRESHOLD = DEFAULT_THRESHOLD
+ROUTER_L2 = DEFAULT_L2
 
 
 def fit_fork_router(apar_dir: Path, *, threshold: float = ROUTER_THRESHOLD, l2: float = ROUTER_L2) -> dict:
@@ -275,7 +274,7 @@ def fit_fork_router(apar_dir: Path, *, threshold: float = ROUTER_THRESHOLD, l2: 
     from apar_spec.experiments.models import Loaded, encode_prompt
     from apar_spec.experiments.smollm2_draft_prompts import draft_prompts
     from apar_spec.experiments.smollm2_prompts import training_prompts
-    from apar_spec.router import ROUTER_FILE, fit_router, prompt_states
+    from apar_spec.router import ROUTER_FILE, fit_router, gated_counts, prompt_states
 
     model, tokenizer = smollm2.load_apar(dtype=torch.float32, folder=apar_dir)
     model.eval()
@@ -288,14 +287,13 @@ def fit_fork_router(apar_dir: Path, *, threshold: float = ROUTER_THRESHOLD, l2: 
     train = training_prompts()
     router = fit_router(states(train), [p.kind == "list" for p in train], threshold=threshold, l2=l2)
     held = draft_prompts()
-    p_held = [router.p_list(h) for h in states(held)]
-    gated = {kind: sum(p < threshold for p, q in zip(p_held, held) if q.kind == kind) for kind in ("short", "open")}
-    totals = {kind: sum(q.kind == kind for q in held) for kind in ("short", "open")}
+    split = gated_counts(router, states(held), [q.kind == "open" for q in held])  # "open" ones may fork
+    short = split["prompts"] - split["forked"]
     (apar_dir / ROUTER_FILE).write_text(json.dumps(router.to_dict()))
     facts = {"fork_router": {"train_prompts": len(train), "list_prompts": sum(p.kind == "list" for p in train),
                              "threshold": threshold, "l2": l2,
-                             "held_out_short_gated": f"{gated['short']}/{totals['short']}",
-                             "held_out_open_gated": f"{gated['open']}/{totals['open']}"}}
+                             "held_out_short_gated": f"{split['gated_plain']}/{short}",
+                             "held_out_open_gated": f"{split['gated_forked']}/{split['forked']}"}}
     _merge_facts(apar_dir / "train.json", facts)
     return facts
 
