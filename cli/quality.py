@@ -39,6 +39,7 @@ def quality(
     repeated_title: Annotated[Optional[str], typer.Option("--repeated-title", help="What a branch does when it forks after a title it already forked after in the same list: end (it ends, minus that title) or keep (it forks again). Default: end.")] = None,
     fork_gate: Annotated[Optional[float], typer.Option("--fork-gate", help="The fork router's threshold: a prompt it scores under it as wanting a list decodes without forks. Default: the target's router's own (none: no gate); 0 turns it off.")] = None,
     control_dtype: Annotated[Optional[str], typer.Option("--control-dtype", help="Also decode the base in this precision (e.g. float32): the NLL ratio of an answer of unchanged quality.")] = None,
+    floor: Annotated[bool, typer.Option("--floor", help="Also score the sibling-blind floor: the base's own answer restructured, each child rewritten by the base from what an APAR child sees (no sibling's details). Its NLL ratio is what a perfect imitation of the base scores.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Batched quality pass of an APAR model against its base (greedy)."""
@@ -57,8 +58,8 @@ def quality(
     ps = select_prompts(prompts, category=category, per_category=per_category, limit=limit)
     console = stdout_console(stderr=as_json)
 
-    def progress(done: int, total: int) -> None:
-        console.print(f"quality: {done}/{total} prompts", markup=False)
+    def progress(done: int, total: int, phase: str = "") -> None:
+        console.print(f"quality{' ' + phase if phase else ''}: {done}/{total} prompts", markup=False)
 
     biases = _fork_biases(fork_bias)
     if len(biases) > 1:
@@ -68,7 +69,7 @@ def quality(
             fail("--sides and --ar-only take one --fork-bias value")
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype, out=out, sides=sides, ar_only=ar_only,
               control_dtype=control_dtype, max_depth=max_depth, depth_cap=depth_cap,
-              repeated_title=repeated_title, fork_gate=fork_gate)
+              repeated_title=repeated_title, fork_gate=fork_gate, floor=floor)
     if len(biases) > 1:
         runs = {}
         for b in biases:
@@ -95,13 +96,13 @@ def quality(
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
     table = Table("category", "prompts", "fork rate", "steps APAR/AR", "NLL AR", "NLL APAR", "NLL ratio", "well-formed",
-                  "well-formed numbered lists", "ended on a repeated title", "gated by the router", "both complete", "ratio (complete)", "ratio (unforked)", "ratio (length-matched)", "control ratio", "repeated 4-grams AR/APAR",
+                  "well-formed numbered lists", "ended on a repeated title", "gated by the router", "both complete", "ratio (complete)", "ratio (unforked)", "ratio (length-matched)", "control ratio", "floor ratio (sibling-blind base)", "repeated 4-grams AR/APAR",
                   title=f"{target} vs {base}, greedy, {summary.dtype}", header_style="bold")
     for c, s in summary.by_category.items():
         table.add_row(c, str(s["prompts"]), fmt(s["fork_rate"], ".0%"), fmt(s["steps_ratio"]), fmt(s["nll_ar"], ".3f"),
                       fmt(s["nll_apar"], ".3f"), fmt(s["nll_ratio"], ".3f"), fmt(s["well_formed_rate"], ".0%"),
                       f"{fmt(s['well_formed_numbered'], '.0%')} of {s['numbered']}", str(s["repeat_ended"]), str(s["gated"]), str(s["complete"]), fmt(s["nll_ratio_complete"], ".3f"), fmt(s["nll_ratio_unforked"], ".3f"),
-                      fmt(s["nll_ratio_matched"], ".3f"), fmt(s["nll_ratio_control"], ".3f"),
+                      fmt(s["nll_ratio_matched"], ".3f"), fmt(s["nll_ratio_control"], ".3f"), fmt(s["nll_ratio_floor"], ".3f"),
                       f"{fmt(s['repeat4_ar'], '.0%')} / {fmt(s['repeat4_apar'], '.0%')}")
     console.print(table)
     if summary.labels:

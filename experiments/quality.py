@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from transformers import StoppingCriteria
 
 from apar_spec.options import DecodeOptions, fork_bias_of, fork_depth
 from apar_spec.router import gate_threshold
@@ -171,6 +172,84 @@ def label_agreement(rows: list[dict]) -> Optional[dict]:
             "accuracy": (tp + len(neg) - fp) / (len(pos) + len(neg))}
 
 
+# ---------------------------------------------------------------- the sibling-blind floor
+# An APAR child never sees its siblings' details, so even the base itself, writing every child
+# in the context a child sees, does not reproduce its own answer. ``sibling_blind_answers``
+# measures what that costs: its NLL ratio is what a perfect imitation of the base scores.
+
+FLOOR_CHILD_TOKENS = 128  # cap on each child the base rewrites (it stops at its first line break before)
+
+
+def line_break_ids(tokenizer) -> list[int]:
+    """Ids of the tokens whose text holds a line break."""
+    return [i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])]
+
+
+class _StopAtLineBreak(StoppingCriteria):
+    """A ``generate`` stopping criterion, per row: done once the row has generated a line break."""
+
+    def __init__(self, breaks: torch.Tensor, start: int):
+        self.breaks, self.start = breaks, start  # [n] token ids; prompt width (left-padded)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.isin(input_ids[:, self.start :], self.breaks).any(dim=1)  # [B] bool
+
+
+@torch.inference_mode()
+def blind_children(model, tokenizer, contexts: list[list[int]], *, max_tokens: int = FLOOR_CHILD_TOKENS,
+                   batch_size: int = 16) -> list[str]:
+    """The base's greedy continuation of each context, written as an APAR child writes: its first
+    token neither breaks the line nor ends the answer (a child writes the item's details), and the
+    text is cut at its first line break (where the parent's next item starts).
+
+    Batched with left padding through the model's own ``generate``; ``tests/test_quality.py``
+    checks it against a plain one-context-at-a-time argmax loop.
+    """
+    from transformers import StoppingCriteriaList
+
+    from apar_spec.api import eos_ids_of
+
+    eos = sorted(eos_ids_of(model, tokenizer))
+    breaks = line_break_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    out: list[str] = []
+    for start in range(0, len(contexts), batch_size):
+        chunk = contexts[start : start + batch_size]
+        width = max(len(c) for c in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # [B, width], left-padded
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, c in enumerate(chunk):
+            ids[i, width - len(c) :] = torch.tensor(c)
+            mask[i, width - len(c) :] = 1
+        stop = _StopAtLineBreak(torch.tensor(breaks, device=model.device), width)
+        gen = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
+                             max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=pad,
+                             begin_suppress_tokens=breaks + eos, stopping_criteria=StoppingCriteriaList([stop]))
+        for row in gen[:, width:].tolist():
+            text = tokenizer.decode([t for t in row if t not in eos and t != pad], skip_special_tokens=True)
+            out.append(text.split("\n", 1)[0])
+    return out
+
+
+def sibling_blind_answers(model, tokenizer, prompt_ids: list[list[int]], answers: list[str], *,
+                          batch_size: int = 16) -> list[tuple[str, int]]:
+    """Each answer restructured into an APAR tree (one fork level, ``restructure``), every child
+    rewritten by the base (``blind_children``) from the context an APAR child sees: the prompt and
+    the parent's text up to the fork, no sibling's details. Returns (reassembled text, forks); an
+    answer that does not restructure into a fork comes back unchanged."""
+    from apar_spec.answer_tree import AnswerTree, ForkPoint
+    from apar_spec.restructure import restructure
+
+    trees = [restructure(a, max_depth=1) for a in answers]
+    contexts = [list(p) + answer_ids(tokenizer, t.text[: f.offset]) for p, t in zip(prompt_ids, trees) for f in t.forks]
+    children = iter(blind_children(model, tokenizer, contexts, batch_size=batch_size))
+    out = []
+    for t in trees:
+        rewritten = AnswerTree(t.text, [ForkPoint(f.offset, AnswerTree(next(children))) for f in t.forks])
+        out.append((rewritten.reassemble(), len(t.forks)))
+    return out
+
+
 def repeated_4grams(text: str) -> float:
     """Share of word 4-grams that already occurred earlier in the text (0 = no repetition).
     Greedy decoding of a small model loops, and a loop is cheap under the model's own NLL."""
@@ -188,7 +267,8 @@ def _ratio(rs: list[dict], top: str = "nll_apar", bottom: str = "nll_ar") -> flo
     """Mean ``top`` over mean ``bottom``, over scored rows that hold both figures (NaN if none).
 
     ``nll_apar``/``nll_ar``: the issue's ratio; ``nll_apar``/``nll_ar_matched``: length-matched;
-    ``nll_control``/``nll_ar``: the base's answers in another precision (the metric's floor).
+    ``nll_control``/``nll_ar``: the base's answers in another precision (an unchanged answer's score);
+    ``nll_floor``/``nll_ar``: the sibling-blind floor (``sibling_blind_answers``).
     """
     ok = [r for r in _scored(rs) if all(r.get(k) is not None and not math.isnan(r[k]) for k in (top, bottom))]
     return statistics.mean(r[top] for r in ok) / statistics.mean(r[bottom] for r in ok) if ok else math.nan
@@ -233,6 +313,7 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
             "nll_ratio_unforked": _ratio([r for r in rs if not r["forked"]]),
             "nll_ratio_control": _ratio(rs, "nll_control", "nll_ar"),
             "nll_ratio_matched": _ratio(rs, "nll_apar", "nll_ar_matched"),
+            "nll_ratio_floor": _ratio(rs, "nll_floor", "nll_ar"),
             "repeat4_ar": statistics.mean(repeated_4grams(r.get("ar_text", "")) for r in rs),
             "repeat4_apar": statistics.mean(repeated_4grams(r.get("apar_text", "")) for r in rs),
             # forked answers holding a numbered list, and how many of those are well-formed (the
@@ -276,6 +357,7 @@ def run_quality(
     fork_bias: Optional[float] = None,
     repeated_title: Optional[str] = None,
     fork_gate: Optional[float] = None,
+    floor: bool = False,
     progress=None,
 ) -> QualitySummary:
     """Greedy base AR and target APAR answers for every prompt (batched), then NLL under the base.
@@ -298,6 +380,13 @@ def run_quality(
     ``fork_gate``: the fork router's threshold (None: the target router's own; 0: off). Rows
     record all five (a gate that is off as 0, with each prompt's router score ``p_list`` and
     ``forks_gated`` where one ran), and resume only reuses rows decoded under the same ones.
+
+    ``floor`` adds the sibling-blind floor of the NLL ratio (``sibling_blind_answers``): the
+    base's own answer restructured, every child rewritten by the base in the context an APAR
+    child sees, scored like the APAR answer (``nll_floor``, ``floor_forks``; resumable in
+    ``<out>.floor.jsonl``). It needs only the base, so it is the same for every APAR model.
+    ``progress(done, total)`` after each batch of prompts; the floor phase calls it with a
+    third argument, ``"floor"``.
     """
     import apar_spec
 
@@ -397,11 +486,55 @@ def run_quality(
     for r in rows:
         if str(r["prompt_id"]) in control:
             r["nll_control"] = control[str(r["prompt_id"])]["nll_control"]
+    if floor and rows:
+        _add_floor(rows, prompts, base, dtype, max_new_tokens, batch_size, out, (bm, bt), progress)
     if sides is not None and rows:
         write_sides(rows, sides, sides_count)
     dtype_name = rows[0]["dtype"] if rows else dtype
     return QualitySummary(rows, summarize(rows) if rows else {}, labels=label_agreement(rows),
                           wall_s=time.perf_counter() - t0, dtype=dtype_name)
+
+
+def _add_floor(rows: list[dict], prompts: list[Prompt], base: str, dtype: str, max_new_tokens: int, batch_size: int,
+               out: Optional[Path], loaded: tuple, progress=None) -> None:
+    """``nll_floor`` / ``floor_forks`` on every row: read back from ``<out>.floor.jsonl``, else
+    computed from the row's base answer (``sibling_blind_answers``) and appended there, a batch
+    of prompts at a time (so an interrupted pass resumes where it stopped)."""
+    import apar_spec
+
+    from .models import Loaded, encode_prompt, short_name
+
+    path = out.with_suffix(".floor.jsonl") if out is not None else None
+    done = {str(r["prompt_id"]): r for r in _read_jsonl(path)
+            if r.get("base") == short_name(base) and r.get("max_new_tokens") == max_new_tokens}
+    todo = [r for r in rows if str(r["prompt_id"]) not in done]
+    if todo:
+        bm, bt = loaded if loaded[0] is not None else apar_spec.load(base, dtype=dtype)
+        text = {p.id: p.text for p in prompts}
+        f = path.open("a", encoding="utf-8") if path is not None else None
+        try:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                b_ids = [encode_prompt(Loaded(short_name(base), bm, bt), text.get(str(r["prompt_id"]), r.get("prompt", "")))
+                         for r in chunk]
+                blind = sibling_blind_answers(bm, bt, b_ids, [r["ar_text"] for r in chunk], batch_size=batch_size)
+                nll = mean_nll(bm, bt, b_ids, [t for t, _ in blind])
+                for r, (t, forks), n in zip(chunk, blind, nll):
+                    # an answer with no fork is its own floor (the same text, the same NLL)
+                    row = {"prompt_id": r["prompt_id"], "base": short_name(base), "max_new_tokens": max_new_tokens,
+                           "nll_floor": n if forks else r["nll_ar"], "floor_forks": forks, "floor_text": t}
+                    done[str(r["prompt_id"])] = row
+                    if f is not None:
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        f.flush()
+                if progress:
+                    progress(len(rows) - len(todo) + start + len(chunk), len(rows), "floor")
+        finally:
+            if f is not None:
+                f.close()
+    for r in rows:
+        fl = done[str(r["prompt_id"])]
+        r["nll_floor"], r["floor_forks"] = fl["nll_floor"], fl["floor_forks"]
 
 
 def _backfill_matched(rows: list[dict], prompts: list[Prompt], base: str, dtype: str, loaded: tuple) -> None:

@@ -239,3 +239,124 @@ def test_quality_rows_record_the_fork_router(tmp_path):
     assert any(r["forked"] for r in free.rows)  # tiny-apar forks on these when allowed
     off = run_quality("tiny-apar", "tiny-base", ps, **{**kw, "out": tmp_path / "plain.jsonl"})  # no router: no gate
     assert [(r["fork_gate"], r["p_list"], r["forks_gated"]) for r in off.rows] == [(0.0, None, False)] * 3
+
+
+# ------------------------------------------------------------- the sibling-blind floor
+def _reference_child(model, tokenizer, context: list[int], max_tokens: int) -> str:
+    """One context at a time, full recompute, argmax: the first token may not break the line or
+    end the answer; the text ends at EOS or is cut at its first line break."""
+    from apar_spec.api import eos_ids_of
+    from apar_spec.experiments.quality import line_break_ids
+
+    eos, breaks = eos_ids_of(model, tokenizer), set(line_break_ids(tokenizer))
+    seq, new = list(context), []
+    with torch.inference_mode():
+        for step in range(max_tokens):
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1].float()  # [V]
+            if step == 0:
+                logits[sorted(breaks | eos)] = -math.inf
+            t = int(logits.argmax())
+            if t in eos:
+                break
+            seq.append(t)
+            new.append(t)
+            if t in breaks:
+                break
+    return tokenizer.decode(new, skip_special_tokens=True).split("\n", 1)[0]
+
+
+def test_blind_children_equal_a_plain_one_context_at_a_time_loop():
+    """Batched, left-padded ``generate`` with the first-token ban and the line-break stop gives the
+    reference loop's texts, for contexts of different lengths in one batch."""
+    import apar_spec
+    from apar_spec.experiments.models import Loaded, encode_prompt
+    from apar_spec.experiments.quality import answer_ids, blind_children, line_break_ids
+
+    bm, bt = apar_spec.load("tiny-base", dtype="float32")
+    breaks = set(line_break_ids(bt))
+    ps = select_prompts("default", limit=3)
+    gens = apar_spec.generate(bm, bt, [encode_prompt(Loaded("tiny-base", bm, bt), p.text) for p in ps], mode="ar",
+                              max_new_tokens=40)
+    contexts = []
+    for g in gens:  # cut each answer at a few points: contexts of many lengths, some ending mid-line
+        ans = answer_ids(bt, g.text)
+        contexts += [g.prompt_ids + ans[:n] for n in (0, 3, len(ans) // 2)]
+        # ... and where the base's own next token breaks the line: there the first-token ban decides
+        contexts += [g.prompt_ids + ans[:n] for n, t in enumerate(ans) if t in breaks][:2]
+    got = blind_children(bm, bt, contexts, max_tokens=12, batch_size=4)
+    want = [_reference_child(bm, bt, c, 12) for c in contexts]
+    assert got == want
+    assert all(t and "\n" not in t for t in got)  # never empty (the first token is details), never past a line
+    assert len(contexts) > 9  # the line-break contexts are there
+
+
+def test_sibling_blind_answers_rewrite_each_child_from_its_parents_text_alone(monkeypatch):
+    """Titles stay, each child is what the base writes after the prompt and the parent's text up to
+    its fork (no earlier item's details), and an answer without forks comes back as it was."""
+    import apar_spec
+    from apar_spec.experiments import quality as q
+
+    bm, bt = apar_spec.load("tiny-base", dtype="float32")
+    seen = []
+
+    def fake_children(model, tokenizer, contexts, **kw):
+        seen.extend(tokenizer.decode(c) for c in contexts)
+        return [f" details {i}." for i in range(len(contexts))]
+
+    monkeypatch.setattr(q, "blind_children", fake_children)
+    answer = "Some tips:\n\n1. **Sleep**: Go to bed early.\n\n2. **Eat**: Eat well, see 1.\n\n3. **Walk**: Walk daily."
+    plain = "Paris."
+    out = q.sibling_blind_answers(bm, bt, [[1, 2], [1, 2]], [answer, plain])
+    assert out[1] == (plain, 0)
+    text, forks = out[0]
+    assert forks == 3
+    assert text == ("Some tips:\n\n1. **Sleep**: details 0.\n\n2. **Eat**: details 1.\n\n3. **Walk**: details 2.")
+    assert len(seen) == 3
+    assert seen[1].endswith("1. **Sleep**:\n\n2. **Eat**:") and "bed early" not in seen[1]
+    assert "Eat well" not in seen[2] and seen[2].endswith("3. **Walk**:")
+
+
+def test_quality_floor_rows_summary_resume_and_cli(tmp_path, monkeypatch):
+    """``floor=True`` gives every row ``nll_floor`` (the base's NLL of its sibling-blind rewrite;
+    an unforked answer's own), the summary its ratio, and a rerun reads the floor back."""
+    import apar_spec
+    from apar_spec.experiments import quality as q
+    from apar_spec.experiments.models import Loaded, encode_prompt
+    from cli.app import app
+    from typer.testing import CliRunner
+
+    ps = select_prompts("default", limit=4)
+    out = tmp_path / "q.jsonl"
+    kw = dict(max_new_tokens=80, batch_size=2, dtype="float32", out=out)
+    s = run_quality("tiny-apar", "tiny-base", ps, **kw, floor=True)
+    bm, bt = apar_spec.load("tiny-base", dtype="float32")
+    saved = {r["prompt_id"]: r for r in map(json.loads, out.with_suffix(".floor.jsonl").read_text().splitlines())}
+    assert sorted(saved) == sorted(p.id for p in ps)
+    by_id = {p.id: p for p in ps}
+    for r in s.rows:
+        ids = encode_prompt(Loaded("tiny-base", bm, bt), by_id[r["prompt_id"]].text)
+        text, forks = q.sibling_blind_answers(bm, bt, [ids], [r["ar_text"]])[0]
+        assert (saved[r["prompt_id"]]["floor_text"], r["floor_forks"]) == (text, forks)
+        want = q.mean_nll(bm, bt, [ids], [text])[0] if forks else r["nll_ar"]
+        assert r["nll_floor"] == pytest.approx(want, rel=1e-5)
+    assert any(r["floor_forks"] for r in s.rows)  # the embedded base answers in lists
+    ratio = s.by_category["all"]["nll_ratio_floor"]
+    assert ratio == pytest.approx(sum(r["nll_floor"] for r in s.rows) / sum(r["nll_ar"] for r in s.rows))
+    assert math.isnan(run_quality("tiny-apar", "tiny-base", ps, **kw).by_category["all"]["nll_ratio_floor"])
+    monkeypatch.setattr(q, "sibling_blind_answers", lambda *a, **k: pytest.fail("rewritten again on resume"))
+    again = run_quality("tiny-apar", "tiny-base", ps, **kw, floor=True)
+    assert [r["nll_floor"] for r in again.rows] == [r["nll_floor"] for r in s.rows]
+    res = CliRunner().invoke(app, ["quality", "--target", "tiny-apar", "--base", "tiny-base", "--prompts", "default",
+                                   "--limit", "4", "--max-new-tokens", "80", "--batch-size", "2", "--dtype", "float32",
+                                   "--out", str(out), "--floor", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["by_category"]["all"]["nll_ratio_floor"] == pytest.approx(ratio)
+    # interrupted after the first batch: the rest is rewritten, the first batch read back
+    lines = out.with_suffix(".floor.jsonl").read_text().splitlines()
+    out.with_suffix(".floor.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    monkeypatch.undo()
+    calls = []
+    part = run_quality("tiny-apar", "tiny-base", ps, **kw, floor=True, progress=lambda *a: calls.append(a))
+    assert [r["nll_floor"] for r in part.rows] == pytest.approx([r["nll_floor"] for r in s.rows], rel=1e-5)
+    assert calls == [(4, 4, "floor")]
+    assert len(out.with_suffix(".floor.jsonl").read_text().splitlines()) == 4
