@@ -439,6 +439,7 @@ def train(
     root_eos: Annotated[float, typer.Option("--root-eos", help=">= 0: weight of a term against EOS at root nodes that go on (children's EOS after a paragraph otherwise teaches roots to stop early).")] = _train_default("root_eos"),
     root_eos_lead_only: Annotated[bool, typer.Option("--root-eos-lead-only", help="With --root-eos: only the root's nodes before its first [Fork].")] = _train_default("root_eos_lead_only"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from out/checkpoint.")] = False,
+    router: Annotated[bool, typer.Option("--router", help="Then fit a fork router on the same data (as `apar-spec fit-router` does, its defaults) and save it with the model: prompts it scores as wanting one short answer never fork.")] = False,
     as_json: AsJson = False,
 ) -> None:
     """Fine-tune a model into APAR form (or train a plain base) with accelerate."""
@@ -446,19 +447,35 @@ def train(
     from apar_spec.train import train as train_fn
 
     _quiet_transformers()
+    if router and mode != "apar":
+        fail("--router needs --mode apar: a router decides which prompts may fork")
+    if router:  # the router's labels, checked before hours of training rather than after
+        from apar_spec.train import read_examples
+
+        forked = [ex.structured for ex in read_examples(data)]
+        if all(forked) or not any(forked):
+            fail(f"--router needs answers with forks and answers without in {data} ({sum(forked)} of {len(forked)} fork): "
+                 "a router learns which prompts get which; drop --router or add the other kind")
     source = str(embedded_dir(model)) if model in EMBEDDED else model
     rep = train_fn(
         source, data, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, mode=mode, max_len=max_len,
         max_depth=max_depth, mix_ratio=mix_ratio, mixed_precision=mixed_precision, save_every=save_every,
         distill=distill, distill_hard_roots=distill_hard_roots, root_eos=root_eos, root_eos_lead_only=root_eos_lead_only, resume=resume, progress=stdout_console().is_terminal and not as_json,
     )
+    fit = None
+    if router:
+        from apar_spec.router import fit_router_into
+
+        fit = fit_router_into(rep.out_dir, data)
     if as_json:
-        print_json(dataclasses.asdict(rep))
+        print_json({**dataclasses.asdict(rep), **({"router": dataclasses.asdict(fit)} if fit else {})})
         return
     stdout_console().print(
         f"trained {rep.steps} steps ({rep.num_examples} examples, {rep.num_structured} structured) in "
         f"{rep.wall_time_s:.1f}s; final loss {rep.final_loss:.4f}; saved to {rep.out_dir}", markup=False
     )
+    if fit:
+        stdout_console().print(_router_line(fit), markup=False)
 
 
 def _router_default(name: str) -> Any:
@@ -490,12 +507,17 @@ def fit_router_command(
     if as_json:
         print_json(dataclasses.asdict(fit))
         return
+    stdout_console().print(_router_line(fit), markup=False)
+
+
+def _router_line(fit) -> str:
+    """One line: where a fitted router went and how it splits the labelled prompts."""
     line = (f"fork router written to {fit.path}: gates {fit.gated_plain} of {fit.prompts - fit.forked} prompts whose answer "
             f"does not fork and {fit.gated_forked} of {fit.forked} whose answer forks (threshold {fit.threshold:g})")
     if fit.check:
         c = fit.check
         line += f"; held out: {c['gated_plain']} of {c['prompts'] - c['forked']} and {c['gated_forked']} of {c['forked']}"
-    stdout_console().print(line, markup=False)
+    return line
 
 
 # ------------------------------------------------------------------ drafts

@@ -246,3 +246,28 @@ def test_cli_fit_router_bad_input_is_one_line_and_writes_nothing(tmp_path):
     assert_user_error(run("fit-router", "--model", str(folder), "--data", str(tmp_path / "missing.jsonl")), "not found")
     assert_user_error(run("fit-router", "--model", str(folder), "--data", str(one_kind), "--threshold", "1.5"), "threshold must be in (0, 1)")
     assert (folder / "config.json").read_text() == before and not list(folder.glob("*.tmp"))
+
+
+def test_cli_train_with_router_saves_a_router_fitted_on_the_same_data(tmp_path):
+    """``apar-spec train --router`` = train, then ``fit-router`` on the same data into the saved model;
+    data with one kind of answer is refused before any training."""
+    from test_cli import assert_user_error, run
+
+    from apar_spec.loading import load
+
+    data = router_data(tmp_path / "d.jsonl", LIST_PROMPTS[:5], SHORT_PROMPTS[:5])
+    out = tmp_path / "trained"
+    res = run("train", "--model", "tiny-apar", "--data", str(data), "--out", str(out), "--steps", "1", "--batch-size", "2",
+              "--router", "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["steps"] == 1 and rep["router"]["path"] == str(out / "config.json")
+    assert (rep["router"]["prompts"], rep["router"]["forked"]) == (10, 5)
+    model, _ = load(str(out))
+    assert router_of(model) is not None and router_of(model).threshold == rep["router"]["threshold"]
+    one_kind = router_data(tmp_path / "one.jsonl", LIST_PROMPTS[:4], [])
+    assert_user_error(run("train", "--model", "tiny-apar", "--data", str(one_kind), "--out", str(tmp_path / "x"),
+                          "--steps", "1", "--router"), "answers with forks and answers without")
+    assert not (tmp_path / "x").exists()  # refused before training
+    assert_user_error(run("train", "--model", "tiny-apar", "--data", str(data), "--out", str(tmp_path / "y"),
+                          "--steps", "1", "--mode", "plain", "--router"), "--router needs --mode apar")
