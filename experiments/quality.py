@@ -177,7 +177,7 @@ def label_agreement(rows: list[dict]) -> Optional[dict]:
 # in the context a child sees, does not reproduce its own answer. ``sibling_blind_answers``
 # measures what that costs: its NLL ratio is what a perfect imitation of the base scores.
 
-FLOOR_CHILD_TOKENS = 128  # cap on each child the base rewrites (it stops at its first line break before)
+FLOOR_CHILD_TOKENS = 128  # cap on each child the base rewrites; most stop earlier, at their first line break
 
 
 def line_break_ids(tokenizer) -> list[int]:
