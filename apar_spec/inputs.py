@@ -192,3 +192,18 @@ def normalize_prompts(tokenizer, prompts: Any, *, vocab_size: Optional[int] = No
                 )
         out.append(ids)
     return out
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int):
+    """The inverse of the stripping above, for batched forwards of prompts of different lengths:
+    ``(ids, mask)``, both ``[len(rows), longest]`` long tensors, each row right-aligned so
+    every row's last token sits in the last column."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [b, width]
+    mask = torch.zeros(len(rows), width, dtype=torch.long)  # [b, width]
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask

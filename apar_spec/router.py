@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from apar_spec.inputs import left_pad
 from apar_spec.options import is_finite_number
 
 ROUTER_KEY = "apar_fork_router"  # model.config attribute
@@ -92,13 +93,7 @@ def prompt_states(model, prompts: Sequence[list[int]], batch_size: int = 16, pad
     decoder = model.get_decoder()
     out = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        n = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)  # [b, n]
-        mask = torch.zeros(len(chunk), n, dtype=torch.long)  # [b, n]
-        for i, p in enumerate(chunk):
-            ids[i, n - len(p) :] = torch.tensor(p)
-            mask[i, n - len(p) :] = 1
+        ids, mask = left_pad(prompts[start : start + batch_size], pad_id)  # [b, n] each
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, n] pads do not shift the prompt's positions
         h = decoder(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                     position_ids=positions.to(model.device)).last_hidden_state  # [b, n, hidden]

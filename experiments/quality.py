@@ -208,19 +208,15 @@ def blind_children(model, tokenizer, contexts: list[list[int]], *, max_tokens: i
     from transformers import StoppingCriteriaList
 
     from apar_spec.api import eos_ids_of
+    from apar_spec.inputs import left_pad
 
     eos = sorted(eos_ids_of(model, tokenizer))
     breaks = line_break_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     out: list[str] = []
     for start in range(0, len(contexts), batch_size):
-        chunk = contexts[start : start + batch_size]
-        width = max(len(c) for c in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # [B, width], left-padded
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, c in enumerate(chunk):
-            ids[i, width - len(c) :] = torch.tensor(c)
-            mask[i, width - len(c) :] = 1
+        ids, mask = left_pad(contexts[start : start + batch_size], pad)  # [B, width] each
+        width = ids.shape[1]
         stop = _StopAtLineBreak(torch.tensor(breaks, device=model.device), width)
         gen = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
                              max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=pad,
