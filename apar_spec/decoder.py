@@ -17,20 +17,23 @@ APAR with ``[Fork]`` disabled. Glossary: *pending* = a branch's newest committed
 token, whose KV is not computed yet (it is fed at the next verify).
 
 Scheduling never changes tokens: fork rules depend only on a branch's own
-history (level, forks so far, previous token, own length), and the live-branch
-bound only delays children. The one scheduling-dependent cap is the per-request
-``max_new_tokens`` (counted over all branches), which truncates.
+history (level, forks so far, previous token, own length), the live-branch bound
+only delays children, and the per-request ``max_new_tokens`` (counted over all
+branches) keeps the tokens plain APAR keeps, by their APAR time (``clock``), however
+far a speculator let each branch run. Branch ids are creation order inside the
+loop; results and streams number branches in plain APAR's order (``output_branches``).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 
+from apar_spec import clock
 from apar_spec.speculator import BranchView, Outcome, Proposal, Speculator
 from apar_spec.options import DecodeOptions
 from apar_spec.draft_tree import TreeShape, chain, parse_tree
@@ -86,6 +89,13 @@ class Branch:
     # code-fence state after the branch's first fence_at tokens (Decoder.fence_of)
     fence: Fence = field(default_factory=Fence)
     fence_at: int = 0
+    # The APAR clock (apar_spec.clock): token i has time base + i; order is plain APAR's
+    # commit order; sampled counts sampled tokens, those a finish rule cut included.
+    base: int = 0
+    order: tuple = clock.ROOT_ORDER
+    sampled: int = 0
+    cut: list[int] = field(default_factory=list)  # what a finish rule cut (restored if the budget ends earlier)
+    dropped: bool = False  # its [Fork] fell after the budget's cut: not part of the answer
 
     @property
     def generated(self) -> int:
@@ -120,7 +130,9 @@ class Request:
     prompt: list[int]
     prompt_nodes: list[int]
     branches: list[Branch]
-    budget: int  # tokens the request may still generate, over all branches
+    limit: int  # the request's token budget over all branches (max_new_tokens)
+    budget: int = 0  # tokens left under it (a bound for KV projections: limit - sampled, >= 0)
+    cutoff: Optional[tuple] = None  # key of the limit-th token in APAR order, once that many were sampled
     # the fork router's p(list) for this prompt (None: no router in use) and whether it
     # gated the request: no [Fork] anywhere in it (DecodeOptions.fork_gate)
     p_list: Optional[float] = None
@@ -222,7 +234,10 @@ class Decoder:
             live = self.drop_finished(tc, live)
         wall = time.perf_counter() - start
         draft_forwards = (self.spec.forwards if self.spec is not None else 0) - draft_forwards0
-        return [DecodeResult(r.prompt, r.branches, r.counters, wall, draft_forwards, r.p_list, r.forks_gated) for r in requests]
+        return [
+            DecodeResult(r.prompt, output_branches(r.branches), r.counters, wall, draft_forwards, r.p_list, r.forks_gated)
+            for r in requests
+        ]
 
     def outcome(self, live: list[Request], views: list[BranchView], paths: list[list[int]]) -> Outcome:
         by_index = {r.index: r for r in live}
@@ -241,6 +256,8 @@ class Decoder:
         paths = self.accept_and_commit(live, views, proposal, fed, result)
         if self.spec is not None:
             self.spec.observe(self.outcome(live, views, paths))
+        for r in live:
+            self.apply_budget(r)
         self.collect_garbage(tc, live)
         if self.on_step is not None:
             self.on_step(live, tc)
@@ -273,7 +290,7 @@ class Decoder:
             root = Branch(id=0, parent=None, fork_index=None, level=0, active=True, k=self.opts.num_draft_tokens)
             index = row if indices is None else indices[row]
             budget = self.opts.max_new_tokens if budgets is None else budgets[row]
-            requests.append(Request(index, row, list(prompt), nodes, [root], budget=budget))
+            requests.append(Request(index, row, list(prompt), nodes, [root], limit=budget, budget=budget))
         self.requests_by_index.update({r.index: r for r in requests})
         result = tc.forward(hidden=self.wants_hidden or self.gate is not None)
         for r in requests:
@@ -293,6 +310,7 @@ class Decoder:
             if self.record_logits:
                 root.logits.append(logits[0])
             self.commit_tokens(r, root, [token], fed_nodes=[])
+            self.apply_budget(r)
             r.counters.live_kv.append(len(r.prompt))
         return requests, tc
 
@@ -334,6 +352,9 @@ class Decoder:
         for i, v in enumerate(views):
             b_generated = len(v.tokens) - (1 if v.parent is not None else 0)
             room = max(0, self.branch_cap - b_generated - 1)
+            r = self.requests_by_index[v.request]
+            if r.cutoff is not None:  # tokens after the budget's cut would be cut again
+                room = min(room, max(0, r.cutoff[0] - clock.next_time(r.branches[v.branch])))
             tokens, parents = prune_tree(raw.tokens[i], raw.parents_of(i), min(max(v.k, deeper), room), self.spec.name)
             p = probs[i]
             if p is not None:
@@ -584,29 +605,28 @@ class Decoder:
         return int(torch.multinomial(probs.float(), 1, generator=self.generator)[0])
 
     def commit_tokens(self, r: Request, b: Branch, new_tokens: list[int], fed_nodes: list[int]) -> None:
-        """Append tokens to a branch; spawn children at [Fork]; end at EOS or a cap."""
+        """Append tokens to a branch; spawn children at [Fork]; end at EOS or a cap.
+        The request's token budget is applied after the step (``apply_budget``)."""
         b.nodes.extend(fed_nodes)
         for tok in new_tokens:
-            if r.budget <= 0:
-                break
             b.tokens.append(tok)
-            r.budget -= 1
+            b.sampled += 1
             is_fork = self.apar is not None and tok == self.apar.fork_id
             if is_fork and self.ends_at_cap(b):
                 b.finish = "depth"
-                cut_to_last_line(b.tokens, self.apar.line_break_ids, start=1)
+                b.cut = cut_to_last_line(b.tokens, self.apar.line_break_ids, start=1)
             elif is_fork and self.repeats_title(b):
                 b.finish = "repeat"
-                del b.tokens[open_segment_start(b.tokens, self.apar.line_break_ids, self.apar.fork_id,
-                                                1 if b.is_child else 0, len(b.tokens) - 1) :]
+                start = open_segment_start(b.tokens, self.apar.line_break_ids, self.apar.fork_id,
+                                           1 if b.is_child else 0, len(b.tokens) - 1)
+                b.cut = b.tokens[start:]
+                del b.tokens[start:]
             elif is_fork:
                 self.spawn_child(r, b)
             b.finish = b.finish or self.end_reason(r, b, tok)
             if b.finish is not None:
                 b.active = False
                 break
-        if r.budget <= 0:
-            self.finish_request(r, "budget")
         # Accepted drafts after a cut (EOS/cap) are not the branch's: keep nodes consistent.
         del b.nodes[len(b.tokens) :]
         del b.logits[b.generated :]
@@ -629,7 +649,10 @@ class Decoder:
 
     def spawn_child(self, r: Request, parent: Branch) -> None:
         parent.forks += 1
+        base, order = clock.child_clock(parent, len(parent.tokens) - 1)
         child = Branch(
+            base=base,
+            order=order,
             id=len(r.branches),
             parent=parent.id,
             fork_index=len(parent.tokens) - 1,
@@ -640,6 +663,70 @@ class Decoder:
         )
         r.branches.append(child)
         r.queue.append(child.id)
+
+    def apply_budget(self, r: Request) -> None:
+        """Keep exactly the tokens plain APAR keeps under the request's budget (``clock``).
+
+        Once ``limit`` tokens were sampled, the cut is the ``limit``-th key in APAR order.
+        It can only move earlier as lagging branches sample more, so what lies after it
+        goes now: a branch is cut back to its tokens before it (restoring what a finish
+        rule cut after that point, since plain APAR never sampled the token that
+        triggered the rule), a running branch whose next token falls after it ends with
+        "budget", and a child whose [Fork] was cut is dropped from the answer. Branches
+        that sample before the cut go on, so plain APAR's tokens are all sampled."""
+        live = [b for b in r.branches if not b.dropped]
+        r.budget = max(0, r.limit - sum(b.sampled for b in live))
+        r.cutoff = clock.cutoff(live, r.limit)
+        if r.cutoff is None:
+            return
+        for b in live:  # parents come before children
+            if b.parent is not None:
+                parent = r.branches[b.parent]
+                if parent.dropped or b.fork_index >= len(parent.tokens):
+                    b.dropped = True
+                    self.stop_branch(r, b, b.finish)
+                    continue
+            keep = clock.kept(b, r.cutoff)
+            if keep < b.sampled:
+                full = b.tokens + b.cut
+                del full[len(full) - (b.sampled - keep) :]
+                b.tokens[:] = full
+                b.cut, b.sampled = [], keep
+                del b.nodes[len(b.tokens) :]
+                del b.logits[b.generated :]
+                self.stop_branch(r, b, "budget")
+            elif b.finish is None and clock.past(b, r.cutoff):
+                self.stop_branch(r, b, "budget")
+
+    def stop_branch(self, r: Request, b: Branch, finish: Optional[str]) -> None:
+        b.finish = finish
+        b.active = False
+        if b.id in r.queue:
+            r.queue.remove(b.id)
+
+    def running(self, r: Request) -> list[Branch]:
+        return [b for b in r.branches if (b.active or b.id in r.queue) and not b.dropped]
+
+    def settled(self, r: Request) -> dict[int, tuple[int, bool]]:
+        """Per branch id (dropped ones left out): how many of its tokens no later step can
+        take back, and whether its finish is final - what a stream may send.
+
+        A token is final once its APAR time is below the horizon (``clock``) and no rule
+        of ``settled_length`` holds it back; a child shows only once its parent's [Fork]
+        is final. Plain APAR runs every branch on the clock, so only speculation (a branch
+        ahead of others) or a deferred child holds tokens back."""
+        h = clock.horizon(self.running(r))
+        out: dict[int, tuple[int, bool]] = {}
+        for b in r.branches:
+            if b.dropped:
+                continue
+            if b.parent is not None and out.get(b.parent, (0, False))[0] <= b.fork_index:
+                out[b.id] = (0, False)
+                continue
+            n = clock.final_sampled(b, h)
+            offset = 1 if b.is_child else 0
+            out[b.id] = (min(self.settled_length(b), offset + n, len(b.tokens)), b.finish is not None and n == b.sampled)
+        return out
 
     def finish_request(self, r: Request, reason: str) -> None:
         for b in r.branches:
@@ -710,6 +797,21 @@ class Decoder:
             tc.compact([self.live_nodes(r, need) for r, need in zip(live, needs)])
 
 
+def canonical_ids(branches: list[Branch]) -> dict[int, int]:
+    """Branch id -> its number in plain APAR's order (``clock``), dropped branches left out.
+    A branch's number is final once its [Fork] is (nothing can be created before it)."""
+    kept = sorted((b for b in branches if not b.dropped), key=lambda b: b.order)
+    return {b.id: i for i, b in enumerate(kept)}
+
+
+def output_branches(branches: list[Branch]) -> list[Branch]:
+    """A finished request's branches as plain APAR numbers them: dropped ones left out,
+    ids and parents renumbered in APAR order, so results do not depend on the schedule."""
+    ids = canonical_ids(branches)
+    out = [replace(b, id=ids[b.id], parent=None if b.parent is None else ids[b.parent]) for b in branches if b.id in ids]
+    return sorted(out, key=lambda b: b.id)
+
+
 def last_line_start(tokens: list[int], line_breaks: frozenset[int], start: int, end: int) -> Optional[int]:
     """Index of the first token of the last run of line-break tokens in ``tokens[start:end]``
     (a blank line is often two tokens), or None if there is none."""
@@ -719,12 +821,15 @@ def last_line_start(tokens: list[int], line_breaks: frozenset[int], start: int, 
     return j
 
 
-def cut_to_last_line(tokens: list[int], line_breaks: frozenset[int], start: int) -> None:
+def cut_to_last_line(tokens: list[int], line_breaks: frozenset[int], start: int) -> list[int]:
     """Drop, in place, a branch's trailing [Fork] and the unfinished line before it, from
     its last line break on (tokens before ``start`` are kept). No line break: only the
-    [Fork] goes."""
+    [Fork] goes. Returns what was dropped."""
     j = last_line_start(tokens, line_breaks, start, len(tokens) - 1)
-    del tokens[len(tokens) - 1 if j is None else j :]
+    at = len(tokens) - 1 if j is None else j
+    dropped = tokens[at:]
+    del tokens[at:]
+    return dropped
 
 
 # ------------------------------------------------------------------- repeated titles

@@ -21,7 +21,10 @@ LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 class DecodeOptions:
     """Knobs of one ``generate`` call. Token-changing caps are per branch and deterministic."""
 
-    max_new_tokens: int = 512  # per request, counted over all branches ([Fork] and EOS count, forced [Child] not)
+    # Per request, counted over all branches ([Fork] and EOS count, forced [Child] not). It keeps
+    # the tokens plain APAR samples first (apar_spec.clock), so it cuts the same tokens
+    # whatever the speculator and however many branches may run at once.
+    max_new_tokens: int = 512
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -69,7 +72,7 @@ class DecodeOptions:
     # > 0 needs a model with a router. It reads the prompt only, so speculation stays lossless.
     fork_gate: Optional[float] = None
     max_branch_tokens: Optional[int] = None  # per-branch cap; None = max_new_tokens
-    max_live_branches: Optional[int] = None  # memory bound: extra children wait in a queue (never changes tokens)
+    max_live_branches: Optional[int] = None  # memory bound: extra children wait in a queue (never changes tokens, budget included)
     batch_size: int = 1  # requests decoded together (one cache row each)
     num_draft_tokens: int = 4  # k: draft tokens per branch per step
     # Draft tree per branch (apar_spec.draft_tree.parse_tree: "K", "chain:K", "topk:WxD", a JSON

@@ -24,6 +24,9 @@ class RefBranch:
     path: tuple[int, ...]  # fork indices from the root: () for the root, (i,) for the child at root token i, ...
     tokens: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)  # raw logits that predicted each sampled token
+    # every sampled token in order, those a finish rule cut included ([Child] first for a child)
+    uncut: list[int] = field(default_factory=list)
+    uncut_logits: list[torch.Tensor] = field(default_factory=list)
 
 
 @torch.inference_mode()
@@ -85,13 +88,14 @@ def reference_decode(
         return "".join(apar.backtick_texts.get(t, "x") for t in answer).count("```") % 2 == 1
 
     def run(path: tuple[int, ...], context: list[int], first: list[int], level: int) -> None:
-        b = RefBranch(path, tokens=list(first))
+        b = RefBranch(path, tokens=list(first), uncut=list(first))
         out[path] = b
         forks = 0
         while True:
             seq = context + b.tokens
             logits = model(torch.tensor([seq], device=model.device)).logits[0, -1]  # [V]
             b.logits.append(logits)
+            b.uncut_logits.append(logits)
             processed = logits.clone()
             if opts.logits_processor is not None:
                 processed = opts.logits_processor(seq, processed)
@@ -113,6 +117,7 @@ def reference_decode(
                     processed[apar.fork_id] += opts.fork_bias
             tok = int(processed.argmax())
             b.tokens.append(tok)
+            b.uncut.append(tok)
             if apar is not None and tok == apar.fork_id and level > 0 and level >= opts.max_depth:
                 # a child at the depth cap asked to fork: it ends, minus the line it had begun
                 breaks = [i for i, t in enumerate(b.tokens[:-1]) if t in apar.line_break_ids and i >= len(first)]
@@ -138,4 +143,47 @@ def reference_decode(
                 return
 
     run((), list(prompt), [], 0)
+    return out
+
+
+def reference_budget(branches: dict[tuple[int, ...], RefBranch], budget: int, fork_id: Optional[int]) -> dict[tuple[int, ...], RefBranch]:
+    """The branches ``reference_decode`` wrote with no shared budget, cut as plain APAR's
+    step loop cuts them under ``budget`` tokens over all branches.
+
+    The loop is replayed literally: at step t every running branch, in creation order,
+    commits its next sampled token (a token a finish rule later cut counts too) until the
+    budget is spent; a [Fork] that spawned a child appends it to the creation order, and
+    the child commits from the next step on. A branch cut short keeps its tokens as sampled
+    (the finish rule never fired); children whose [Fork] was never committed do not exist.
+    Written without the decoder's clock on purpose, to check it."""
+    order = [()]
+    first = {(): 0}  # step of each branch's first sampled token
+    done = {(): 0}  # tokens committed per branch
+    left, t = budget, 0
+    offset = {p: (1 if p else 0) for p in branches}  # a child's [Child] is forced, not sampled
+    while left > 0:
+        running = [p for p in order if done[p] < len(branches[p].uncut) - offset[p]]
+        if not running:
+            break
+        for p in running:
+            if first[p] > t:
+                continue
+            if left == 0:
+                break
+            i = offset[p] + done[p]  # index of the token in the branch
+            done[p] += 1
+            left -= 1
+            child = p + (i,)
+            if branches[p].uncut[i] == fork_id and child in branches:
+                order.append(child)
+                first[child], done[child] = t + 1, 0
+        t += 1
+    out = {}
+    for p in order:
+        b = branches[p]
+        n = offset[p] + done[p]
+        if done[p] == len(b.uncut) - offset[p]:
+            out[p] = b
+        else:
+            out[p] = RefBranch(p, b.uncut[:n], b.uncut_logits[: done[p]], b.uncut[:n], b.uncut_logits[: done[p]])
     return out

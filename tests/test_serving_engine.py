@@ -252,3 +252,33 @@ def test_served_union_of_drafts_equals_offline():
         got = h.result(0)
         assert [b.token_ids for b in got.branches] == [b.token_ids for b in offline.branches]
     assert engine.stats.finished == len(prompts) and engine.stats.budget_violations == 0
+
+
+@pytest.mark.parametrize("seed,kind,live_cap", [(21, "self", None), (22, "self", 2), (23, "random", None), (24, "ngram", 1)])
+def test_served_apar_spec_equals_offline_apar_with_budgets_that_bind(seed, kind, live_cap):
+    """Under load, with budgets that cut branching answers and a speculator that lets some
+    branches run ahead (a perfect self-draft accepts almost everything), every served answer
+    equals offline plain ``apar`` - tree, tokens, finishes, numbering - and its stream sends
+    only tokens the budget keeps, numbered as the result numbers them."""
+    from apar_spec.drafts.draft_lm import DraftModelSpeculator
+
+    rng = random.Random(seed)
+    prompts = [[1] + [rng.randrange(5, 64) for _ in range(rng.randrange(2, 10))] for _ in range(6)]
+    budgets = [rng.choice([3, 9, 17, 26, 40]) for _ in range(6)]
+    arrivals = sorted(rng.randrange(0, 12) for _ in range(6))
+    proc = fork_processor(3, 6, salt=seed)
+    draft = {"self": lambda: DraftModelSpeculator(MODEL, mask_ids=(CHILD,), logits_processor=proc),
+             "random": lambda: DRAFT, "ngram": lambda: "ngram"}[kind]()
+    engine = Engine(MODEL, TOK, mode="apar+spec", draft=draft, kv_budget=400, max_new_tokens=40, max_branch_tokens=14,
+                    logits_processor=proc, num_draft_tokens=4, max_live_branches=live_cap)
+    handles = serve(engine, prompts, budgets, arrivals)
+    cut = 0
+    for p, m, h in zip(prompts, budgets, handles):
+        offline = generate(MODEL, TOK, [p], mode="apar", logits_processor=proc, **engine.offline_options(m))[0]
+        got = h.result(0)
+        assert [(b.id, b.parent, b.fork_index, b.token_ids, b.finish) for b in got.branches] == \
+               [(b.id, b.parent, b.fork_index, b.token_ids, b.finish) for b in offline.branches]
+        assert got.token_ids == offline.token_ids
+        assert_stream_rebuilds(h, got)
+        cut += any(b.finish == "budget" for b in got.branches) and len(got.branches) > 1
+    assert cut >= 2  # budgets really cut branching answers

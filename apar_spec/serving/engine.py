@@ -46,7 +46,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from apar_spec.decoder import DecodeResult, Decoder, Request
+from apar_spec.decoder import DecodeResult, Decoder, Request, canonical_ids, output_branches
 from apar_spec.options import MODES, DecodeOptions, model_decode_defaults
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,11 @@ class RequestError(ValueError):
 class BranchDelta:
     """Tokens of one branch that settled in one step (a child's first delta starts with ``[Child]``).
 
-    Settled: no later step can take them back (``Decoder.settled_length``; a capped child's
-    unfinished line waits, since a [Fork] would drop it). A branch's last delta carries its
-    finish, possibly with no tokens."""
+    Settled: no later step can take them back (``Decoder.settled``: a capped child's
+    unfinished line waits, since a [Fork] would drop it, and under speculation a branch's
+    tokens wait until the token budget's fate of their APAR time is known). A branch's last
+    delta carries its finish, possibly with no tokens. ``branch``/``parent`` are plain APAR's
+    numbering, as in the request's final ``Generation``."""
 
     branch: int
     parent: Optional[int]
@@ -426,14 +428,19 @@ class Engine:
         for r in requests:
             h = self._handles[r.index]
             deltas = []
+            settled = self.decoder.settled(r)  # a stream never takes tokens back
+            ids = canonical_ids(r.branches)  # streams number branches as results do
             for b in r.branches:
+                if b.id not in settled:
+                    continue
                 sent = h.emitted.get(b.id, 0)
-                settled = self.decoder.settled_length(b)  # a stream never takes tokens back
-                if settled > sent or (b.finish is not None and b.id not in h.closed):
-                    deltas.append(BranchDelta(b.id, b.parent, b.fork_index, b.tokens[sent:settled], b.finish))
-                    n_total += settled - sent - (1 if b.is_child and sent == 0 else 0)  # forced [Child] is not output
-                    h.emitted[b.id] = settled
-                    if b.finish is not None:
+                n, final = settled[b.id]
+                if n > sent or (final and b.id not in h.closed):
+                    parent = None if b.parent is None else ids[b.parent]
+                    deltas.append(BranchDelta(ids[b.id], parent, b.fork_index, b.tokens[sent:n], b.finish if final else None))
+                    n_total += n - sent - (1 if b.is_child and sent == 0 else 0)  # forced [Child] is not output
+                    h.emitted[b.id] = n
+                    if final:
                         h.closed.add(b.id)
             if deltas and h.t_first_token is None:
                 h.t_first_token = now
@@ -464,7 +471,7 @@ class Engine:
             c.branch_steps += r.counters.branch_steps
             c.accept_plus_bonus += r.counters.accept_plus_bonus
             forwards = (self.spec.forwards if self.spec is not None else 0) - h.draft_forwards0
-            result = DecodeResult(r.prompt, r.branches, r.counters, now - h.t_submit, forwards, r.p_list, r.forks_gated)
+            result = DecodeResult(r.prompt, output_branches(r.branches), r.counters, now - h.t_submit, forwards, r.p_list, r.forks_gated)
             h.generation = _to_generation(result, self.tokenizer, self.apar, self.eos)
             self._end(h, cancelled=h.cancelled, deltas=h.final_deltas)
         self.stats.running = len(self._live)
