@@ -101,6 +101,7 @@ Out = Annotated[Path, typer.Option("--out", "-o", help="Results file (JSONL, one
 Resume = Annotated[bool, typer.Option("--resume", help="Continue --out: skip rows already there.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Start --out again when it already holds rows.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+Strict = Annotated[bool, typer.Option("--strict", help="Exit non-zero when a lossless check finds a bug: a greedy answer that differs from its reference where the target's logit gap at the first difference is 1e-4 or more, or is missing (float32; bf16/fp16 rounding is not a bug).")]
 
 
 # ------------------------------------------------------------------ generate
@@ -193,7 +194,7 @@ def _settings(**kwargs: Any):
     return BenchSettings(**kwargs)
 
 
-def _run_with_progress(run, settings, as_json: bool) -> None:
+def _run_with_progress(run, settings, as_json: bool, strict: bool = False) -> None:
     """Run a driver with a progress bar (stderr), then print the report of the whole file.
     Under a data-parallel launch only the main process shows progress and the report."""
     from apar_spec.experiments.parallel import Processes
@@ -226,13 +227,24 @@ def _run_with_progress(run, settings, as_json: bool) -> None:
         result = run(progress)
     for note in result.notes:
         err.print(f"note: {note}", markup=False)
-    if result.written or result.skipped:
-        _print_report(settings.out, as_json)
+    summary = _print_report(settings.out, as_json) if result.written or result.skipped else None
     msg = f"{result.written} new row(s) in {result.out}" + (f" ({result.skipped} kept from before)" if result.skipped else "")
     if result.interrupted:
         err.print(f"Interrupted: {msg}; rerun with --resume to finish.", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED)
     err.print(msg, markup=False)
+    if strict and summary is not None:
+        _check_strict(summary)
+
+
+def _check_strict(summary) -> None:
+    """``--strict``: a lossless 'bug' (see experiments/report.py) fails the command, the rows kept."""
+    from apar_spec.experiments.report import ALL
+
+    bugs = [(v.variant, v.lossless) for v in summary.groups[ALL] if v.lossless and v.lossless.bugs]
+    if bugs:
+        fail("lossless check failed: " + "; ".join(f"{name} differs from {ll.reference} on {ll.bugs} prompt(s) by more "
+                                                   "than a near-tie" for name, ll in bugs) + " (see the report above)")
 
 
 @app.command()
@@ -270,6 +282,7 @@ def bench(
     resume: Resume = False,
     overwrite: Overwrite = False,
     as_json: AsJson = False,
+    strict: Strict = False,
 ) -> None:
     """Compare configurations on a prompt set (defaults: the embedded models, offline)."""
     from apar_spec.experiments.bench import compare
@@ -281,7 +294,7 @@ def bench(
         warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads, chat_template=chat_template,
         out=out, resume=resume, overwrite=overwrite,
     )
-    _run_with_progress(lambda progress: compare(settings, progress=progress), settings, as_json)
+    _run_with_progress(lambda progress: compare(settings, progress=progress), settings, as_json, strict)
 
 
 def _k_option(k: str) -> int | str:
@@ -339,6 +352,7 @@ def sweep(
     resume: Resume = False,
     overwrite: Overwrite = False,
     as_json: AsJson = False,
+    strict: Strict = False,
 ) -> None:
     """Sweep draft length k, draft tree shape and draft choice, next to the ar/apar/hf-generate baselines."""
     from apar_spec.experiments.bench import sweep as run_sweep
@@ -354,7 +368,7 @@ def sweep(
         seed=seed, repeats=repeats, warmup=warmup, dtype=dtype, device=device, device_map=device_map, threads=threads,
         chat_template=chat_template, out=out, resume=resume, overwrite=overwrite,
     )
-    _run_with_progress(lambda progress: run_sweep(settings, drafts=draft_list, ks=k_list, trees=tree_list, step_caps=cap_list, progress=progress), settings, as_json)
+    _run_with_progress(lambda progress: run_sweep(settings, drafts=draft_list, ks=k_list, trees=tree_list, step_caps=cap_list, progress=progress), settings, as_json, strict)
 
 
 @app.command()
@@ -362,12 +376,15 @@ def sweep(
 def report(
     results: Annotated[Path, typer.Argument(help="A results file written by `apar-spec bench` or `sweep`.")],
     as_json: AsJson = False,
+    strict: Strict = False,
 ) -> None:
     """Summarise a results file: speed-ups, steps, acceptance, KV, lossless checks."""
-    _print_report(results, as_json)
+    summary = _print_report(results, as_json)
+    if strict:
+        _check_strict(summary)
 
 
-def _print_report(results: Path, as_json: bool) -> None:
+def _print_report(results: Path, as_json: bool):
     from apar_spec.experiments.bench import read_rows
     from apar_spec.experiments.report import render, summarize
 
@@ -376,6 +393,7 @@ def _print_report(results: Path, as_json: bool) -> None:
         print_json(summary.to_dict())
     else:
         render(summary, stdout_console())
+    return summary
 
 
 # ------------------------------------------------------------------ data and training

@@ -58,13 +58,16 @@ import torch
 
 from apar_spec.api import eos_ids_of, generate
 from apar_spec.hf_baselines import hf_generate
+from apar_spec.lossless import first_difference, logit_gap
 from apar_spec.loading import resolve_device
 from apar_spec.options import DecodeOptions, fork_bias_of, fork_depth
 from apar_spec.router import gate_threshold
+from apar_spec.tokens import find_apar_tokens
 
 from .models import DEFAULT_TARGET, ModelSet, default_draft, encode_prompt, load_models
 from .parallel import Processes, merge_shards, shard_files
 from .prompts import DEFAULT_SET, Prompt, select_prompts
+from .report import LOSSLESS_REFERENCE
 
 _D = DecodeOptions
 CONFIGS = ("hf-generate", "hf-assisted", "ar", "apar", "spec", "apar+spec")
@@ -411,7 +414,7 @@ def _run_threads_set(settings: BenchSettings, plan, progress: Optional[Progress]
         ms = load_models(settings.target, settings.base, drafts, dtype=settings.dtype, device=settings.device,
                          device_map=settings.device_map)
         variants, notes = plan(ms)
-        runner = _Runner(settings, ms, prompts)
+        runner = _Runner(settings, ms, prompts, read_rows(settings.out) if settings.out.is_file() else [])
     except BaseException:
         if procs.is_main and created and settings.out.is_file() and settings.out.stat().st_size == 0:
             settings.out.unlink()  # a run that failed before its first row leaves no empty file behind
@@ -537,11 +540,18 @@ def read_rows(path: str | Path) -> list[dict]:
 class _Runner:
     """Runs one (variant, prompt) and turns it into a row."""
 
-    def __init__(self, settings: BenchSettings, ms: ModelSet, prompts: list[Prompt]):
+    def __init__(self, settings: BenchSettings, ms: ModelSet, prompts: list[Prompt], finished: Sequence[dict] = ()):
+        """``finished``: rows already in the output (a resumed run); their trees are the
+        references a speculative row's first difference is found against."""
         self.s = settings
         self.ms = ms
         self.setup_id = settings.setup_id()
         self._ids: dict[tuple[int, str], list[int]] = {}
+        # (config, model, prompt id, repeat) -> the answer tree: per branch (parent, fork index, tokens)
+        self.trees: dict[tuple, list] = {
+            (r["config"], r.get("model"), str(r["prompt_id"]), r["repeat"]): [tuple(b[:3]) for b in r["branches"]]
+            for r in finished if r.get("branches") and r.get("setup_id") == self.setup_id
+        }
         for p in prompts:  # encode up front: a template problem fails before the first row
             for loaded in (ms.target, ms.baseline):
                 self.ids(loaded, p)
@@ -580,7 +590,31 @@ class _Runner:
             _sync(device)
             wall = time.perf_counter() - start
             out_ids, text, stats, extra = gen.token_ids, gen.text, gen.stats.to_dict(), {}
-        return make_row(self, v, prompt, repeat, loaded.name, len(ids), out_ids, text, wall, stats, extra)
+        branches = ([[b.parent, b.fork_index, b.token_ids, b.finish] for b in gen.branches] if not v.config.startswith("hf-")
+                    else [[None, None, list(out_ids), None]])
+        row = make_row(self, v, prompt, repeat, loaded.name, len(ids), out_ids, text, wall, stats, extra)
+        row["branches"] = branches
+        self.check_lossless(row, loaded, ids)
+        return row
+
+    def check_lossless(self, row: dict, loaded, ids: list[int]) -> None:
+        """Keep the row's tree; for a greedy row with a reference (``report.LOSSLESS_REFERENCE``)
+        already run on this prompt and model, record where it parts from it and the target's
+        logit gap there (``apar_spec.lossless``): the report tells a near-tie from a bug by it."""
+        tree = [tuple(b[:3]) for b in row["branches"]]
+        key = (row["config"], row["model"], str(row["prompt_id"]), row["repeat"])
+        if row["repeat"] < 0:
+            return
+        self.trees[key] = tree
+        ref = self.trees.get((LOSSLESS_REFERENCE.get(row["config"]), *key[1:]))
+        if ref is None or (row.get("temperature") or 0) > 0:
+            return
+        d = first_difference(ids, ref, tree)
+        if d is None:
+            return
+        apar = find_apar_tokens(loaded.tokenizer) if row.get("fork_bias") else None
+        gap = logit_gap(loaded.model, d, apar.fork_id if apar else None, row.get("fork_bias") or 0.0, row.get("max_depth"))
+        row["first_difference"] = {"reference": LOSSLESS_REFERENCE[row["config"]], **d.to_dict(), "logit_gap": gap}
 
 
 def _sync(device) -> None:

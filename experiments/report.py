@@ -30,11 +30,13 @@ How each column is computed (all from rows of the same run, so machine drift can
 - ``lossless``: greedy runs only. ``spec`` must equal ``ar``, ``apar+spec`` equal
   ``apar``, ``ar`` and ``hf-assisted`` equal ``hf-generate``: whole token lists are
   compared (length included, never zipped), on the first repeat both have, and only
-  when both rows used the same model. One exception, by design: the per-request token
-  budget (``--max-new-tokens``, counted over all branches) is the one cap that depends
-  on scheduling, so when it cuts a branching answer, ``apar+spec`` and ``apar`` stop
-  their branches at different points. Such prompts are counted as ``budget-cut``, not
-  compared; raise ``--max-new-tokens`` to compare them.
+  when both rows used the same model. No prompt is exempt: the token budget cuts the
+  tokens plain APAR keeps whatever the speculator (``apar_spec.clock``). Every difference
+  is explained under the table (``apar_spec.lossless``): ``low precision`` (bf16/fp16
+  rows: a forward over several tokens rounds differently from one-token steps),
+  ``near-tie`` (float32, the target's logit gap between the two tokens chosen at the
+  first difference below 1e-4), or ``bug`` (anything else, a float32 gap of 1e-4 or more
+  included; ``bench --strict`` then exits non-zero).
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ PLAIN_OF = {"spec": "ar", "apar+spec": "apar"}
 # configuration -> the configuration its greedy output must equal
 LOSSLESS_REFERENCE = {"spec": "ar", "apar+spec": "apar", "ar": "hf-generate", "hf-assisted": "hf-generate"}
 LOW_PRECISION = {"bfloat16", "float16"}
-BUDGET_SENSITIVE = {"apar+spec"}  # branches advance at different rates, so a binding budget cuts them differently
 
 
 @dataclass
@@ -64,19 +65,29 @@ class Lossless:
     compared: int = 0
     first_difference: Optional[str] = None  # "prompt P: lengths 12 vs 10, first differs at token 7"
     skipped: Optional[str] = None  # why no comparison was made ("sampled", "different models")
-    budget_cut: int = 0  # prompts not compared because the token budget cut a branching answer
+    # every differing prompt: {"prompt", "reason" (lossless.explain), "detail"}
+    differences: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> Optional[bool]:
         return None if self.skipped or not self.compared else self.equal == self.compared
 
+    @property
+    def bugs(self) -> int:
+        return sum(d["reason"] == "bug" for d in self.differences)
+
     def short(self) -> str:
         if self.skipped:
             return f"n/a ({self.skipped})"
-        cut = f", {self.budget_cut} budget-cut" if self.budget_cut else ""
         if not self.compared:
-            return f"n/a (no common prompts{cut})"
-        return f"{'yes' if self.ok else 'NO'} {self.equal}/{self.compared}{cut}"
+            return "n/a (no common prompts)"
+        why = ""
+        if self.differences:
+            counts = defaultdict(int)
+            for d in self.differences:
+                counts[d["reason"]] += 1
+            why = " (" + ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) + ")"
+        return f"{'yes' if self.ok else 'NO'} {self.equal}/{self.compared}{why}"
 
 
 @dataclass
@@ -171,15 +182,12 @@ def acceptance_per_position(rows: Sequence[dict]) -> list[float]:
     return [sum(columns[j]) / len(columns[j]) for j in sorted(columns)]
 
 
-def _budget_hit(row: dict) -> bool:
-    budget = row.get("max_new_tokens")
-    return budget is not None and row.get("tokens", 0) >= budget
-
-
-def compare_outputs(rows: Sequence[dict], ref_rows: Sequence[dict], reference: str, budget_sensitive: bool = False) -> Lossless:
+def compare_outputs(rows: Sequence[dict], ref_rows: Sequence[dict], reference: str) -> Lossless:
     """Greedy-equality of whole token lists, per prompt, on the first repeat both have.
-    ``budget_sensitive``: prompts where either row used the whole token budget are
-    counted in ``budget_cut`` instead of compared (see the module docstring)."""
+    Every difference is explained (module docstring) from the row's ``lossless`` record,
+    which the bench writes with the target's logit gap at the first differing token."""
+    from apar_spec.lossless import NEAR_TIE, explain
+
     result = Lossless(reference)
     if any((r.get("temperature") or 0) > 0 for r in [*rows, *ref_rows]):
         result.skipped = "sampled"
@@ -191,22 +199,31 @@ def compare_outputs(rows: Sequence[dict], ref_rows: Sequence[dict], reference: s
     mine = _first_repeat(rows)
     ref = _first_repeat(ref_rows)
     for p in sorted(set(mine) & set(ref), key=str):
-        if budget_sensitive and (_budget_hit(mine[p]) or _budget_hit(ref[p])):
-            result.budget_cut += 1
-            continue
         a, b = mine[p]["output_ids"], ref[p]["output_ids"]
         result.compared += 1
         if a == b:  # list equality compares lengths too: a truncated output is a difference
             result.equal += 1
-        elif result.first_difference is None:
-            at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            result.first_difference = f"prompt {p}: lengths {len(a)} vs {len(b)}, first differs at token {at}"
-            low = sorted({str(r.get("dtype")) for r in (mine[p], ref[p])} & LOW_PRECISION)
-            if low:
-                result.first_difference += (
-                    f" ({'/'.join(low)}: a forward over several tokens rounds differently from one-token "
-                    "steps, so a near-tie can flip; rerun in float32 to tell numerics from a bug)"
-                )
+            continue
+        at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        detail = f"lengths {len(a)} vs {len(b)}, first differs at answer token {at}"
+        dtypes = {str(r.get("dtype")) for r in (mine[p], ref[p])}
+        low = sorted(dtypes & LOW_PRECISION)
+        rec = mine[p].get("first_difference") or {}
+        gap = rec.get("logit_gap")
+        if rec:
+            detail += (f"; first in APAR time at branch {rec.get('branch')} token {rec.get('index')}: "
+                       f"{rec.get('want')} vs {rec.get('got')}, logit gap "
+                       + ("n/a (a different stop)" if gap is None else f"{gap:.2e}"))
+        else:
+            detail += "; no first-difference record (the reference ran in another bench run)"
+        reason = explain(low[0] if low else "float32", gap)
+        if reason == "low precision":
+            detail += f" ({'/'.join(low)}: rerun in float32 to tell numerics from a bug)"
+        elif reason == "bug" and gap is not None:
+            detail += f" (>= {NEAR_TIE:g}: not rounding)"
+        result.differences.append({"prompt": str(p), "reason": reason, "detail": detail})
+        if result.first_difference is None:
+            result.first_difference = f"prompt {p}: {detail}"
     return result
 
 
@@ -311,8 +328,7 @@ def _summarize_group(rows: Sequence[dict], lookup: Optional[_CostLookup] = None)
         ref_config = LOSSLESS_REFERENCE.get(config)
         lossless = None
         if ref_config and ref_config in by_config:
-            lossless = compare_outputs(vrows, by_variant[by_config[ref_config]], by_config[ref_config],
-                                       budget_sensitive=config in BUDGET_SENSITIVE)
+            lossless = compare_outputs(vrows, by_variant[by_config[ref_config]], by_config[ref_config])
         out.append(
             VariantSummary(
                 variant=name,
@@ -421,10 +437,12 @@ def render(report: Report, console: Optional[Console] = None) -> None:
             console.print(line, markup=False, highlight=False, style=None if plain else "cyan", soft_wrap=True)
         console.print("")
     _render_predictions(report, console, plain)
-    diffs = [v for v in report.groups[ALL] if v.lossless and v.lossless.first_difference]
+    diffs = [v for v in report.groups[ALL] if v.lossless and v.lossless.differences]
     for v in diffs:
-        console.print(f"lossless check failed for {v.variant} vs {v.lossless.reference}: {v.lossless.first_difference}",
+        console.print(f"{v.variant} differs from {v.lossless.reference} on {len(v.lossless.differences)} prompt(s):",
                       markup=False, highlight=False)
+        for d in v.lossless.differences:
+            console.print(f"  [{d['reason']}] prompt {d['prompt']}: {d['detail']}", markup=False, highlight=False)
 
 
 def _render_predictions(report: Report, console: Console, plain: bool) -> None:
