@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import difflib
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
-
-from apar_spec.answer_tree import AnswerTree
-from apar_spec.decoder import DecodeResult, Decoder
+from apar_spec.decoding.answer_tree import AnswerTree
+from apar_spec.decoding.decoder import Decoder
+from apar_spec.decoding.reassemble import BranchInfo, reading_order, to_answer_tree
+from apar_spec.decoding.speculator import resolve_draft
+from apar_spec.decoding.state import DecodeResult
+from apar_spec.decoding.tokens import find_apar_tokens
+from apar_spec.decoding.tree_cache import check_supported
 from apar_spec.inputs import normalize_prompts
-from apar_spec.options import MODES, DecodeOptions, model_decode_defaults
-from apar_spec.reassemble import BranchInfo, reading_order, to_answer_tree
-from apar_spec.tokens import find_apar_tokens
-from apar_spec.tree_cache import check_supported
+from apar_spec.options import DecodeOptions, check_mode, model_decode_defaults
 
 _D = DecodeOptions  # class attributes hold the one source of every default
 
@@ -121,6 +122,7 @@ def generate(
     top_k: int = _D.top_k,
     seed: Optional[int] = _D.seed,
     on_step: Optional[Callable[[list, Any], None]] = None,
+    on_note: Optional[Callable[[str], None]] = None,
     **options: Any,
 ) -> list[Generation]:
     """Decode ``prompts`` with the token-tree decoder.
@@ -135,21 +137,24 @@ def generate(
     ``draft``: a registry name, a path/id, a loaded model, or a speculator object).
     ``options``: any field of ``DecodeOptions`` (``max_depth``, ``num_draft_tokens``...);
     ``max_depth`` defaults to the fork nesting the model records it was trained on, if any;
-    ``num_draft_tokens="auto"`` / ``tree="auto"``: the cost model's choice (``cost_model.resolve_auto``).
+    ``num_draft_tokens="auto"`` / ``tree="auto"``: the cost model's choice (``apar_spec.costs.resolve_auto``).
     ``on_step(requests, tree_cache)``: called after every step with the decoder's live
     requests (their ``branches`` growing) - for live views and tests; must not mutate them.
+    ``on_note(text)``: one-line notes the library has for a person (what "auto" picked, a
+    cost measurement it had to run first); the library never prints, the caller renders.
     """
-    if mode not in MODES:
-        close = difflib.get_close_matches(str(mode), MODES, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown mode '{mode}' (choose from {', '.join(MODES)}){hint}")
+    check_mode(mode)
     if options.get("num_draft_tokens") == "auto" or options.get("tree") == "auto":
         # the cost model picks k / the tree from cached pass costs (measured first, once, if missing)
-        from apar_spec.cost_model import resolve_auto_options
+        from apar_spec.costs import resolve_auto_options
 
-        options = resolve_auto_options(model, tokenizer, mode, draft, options)
+        options = resolve_auto_options(model, tokenizer, mode, draft, options, say=on_note)
     opts = DecodeOptions.build(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
         **{**model_decode_defaults(model), **options},
     )
     check_supported(model)
@@ -164,14 +169,14 @@ def generate(
     max_pos = getattr(model.config, "max_position_embeddings", None)
     for i, ids in enumerate(prompt_ids):
         if max_pos is not None and len(ids) >= max_pos:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens, more than the model's context of {max_pos - 1}; shorten it")
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens, more than the model's context of {max_pos - 1}; shorten it"
+            )
     speculator = None
     if mode in ("spec", "apar+spec"):
         if draft is None:
             raise ValueError(f"mode='{mode}' needs a draft (a registry name such as 'ngram', a model path, or a model)")
-        from apar_spec.drafts import resolve_speculator
-
-        speculator = resolve_speculator(draft, model, tokenizer)
+        speculator = resolve_draft(draft, model, tokenizer)
     eos = eos_ids_of(model, tokenizer, opts.eos_token_id)
     decoder = Decoder(model, opts, apar, fork_enabled=uses_apar, eos_ids=eos, speculator=speculator, on_step=on_step)
     results: list[DecodeResult] = []

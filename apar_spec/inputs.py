@@ -114,8 +114,11 @@ def _mapping_rows(enc: Mapping, where: str, top: bool = False) -> list[tuple[str
     if _is_array(ids):
         rows = _array_rows(ids, where)
         masks = _array_rows(mask, f"{where} attention_mask") if mask is not None else [None] * len(rows)
-    elif isinstance(ids, Sequence) and not isinstance(ids, (str, bytes)) and ids and all(
-        isinstance(r, (list, tuple)) or _is_array(r) for r in ids
+    elif (
+        isinstance(ids, Sequence)
+        and not isinstance(ids, (str, bytes))
+        and ids
+        and all(isinstance(r, (list, tuple)) or _is_array(r) for r in ids)
     ):
         rows = [r.tolist() if _is_array(r) else list(r) for r in ids]  # batched: a list of rows
         masks = list(mask) if mask is not None else [None] * len(rows)
@@ -187,7 +190,8 @@ def normalize_prompts(tokenizer, prompts: Any, *, vocab_size: Optional[int] = No
             bad = next((t for t in ids if t < 0 or t >= vocab_size), None)
             if bad is not None:
                 raise ValueError(
-                    f"{where} has token id {bad}, outside the model's vocabulary of {vocab_size} (ids 0..{vocab_size - 1}); "
+                    f"{where} has token id {bad}, outside the model's vocabulary of {vocab_size} "
+                    f"(ids 0..{vocab_size - 1}); "
                     "was it encoded with another tokenizer?"
                 )
         out.append(ids)

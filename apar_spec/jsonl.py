@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 
 def json_objects(path: Path, lines: Iterable[str], where: str = "{path} line {n}") -> Iterator[tuple[int, str, dict]]:

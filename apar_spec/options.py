@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 
 MODES = ("ar", "apar", "spec", "apar+spec")
+SPEC_MODES = ("spec", "apar+spec")  # the modes that draft
+APAR_MODES = ("apar", "apar+spec")  # the modes that fork
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of ``MODES``, else a one-line ``ValueError`` with the closest name."""
+    import difflib
+
+    if mode not in MODES:
+        close = difflib.get_close_matches(str(mode), MODES, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown mode '{mode}' (choose from {', '.join(MODES)}){hint}")
+    return mode
+
+
+def given(**options) -> dict:
+    """The options a user set (not None): pass these and let every other default come from
+    its one home (``DecodeOptions``, or what the model records about itself)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 DEPTH_CAP_POLICIES = ("end", "mask")  # DecodeOptions.depth_cap
 REPEATED_TITLE_POLICIES = ("end", "keep")  # DecodeOptions.repeated_title
 
@@ -22,7 +44,7 @@ class DecodeOptions:
     """Knobs of one ``generate`` call. Token-changing caps are per branch and deterministic."""
 
     # Per request, counted over all branches ([Fork] and EOS count, forced [Child] not). It keeps
-    # the tokens plain APAR samples first (apar_spec.clock), so it cuts the same tokens
+    # the tokens plain APAR samples first (apar_spec.decoding.clock), so it cuts the same tokens
     # whatever the speculator and however many branches may run at once.
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0 = greedy
@@ -64,7 +86,7 @@ class DecodeOptions:
     # distribution, so speculation stays lossless under it. A model may record its own
     # (``model_decode_defaults``); the caller's value wins.
     fork_bias: float = 0.0
-    # The fork router's threshold (apar_spec.router): a request whose prompt the model's
+    # The fork router's threshold (apar_spec.models.router): a request whose prompt the model's
     # router scores under it as wanting a list, p(list) < fork_gate, decodes with [Fork]
     # disabled - the model's plain answer. Why: forks on short-answer prompts (arithmetic,
     # facts, translations) cost quality and save nothing. None = the threshold the router was
@@ -72,10 +94,12 @@ class DecodeOptions:
     # > 0 needs a model with a router. It reads the prompt only, so speculation stays lossless.
     fork_gate: Optional[float] = None
     max_branch_tokens: Optional[int] = None  # per-branch cap; None = max_new_tokens
-    max_live_branches: Optional[int] = None  # memory bound: extra children wait in a queue (never changes tokens, budget included)
+    max_live_branches: Optional[int] = (
+        None  # memory bound: extra children wait in a queue (never changes tokens, budget included)
+    )
     batch_size: int = 1  # requests decoded together (one cache row each)
     num_draft_tokens: int = 4  # k: draft tokens per branch per step
-    # Draft tree per branch (apar_spec.draft_tree.parse_tree: "K", "chain:K", "topk:WxD", a JSON
+    # Draft tree per branch (apar_spec.decoding.draft_tree.parse_tree: "K", "chain:K", "topk:WxD", a JSON
     # path list, or a list of paths); None = a chain of num_draft_tokens. "auto" passes validation
     # here and must be resolved (cost model) before decoding; the Decoder refuses it unresolved.
     tree: Optional[Union[str, list]] = None
@@ -107,12 +131,12 @@ class DecodeOptions:
             raise ValueError(f"max_live_branches must be >= 1 or None (got {self.max_live_branches})")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {self.batch_size})")
-        if self.num_draft_tokens < 1 or self.max_draft_tokens < self.num_draft_tokens:
-            raise ValueError(
-                f"num_draft_tokens must be >= 1 and <= max_draft_tokens (got {self.num_draft_tokens}, {self.max_draft_tokens})"
-            )
+        if self.num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1 (got {self.num_draft_tokens})")
+        # the adaptive ceiling is never below the starting length: one home for that rule
+        self.max_draft_tokens = max(self.max_draft_tokens, self.num_draft_tokens)
         if self.tree is not None and not (isinstance(self.tree, str) and self.tree.strip() == "auto"):
-            from apar_spec.draft_tree import parse_tree
+            from apar_spec.decoding.draft_tree import parse_tree
 
             parse_tree(self.tree)  # a malformed shape is a one-line ValueError here, before any work
         if self.max_step_tokens is not None and self.max_step_tokens < 1:
@@ -120,7 +144,9 @@ class DecodeOptions:
         if not math.isfinite(self.fork_bias):
             raise ValueError(f"fork_bias must be a finite number (got {self.fork_bias})")
         if self.fork_gate is not None and not (is_finite_number(self.fork_gate) and 0.0 <= self.fork_gate <= 1.0):
-            raise ValueError(f"fork_gate must be a number in [0, 1] or None (got {self.fork_gate!r}); 0 turns the router off")
+            raise ValueError(
+                f"fork_gate must be a number in [0, 1] or None (got {self.fork_gate!r}); 0 turns the router off"
+            )
         if not 0.0 <= self.compact_threshold <= 1.0:
             raise ValueError(f"compact_threshold must be in [0, 1] (got {self.compact_threshold})")
 
@@ -129,7 +155,7 @@ class DecodeOptions:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def build(cls, **kwargs) -> "DecodeOptions":
+    def build(cls, **kwargs) -> DecodeOptions:
         """Like the constructor, but an unknown option name is a one-line ValueError with a hint."""
         import difflib
 

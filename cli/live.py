@@ -22,7 +22,13 @@ TAIL_CHARS = 90  # a branch line shows the end of its text, where it grows
 def branch_table(request: Any, tokenizer, step: int) -> Group:
     """A table of the request's branches (``request`` is the decoder's ``Request``)."""
     table = Table(show_header=True, header_style="bold", expand=False, box=None, pad_edge=False)
-    for col, kw in (("branch", {"justify": "right"}), ("from", {}), ("state", {}), ("tokens", {"justify": "right"}), ("text", {})):
+    for col, kw in (
+        ("branch", {"justify": "right"}),
+        ("from", {}),
+        ("state", {}),
+        ("tokens", {"justify": "right"}),
+        ("text", {}),
+    ):
         table.add_column(col, **kw)
     queued = set(getattr(request, "queue", ()))
     for b in request.branches:
@@ -37,7 +43,11 @@ def branch_table(request: Any, tokenizer, step: int) -> Group:
     c = request.counters
     live_kv = c.live_kv[-1] if c.live_kv else 0
     active = sum(b.active for b in request.branches)
-    header = Text(f"step {step}  ·  {active} branch(es) decoding  ·  {sum(b.generated for b in request.branches)} tokens  ·  live KV {live_kv}", style="bold")
+    header = Text(
+        f"step {step}  ·  {active} branch(es) decoding  ·  {sum(b.generated for b in request.branches)} tokens  ·  "
+        f"live KV {live_kv}",
+        style="bold",
+    )
     return Group(header, table)
 
 

@@ -71,3 +71,14 @@ def show_generation(gen, console: Console, *, model: str, mode: str, draft: Opti
     for key, label in STAT_LABELS.items():
         table.add_row(label, _fmt(stats[key]))
     console.print(table)
+
+
+def quiet_transformers() -> None:
+    """HF's per-call warnings and weight-loading bars would drown the report."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - logging is cosmetic
+        pass

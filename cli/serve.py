@@ -15,40 +15,76 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from apar_spec.experiments.bench_plan import BenchSettings
+from apar_spec.experiments.load_bench import LoadSettings
 
-from apar_spec.options import DecodeOptions
+from apar_spec.options import DecodeOptions, given
+from apar_spec.serving import Engine
 
 from .errors import fail, handle_errors
+from .options import MODEL_HELP, RepeatedTitle, check_mode, default, model_option, with_groups
 from .output import stdout_console
+from .progress import ensure_packaged_base
 
-
-def _load_default(name: str):
-    from apar_spec.experiments.load_bench import LoadSettings
-
-    return {f.name: f.default for f in dataclasses.fields(LoadSettings)}[name]
-
-
-Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16, float16, float64 (default: float32 for embedded models).")]
+Dtype = Annotated[
+    Optional[str],
+    typer.Option("--dtype", help="float32, bfloat16, float16, float64 (default: float32 for embedded models)."),
+]
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, or auto.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads (default: 1 on CPU).")]
-KvBudget = Annotated[Optional[int], typer.Option("--kv-budget", help="KV budget in slots of logical live KV; requests queue while it is full (never evicted).")]
+KvBudget = Annotated[
+    Optional[int],
+    typer.Option(
+        "--kv-budget", help="KV budget in slots of logical live KV; requests queue while it is full (never evicted)."
+    ),
+]
 
 
 @handle_errors
+@with_groups
 def serve_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Embedded name, local path, .gguf file or cached HF id.")] = "tiny-apar",
-    draft: Annotated[Optional[str], typer.Option("--draft", help="Draft for spec modes (registry name, path or a union 'a+b:8'). Default: tiny-draft for embedded models, else ngram.")] = None,
-    mode: Annotated[str, typer.Option("--mode", help="ar, apar, spec or apar+spec.")] = "apar",
+    model: Annotated[str, model_option(MODEL_HELP)] = default(BenchSettings, "target"),
+    draft: Annotated[
+        Optional[str],
+        typer.Option(
+            "--draft",
+            help="Draft for spec modes (registry name, path or a union 'a+b:8'). Default: tiny-draft for embedded "
+            "models, else ngram.",
+        ),
+    ] = None,
+    mode: Annotated[str, typer.Option("--mode", help="ar, apar, spec or apar+spec.")] = default(Engine, "mode"),
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
     kv_budget: KvBudget = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Largest max_tokens a request may ask for; also the per-branch cap.")] = DecodeOptions.max_new_tokens,
-    k: Annotated[int, typer.Option("-k", help="Draft tokens per branch per step.")] = DecodeOptions.num_draft_tokens,
-    temperature: Annotated[float, typer.Option("--temperature", help="Temperature of every request (0 = greedy).")] = DecodeOptions.temperature,
-    served_name: Annotated[Optional[str], typer.Option("--served-model-name", help="Model name clients send (default: --model).")] = None,
-    fork_bias: Annotated[Optional[float], typer.Option("--fork-bias", help="Added to the [Fork] logit where a fork would spawn a child (more forks > 0 > fewer). Default: the model's recorded one, else 0.")] = None,
-    repeated_title: Annotated[Optional[str], typer.Option("--repeated-title", help="What a branch does when it forks after a title it already forked after in the same list: end (it ends, minus that title) or keep. Default: end.")] = None,
-    fork_gate: Annotated[Optional[float], typer.Option("--fork-gate", help="The fork router's threshold: a prompt the model's router scores under it decodes without forks. Default: the router's own (no router: no gate); 0 turns it off.")] = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", help="Largest max_tokens a request may ask for; also the per-branch cap.")
+    ] = default(DecodeOptions, "max_new_tokens"),
+    k: Annotated[int, typer.Option("-k", help="Draft tokens per branch per step.")] = default(
+        DecodeOptions, "num_draft_tokens"
+    ),
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="Temperature of every request (0 = greedy).")
+    ] = default(DecodeOptions, "temperature"),
+    served_name: Annotated[
+        Optional[str], typer.Option("--served-model-name", help="Model name clients send (default: --model).")
+    ] = None,
+    fork_bias: Annotated[
+        Optional[float],
+        typer.Option(
+            "--fork-bias",
+            help="Added to the [Fork] logit where a fork would spawn a child (more forks > 0 > fewer). Default: the "
+            "model's recorded one, else 0.",
+        ),
+    ] = None,
+    repeated_title: RepeatedTitle = None,
+    fork_gate: Annotated[
+        Optional[float],
+        typer.Option(
+            "--fork-gate",
+            help="The fork router's threshold: a prompt the model's router scores under it decodes without forks. "
+            "Default: the router's own (no router: no gate); 0 turns it off.",
+        ),
+    ] = None,
     dtype: Dtype = None,
     device: Device = None,
     threads: Threads = None,
@@ -61,38 +97,46 @@ def serve_command(
         fail("`apar-spec serve` needs the serve extra: pip install 'apar-spec[serve]'")
     from apar_spec.experiments.bench import torch_threads
     from apar_spec.experiments.models import Loaded, default_draft, resolve_draft
-    from apar_spec.loading import load
-    from apar_spec.options import MODES
-    from apar_spec.serving import Engine
+
+    from apar_spec.models.loading import load
     from apar_spec.serving.http import create_app, serve_app
 
-    from .app import _quiet_transformers
+    from .output import quiet_transformers
 
-    if mode not in MODES:
-        fail(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
+    check_mode(mode)
     if draft and "spec" not in mode:
         fail(f"--draft is only used by --mode spec or apar+spec (got --mode {mode})")
     if not 0 < port < 65536:
         fail(f"--port must be in 1..65535 (got {port})")
-    decode = {} if fork_bias is None else {"fork_bias": fork_bias}  # absent: the model's recorded default applies
-    if repeated_title is not None:
-        decode["repeated_title"] = repeated_title
-    if fork_gate is not None:
-        decode["fork_gate"] = fork_gate
+    decode = given(
+        fork_bias=fork_bias, repeated_title=repeated_title, fork_gate=fork_gate
+    )  # absent: the model's own apply
     DecodeOptions(**decode)  # a bad value: one line before the model loads
-    _quiet_transformers()
+    quiet_transformers()
+    ensure_packaged_base(stdout_console(stderr=True), model, draft)  # a first SmolLM2 load says why it waits
     loaded = Loaded(model, *load(model, dtype=dtype, device=device))
     draft_arg = None
     if "spec" in mode:
         draft_arg = resolve_draft(draft or default_draft(model), loaded, loaded, dtype=dtype, device=device).arg
     with torch_threads(threads, str(loaded.model.device)):
         engine = Engine(
-            loaded.model, loaded.tokenizer, mode=mode, draft=draft_arg, kv_budget=kv_budget, max_new_tokens=max_tokens,
-            num_draft_tokens=k, max_draft_tokens=max(k, DecodeOptions.max_draft_tokens), temperature=temperature, **decode,
+            loaded.model,
+            loaded.tokenizer,
+            mode=mode,
+            draft=draft_arg,
+            kv_budget=kv_budget,
+            max_new_tokens=max_tokens,
+            num_draft_tokens=k,
+            temperature=temperature,
+            **decode,
         ).start()
         app = create_app(engine, served_name or model)
         err = stdout_console(stderr=True)
-        err.print(f"serving {served_name or model} ({mode}) on http://{host}:{port}  kv budget: {kv_budget or 'unlimited'} slots", markup=False)
+        err.print(
+            f"serving {served_name or model} ({mode}) on http://{host}:{port}  kv budget: {kv_budget or 'unlimited'} "
+            f"slots",
+            markup=False,
+        )
         try:
             serve_app(app, host, port)
         finally:
@@ -100,35 +144,76 @@ def serve_command(
 
 
 @handle_errors
+@with_groups
 def load_bench_command(
-    url: Annotated[Optional[str], typer.Option("--url", help="A running `apar-spec serve` (e.g. http://127.0.0.1:8000): measure over HTTP. Default: in process.")] = None,
-    target: Annotated[str, typer.Option("--target", help="Target model (APAR modes); the AR baseline is its base (tiny-base for tiny-apar).")] = _load_default("target"),
+    url: Annotated[
+        Optional[str],
+        typer.Option(
+            "--url",
+            help="A running `apar-spec serve` (e.g. http://127.0.0.1:8000): measure over HTTP. Default: in process.",
+        ),
+    ] = None,
+    model: Annotated[
+        str,
+        model_option(
+            "Target model (APAR modes): embedded name, local path or cached HF id; the AR baseline is its base "
+            "(tiny-base for tiny-apar)."
+        ),
+    ] = default(LoadSettings, "target"),
     base: Annotated[Optional[str], typer.Option("--base", help="AR baseline model ('same' = the target).")] = None,
-    draft: Annotated[Optional[str], typer.Option("--draft", help="Draft for apar+spec (default: tiny-draft for embedded targets).")] = None,
-    modes: Annotated[str, typer.Option("--modes", help="Comma-separated: ar, apar, apar+spec, spec.")] = ",".join(_load_default("modes")),
-    prompts: Annotated[str, typer.Option("--prompts", help="Built-in set, text file, JSONL or question.jsonl.")] = _load_default("prompts"),
+    draft: Annotated[
+        Optional[str], typer.Option("--draft", help="Draft for apar+spec (default: tiny-draft for embedded targets).")
+    ] = None,
+    modes: Annotated[str, typer.Option("--modes", help="Comma-separated: ar, apar, apar+spec, spec.")] = ",".join(
+        default(LoadSettings, "modes")
+    ),
+    prompts: Annotated[
+        str, typer.Option("--prompts", help="Built-in set, text file, JSONL or question.jsonl.")
+    ] = default(LoadSettings, "prompts"),
     category: Annotated[Optional[str], typer.Option("--category", help="Only these categories.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="At most this many distinct prompts.")] = None,
-    turn: Annotated[int, typer.Option("--turn", help="Turn of question.jsonl rows.")] = 0,
-    num_requests: Annotated[int, typer.Option("--num-requests", "-n", help="Requests per (mode, rate); prompts are cycled.")] = _load_default("num_requests"),
-    rates: Annotated[str, typer.Option("--rates", help="Poisson arrival rates in requests/s; 'inf' = all at once.")] = "1,2,4,8,inf",
-    kv_budget: KvBudget = _load_default("kv_budget"),
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="max_tokens of every request.")] = _load_default("max_new_tokens"),
-    k: Annotated[int, typer.Option("-k", help="Draft tokens per branch per step (apar+spec).")] = _load_default("k"),
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the arrival schedule and prompt order.")] = _load_default("seed"),
-    check_offline: Annotated[bool, typer.Option("--check-offline/--no-check-offline", help="Compare every output with offline generate() (in process).")] = True,
+    turn: Annotated[int, typer.Option("--turn", help="Turn of question.jsonl rows.")] = default(LoadSettings, "turn"),
+    num_requests: Annotated[
+        int, typer.Option("--num-requests", "-n", help="Requests per (mode, rate); prompts are cycled.")
+    ] = default(LoadSettings, "num_requests"),
+    rates: Annotated[
+        str, typer.Option("--rates", help="Poisson arrival rates in requests/s; 'inf' = all at once.")
+    ] = ",".join("inf" if math.isinf(r) else f"{r:g}" for r in default(LoadSettings, "rates")),
+    kv_budget: KvBudget = default(LoadSettings, "kv_budget"),
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="max_tokens of every request.")] = default(
+        LoadSettings, "max_new_tokens"
+    ),
+    k: Annotated[int, typer.Option("-k", help="Draft tokens per branch per step (apar+spec).")] = default(
+        LoadSettings, "k"
+    ),
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the arrival schedule and prompt order.")] = default(
+        LoadSettings, "seed"
+    ),
+    check_offline: Annotated[
+        bool,
+        typer.Option(
+            "--check-offline/--no-check-offline", help="Compare every output with offline generate() (in process)."
+        ),
+    ] = default(LoadSettings, "check_offline"),
     dtype: Dtype = None,
     device: Device = None,
     threads: Threads = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Append one JSONL row per (mode, rate).")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="PNG throughput-vs-latency plot (needs the plot extra); a terminal chart otherwise.")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds one (mode, rate) run may take.")] = _load_default("timeout_s"),
+    plot: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--plot", help="PNG throughput-vs-latency plot (needs the plot extra); a terminal chart otherwise."
+        ),
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds one (mode, rate) run may take.")] = default(
+        LoadSettings, "timeout_s"
+    ),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows instead of tables.")] = False,
 ) -> None:
     """Serve N requests with Poisson arrivals at several rates; AR vs APAR vs APAR+spec under one KV budget."""
-    from apar_spec.experiments.load_bench import LoadSettings, goals, load_bench, parse_rates, plot_png, write_rows
+    from apar_spec.experiments.load_bench import goals, load_bench, parse_rates, plot_png, write_rows
 
-    from .app import _quiet_transformers
+    from .output import quiet_transformers
 
     if num_requests < 1:
         fail(f"--num-requests must be >= 1 (got {num_requests})")
@@ -138,16 +223,35 @@ def load_bench_command(
         fail(f"--kv-budget must be >= 1 (got {kv_budget})")
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     settings = LoadSettings(
-        target=target, base=base, draft=draft, modes=mode_list, prompts=prompts, category=category, limit=limit, turn=turn,
-        num_requests=num_requests, rates=parse_rates(rates), kv_budget=kv_budget, max_new_tokens=max_new_tokens, k=k,
-        seed=seed, dtype=dtype, device=device, threads=threads, url=url, check_offline=check_offline, timeout_s=timeout,
+        target=model,
+        base=base,
+        draft=draft,
+        modes=mode_list,
+        prompts=prompts,
+        category=category,
+        limit=limit,
+        turn=turn,
+        num_requests=num_requests,
+        rates=parse_rates(rates),
+        kv_budget=kv_budget,
+        max_new_tokens=max_new_tokens,
+        k=k,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        threads=threads,
+        url=url,
+        check_offline=check_offline,
+        timeout_s=timeout,
     )
     if url:
         try:
             import httpx  # noqa: F401
         except ImportError:
             fail("--url needs httpx: pip install httpx")
-    _quiet_transformers()
+    quiet_transformers()
+    if not url:  # a server elsewhere loads its own model
+        ensure_packaged_base(stdout_console(stderr=True), model, base, draft)
     console = stdout_console()
     err = stdout_console(stderr=True)
     rows = load_bench(settings, progress=None if as_json else (lambda msg: err.print(msg, markup=False)))
@@ -162,19 +266,25 @@ def load_bench_command(
         if plot_png(rows, plot):
             console.print(f"plot: {plot}", markup=False)
         else:
-            console.print("note: matplotlib is not installed (pip install 'apar-spec[plot]'); terminal chart instead", markup=False)
+            console.print(
+                "note: matplotlib is not installed (pip install 'apar-spec[plot]'); terminal chart instead",
+                markup=False,
+            )
             _chart(rows, console)
     else:
         _chart(rows, console)
 
 
 def _render(rows, g, console) -> None:
+    from apar_spec.experiments.load_bench import TABLE_HEADERS, table_body
     from rich.table import Table
 
-    from apar_spec.experiments.load_bench import TABLE_HEADERS, table_body
-
     marker = next((r.hf_generate_tok_s for r in rows if r.hf_generate_tok_s), None)
-    title = f"load-bench (KV budget {rows[0].kv_budget if rows else '-'} slots" + (f"; HF generate {marker:.0f} tok/s" if marker else "") + ")"
+    title = (
+        f"load-bench (KV budget {rows[0].kv_budget if rows else '-'} slots"
+        + (f"; HF generate {marker:.0f} tok/s" if marker else "")
+        + ")"
+    )
     body = table_body(rows)
     if console.is_terminal:
         table = Table(title=title, title_justify="left", header_style="bold")
@@ -184,20 +294,25 @@ def _render(rows, g, console) -> None:
             table.add_row(*row)
         console.print(table)
     else:
-        from apar_spec.experiments.report import _plain_table
+        from .report_view import plain_table
 
-        console.print(_plain_table(title, TABLE_HEADERS, body), markup=False, highlight=False, soft_wrap=True)
+        console.print(plain_table(title, TABLE_HEADERS, body), markup=False, highlight=False, soft_wrap=True)
 
     def x(v):
         return "-" if v is None else f"{v:.2f}x"
 
     sat = "-" if g.saturation_rate is None else ("inf" if math.isinf(g.saturation_rate) else f"{g.saturation_rate:g}/s")
     console.print(
-        f"at the rate where AR saturates ({sat}): APAR/AR output tok/s {x(g.throughput_ratio)}, req/s {x(g.request_ratio)}, "
-        f"p50 e2e {x(g.e2e_p50_ratio)}; APAR+spec/AR tok/s {x(g.spec_throughput_ratio)}, p50 e2e {x(g.spec_e2e_p50_ratio)}; "
+        f"at the rate where AR saturates ({sat}): APAR/AR output tok/s {x(g.throughput_ratio)}, req/s "
+        f"{x(g.request_ratio)}, "
+        f"p50 e2e {x(g.e2e_p50_ratio)}; APAR+spec/AR tok/s {x(g.spec_throughput_ratio)}, p50 e2e "
+        f"{x(g.spec_e2e_p50_ratio)}; "
         f"capacity (rate inf) APAR/AR tok/s {x(g.capacity_ratio)}, APAR+spec/AR {x(g.spec_capacity_ratio)}; "
-        f"outputs == offline: {'-' if g.lossless_min is None else f'{100 * g.lossless_min:.0f}%'} (lowest row); failed requests: {g.failed}",
-        markup=False, highlight=False, soft_wrap=True,
+        f"outputs == offline: {'-' if g.lossless_min is None else f'{100 * g.lossless_min:.0f}%'} (lowest row); "
+        f"failed requests: {g.failed}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
     )
 
 

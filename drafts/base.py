@@ -1,5 +1,5 @@
-"""The speculator contract lives in the core (``apar_spec.speculator``); re-exported here."""
+"""The speculator contract lives in the core (``apar_spec.decoding.speculator``); re-exported here."""
 
-from apar_spec.speculator import BranchView, Outcome, Proposal, ServingSpeculator, Speculator
+from apar_spec.decoding.speculator import BranchView, Outcome, Proposal, ServingSpeculator, Speculator
 
 __all__ = ["BranchView", "Outcome", "Proposal", "ServingSpeculator", "Speculator"]

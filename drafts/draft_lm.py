@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 
-from apar_spec.speculator import BranchView, Outcome, Proposal
-from apar_spec.draft_tree import TreeShape, chain
-from apar_spec.sampling import SamplingConfig, to_probs
-from apar_spec.tree_cache import TreeCache
+from apar_spec.decoding.draft_tree import TreeShape, chain
+from apar_spec.decoding.sampling import SamplingConfig, to_probs
+from apar_spec.decoding.speculator import BranchView, Outcome, Proposal
+from apar_spec.decoding.tree_cache import TreeCache
 
 from .vocab import DraftVocab
 
@@ -29,8 +29,14 @@ Key = tuple[int, int]  # (request, branch)
 class DraftModelSpeculator:
     name = "draft-lm"
 
-    def __init__(self, model, name: Optional[str] = None, mask_ids: tuple[int, ...] = (), logits_processor=None,
-                 vocab: Optional[DraftVocab] = None):
+    def __init__(
+        self,
+        model,
+        name: Optional[str] = None,
+        mask_ids: tuple[int, ...] = (),
+        logits_processor=None,
+        vocab: Optional[DraftVocab] = None,
+    ):
         """``mask_ids``: tokens the target never samples (``[Child]``); drafting them is waste.
         ``logits_processor``: applied to the draft's logits with the branch's context, as the
         decoder applies it to the target's (so a draft can follow the same steering).
@@ -132,7 +138,9 @@ class DraftModelSpeculator:
             ]
             if not frontier:
                 break
-            logits = torch.stack([result.of(self.row[views[i].request], [reads[i][node]])[0] for i, node in frontier]).float()  # [m, V_draft or N]
+            logits = torch.stack(
+                [result.of(self.row[views[i].request], [reads[i][node]])[0] for i, node in frontier]
+            ).float()  # [m, V_draft or N]
             logits = self._fit_vocab(logits)  # [m, V] (reduced vocabulary: also [m, V], -inf outside it)
             if self.logits_processor is not None:
                 for row, (i, node) in enumerate(frontier):
@@ -142,7 +150,10 @@ class DraftModelSpeculator:
             if sampling.greedy:
                 width = max(len(shapes[i].children(node)) for i, node in frontier)
                 top = logits.topk(min(width, logits.shape[-1]), dim=-1).indices.tolist()  # [m, width]
-                picks = [[(c, top[row][r]) for r, c in enumerate(shapes[i].children(node))] for row, (i, node) in enumerate(frontier)]
+                picks = [
+                    [(c, top[row][r]) for r, c in enumerate(shapes[i].children(node))]
+                    for row, (i, node) in enumerate(frontier)
+                ]
             else:
                 p = to_probs(logits, sampling)  # [m, V]
                 drawn = torch.multinomial(p, 1, generator=self.generator)[:, 0].tolist()  # [m]
@@ -236,7 +247,7 @@ class DraftModelSpeculator:
                 n = row.parent[n]
         # Committed nodes all stay (a queued child may need a finished parent's prefix);
         # what goes is the rejected drafts.
-        for (req, br), nodes in self.nodes.items():
+        for (req, _branch), nodes in self.nodes.items():
             row = self.row[req]
             live[row].update(n for n in nodes if tc.rows[row].slot_of[n] >= 0)
         if tc.garbage(live) >= 0.25 * tc.num_slots:

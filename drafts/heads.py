@@ -27,7 +27,7 @@ dropped. A new child's first step (its pending token is the forced ``[Child]``, 
 hidden state yet) gets no drafts.
 
 Drafts are deterministic (top-k), so under sampling the decoder verifies the tree
-by sampling the target at every node: exactly lossless (``apar_spec.speculator``).
+by sampling the target at every node: exactly lossless (``apar_spec.decoding.speculator``).
 
 Files: ``heads.safetensors`` (``blocks.{i}.weight/bias``) and ``heads.json`` (number
 of heads, the target's hidden size, vocabulary size and fingerprint, the target's
@@ -44,8 +44,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from apar_spec.draft_tree import chain
-from apar_spec.speculator import BranchView, Outcome, Proposal
+from apar_spec.decoding.draft_tree import chain
+from apar_spec.decoding.speculator import BranchView, Outcome, Proposal
 
 from .vocab import DraftVocab
 
@@ -125,7 +125,9 @@ def save_heads(heads: DraftHeads | ChainedHeads, out: str | Path, meta: dict) ->
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in heads.state_dict().items()}, str(out / WEIGHTS))
+    save_file(
+        {k: v.detach().to(torch.bfloat16).contiguous() for k, v in heads.state_dict().items()}, str(out / WEIGHTS)
+    )
     shape = {"kind": heads.kind, "num_heads": heads.num_heads}
     if isinstance(heads, ChainedHeads):
         shape["width"] = heads.width
@@ -135,7 +137,9 @@ def save_heads(heads: DraftHeads | ChainedHeads, out: str | Path, meta: dict) ->
 def read_config(path: str | Path) -> dict:
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
-        raise ValueError(f"'{path}' holds no draft heads ({CONFIG} + {WEIGHTS}); train some with `apar-spec train-heads`")
+        raise ValueError(
+            f"'{path}' holds no draft heads ({CONFIG} + {WEIGHTS}); train some with `apar-spec train-heads`"
+        )
     return json.loads((path / CONFIG).read_text())
 
 
@@ -166,7 +170,10 @@ def pick_folder(path: str | Path, target) -> Path:
     if same_size or fits:
         return (same_size or fits)[0]
     names = ", ".join(str(json.loads((s / CONFIG).read_text()).get("target", s.name)) for s in subs)
-    raise ValueError(f"no draft heads in '{path}' were trained for this target (they fit: {names}); train some with `apar-spec train-heads`")
+    raise ValueError(
+        f"no draft heads in '{path}' were trained for this target (they fit: {names}); train some with `apar-spec "
+        f"train-heads`"
+    )
 
 
 def load_heads(path: str | Path, target, tokenizer=None, name: Optional[str] = None) -> DraftHeads | ChainedHeads:
@@ -180,10 +187,11 @@ def load_heads(path: str | Path, target, tokenizer=None, name: Optional[str] = N
     if cfg.get("hidden_size") != hidden:
         raise ValueError(
             f"draft heads '{label}' were trained for hidden size {cfg.get('hidden_size')} "
-            f"(target '{cfg.get('target', '?')}'), this target has {hidden}; train heads for it with `apar-spec train-heads`"
+            f"(target '{cfg.get('target', '?')}'), this target has {hidden}; train heads for it with `apar-spec "
+            f"train-heads`"
         )
     if tokenizer is not None and cfg.get("fingerprint"):
-        from apar_spec.drafts.registry import vocab_fingerprint
+        from apar_spec.drafts.vocab import vocab_fingerprint
 
         n, fp = vocab_fingerprint(tokenizer)
         if fp != cfg["fingerprint"]:
@@ -197,8 +205,10 @@ def load_heads(path: str | Path, target, tokenizer=None, name: Optional[str] = N
     elif kind == "hydra":
         heads = ChainedHeads(hidden, int(cfg["num_heads"]), int(cfg.get("width") or hidden))
     else:
-        raise ValueError(f"draft heads '{label}' are of unknown kind '{kind}' (known: medusa, hydra); "
-                         "upgrade apar-spec or retrain them with `apar-spec train-heads`")
+        raise ValueError(
+            f"draft heads '{label}' are of unknown kind '{kind}' (known: medusa, hydra); "
+            "upgrade apar-spec or retrain them with `apar-spec train-heads`"
+        )
     heads.load_state_dict({k: v.float() for k, v in load_file(str(Path(path) / WEIGHTS)).items()})
     return heads.to(dtype=target.dtype, device=target.device).eval().requires_grad_(False)
 
@@ -215,8 +225,15 @@ class HeadsSpeculator:
     name = "heads"
     needs_hidden = True  # the decoder returns the target's final hidden states with each verify pass
 
-    def __init__(self, heads: DraftHeads | ChainedHeads, lm_head: nn.Module, name: Optional[str] = None,
-                 mask_ids: tuple[int, ...] = (), vocab: Optional[DraftVocab] = None, embed: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        heads: DraftHeads | ChainedHeads,
+        lm_head: nn.Module,
+        name: Optional[str] = None,
+        mask_ids: tuple[int, ...] = (),
+        vocab: Optional[DraftVocab] = None,
+        embed: Optional[nn.Module] = None,
+    ):
         """``vocab``: the heads propose only these token ids, through the target's LM head
         cut to their rows (``drafts/vocab.py``): K heads then cost K x N x d, not K x V x d.
         ``embed``: the target's input embeddings (chained heads read the tokens through them)."""
@@ -255,7 +272,9 @@ class HeadsSpeculator:
             return self._propose_chained(views, live, tokens, parents)
         K = self.heads.num_heads
         shapes = [views[i].shape for i in live]
-        width = max(max((s.width(d) for d in range(1, min(s.depth, K) + 1)), default=1) if s is not None else 1 for s in shapes)
+        width = max(
+            max((s.width(d) for d in range(1, min(s.depth, K) + 1)), default=1) if s is not None else 1 for s in shapes
+        )
         need = max(min(s.depth if s is not None else views[i].k, K) for s, i in zip(shapes, live))
         h = torch.stack([views[i].hidden for i in live])  # [m, d]
         top = self._guesses(self.heads(h, upto=need), width)  # [need][m][width]
@@ -267,7 +286,7 @@ class HeadsSpeculator:
                 tokens[i] = [top[d][row][0] for d in range(depth)]
                 parents[i] = list(range(-1, depth - 1))
                 continue
-            for node, (p, d, r) in enumerate(zip(shape.parents, shape.depths, shape.ranks)):
+            for p, d, r in zip(shape.parents, shape.depths, shape.ranks):
                 if d > need:
                     break  # layout order is by depth: every later node is deeper
                 tokens[i].append(top[d - 1][row][r])
@@ -287,8 +306,9 @@ class HeadsSpeculator:
             top = self.vocab.ids.to(top.device)[top]  # columns -> token ids
         return top.tolist()
 
-    def _propose_chained(self, views: list[BranchView], live: list[int], tokens: list[list[int]],
-                         parents: list[list[int]]) -> Proposal:
+    def _propose_chained(
+        self, views: list[BranchView], live: list[int], tokens: list[list[int]], parents: list[list[int]]
+    ) -> Proposal:
         """Grow each live branch's tree depth by depth (see the class docstring)."""
         K = self.heads.num_heads
         shapes = [views[i].shape if views[i].shape is not None else chain(max(1, views[i].k)) for i in live]
@@ -298,8 +318,11 @@ class HeadsSpeculator:
         token = [views[i].tokens[-1] for i in live]
         for depth in range(1, K + 1):
             # expand only the frontier nodes that have children at this depth in their shape
-            keep = [j for j, (row, node) in enumerate(frontier)
-                    if any(p == node and d == depth for p, d in zip(shapes[row].parents, shapes[row].depths))]
+            keep = [
+                j
+                for j, (row, node) in enumerate(frontier)
+                if any(p == node and d == depth for p, d in zip(shapes[row].parents, shapes[row].depths))
+            ]
             if not keep:
                 break
             s_in = state[keep]  # [E, d]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from apar_spec.speculator import BranchView, Outcome, Proposal
+from apar_spec.decoding.speculator import BranchView, Outcome, Proposal
 
 
 class NGramSpeculator:

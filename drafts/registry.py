@@ -15,7 +15,6 @@ fingerprints and refuses a mismatch with both sizes and fingerprints named.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 import weakref
@@ -23,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from apar_spec.speculator import Speculator
+from apar_spec.drafts.vocab import CONTROL_TOKENS, check_vocab, vocab_fingerprint, vocab_fits  # noqa: F401 (registry API)
+
+from apar_spec.decoding.speculator import Speculator
 
 KINDS = ("model", "ngram", "heads")  # what a registry file entry may be; unions are named "a+b:8"
 
@@ -31,15 +32,18 @@ KINDS = ("model", "ngram", "heads")  # what a registry file entry may be; unions
 @dataclass
 class DraftEntry:
     name: str
-    kind: str  # "model" (a draft LM), "ngram" (prompt lookup, no model), "heads" (draft heads on the target) or "union" ("a+b:8")
-    weights: Optional[str] = None  # embedded name, local path or cached HF id (kind "model"); heads folder (kind "heads")
+    # "model" (a draft LM), "ngram" (prompt lookup, no model), "heads" (draft heads on the target) or "union" ("a+b:8")
+    kind: str
+    weights: Optional[str] = (
+        None  # embedded name, local path or cached HF id (kind "model"); heads folder (kind "heads")
+    )
     fingerprint: Optional[str] = None  # vocabulary fingerprint it fits (None = checked at load time)
     vocab_size: Optional[int] = None
     targets: list[str] = field(default_factory=list)  # models it is meant for
     notes: str = ""
     acceptance_length: Optional[float] = None  # measured mean acceptance length (incl. bonus), if known
     # the chain length acceptance_length was measured at: the cost model fits its acceptance
-    # profile there (cost_model.default_profile); None = 4
+    # profile there (apar_spec.costs.default_profile); None = 4
     acceptance_k: Optional[int] = None
     draft_vocab: Optional[int] = None  # propose only the N most frequent tokens (drafts/vocab.py); None = all
     source: str = "built-in"
@@ -69,7 +73,8 @@ BUILTIN = [
         vocab_size=2048,
         targets=["tiny-apar", "tiny-base"],
         notes="Medusa-1 heads, self-distilled (apar-spec train-heads): 6 for tiny-apar, 4 for tiny-base; no draft "
-        "forward; acceptance measured with tiny-apar (apar+spec, 7-node tree [[0],[1],[0,0],...,[0]*6], built-in prompts)",
+        "forward; acceptance measured with tiny-apar (apar+spec, 7-node tree [[0],[1],[0,0],...,[0]*6], built-in "
+        "prompts)",
         acceptance_length=3.6,
         acceptance_k=6,  # its 7-node tree is a chain of 6 plus one sibling
     ),
@@ -91,12 +96,14 @@ BUILTIN = [
     DraftEntry(
         name="smollm2-heads",
         kind="heads",
-        weights="smollm2-heads",  # apar_spec/models/smollm2-heads/{smollm2-apar,smollm2}: picked by LM head + vocabulary size
+        # apar_spec/models/smollm2-heads/{smollm2-apar,smollm2}: picked by LM head + vocabulary size
+        weights="smollm2-heads",
         fingerprint="450fd25da1a6",
         vocab_size=49152,
         targets=["smollm2-apar", "smollm2"],
         notes="4 Medusa-1 heads per target, self-distilled (apar-spec train-heads): for smollm2-apar on its own APAR "
-        "answers (600 steps, val top-1 per head 0.51 0.34 0.26 0.21), for the base on its answers (400 steps); no draft "
+        "answers (600 steps, val top-1 per head 0.51 0.34 0.26 0.21), for the base on its answers (400 steps); no "
+        "draft "
         "forward; drafts from the 8,192 most frequent tokens by default (smollm2-heads@full: all). Acceptance measured "
         "with smollm2-apar (apar+spec, k=3, greedy, bf16, 18 list-style Vicuna/MT-bench prompts, 384 tokens; 1.21 for "
         "spec on smollm2)",
@@ -107,17 +114,22 @@ BUILTIN = [
     DraftEntry(
         name="smollm2-hydra",
         kind="heads",
-        weights="smollm2-hydra",  # apar_spec/models/smollm2-hydra/{smollm2-apar,smollm2}: picked by LM head + vocabulary size
+        # apar_spec/models/smollm2-hydra/{smollm2-apar,smollm2}: picked by LM head + vocabulary size
+        weights="smollm2-hydra",
         fingerprint="450fd25da1a6",
         vocab_size=49152,
         targets=["smollm2-apar", "smollm2"],
         notes="4 chained (Hydra) heads for smollm2-apar and for smollm2: each reads the target's hidden state and the "
         "token drafted before it; self-distilled (3,000 steps) on each target's own answers (APAR for smollm2-apar) "
-        "to the 945 training prompts and 797 draft prompts in other registers; no draft forward; drafts from the 8,192 most frequent tokens by default. "
+        "to the 945 training prompts and 797 draft prompts in other registers; no draft forward; drafts from the "
+        "8,192 most frequent tokens by default. "
         "Acceptance measured with smollm2-apar (apar+spec, k=3, greedy, bf16, 45 list-style Vicuna/MT-bench "
-        "prompts, 384 tokens; 1.40 at k=1); with smollm2 (spec, k=3, 18 of those prompts): 1.53. Fastest shape measured "
-        "for smollm2-apar: --tree '[[0],[1],[0,0],[0,0,0]]' (acceptance 1.68; 2.08x HF generate against 2.00x for k=3), and for spec on smollm2 (1.34x against 1.25x). "
-        "Faster still in a union with prompt lookup, 'smollm2-hydra+ngram:8' with that tree: apar+spec 3.45x HF generate (acceptance 2.65)",
+        "prompts, 384 tokens; 1.40 at k=1); with smollm2 (spec, k=3, 18 of those prompts): 1.53. Fastest shape "
+        "measured "
+        "for smollm2-apar: --tree '[[0],[1],[0,0],[0,0,0]]' (acceptance 1.68; 2.08x HF generate against 2.00x for "
+        "k=3), and for spec on smollm2 (1.34x against 1.25x). "
+        "Faster still in a union with prompt lookup, 'smollm2-hydra+ngram:8' with that tree: apar+spec 3.45x HF "
+        "generate (acceptance 2.65)",
         acceptance_length=1.55,
         acceptance_k=3,
         draft_vocab=8192,
@@ -126,7 +138,8 @@ BUILTIN = [
         name="ngram",
         kind="ngram",
         targets=["any"],
-        notes="prompt lookup: copies what followed the latest match of the branch's last 1-3 tokens in its own context; "
+        notes="prompt lookup: copies what followed the latest match of the branch's last 1-3 tokens in its own "
+        "context; "
         "adds a chain to another draft's tree in a union ('smollm2-hydra+ngram:8')",
     ),
 ]
@@ -158,12 +171,18 @@ def load_user_entries(path: Optional[Path] = None) -> list[DraftEntry]:
         if unknown:
             raise ValueError(f"draft registry file {path}: entry {i} has unknown field(s) {sorted(unknown)}")
         if item["kind"] not in KINDS:
-            raise ValueError(f"draft registry file {path}: entry {i} has kind '{item['kind']}' (choose from {', '.join(KINDS)})")
+            raise ValueError(
+                f"draft registry file {path}: entry {i} has kind '{item['kind']}' (choose from {', '.join(KINDS)})"
+            )
         dv = item.get("draft_vocab")
         if dv is not None and (not isinstance(dv, int) or isinstance(dv, bool) or dv < 1):
-            raise ValueError(f"draft registry file {path}: entry {i} has draft_vocab {dv!r} (a token count >= 1, or null)")
+            raise ValueError(
+                f"draft registry file {path}: entry {i} has draft_vocab {dv!r} (a token count >= 1, or null)"
+            )
         if item["kind"] in ("model", "heads") and not item.get("weights"):
-            raise ValueError(f"draft registry file {path}: entry {i} ('{item['name']}') of kind '{item['kind']}' needs 'weights'")
+            raise ValueError(
+                f"draft registry file {path}: entry {i} ('{item['name']}') of kind '{item['kind']}' needs 'weights'"
+            )
         entries.append(DraftEntry(**item, source=str(path)))
     return entries
 
@@ -200,15 +219,21 @@ def lookup(name: str) -> DraftEntry:
     parts = None if Path(name).expanduser().exists() else parse_union(name)
     if parts is not None:  # every part must exist; the union itself is described by its parts
         entries_ = [lookup(part) for part, _ in parts]  # parts hold no '+', so none is a union itself
-        return DraftEntry(name=name, kind="union", targets=sorted({t for e in entries_ for t in e.targets}),
-                          notes="union: " + ", ".join(f"{p}" + (f" (chain of {k})" if k else " (the decoder's tree)")
-                                                       for p, k in parts),
-                          source="union")
+        return DraftEntry(
+            name=name,
+            kind="union",
+            targets=sorted({t for e in entries_ for t in e.targets}),
+            notes="union: "
+            + ", ".join(f"{p}" + (f" (chain of {k})" if k else " (the decoder's tree)") for p, k in parts),
+            source="union",
+        )
     base, suffix = (name, None) if Path(name).expanduser().exists() else split_name(name)
     if suffix is not None:
         entry = lookup(base)
         if entry.kind == "ngram":
-            raise ValueError(f"draft '{name}': the n-gram speculator has no LM head to reduce; drop the '@{suffix}' suffix")
+            raise ValueError(
+                f"draft '{name}': the n-gram speculator has no LM head to reduce; drop the '@{suffix}' suffix"
+            )
         return replace(entry, name=name, draft_vocab=parse_size(suffix, name))
     try:
         return get(name)
@@ -217,65 +242,19 @@ def lookup(name: str) -> DraftEntry:
         if not path.exists():
             raise
         # a train-heads output folder, or a folder of them, one per target (as the built-in heads ship)
-        holds_heads = (path / "heads.json").is_file() or (path.is_dir() and any((p / "heads.json").is_file() for p in path.iterdir()))
+        holds_heads = (path / "heads.json").is_file() or (
+            path.is_dir() and any((p / "heads.json").is_file() for p in path.iterdir())
+        )
         kind = "heads" if holds_heads else "model"
         return DraftEntry(name=name, kind=kind, weights=name, source="path")
-
-
-CONTROL_TOKENS = ("[Fork]", "[Child]")
-
-
-def vocab_fingerprint(tokenizer, words_only: bool = False) -> tuple[int, str]:
-    """(vocabulary size, short hash of the token -> id map): equal iff the tokenizers agree on ids.
-
-    ``words_only`` leaves out ``[Fork]``/``[Child]``: an APAR model made from a pretrained
-    base (smollm2-apar from smollm2) shares every other id with its base, so one draft
-    serves both (the decoder pads or cuts draft logits to the target's width).
-    """
-    key = (len(tokenizer), words_only)
-    try:
-        memo = _FINGERPRINTS.setdefault(tokenizer, {})
-    except TypeError:  # not weak-referenceable: compute every time
-        memo = {}
-    if key not in memo:
-        vocab = tokenizer.get_vocab()
-        if words_only:
-            vocab = {k: v for k, v in vocab.items() if k not in CONTROL_TOKENS}
-        memo[key] = (len(vocab), hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:12])
-    return memo[key]
-
-
-# tokenizer -> {(its length, words_only): fingerprint}. Why: hashing a 49k-token vocabulary
-# takes ~50 ms, and every ``generate`` call with a named draft checks it (3 times), which a
-# benchmark would time as part of the decode. Keyed by the tokenizer's length, so adding
-# tokens (an adapter's [Fork]/[Child]) gives a new fingerprint; dies with the tokenizer.
-_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def vocab_fits(draft_fp: str, target_tokenizer) -> bool:
-    """A draft fingerprint fits a target whose vocabulary equals it, with or without the APAR control tokens."""
-    return draft_fp in (vocab_fingerprint(target_tokenizer)[1], vocab_fingerprint(target_tokenizer, words_only=True)[1])
-
-
-def check_vocab(draft_tokenizer, target_tokenizer, draft_name: str) -> None:
-    dn, dfp = vocab_fingerprint(draft_tokenizer)
-    tn, tfp = vocab_fingerprint(target_tokenizer)
-    dv, tv = draft_tokenizer.get_vocab(), target_tokenizer.get_vocab()
-    same_words = vocab_fingerprint(draft_tokenizer, True)[1] == vocab_fingerprint(target_tokenizer, True)[1] and all(
-        dv[t] == tv[t] for t in CONTROL_TOKENS if t in dv and t in tv
-    )
-    if dfp != tfp and not same_words:
-        raise ValueError(
-            f"draft '{draft_name}' does not fit the target's vocabulary: draft has {dn} tokens "
-            f"(fingerprint {dfp}), target has {tn} (fingerprint {tfp}); use a draft with the target's tokenizer"
-        )
 
 
 def resolve(draft: Any, target, tokenizer) -> Speculator:
     """A speculator object from: a speculator, a loaded model, a registry name, or a model path/id."""
     from apar_spec.drafts.draft_lm import DraftModelSpeculator
     from apar_spec.drafts.ngram import NGramSpeculator
-    from apar_spec.tokens import find_apar_tokens
+
+    from apar_spec.decoding.tokens import find_apar_tokens
 
     apar = find_apar_tokens(tokenizer) if tokenizer is not None else None
     mask = (apar.child_id,) if apar else ()
@@ -284,7 +263,9 @@ def resolve(draft: Any, target, tokenizer) -> Speculator:
     if hasattr(draft, "config") and hasattr(draft, "forward"):  # a loaded model
         return DraftModelSpeculator(draft, mask_ids=mask)
     if not isinstance(draft, (str, os.PathLike)):
-        raise ValueError(f"draft must be a registry name, a model path, a model or a speculator (got {type(draft).__name__})")
+        raise ValueError(
+            f"draft must be a registry name, a model path, a model or a speculator (got {type(draft).__name__})"
+        )
     entry = lookup(str(draft))
     if entry.kind == "union":
         from apar_spec.drafts.union import UnionSpeculator, parse_union
@@ -298,19 +279,25 @@ def resolve(draft: Any, target, tokenizer) -> Speculator:
         tn, tfp = vocab_fingerprint(tokenizer)
         if not vocab_fits(entry.fingerprint, tokenizer):  # refuse before loading any weights
             raise ValueError(
-                f"draft '{entry.name}' does not fit the target's vocabulary: draft has {entry.vocab_size or '?'} tokens "
-                f"(fingerprint {entry.fingerprint}), target has {tn} (fingerprint {tfp}); use a draft with the target's tokenizer"
+                f"draft '{entry.name}' does not fit the target's vocabulary: draft has {entry.vocab_size or '?'} "
+                f"tokens "
+                f"(fingerprint {entry.fingerprint}), target has {tn} (fingerprint {tfp}); use a draft with the "
+                f"target's tokenizer"
             )
     if entry.kind == "heads":
-        from apar_spec.drafts.heads import HeadsSpeculator, load_heads
-
-        from apar_spec.drafts.heads import pick_folder
+        from apar_spec.drafts.heads import HeadsSpeculator, load_heads, pick_folder
 
         heads = _cached(entry, target, lambda: load_heads(_weights_path(entry.weights), target, tokenizer, entry.name))
         folder = pick_folder(_weights_path(entry.weights), target)
         vocab = _vocab(entry, [folder, folder.parent], vocab_size)
-        return HeadsSpeculator(heads, target.get_output_embeddings(), name=entry.name, mask_ids=mask, vocab=vocab,
-                               embed=target.get_input_embeddings())
+        return HeadsSpeculator(
+            heads,
+            target.get_output_embeddings(),
+            name=entry.name,
+            mask_ids=mask,
+            vocab=vocab,
+            embed=target.get_input_embeddings(),
+        )
     model, draft_tok = _cached(entry, target, lambda: _load_model(entry, target))
     if tokenizer is not None:
         check_vocab(draft_tok, tokenizer, entry.name)
@@ -332,13 +319,19 @@ def _vocab(entry: DraftEntry, folders: list[Path], vocab_size: int):
 # Loaded draft weights, per target model (weakly held: a dropped target frees its drafts),
 # keyed by (entry name, weights, target dtype, target device). Speculator objects are cheap
 # and stateful, so each ``resolve`` builds a new one around the cached weights.
-_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
 def _cached(entry: DraftEntry, target, load_fn):
     """``load_fn()`` once per process for this (entry, target identity, dtype, device)."""
-    key = (entry.name, entry.kind, entry.weights, _stamp(entry.weights),
-           str(getattr(target, "dtype", None)), str(getattr(target, "device", None)))
+    key = (
+        entry.name,
+        entry.kind,
+        entry.weights,
+        _stamp(entry.weights),
+        str(getattr(target, "dtype", None)),
+        str(getattr(target, "device", None)),
+    )
     try:
         per_target = _CACHE.setdefault(target, {})
     except TypeError:  # a target that cannot be weakly referenced: no cache
@@ -366,13 +359,13 @@ def clear_cache() -> None:
 
 def _weights_path(weights: str) -> Path:
     """An embedded weights folder name (apar_spec/models/NAME: heads, a draft's vocab.json) or a local path."""
-    from apar_spec.loading import embedded_dir
+    from apar_spec.models.loading import embedded_dir
 
     embedded = embedded_dir(weights)
     return embedded if (embedded.is_dir() and not Path(weights).exists()) else Path(weights).expanduser()
 
 
 def _load_model(entry: DraftEntry, target):
-    from apar_spec.loading import load
+    from apar_spec.models.loading import load
 
     return load(entry.weights, dtype=target.dtype, device=target.device)

@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -71,7 +72,9 @@ class HeadsTrainConfig:
 def encode(tokenizer, prompt: str) -> list[int]:
     """The prompt as the target was trained to see it (chat template when it has one)."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
@@ -80,18 +83,25 @@ def branch_sequences(gen) -> list[tuple[list[int], int]]:
     """Per branch of a Generation: (its full context, index of its first own token)."""
     out, ctx = [], {}
     for b in gen.branches:  # parents come first
-        prefix = gen.prompt_ids if b.parent is None else ctx[b.parent][: len(ctx[b.parent]) - len(gen.branches[b.parent].token_ids) + b.fork_index + 1]
+        prefix = (
+            gen.prompt_ids
+            if b.parent is None
+            else ctx[b.parent][: len(ctx[b.parent]) - len(gen.branches[b.parent].token_ids) + b.fork_index + 1]
+        )
         ctx[b.id] = list(prefix) + list(b.token_ids)
         out.append((ctx[b.id], len(prefix)))
     return out
 
 
-def distill(model, tokenizer, rows: list[dict], out: Path, cfg: HeadsTrainConfig, progress: ProgressFn) -> list[tuple[list[int], int]]:
+def distill(
+    model, tokenizer, rows: list[dict], out: Path, cfg: HeadsTrainConfig, progress: ProgressFn
+) -> list[tuple[list[int], int]]:
     """Sequences (context, first own index) for every row; cached in ``out/distill.jsonl``."""
     from apar_spec import generate
-    from apar_spec.tokens import find_apar_tokens
+    from apar_spec.decoding.tokens import find_apar_tokens
 
     path = out / "distill.jsonl"
+
     def key(row: dict) -> str:  # answers are cached by what was asked, so a changed data file never mixes them up
         return json.dumps([row["prompt"], row.get("answer")])
 
@@ -112,8 +122,10 @@ def distill(model, tokenizer, rows: list[dict], out: Path, cfg: HeadsTrainConfig
     given_count = sum(1 for i in todo if rows[i].get("answer"))
     if given_count and mode == "apar":
         # easy to miss: the heads then learn plain text, never a branch context ([Child] starts, text after a fork)
-        progress(f"note: {given_count} rows carry an answer, used as given (one plain sequence each); "
-                 "give prompts only to distil the target's own APAR branches")
+        progress(
+            f"note: {given_count} rows carry an answer, used as given (one plain sequence each); "
+            "give prompts only to distil the target's own APAR branches"
+        )
     with path.open("a") as f:
         for start in range(0, len(todo), cfg.gen_batch_size):
             batch = todo[start : start + cfg.gen_batch_size]
@@ -125,8 +137,14 @@ def distill(model, tokenizer, rows: list[dict], out: Path, cfg: HeadsTrainConfig
                 done[i] = [[p + a, len(p)]]
                 f.write(json.dumps({"key": key(rows[i]), "sequences": done[i]}) + "\n")
             if asked:
-                gens = generate(model, tokenizer, [encode(tokenizer, rows[i]["prompt"]) for i in asked], mode=mode,
-                                max_new_tokens=cfg.max_new_tokens, batch_size=len(asked))
+                gens = generate(
+                    model,
+                    tokenizer,
+                    [encode(tokenizer, rows[i]["prompt"]) for i in asked],
+                    mode=mode,
+                    max_new_tokens=cfg.max_new_tokens,
+                    batch_size=len(asked),
+                )
                 for i, g in zip(asked, gens):
                     done[i] = [[s, k] for s, k in branch_sequences(g)]
                     f.write(json.dumps({"key": key(rows[i]), "sequences": done[i]}) + "\n")
@@ -158,7 +176,9 @@ def features(model, sequences: list[tuple[list[int], int]], num_heads: int, chun
         for j, (s, _) in enumerate(part):
             ids[j, : len(s)] = torch.tensor(s)
             mask[j, : len(s)] = 1
-        h = base(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).last_hidden_state.float().cpu()  # [b, L, d]
+        h = (
+            base(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).last_hidden_state.float().cpu()
+        )  # [b, L, d]
         for j, (s, first) in enumerate(part):
             t = torch.arange(max(first - 1, 0), len(s) - 2)  # positions whose head-0 target exists
             if len(t) == 0:
@@ -172,7 +192,9 @@ def features(model, sequences: list[tuple[list[int], int]], num_heads: int, chun
     return Features(torch.cat(hs), torch.cat(ys), torch.cat(xs), torch.cat(ss))
 
 
-def split_held_out(seq: torch.Tensor, g: torch.Generator, every: int = 10, cap: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+def split_held_out(
+    seq: torch.Tensor, g: torch.Generator, every: int = 10, cap: int = 2000
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(validation, training) position indices: every ``every``-th *sequence* is held out whole (at
     most ``cap`` of its positions are scored), so the reported accuracy is on answers the heads
     never saw. Positions split at random score answers seen in training (a position's neighbours):
@@ -203,13 +225,16 @@ def head_states(heads, h: torch.Tensor, inputs: Optional[torch.Tensor] = None, e
     return heads(h, embed(inputs.clamp(min=0)).to(h.dtype))
 
 
-def heads_loss(heads, lm_head, h: torch.Tensor, y: torch.Tensor, decay: float, inputs: Optional[torch.Tensor] = None,
-               embed=None) -> tuple[torch.Tensor, list[float]]:
+def heads_loss(
+    heads, lm_head, h: torch.Tensor, y: torch.Tensor, decay: float, inputs: Optional[torch.Tensor] = None, embed=None
+) -> tuple[torch.Tensor, list[float]]:
     """Weighted cross-entropy over heads: h [B, d], y [B, K] -> (loss, per-head losses)."""
     logits = lm_head(head_states(heads, h, inputs, embed))  # [K, B, V]
-    losses = [torch.nn.functional.cross_entropy(logits[i].float(), y[:, i], ignore_index=-100) for i in range(logits.shape[0])]
-    total = sum((decay**i) * l for i, l in enumerate(losses))
-    return total, [float(l.detach()) for l in losses]
+    losses = [
+        torch.nn.functional.cross_entropy(logits[i].float(), y[:, i], ignore_index=-100) for i in range(logits.shape[0])
+    ]
+    total = sum((decay**i) * loss for i, loss in enumerate(losses))
+    return total, [float(loss.detach()) for loss in losses]
 
 
 def remap_labels(Y: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -220,8 +245,15 @@ def remap_labels(Y: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.T
 
 
 @torch.no_grad()
-def head_accuracy(heads, lm_head, H: torch.Tensor, Y: torch.Tensor, ids: Optional[torch.Tensor] = None,
-                  inputs: Optional[torch.Tensor] = None, embed=None) -> list[float]:
+def head_accuracy(
+    heads,
+    lm_head,
+    H: torch.Tensor,
+    Y: torch.Tensor,
+    ids: Optional[torch.Tensor] = None,
+    inputs: Optional[torch.Tensor] = None,
+    embed=None,
+) -> list[float]:
     """Per head: share of positions where its top-1 is the target's token (``Y`` in full-vocabulary
     ids; ``ids``: the reduced head's token of each column, so a token outside it is a miss).
     Chained heads are teacher-forced (``inputs``): head ``i``'s accuracy given heads before it were right."""
@@ -235,16 +267,23 @@ def head_accuracy(heads, lm_head, H: torch.Tensor, Y: torch.Tensor, ids: Optiona
     return out
 
 
-def train_heads(model, tokenizer, rows: list[dict], out: str | Path, cfg: Optional[HeadsTrainConfig] = None,
-                target_name: str = "?", progress: Optional[ProgressFn] = None, vocab=None) -> dict:
+def train_heads(
+    model,
+    tokenizer,
+    rows: list[dict],
+    out: str | Path,
+    cfg: Optional[HeadsTrainConfig] = None,
+    target_name: str = "?",
+    progress: Optional[ProgressFn] = None,
+    vocab=None,
+) -> dict:
     """Distill, extract features, train; write heads to ``out``. Returns a small report.
 
     ``vocab``: a ``drafts.vocab.DraftVocab`` to train against (None = the full head).
     """
     from accelerate import Accelerator
-
     from apar_spec.drafts.heads import ChainedHeads, DraftHeads, save_heads, target_fingerprint
-    from apar_spec.drafts.registry import vocab_fingerprint
+    from apar_spec.drafts.vocab import vocab_fingerprint
 
     cfg = cfg or HeadsTrainConfig()
     progress = progress or (lambda msg: None)
@@ -278,8 +317,11 @@ def train_heads(model, tokenizer, rows: list[dict], out: str | Path, cfg: Option
         ids = vocab.ids
         head_fp32 = vocab.head(head_fp32)  # [d] -> [N], float32, frozen
         Y = remap_labels(Y, ids, lm_head.weight.shape[0])
-        progress(f"reduced vocabulary: {len(ids)} tokens hold {float((Y >= 0).sum() / (Y_full >= 0).sum().clamp(min=1)):.1%} "
-                 "of the heads' targets")
+        progress(
+            f"reduced vocabulary: {len(ids)} tokens hold "
+            f"{float((Y >= 0).sum() / (Y_full >= 0).sum().clamp(min=1)):.1%} "
+            "of the heads' targets"
+        )
     train_vocab = None if ids is None else int(len(ids))
     state_path = out / "train_state.pt"
     step = 0
@@ -287,11 +329,15 @@ def train_heads(model, tokenizer, rows: list[dict], out: str | Path, cfg: Option
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
         if state.get("kind", "medusa") != cfg.kind:
-            raise ValueError(f"{state_path} holds {state.get('kind', 'medusa')} heads, not {cfg.kind}; "
-                             "use another output folder or delete it to start over")
+            raise ValueError(
+                f"{state_path} holds {state.get('kind', 'medusa')} heads, not {cfg.kind}; "
+                "use another output folder or delete it to start over"
+            )
         if state.get("train_vocab") != train_vocab:
-            raise ValueError(f"{state_path} was trained with vocabulary {state.get('train_vocab') or 'full'}, not "
-                             f"{train_vocab or 'full'}; use another output folder or delete it to start over")
+            raise ValueError(
+                f"{state_path} was trained with vocabulary {state.get('train_vocab') or 'full'}, not "
+                f"{train_vocab or 'full'}; use another output folder or delete it to start over"
+            )
         accelerator.unwrap_model(heads).load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
         step = int(state["step"])
@@ -304,15 +350,28 @@ def train_heads(model, tokenizer, rows: list[dict], out: str | Path, cfg: Option
             first_val = heads_loss(heads, head_fp32, Hv, Yv, cfg.decay, Iv, embed)[0].item()
     while step < cfg.steps:
         idx = tr[torch.randint(0, len(tr), (cfg.batch_size,), generator=g)]
-        loss, per_head = heads_loss(heads, head_fp32, H[idx].to(dev), Y[idx].to(dev), cfg.decay, inputs[idx].to(dev), embed)
+        loss, per_head = heads_loss(
+            heads, head_fp32, H[idx].to(dev), Y[idx].to(dev), cfg.decay, inputs[idx].to(dev), embed
+        )
         opt.zero_grad()
         accelerator.backward(loss)
         opt.step()
         step += 1
         if step % cfg.save_every == 0 or step == cfg.steps:
-            torch.save({"heads": accelerator.unwrap_model(heads).state_dict(), "opt": opt.state_dict(), "step": step,
-                        "val_loss_start": first_val, "train_vocab": train_vocab, "kind": cfg.kind}, state_path)
-            progress(f"step {step}/{cfg.steps} loss {loss.item():.3f} per head {', '.join(f'{l:.2f}' for l in per_head)}")
+            torch.save(
+                {
+                    "heads": accelerator.unwrap_model(heads).state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "val_loss_start": first_val,
+                    "train_vocab": train_vocab,
+                    "kind": cfg.kind,
+                },
+                state_path,
+            )
+            progress(
+                f"step {step}/{cfg.steps} loss {loss.item():.3f} per head {', '.join(f'{x:.2f}' for x in per_head)}"
+            )
     final = accelerator.unwrap_model(heads)
     with torch.no_grad():
         val_loss = heads_loss(final, head_fp32, Hv, Yv, cfg.decay, Iv, embed)[0].item()
@@ -334,7 +393,10 @@ def train_heads(model, tokenizer, rows: list[dict], out: str | Path, cfg: Option
         "seconds": round(time.perf_counter() - t0, 1),
     }
     save_heads(final, out, report)
-    progress(f"wrote {out / 'heads.safetensors'}: val loss {val_loss:.3f}, top-1 per head {', '.join(f'{a:.2f}' for a in acc)}")
+    progress(
+        f"wrote {out / 'heads.safetensors'}: val loss {val_loss:.3f}, "
+        f"top-1 per head {', '.join(f'{a:.2f}' for a in acc)}"
+    )
     return report
 
 

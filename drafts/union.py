@@ -23,10 +23,11 @@ probabilities is refused with a one-line error; n-gram lookup and heads never do
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Optional
 
-from apar_spec.speculator import BranchView, Outcome, Proposal, Speculator
+from apar_spec.decoding.speculator import BranchView, Outcome, Proposal, Speculator
 
 # The chain length a later part drafts when its name gives none (``ngram`` in ``smollm2-hydra+ngram``).
 DEFAULT_CHAIN = 8
@@ -116,8 +117,10 @@ class UnionSpeculator:
             prop = part.propose(self._views(i, views), sampling)
             for v, probs in enumerate(prop.probs or []):
                 if probs is not None and prop.tokens[v]:
-                    raise ValueError(f"draft '{self.name}': part '{getattr(part, 'name', i)}' sampled its drafts; "
-                                     "a union merges deterministic drafts only (greedy, or n-gram/heads parts)")
+                    raise ValueError(
+                        f"draft '{self.name}': part '{getattr(part, 'name', i)}' sampled its drafts; "
+                        "a union merges deterministic drafts only (greedy, or n-gram/heads parts)"
+                    )
             per_part.append(prop)
         out = Proposal([], [None] * len(views), [])
         self._sources = []
@@ -157,14 +160,18 @@ def parse_union(name: str) -> Optional[list[tuple[str, Optional[int]]]]:
         if not part:
             raise ValueError(f"draft '{name}': empty part in the union; write it as 'heads+ngram' or 'heads+ngram:8'")
         if i == 0 and k:
-            raise ValueError(f"draft '{name}': the first part drafts the decoder's tree (--tree/--k); drop ':{k}' from '{raw}'")
+            raise ValueError(
+                f"draft '{name}': the first part drafts the decoder's tree (--tree/--k); drop ':{k}' from '{raw}'"
+            )
         if k:
             try:
                 n = int(k)
             except ValueError:
                 n = 0
             if n < 1:
-                raise ValueError(f"draft '{name}': ':{k}' in '{raw}' must be a chain length of at least 1, e.g. '{part}:8'")
+                raise ValueError(
+                    f"draft '{name}': ':{k}' in '{raw}' must be a chain length of at least 1, e.g. '{part}:8'"
+                )
             out.append((part, n))
         else:
             out.append((part, None if i == 0 else DEFAULT_CHAIN))

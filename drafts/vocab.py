@@ -23,11 +23,14 @@ proposes from the top 8,192, ``NAME@full`` from all of them. The registry entry'
 
 from __future__ import annotations
 
+import hashlib
 import json
+import weakref
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -104,12 +107,16 @@ def load_vocab(folder: str | Path, size: Optional[int], vocab_size: int, label: 
         raise ValueError(f"draft vocabulary size must be >= 1 (got {size} for '{label}')")
     path = Path(folder) / VOCAB_FILE
     if not path.is_file():
-        raise ValueError(f"draft '{label}' has no token ranking ({VOCAB_FILE}), so it cannot use a reduced vocabulary; "
-                         f"drop the '@{size}' suffix")
+        raise ValueError(
+            f"draft '{label}' has no token ranking ({VOCAB_FILE}), so it cannot use a reduced vocabulary; "
+            f"drop the '@{size}' suffix"
+        )
     try:
         ranked = [int(t) for t in json.loads(path.read_text())["ranked_ids"]]
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a valid token ranking ({err}); rebuild it or drop the vocabulary suffix") from None
+        raise ValueError(
+            f"{path} is not a valid token ranking ({err}); rebuild it or drop the vocabulary suffix"
+        ) from None
     ids = [t for t in ranked if 0 <= t < vocab_size][:size]
     if not ids:
         raise ValueError(f"{path} ranks no token of this target's vocabulary ({vocab_size} ids)")
@@ -135,3 +142,53 @@ def parse_size(suffix: str, label: str) -> Optional[int]:
     if n < 1:
         raise ValueError(f"draft '{label}': vocabulary suffix '@{suffix}' must be >= 1")
     return n
+
+
+# ------------------------------------------------------------------- vocabulary fingerprints
+CONTROL_TOKENS = ("[Fork]", "[Child]")
+
+
+def vocab_fingerprint(tokenizer, words_only: bool = False) -> tuple[int, str]:
+    """(vocabulary size, short hash of the token -> id map): equal iff the tokenizers agree on ids.
+
+    ``words_only`` leaves out ``[Fork]``/``[Child]``: an APAR model made from a pretrained
+    base (smollm2-apar from smollm2) shares every other id with its base, so one draft
+    serves both (the decoder pads or cuts draft logits to the target's width).
+    """
+    key = (len(tokenizer), words_only)
+    try:
+        memo = _FINGERPRINTS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: compute every time
+        memo = {}
+    if key not in memo:
+        vocab = tokenizer.get_vocab()
+        if words_only:
+            vocab = {k: v for k, v in vocab.items() if k not in CONTROL_TOKENS}
+        memo[key] = (len(vocab), hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:12])
+    return memo[key]
+
+
+# tokenizer -> {(its length, words_only): fingerprint}. Why: hashing a 49k-token vocabulary
+# takes ~50 ms, and every ``generate`` call with a named draft checks it (3 times), which a
+# benchmark would time as part of the decode. Keyed by the tokenizer's length, so adding
+# tokens (an adapter's [Fork]/[Child]) gives a new fingerprint; dies with the tokenizer.
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def vocab_fits(draft_fp: str, target_tokenizer) -> bool:
+    """A draft fingerprint fits a target whose vocabulary equals it, with or without the APAR control tokens."""
+    return draft_fp in (vocab_fingerprint(target_tokenizer)[1], vocab_fingerprint(target_tokenizer, words_only=True)[1])
+
+
+def check_vocab(draft_tokenizer, target_tokenizer, draft_name: str) -> None:
+    dn, dfp = vocab_fingerprint(draft_tokenizer)
+    tn, tfp = vocab_fingerprint(target_tokenizer)
+    dv, tv = draft_tokenizer.get_vocab(), target_tokenizer.get_vocab()
+    same_words = vocab_fingerprint(draft_tokenizer, True)[1] == vocab_fingerprint(target_tokenizer, True)[1] and all(
+        dv[t] == tv[t] for t in CONTROL_TOKENS if t in dv and t in tv
+    )
+    if dfp != tfp and not same_words:
+        raise ValueError(
+            f"draft '{draft_name}' does not fit the target's vocabulary: draft has {dn} tokens "
+            f"(fingerprint {dfp}), target has {tn} (fingerprint {tfp}); use a draft with the target's tokenizer"
+        )

@@ -24,15 +24,20 @@ def bad_requests(model: str, context: int = 1024) -> list[dict]:
     """httpx ``post`` kwargs for each bad request of the issue's list."""
     return [
         dict(content=b'{"model": "' + model.encode() + b'", "prompt": [1, 2'),  # malformed JSON
-        dict(json=[1, 2]), dict(content=b""),  # not an object, empty body
-        dict(json={"model": model}), dict(json={"prompt": "hi"}),  # missing fields
-        dict(json={"model": model, "prompt": 12}), dict(json={"model": model, "prompt": "hi", "max_tokens": "5"}),  # wrong types
+        dict(json=[1, 2]),
+        dict(content=b""),  # not an object, empty body
+        dict(json={"model": model}),
+        dict(json={"prompt": "hi"}),  # missing fields
+        dict(json={"model": model, "prompt": 12}),
+        dict(json={"model": model, "prompt": "hi", "max_tokens": "5"}),  # wrong types
         dict(json={"model": model, "prompt": "  "}),  # empty prompt
-        dict(json={"model": model, "prompt": "hi", "max_tokens": 0}), dict(json={"model": model, "prompt": "hi", "max_tokens": -3}),
+        dict(json={"model": model, "prompt": "hi", "max_tokens": 0}),
+        dict(json={"model": model, "prompt": "hi", "max_tokens": -3}),
         dict(json={"model": model, "prompt": "hi", "max_tokens": 10**9}),
         dict(json={"model": "no-such-model", "prompt": "hi"}),
         dict(json={"model": model, "prompt": [5] * (context + 10)}),  # over the context length
-        dict(json={"model": model, "prompt": "hi", "n": 2}), dict(json={"model": model, "prompt": "hi", "logprobs": 3}),
+        dict(json={"model": model, "prompt": "hi", "n": 2}),
+        dict(json={"model": model, "prompt": "hi", "logprobs": 3}),
         dict(json={"model": model, "prompt": "hi", "temperature": 0.9}),
         dict(content=b'{"model": "' + model.encode() + b'", "prompt": "' + b"a" * (2 << 20) + b'"}'),  # oversized body
     ]

@@ -36,17 +36,22 @@ import traceback
 from pathlib import Path
 
 import torch
-
-from apar_spec.experiments.bench import BenchSettings, RowEvent, compare, read_rows
+from apar_spec.cli.report_view import render
+from apar_spec.experiments.bench import RowEvent, compare
+from apar_spec.experiments.bench_files import read_rows
+from apar_spec.experiments.bench_plan import BenchSettings
 from apar_spec.experiments.models import SAME_AS_TARGET
-from apar_spec.experiments.report import render, summarize
+from apar_spec.experiments.report import summarize
+
 from apar_spec.options import DecodeOptions
 
 HEADS_TREE = "[[0],[1],[0,0],[0,0,0],[0,0,0,0],[0,0,0,0,0],[0,0,0,0,0,0]]"  # the tree tiny-heads' card measures
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("out_dir", type=Path, help="where results and reports go")
     p.add_argument("models", nargs="*", help="extra model paths (local folders or .gguf files) to benchmark")
     p.add_argument("--budget-s", type=float, default=240.0, help="total time for all benchmarks (default 240)")
@@ -87,8 +92,10 @@ def run_one(name: str, settings: BenchSettings, deadline: float, log) -> str:
     def progress(event: RowEvent) -> None:
         if event.row is not None:
             r = event.row
-            log(f"  [{event.done}/{event.total}] {r['variant']} {r['prompt_id']} r{r['repeat']}: "
-                f"{r['tokens']} tok, {r['tokens_per_s']:.1f} tok/s")
+            log(
+                f"  [{event.done}/{event.total}] {r['variant']} {r['prompt_id']} r{r['repeat']}: "
+                f"{r['tokens']} tok, {r['tokens_per_s']:.1f} tok/s"
+            )
         if time.perf_counter() > deadline:
             raise KeyboardInterrupt  # the driver stops cleanly and keeps every finished row
 
@@ -132,14 +139,36 @@ def main(argv=None) -> int:
     except Exception:
         pass
     (args.out_dir / "env.json").write_text(json.dumps(environment(args), indent=2))
-    common = dict(max_new_tokens=args.max_new_tokens, limit=args.limit, repeats=args.repeats, warmup=1,
-                  dtype=args.dtype, device=args.device, overwrite=True)
-    jobs = [("embedded", BenchSettings(out=args.out_dir / "embedded.jsonl", **common)),
-            ("embedded-heads", BenchSettings(draft="tiny-heads", tree=HEADS_TREE, modes=("hf-generate", "ar", "apar", "spec", "apar+spec"),
-                                             out=args.out_dir / "embedded-heads.jsonl", **common))]
+    common = dict(
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        repeats=args.repeats,
+        warmup=1,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=True,
+    )
+    jobs = [
+        ("embedded", BenchSettings(out=args.out_dir / "embedded.jsonl", **common)),
+        (
+            "embedded-heads",
+            BenchSettings(
+                draft="tiny-heads",
+                tree=HEADS_TREE,
+                modes=("hf-generate", "ar", "apar", "spec", "apar+spec"),
+                out=args.out_dir / "embedded-heads.jsonl",
+                **common,
+            ),
+        ),
+    ]
     for i, path in enumerate(args.models, start=1):
         stem = Path(path.rstrip("/")).name.replace(" ", "_") or f"model{i}"
-        jobs.append((f"model{i}-{stem}", BenchSettings(target=path, base=SAME_AS_TARGET, out=args.out_dir / f"model{i}-{stem}.jsonl", **common)))
+        jobs.append(
+            (
+                f"model{i}-{stem}",
+                BenchSettings(target=path, base=SAME_AS_TARGET, out=args.out_dir / f"model{i}-{stem}.jsonl", **common),
+            )
+        )
     texts, failures = [], []
     for n, (name, settings) in enumerate(jobs):
         remaining = args.budget_s - (time.perf_counter() - t0)

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 
+from apar_spec.decoding.tokens import find_apar_tokens
 from apar_spec.options import DecodeOptions
-from apar_spec.tokens import find_apar_tokens
 
 _D = DecodeOptions
 
@@ -146,8 +147,12 @@ def hf_generate(
         config.prompt_lookup_num_tokens = prompt_lookup_num_tokens
     if temperature > 0 and seed is not None:
         torch.manual_seed(seed)
-    with _assistant_drafts(assistant_model, num_assistant_tokens), count_forwards(model) as target_calls, \
-            count_forwards(assistant_model) as draft_calls, torch.inference_mode():
+    with (
+        _assistant_drafts(assistant_model, num_assistant_tokens),
+        count_forwards(model) as target_calls,
+        count_forwards(assistant_model) as draft_calls,
+        torch.inference_mode(),
+    ):
         _sync(device)
         start = time.perf_counter()
         out = model.generate(input_ids, attention_mask=attention_mask, generation_config=config, **kwargs)
@@ -160,7 +165,11 @@ def hf_generate(
         "suppress_tokens": config.suppress_tokens,
     }
     if assistant_model is not None:
-        settings.update(num_assistant_tokens=num_assistant_tokens, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
+        settings.update(
+            num_assistant_tokens=num_assistant_tokens,
+            num_assistant_tokens_schedule="constant",
+            assistant_confidence_threshold=0.0,
+        )
     if prompt_lookup_num_tokens is not None:
         settings["prompt_lookup_num_tokens"] = prompt_lookup_num_tokens
     return HFRun(new, wall, target_calls.n, draft_calls.n, settings)

@@ -29,7 +29,6 @@ import json
 import math
 import random
 import statistics
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -168,26 +167,40 @@ def parse_rates(text: str) -> list[float]:
     return out
 
 
-def summarize(mode: str, model: str, rate: float, records: list[RequestRecord], duration: float, peak_kv, budget, source, lossless) -> LoadRow:
+def summarize(
+    mode: str, model: str, rate: float, records: list[RequestRecord], duration: float, peak_kv, budget, source, lossless
+) -> LoadRow:
     ok = [r for r in records if r.ok]
     return LoadRow(
-        mode=mode, model=model, rate=rate, num_requests=len(records), completed=len(ok), failed=len(records) - len(ok),
+        mode=mode,
+        model=model,
+        rate=rate,
+        num_requests=len(records),
+        completed=len(ok),
+        failed=len(records) - len(ok),
         duration_s=duration,
         request_throughput=len(ok) / duration if duration > 0 else 0.0,
         output_throughput=sum(r.output_tokens for r in ok) / duration if duration > 0 else 0.0,
-        ttft_p50=percentile([r.ttft_s for r in ok], 0.5), ttft_p99=percentile([r.ttft_s for r in ok], 0.99),
+        ttft_p50=percentile([r.ttft_s for r in ok], 0.5),
+        ttft_p99=percentile([r.ttft_s for r in ok], 0.99),
         tpot_p50=percentile([r.tpot_s for r in ok], 0.5),
-        e2e_p50=percentile([r.e2e_s for r in ok], 0.5), e2e_p90=percentile([r.e2e_s for r in ok], 0.9),
+        e2e_p50=percentile([r.e2e_s for r in ok], 0.5),
+        e2e_p90=percentile([r.e2e_s for r in ok], 0.9),
         e2e_p99=percentile([r.e2e_s for r in ok], 0.99),
-        queue_wait_p50=percentile([r.queue_wait_s for r in ok], 0.5), queue_wait_p99=percentile([r.queue_wait_s for r in ok], 0.99),
-        peak_live_kv=peak_kv, kv_budget=budget,
+        queue_wait_p50=percentile([r.queue_wait_s for r in ok], 0.5),
+        queue_wait_p99=percentile([r.queue_wait_s for r in ok], 0.99),
+        peak_live_kv=peak_kv,
+        kv_budget=budget,
         mean_branches=statistics.fmean([r.branches for r in ok]) if ok else 0.0,
-        lossless=lossless, source=source,
+        lossless=lossless,
+        source=source,
     )
 
 
 # ------------------------------------------------------------------ in process
-def run_in_process(engine, prompts: list[tuple[str, list[int]]], arrivals: list[float], timeout_s: float) -> tuple[list[RequestRecord], float]:
+def run_in_process(
+    engine, prompts: list[tuple[str, list[int]]], arrivals: list[float], timeout_s: float
+) -> tuple[list[RequestRecord], float]:
     """Submit each prompt at its arrival time to a started engine; wait for all."""
     start = time.perf_counter()
     handles = []
@@ -203,24 +216,39 @@ def run_in_process(engine, prompts: list[tuple[str, list[int]]], arrivals: list[
             raise TimeoutError(f"load run did not finish within {timeout_s} s (raise --timeout)")
         g = h.generation
         ok = h.error is None and g is not None
-        records.append(RequestRecord(
-            prompt_id=pid, arrival_s=at,
-            ttft_s=h.t_first_token - h.t_submit if h.t_first_token else None,
-            e2e_s=h.t_finish - h.t_submit, queue_wait_s=h.t_admit - h.t_submit if h.t_admit else None,
-            output_tokens=len(g.token_ids) if ok else 0, generated_tokens=g.stats.tokens_generated if ok else 0,
-            branches=g.stats.num_branches if ok else 0, ok=ok, error=h.error, token_ids=list(g.token_ids) if ok else [],
-        ))
+        records.append(
+            RequestRecord(
+                prompt_id=pid,
+                arrival_s=at,
+                ttft_s=h.t_first_token - h.t_submit if h.t_first_token else None,
+                e2e_s=h.t_finish - h.t_submit,
+                queue_wait_s=h.t_admit - h.t_submit if h.t_admit else None,
+                output_tokens=len(g.token_ids) if ok else 0,
+                generated_tokens=g.stats.tokens_generated if ok else 0,
+                branches=g.stats.num_branches if ok else 0,
+                ok=ok,
+                error=h.error,
+                token_ids=list(g.token_ids) if ok else [],
+            )
+        )
     end = max(h.t_finish for _, _, h in handles)
     return records, end - start
 
 
 # ------------------------------------------------------------------ over HTTP
-async def _one_http(client, url: str, model: str, pid: str, text: str, max_tokens: int, at: float, start: float) -> RequestRecord:
+async def _one_http(
+    client, url: str, model: str, pid: str, text: str, max_tokens: int, at: float, start: float
+) -> RequestRecord:
     delay = start + at - time.perf_counter()
     if delay > 0:
         await asyncio.sleep(delay)
-    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     ttft, final, usage_, error = None, None, None, None
     try:
@@ -245,13 +273,22 @@ async def _one_http(client, url: str, model: str, pid: str, text: str, max_token
     e2e = time.perf_counter() - t0
     ok = error is None and final is not None
     return RequestRecord(
-        prompt_id=pid, arrival_s=at, ttft_s=ttft, e2e_s=e2e, queue_wait_s=(final or {}).get("queue_wait_s"),
-        output_tokens=(final or {}).get("answer_tokens", 0), generated_tokens=(usage_ or {}).get("completion_tokens", 0),
-        branches=(final or {}).get("num_branches", 0), ok=ok, error=error,
+        prompt_id=pid,
+        arrival_s=at,
+        ttft_s=ttft,
+        e2e_s=e2e,
+        queue_wait_s=(final or {}).get("queue_wait_s"),
+        output_tokens=(final or {}).get("answer_tokens", 0),
+        generated_tokens=(usage_ or {}).get("completion_tokens", 0),
+        branches=(final or {}).get("num_branches", 0),
+        ok=ok,
+        error=error,
     )
 
 
-def run_http(url: str, texts: list[tuple[str, str]], arrivals: list[float], max_tokens: int, timeout_s: float) -> tuple[list[RequestRecord], float, str, Optional[int], Optional[int]]:
+def run_http(
+    url: str, texts: list[tuple[str, str]], arrivals: list[float], max_tokens: int, timeout_s: float
+) -> tuple[list[RequestRecord], float, str, Optional[int], Optional[int]]:
     """Stream every request through ``url``; also returns the server's model name, its peak
     live KV since it started and its KV budget (from /metrics)."""
     import httpx
@@ -259,14 +296,23 @@ def run_http(url: str, texts: list[tuple[str, str]], arrivals: list[float], max_
     url = url.rstrip("/")
 
     async def main():
-        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=httpx.Limits(max_connections=None)) as client:
+        async with httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s), limits=httpx.Limits(max_connections=None)
+        ) as client:
             models = (await client.get(f"{url}/v1/models")).json()["data"]
             model = models[0]["id"]
             start = time.perf_counter()
-            records = await asyncio.gather(*(_one_http(client, url, model, pid, text, max_tokens, at, start) for (pid, text), at in zip(texts, arrivals)))
+            records = await asyncio.gather(
+                *(
+                    _one_http(client, url, model, pid, text, max_tokens, at, start)
+                    for (pid, text), at in zip(texts, arrivals)
+                )
+            )
             duration = max((r.arrival_s + (r.e2e_s or 0.0)) for r in records)
             metrics = (await client.get(f"{url}/metrics")).text
-            values = {ln.split()[0]: float(ln.split()[1]) for ln in metrics.splitlines() if ln and not ln.startswith("#")}
+            values = {
+                ln.split()[0]: float(ln.split()[1]) for ln in metrics.splitlines() if ln and not ln.startswith("#")
+            }
             peak = values.get("apar_spec_kv_live_slots_peak")
             budget = values.get("apar_spec_kv_budget_slots")
             return list(records), duration, model, None if peak is None else int(peak), int(budget) if budget else None
@@ -277,7 +323,7 @@ def run_http(url: str, texts: list[tuple[str, str]], arrivals: list[float], max_
 # ------------------------------------------------------------------ driver
 def hf_marker(loaded, ids: list[int], max_new: int = 64) -> float:
     """HF ``model.generate`` tok/s on one prompt (warm-up, then the median of 3)."""
-    from apar_spec.hf_baselines import hf_generate
+    from apar_spec.experiments.hf_baselines import hf_generate
 
     hf_generate(loaded.model, loaded.tokenizer, ids, max_new_tokens=8)
     runs = [hf_generate(loaded.model, loaded.tokenizer, ids, max_new_tokens=max_new) for _ in range(3)]
@@ -303,7 +349,9 @@ def load_bench(settings: LoadSettings, progress=None) -> list[LoadRow]:
         for rate in settings.rates:
             say(f"{settings.url} rate={rate}")
             arrivals = arrival_times(len(texts), rate, settings.seed)
-            records, duration, model, peak, budget = run_http(settings.url, texts, arrivals, settings.max_new_tokens, settings.timeout_s)
+            records, duration, model, peak, budget = run_http(
+                settings.url, texts, arrivals, settings.max_new_tokens, settings.timeout_s
+            )
             rows.append(summarize("server", model, rate, records, duration, peak, budget, settings.url, None))
         return rows
 
@@ -312,7 +360,13 @@ def load_bench(settings: LoadSettings, progress=None) -> list[LoadRow]:
             raise ValueError(f"unknown load-bench mode '{mode}' (choose from {', '.join(LOAD_MODES)}, spec)")
     draft_name = settings.draft or default_draft(settings.target)
     needs_draft = any("spec" in m for m in settings.modes)
-    ms = load_models(settings.target, settings.base, [draft_name] if needs_draft else [], dtype=settings.dtype, device=settings.device)
+    ms = load_models(
+        settings.target,
+        settings.base,
+        [draft_name] if needs_draft else [],
+        dtype=settings.dtype,
+        device=settings.device,
+    )
     with torch_threads(settings.threads, ms.device):
         marker = hf_marker(ms.baseline, encode_prompt(ms.baseline, chosen[0].text))
         say(f"HF generate on {ms.baseline.name}: {marker:.0f} tok/s (machine-state marker)")
@@ -321,34 +375,52 @@ def load_bench(settings: LoadSettings, progress=None) -> list[LoadRow]:
             loaded = ms.for_config(mode)
             ids = [(p.id, encode_prompt(loaded, p.text)) for p in chosen]
             draft = ms.draft.arg if "spec" in mode else None
-            opts = dict(max_new_tokens=settings.max_new_tokens, num_draft_tokens=settings.k, max_draft_tokens=max(settings.k, DecodeOptions.max_draft_tokens))
+            opts = dict(max_new_tokens=settings.max_new_tokens, num_draft_tokens=settings.k)
             offline: dict[str, list[int]] = {}
             if settings.check_offline:
                 for pid, p_ids in dict(ids).items():
-                    offline[pid] = generate(loaded.model, loaded.tokenizer, [p_ids], mode=mode, draft=draft, **opts)[0].token_ids
+                    offline[pid] = generate(loaded.model, loaded.tokenizer, [p_ids], mode=mode, draft=draft, **opts)[
+                        0
+                    ].token_ids
             setups[mode] = (loaded, ids, draft, opts, offline)
         # rates outside, modes inside: a drift of the machine's state hits every mode alike
         for rate in settings.rates:
             for mode in settings.modes:
                 loaded, ids, draft, opts, offline = setups[mode]
                 say(f"{mode} on {loaded.name}, rate={rate}")
-                engine = Engine(loaded.model, loaded.tokenizer, mode=mode, draft=draft, kv_budget=settings.kv_budget, **opts)
+                engine = Engine(
+                    loaded.model, loaded.tokenizer, mode=mode, draft=draft, kv_budget=settings.kv_budget, **opts
+                )
                 # warm-up (allocation, first-call costs) outside the timed run
                 engine.submit(ids[0][1], 4)
                 engine.run_until_idle()
                 engine.stats = EngineStats()
                 engine.start()
                 try:
-                    records, duration = run_in_process(engine, ids, arrival_times(len(ids), rate, settings.seed), settings.timeout_s)
+                    records, duration = run_in_process(
+                        engine, ids, arrival_times(len(ids), rate, settings.seed), settings.timeout_s
+                    )
                 finally:
                     engine.stop()
                 lossless = None
                 if settings.check_offline:
                     lossless = sum(r.ok and r.token_ids == offline[r.prompt_id] for r in records) / len(records)
-                row = summarize(mode, loaded.name, rate, records, duration, engine.stats.peak_live_kv, settings.kv_budget, "in-process", lossless)
+                row = summarize(
+                    mode,
+                    loaded.name,
+                    rate,
+                    records,
+                    duration,
+                    engine.stats.peak_live_kv,
+                    settings.kv_budget,
+                    "in-process",
+                    lossless,
+                )
                 row.hf_generate_tok_s = marker
                 if engine.stats.budget_violations:
-                    raise RuntimeError(f"live KV exceeded the budget in {engine.stats.budget_violations} step(s) ({mode}, rate {rate})")
+                    raise RuntimeError(
+                        f"live KV exceeded the budget in {engine.stats.budget_violations} step(s) ({mode}, rate {rate})"
+                    )
                 rows.append(row)
         rows.sort(key=lambda r: (list(settings.modes).index(r.mode), list(settings.rates).index(r.rate)))
     return rows
@@ -396,10 +468,16 @@ def goals(rows: list[LoadRow]) -> Goals:
 
     ll = [r.lossless for r in rows if r.lossless is not None]
     return Goals(
-        sat, ratio("apar", "output_throughput", sat), ratio("apar", "request_throughput", sat), ratio("apar", "e2e_p50", sat),
-        ratio("apar+spec", "output_throughput", sat), ratio("apar+spec", "e2e_p50", sat),
-        ratio("apar", "output_throughput", math.inf), ratio("apar+spec", "output_throughput", math.inf),
-        min(ll) if ll else None, sum(r.failed for r in rows),
+        sat,
+        ratio("apar", "output_throughput", sat),
+        ratio("apar", "request_throughput", sat),
+        ratio("apar", "e2e_p50", sat),
+        ratio("apar+spec", "output_throughput", sat),
+        ratio("apar+spec", "e2e_p50", sat),
+        ratio("apar", "output_throughput", math.inf),
+        ratio("apar+spec", "output_throughput", math.inf),
+        min(ll) if ll else None,
+        sum(r.failed for r in rows),
     )
 
 
@@ -415,17 +493,44 @@ def _f(x, fmt="{:.2f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
-TABLE_HEADERS = ["mode", "rate", "done", "req/s", "out tok/s", "TTFT p50", "TPOT p50", "e2e p50", "e2e p90", "e2e p99", "queue p50", "peak KV", "branches", "lossless"]
+TABLE_HEADERS = [
+    "mode",
+    "rate",
+    "done",
+    "req/s",
+    "out tok/s",
+    "TTFT p50",
+    "TPOT p50",
+    "e2e p50",
+    "e2e p90",
+    "e2e p99",
+    "queue p50",
+    "peak KV",
+    "branches",
+    "lossless",
+]
 
 
 def table_body(rows: list[LoadRow]) -> list[list[str]]:
-    return [[
-        r.mode, "inf" if math.isinf(r.rate) else f"{r.rate:g}", f"{r.completed}/{r.num_requests}",
-        _f(r.request_throughput), _f(r.output_throughput, "{:.0f}"), _f(r.ttft_p50, "{:.3f}"), _f(r.tpot_p50, "{:.4f}"),
-        _f(r.e2e_p50, "{:.2f}"), _f(r.e2e_p90, "{:.2f}"), _f(r.e2e_p99, "{:.2f}"), _f(r.queue_wait_p50, "{:.2f}"),
-        "-" if r.peak_live_kv is None else str(r.peak_live_kv), f"{r.mean_branches:.1f}",
-        "-" if r.lossless is None else f"{100 * r.lossless:.0f}%",
-    ] for r in rows]
+    return [
+        [
+            r.mode,
+            "inf" if math.isinf(r.rate) else f"{r.rate:g}",
+            f"{r.completed}/{r.num_requests}",
+            _f(r.request_throughput),
+            _f(r.output_throughput, "{:.0f}"),
+            _f(r.ttft_p50, "{:.3f}"),
+            _f(r.tpot_p50, "{:.4f}"),
+            _f(r.e2e_p50, "{:.2f}"),
+            _f(r.e2e_p90, "{:.2f}"),
+            _f(r.e2e_p99, "{:.2f}"),
+            _f(r.queue_wait_p50, "{:.2f}"),
+            "-" if r.peak_live_kv is None else str(r.peak_live_kv),
+            f"{r.mean_branches:.1f}",
+            "-" if r.lossless is None else f"{100 * r.lossless:.0f}%",
+        ]
+        for r in rows
+    ]
 
 
 def plot_png(rows: list[LoadRow], path: Path) -> bool:
@@ -439,10 +544,16 @@ def plot_png(rows: list[LoadRow], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in dict.fromkeys(r.mode for r in rows):
-        pts = sorted(((r.output_throughput, r.e2e_p50, r.rate) for r in rows if r.mode == mode and r.e2e_p50 is not None))
+        pts = sorted((r.output_throughput, r.e2e_p50, r.rate) for r in rows if r.mode == mode and r.e2e_p50 is not None)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
         for x, y, rate in pts:
-            ax.annotate("inf" if math.isinf(rate) else f"{rate:g}/s", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+            ax.annotate(
+                "inf" if math.isinf(rate) else f"{rate:g}/s",
+                (x, y),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(3, 3),
+            )
     ax.set_xlabel("output tokens/s")
     ax.set_ylabel("p50 end-to-end latency (s)")
     ax.set_title("throughput vs latency (labels: arrival rate)")

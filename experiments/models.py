@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from apar_spec.loading import EMBEDDED, load, resolve_device
-from apar_spec.tokens import find_apar_tokens
+from apar_spec.decoding.tokens import find_apar_tokens
+from apar_spec.models.loading import EMBEDDED, load, resolve_device
 
 DEFAULT_TARGET = "tiny-apar"
 SAME_AS_TARGET = "same"  # --base same: the AR baseline runs the target itself (forks disabled)
@@ -92,7 +92,9 @@ def load_models(
     ``device_map`` (e.g. ``"auto"``): target and base are spread by accelerate over the
     visible devices (for targets larger than one); drafts go where the target's first
     layer is, since they run next to the target's inputs."""
-    place = {"device_map": device_map} if device_map else {"device": resolve_device(device)}  # '--device cuda' without CUDA fails here
+    place = (
+        {"device_map": device_map} if device_map else {"device": resolve_device(device)}
+    )  # '--device cuda' without CUDA fails here
     tgt = Loaded(short_name(target), *load(target, dtype=dtype, **place))
     dev = tgt.model.device if device_map else place["device"]
     base_name = default_base(target) if base is None else base
@@ -100,7 +102,9 @@ def load_models(
         baseline = tgt
     else:
         baseline = Loaded(short_name(base_name), *load(base_name, dtype=dtype, **place))
-        if baseline.tokenizer.get_vocab() != tgt.tokenizer.get_vocab() and not _same_words(baseline.tokenizer, tgt.tokenizer):
+        if baseline.tokenizer.get_vocab() != tgt.tokenizer.get_vocab() and not _same_words(
+            baseline.tokenizer, tgt.tokenizer
+        ):
             raise ValueError(
                 f"base '{base_name}' and target '{target}' do not share a tokenizer, so their token counts "
                 "are not comparable; pass a base with the target's tokenizer (or --base same)"
@@ -165,6 +169,8 @@ def encode_prompt(loaded: Loaded, text: str, chat_template: Optional[bool] = Non
     if use and not has_template:
         raise ValueError(f"the tokenizer of '{loaded.name}' has no chat template; pass --no-chat-template")
     if use:
-        rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
         return tok(rendered, add_special_tokens=False)["input_ids"]
     return tok(text, add_special_tokens=True)["input_ids"]

@@ -49,7 +49,7 @@ class Processes:
     count: int = 1
 
     @classmethod
-    def current(cls, device: Optional[str] = None) -> "Processes":
+    def current(cls, device: Optional[str] = None) -> Processes:
         """Join the launched process group (gloo on CPU, NCCL on GPUs), or rank 0 of 1.
 
         ``device``: the benchmark's ``--device``; ``cpu`` (or no CUDA here) makes
@@ -123,7 +123,9 @@ def shard_files(out: Path) -> list[Path]:
     return [p for _, p in sorted(ranked)]
 
 
-def merge_shards(out: Path, read_rows: Callable[[Path], list[dict]], order: Optional[Callable[[dict], Any]] = None) -> int:
+def merge_shards(
+    out: Path, read_rows: Callable[[Path], list[dict]], order: Optional[Callable[[dict], Any]] = None
+) -> int:
     """Append every shard's rows to ``out`` (sorted by ``order`` if given), then delete the
     shards; returns the number of rows moved. A shard's half-written last line (a crash)
     is dropped by ``read_rows``; the rows are written before any shard is deleted."""

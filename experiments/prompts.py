@@ -67,7 +67,6 @@ _DEFAULT: dict[str, tuple[str, ...]] = {
 }
 
 
-
 def _round_robin(sets: dict[str, tuple[str, ...]]) -> tuple[Prompt, ...]:
     """Categories interleaved, so ``--limit 3`` still benches one prompt of each."""
     out = []
@@ -199,7 +198,9 @@ def _parse_jsonl(path: Path, lines: list[str], turn: int) -> list[tuple[Prompt, 
             if not isinstance(text, str):
                 raise ValueError(f"{where}: 'prompt' must be a string, got {type(text).__name__}")
         else:
-            raise ValueError(f"{where}: needs a 'prompt' string or a 'turns' list (Spec-Bench / FastChat question.jsonl)")
+            raise ValueError(
+                f"{where}: needs a 'prompt' string or a 'turns' list (Spec-Bench / FastChat question.jsonl)"
+            )
         if not text.strip():
             raise ValueError(f"{where}: the prompt is empty")
         pid = row.get("question_id", row.get("id", f"L{n}"))

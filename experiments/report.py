@@ -25,14 +25,14 @@ How each column is computed (all from rows of the same run, so machine drift can
   ``apar``) in this run. ``achv`` = ratio of median tok/s over common prompts, as above;
   ``pred`` = the same ratio of *predicted* tok/s, from the cached pass costs
   (``apar-spec costs measure``) and the rows' own tokens, steps, live branches, cache
-  length and acceptance profile (``apar_spec.cost_model.predict_prompt``). ``err`` =
+  length and acceptance profile (``experiments/cost_rows.predict_prompt``). ``err`` =
   pred / achv - 1. Rows without cached costs, and HF rows, show ``-`` and a note.
 - ``lossless``: greedy runs only. ``spec`` must equal ``ar``, ``apar+spec`` equal
   ``apar``, ``ar`` and ``hf-assisted`` equal ``hf-generate``: whole token lists are
   compared (length included, never zipped), on the first repeat both have, and only
   when both rows used the same model. No prompt is exempt: the token budget cuts the
-  tokens plain APAR keeps whatever the speculator (``apar_spec.clock``). Every difference
-  is explained under the table (``apar_spec.lossless``): ``low precision`` (bf16/fp16
+  tokens plain APAR keeps whatever the speculator (``apar_spec.decoding.clock``). Every difference
+  is explained under the table (``apar_spec.decoding.lossless``): ``low precision`` (bf16/fp16
   rows: a forward over several tokens rounds differently from one-token steps),
   ``near-tie`` (float32, the target's logit gap between the two tokens chosen at the
   first difference below 1e-4), or ``bug`` (anything else, a float32 gap of 1e-4 or more
@@ -46,9 +46,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Optional
-
-from rich.console import Console
-from rich.table import Table
 
 ALL = "all"
 # speculative configuration -> the same mode without speculation (the cost model's baseline)
@@ -186,7 +183,7 @@ def compare_outputs(rows: Sequence[dict], ref_rows: Sequence[dict], reference: s
     """Greedy-equality of whole token lists, per prompt, on the first repeat both have.
     Every difference is explained (module docstring) from the row's ``lossless`` record,
     which the bench writes with the target's logit gap at the first differing token."""
-    from apar_spec.lossless import NEAR_TIE, explain
+    from apar_spec.decoding.lossless import NEAR_TIE, explain
 
     result = Lossless(reference)
     if any((r.get("temperature") or 0) > 0 for r in [*rows, *ref_rows]):
@@ -211,9 +208,11 @@ def compare_outputs(rows: Sequence[dict], ref_rows: Sequence[dict], reference: s
         rec = mine[p].get("first_difference") or {}
         gap = rec.get("logit_gap")
         if rec:
-            detail += (f"; first in APAR time at branch {rec.get('branch')} token {rec.get('index')}: "
-                       f"{rec.get('want')} vs {rec.get('got')}, logit gap "
-                       + ("n/a (a different stop)" if gap is None else f"{gap:.2e}"))
+            detail += (
+                f"; first in APAR time at branch {rec.get('branch')} token {rec.get('index')}: "
+                f"{rec.get('want')} vs {rec.get('got')}, logit gap "
+                + ("n/a (a different stop)" if gap is None else f"{gap:.2e}")
+            )
         else:
             detail += "; no first-difference record (the reference ran in another bench run)"
         reason = explain(low[0] if low else "float32", gap)
@@ -242,25 +241,31 @@ class _CostLookup:
         self.missing: set[str] = set()
 
     def get(self, name, row: dict):
-        from apar_spec import cost_model as cm
+        from apar_spec import costs as cm
 
         key = (name, row.get("dtype"), row.get("device"), row.get("threads"))
         if key not in self.found:
             try:
-                self.found[key] = cm.find_costs(str(name), str(row.get("dtype")), str(row.get("device") or "cpu"), row.get("threads"))
+                self.found[key] = cm.find_costs(
+                    str(name), str(row.get("dtype")), str(row.get("device") or "cpu"), row.get("threads")
+                )
             except cm.CostCacheError as err:
                 self.found[key] = None
                 self.missing.add(str(err))
             if self.found[key] is None and not any(str(name) in m for m in self.missing):
                 t = row.get("threads")
-                self.missing.add(f"no cached costs for {name} ({row.get('dtype')}, {row.get('device')}, threads={t}): "
-                                 f"run `apar-spec costs measure --model {name}{f' --threads {t}' if t else ''}` for predictions")
+                self.missing.add(
+                    f"no cached costs for {name} ({row.get('dtype')}, {row.get('device')}, threads={t}): "
+                    f"run `apar-spec costs measure --model {name}{f' --threads {t}' if t else ''}` for predictions"
+                )
         return self.found[key]
 
 
-def predicted_vs_plain(vrows: Sequence[dict], plain_rows: Sequence[dict], lookup: _CostLookup) -> tuple[Optional[float], Optional[str]]:
+def predicted_vs_plain(
+    vrows: Sequence[dict], plain_rows: Sequence[dict], lookup: _CostLookup
+) -> tuple[Optional[float], Optional[str]]:
     """Ratio of median predicted tok/s (speculative / plain) over common prompts, or (None, why)."""
-    from apar_spec import cost_model as cm
+    from . import cost_rows as cm
 
     first = vrows[0]
     target = lookup.get(first.get("model"), first)
@@ -304,7 +309,9 @@ def summarize(rows: Sequence[dict]) -> Report:
         groups = {ALL: groups[ALL]}
     report = Report({}, sorted({r.get("setup_id", "?") for r in rows}), max(int(r["repeat"]) for r in rows) + 1)
     if len(report.setup_ids) > 1:
-        report.notes.append(f"rows of {len(report.setup_ids)} different setups are mixed in this file: ratios may mean nothing")
+        report.notes.append(
+            f"rows of {len(report.setup_ids)} different setups are mixed in this file: ratios may mean nothing"
+        )
     lookup = _CostLookup()
     for name, group_rows in groups.items():
         report.groups[name] = _summarize_group(group_rows, lookup)
@@ -364,107 +371,3 @@ def _summarize_group(rows: Sequence[dict], lookup: Optional[_CostLookup] = None)
 
 
 # ------------------------------------------------------------------ rendering
-
-
-def _f(x: Optional[float], fmt: str = "{:.2f}", suffix: str = "") -> str:
-    return "-" if x is None else fmt.format(x) + suffix
-
-
-def _table_rows(vs: list[VariantSummary]) -> tuple[list[str], list[list[str]]]:
-    headers = ["config", "model", "prompts", "tokens", "tok/s", "xAR", "xHF", "steps", "steps/tok",
-               "acc.len", "acc@pos", "KVxAR", "attnxAR", "steps/crit", "lossless"]
-    body = []
-    for v in vs:
-        acc_pos = " ".join(f"{a:.2f}" for a in v.acceptance_per_position[:4]) or "-"
-        body.append([
-            v.variant, v.model, str(v.prompts), _f(v.tokens, "{:.0f}"), _f(v.tokens_per_s, "{:.1f}"),
-            _f(v.speedup_vs_ar, suffix="x"), _f(v.speedup_vs_hf, suffix="x"), _f(v.target_steps, "{:.0f}"),
-            _f(v.steps_per_token), _f(v.acceptance_length), acc_pos, _f(v.peak_kv_vs_ar), _f(v.attended_keys_vs_ar),
-            _f(v.steps_per_critical_path), v.lossless.short() if v.lossless else "ref" if v.config in ("hf-generate", "apar") else "-",
-        ])
-    return headers, body
-
-
-def _plain_table(title: str, headers: list[str], body: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
-    lines = [title, "  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in body]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _bars(items: list[tuple[str, float]], width: int = 40, char: str = "#") -> list[str]:
-    """A horizontal bar per item, scaled to the largest; a '|' marks 1.0x where it fits."""
-    if not items:
-        return []
-    top = max(max(v for _, v in items), 1.0)
-    label_w = max(len(n) for n, _ in items)
-    lines = []
-    for name, value in items:
-        n = max(1, round(value / top * width)) if value > 0 else 0
-        bar = list(char * n + " " * (width - n))
-        one = round(1.0 / top * width)
-        if 0 < one <= width and one - 1 >= n:
-            bar[one - 1] = "|"
-        lines.append(f"{name.ljust(label_w)}  {''.join(bar)} {value:.2f}x")
-    return lines
-
-
-def render(report: Report, console: Optional[Console] = None) -> None:
-    """Rich tables and a bar chart on a terminal; plain aligned text otherwise."""
-    console = console or Console()
-    plain = not console.is_terminal
-    for note in report.notes:
-        console.print(f"note: {note}", markup=False, highlight=False)
-    for group, vs in report.groups.items():
-        title = f"{'all prompts' if group == ALL else 'category ' + group} ({report.repeats} repeat(s); medians)"
-        headers, body = _table_rows(vs)
-        if plain:
-            console.print(_plain_table(title, headers, body) + "\n", markup=False, highlight=False, soft_wrap=True)
-        else:
-            table = Table(title=title, title_justify="left", header_style="bold")
-            for h in headers:
-                table.add_column(h, justify="left" if h in ("config", "model", "acc@pos", "lossless") else "right")
-            for row in body:
-                table.add_row(*[("[red]" + c + "[/]") if c.startswith("NO") else c for c in row])
-            console.print(table)
-    vs = report.groups[ALL]
-    for label, attr in (("vs AR", "speedup_vs_ar"), ("vs hf-generate", "speedup_vs_hf")):
-        items = [(v.variant, getattr(v, attr)) for v in vs if getattr(v, attr) is not None]
-        if not items:
-            continue
-        console.print(f"speed-up {label} (tokens/s, ratio of medians)", markup=False, highlight=False)
-        for line in _bars(items, char="#" if plain else "█"):
-            console.print(line, markup=False, highlight=False, style=None if plain else "cyan", soft_wrap=True)
-        console.print("")
-    _render_predictions(report, console, plain)
-    diffs = [v for v in report.groups[ALL] if v.lossless and v.lossless.differences]
-    for v in diffs:
-        console.print(f"{v.variant} differs from {v.lossless.reference} on {len(v.lossless.differences)} prompt(s):",
-                      markup=False, highlight=False)
-        for d in v.lossless.differences:
-            console.print(f"  [{d['reason']}] prompt {d['prompt']}: {d['detail']}", markup=False, highlight=False)
-
-
-def _render_predictions(report: Report, console: Console, plain: bool) -> None:
-    """The cost model's table: predicted vs achieved speed-up over the same mode without speculation."""
-    body = []
-    for group, vs in report.groups.items():
-        for v in vs:
-            if v.plain is None:
-                continue
-            err = (v.predicted_vs_plain / v.achieved_vs_plain - 1) if v.predicted_vs_plain and v.achieved_vs_plain else None
-            body.append([group, v.variant, v.plain, _f(v.achieved_vs_plain, suffix="x"), _f(v.predicted_vs_plain, suffix="x"),
-                         _f(err * 100 if err is not None else None, "{:+.0f}", "%"), v.prediction_note or ""])
-    if not body:
-        return
-    title = "cost model: speed-up over the same mode without speculation, predicted vs achieved"
-    headers = ["group", "config", "vs", "achv", "pred", "err", "note"]
-    if plain:
-        console.print(_plain_table(title, headers, body) + "\n", markup=False, highlight=False, soft_wrap=True)
-        return
-    table = Table(title=title, title_justify="left", header_style="bold")
-    for h in headers:
-        table.add_column(h, justify="right" if h in ("achv", "pred", "err") else "left")
-    for row in body:
-        table.add_row(*row)
-    console.print(table)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from apar_spec.cli.app import app
 from typer.testing import CliRunner
 
 import apar_spec
 from apar_spec.api import encode_prompts
-from apar_spec.cli.app import app
 
 QUESTIONS = ["Give 3 tips for sleep.", "Name two colours."]
 MAX_NEW = 6
@@ -30,7 +30,10 @@ def tiny():
 def reference(tiny):
     """Plain id lists of the chat-templated questions, and their greedy outputs."""
     model, tok = tiny
-    ids = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_dict=False) for q in QUESTIONS]
+    ids = [
+        tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_dict=False)
+        for q in QUESTIONS
+    ]
     assert all(isinstance(x, list) and isinstance(x[0], int) for x in ids)
     assert len(ids[0]) != len(ids[1])  # so padding really happens below
     outs = [apar_spec.generate(model, tok, [x], mode="ar", max_new_tokens=MAX_NEW)[0].token_ids for x in ids]
@@ -58,7 +61,9 @@ def forms(tok, ids):
     for side in ("left", "right"):
         tok.padding_side = side
         try:
-            padded = tok.apply_chat_template(both, add_generation_prompt=True, tokenize=True, padding=True, return_tensors="pt")
+            padded = tok.apply_chat_template(
+                both, add_generation_prompt=True, tokenize=True, padding=True, return_tensors="pt"
+            )
         finally:
             tok.padding_side = "right"
         assert padded["attention_mask"].min() == 0  # really padded
@@ -72,7 +77,11 @@ def forms(tok, ids):
     yield "mixed list", [QUESTIONS[0], single[1]], [tok(QUESTIONS[0])["input_ids"], ids[1]]
     text_batch = tok(QUESTIONS, padding=True, return_tensors="pt")
     yield "tokenizer(...) batch", text_batch, [tok(q)["input_ids"] for q in QUESTIONS]
-    yield "list holding a batch (rows flattened)", [single[0], text_batch], [ids[0]] + [tok(q)["input_ids"] for q in QUESTIONS]
+    yield (
+        "list holding a batch (rows flattened)",
+        [single[0], text_batch],
+        [ids[0]] + [tok(q)["input_ids"] for q in QUESTIONS],
+    )
 
 
 def test_every_tokenizer_output_form_gives_the_plain_prompt_ids(tiny, reference):
@@ -88,8 +97,9 @@ def test_generate_on_a_padded_batch_encoding_equals_the_plain_calls(tiny, refere
     ids, outs = reference
     tok.padding_side = "left"
     try:
-        enc = tok.apply_chat_template([chat(q) for q in QUESTIONS], add_generation_prompt=True, tokenize=True,
-                                      padding=True, return_tensors="pt")
+        enc = tok.apply_chat_template(
+            [chat(q) for q in QUESTIONS], add_generation_prompt=True, tokenize=True, padding=True, return_tensors="pt"
+        )
     finally:
         tok.padding_side = "right"
     gens = apar_spec.generate(model, tok, enc, mode="ar", max_new_tokens=MAX_NEW)
@@ -162,7 +172,21 @@ def test_cli_generate_refuses_an_empty_prompt(prompt):
 
 
 def test_cli_generate_still_answers_a_real_prompt():
-    result = runner.invoke(app, ["generate", "Name two colours.", "--model", "tiny-base", "--mode", "ar",
-                                 "--max-new-tokens", "4", "--device", "cpu", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "Name two colours.",
+            "--model",
+            "tiny-base",
+            "--mode",
+            "ar",
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert '"token_ids"' in result.stdout

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from apar_spec.experiments.bench import compare, sweep
+from apar_spec.experiments.bench_files import read_rows
+from apar_spec.experiments.bench_plan import CONFIGS, BenchSettings, parse_modes
+from micro import WORDS, micro_model, micro_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from micro import WORDS, micro_model, micro_tokenizer
-
 from apar_spec.options import DecodeOptions
-from apar_spec.experiments.bench import BenchSettings, CONFIGS, compare, parse_modes, read_rows, sweep
 
 FAST = dict(max_new_tokens=8, repeats=1, warmup=0, limit=2)
 
@@ -37,11 +38,14 @@ def make_micro_setup(root: Path) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     prompts = root / "prompts.jsonl"
     prompts.write_text(
-        "".join(json.dumps(r) + "\n" for r in [
-            {"prompt": "w5 w6 w7 w5 w6", "id": "p1", "category": "copy"},
-            {"prompt": "w9 w10 w11", "id": "p2", "category": "plain"},
-            {"prompt": "w12 w13", "id": "p3", "category": "plain"},
-        ])
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"prompt": "w5 w6 w7 w5 w6", "id": "p1", "category": "copy"},
+                {"prompt": "w9 w10 w11", "id": "p2", "category": "plain"},
+                {"prompt": "w12 w13", "id": "p3", "category": "plain"},
+            ]
+        )
     )
     return {
         "target": save_micro(root, "target", 0),
@@ -58,17 +62,51 @@ def micro(tmp_path_factory) -> dict:
 
 
 def settings(micro, tmp_path, **kw) -> BenchSettings:
-    base = dict(target=micro["target"], draft="ngram", prompts=micro["prompts"], out=tmp_path / "r.jsonl", device="cpu", **FAST)
+    base = dict(
+        target=micro["target"], draft="ngram", prompts=micro["prompts"], out=tmp_path / "r.jsonl", device="cpu", **FAST
+    )
     base.update(kw)
     return BenchSettings(**base)
 
 
 ROW_KEYS = {
-    "schema", "setup_id", "variant", "config", "prompt_id", "category", "repeat", "model", "draft", "k", "temperature",
-    "max_new_tokens", "device", "dtype", "prompt_tokens", "tokens", "answer_tokens", "wall_s", "tokens_per_s",
-    "target_steps", "draft_forwards", "tokens_generated", "peak_live_kv", "mean_live_kv", "attended_keys",
-    "critical_path", "wall_time_s", "num_branches", "accepted", "drafted", "mean_acceptance_length",
-    "acceptance_rate_per_position", "steps_per_critical_path", "steps_per_token", "output_ids", "text", "time",
+    "schema",
+    "setup_id",
+    "variant",
+    "config",
+    "prompt_id",
+    "category",
+    "repeat",
+    "model",
+    "draft",
+    "k",
+    "temperature",
+    "max_new_tokens",
+    "device",
+    "dtype",
+    "prompt_tokens",
+    "tokens",
+    "answer_tokens",
+    "wall_s",
+    "tokens_per_s",
+    "target_steps",
+    "draft_forwards",
+    "tokens_generated",
+    "peak_live_kv",
+    "mean_live_kv",
+    "attended_keys",
+    "critical_path",
+    "wall_time_s",
+    "num_branches",
+    "accepted",
+    "drafted",
+    "mean_acceptance_length",
+    "acceptance_rate_per_position",
+    "steps_per_critical_path",
+    "steps_per_token",
+    "output_ids",
+    "text",
+    "time",
 }
 
 
@@ -96,7 +134,9 @@ def test_compare_writes_one_row_per_config_prompt_repeat(micro, tmp_path):
     assert ar["mean_acceptance_length"] == 1.0 and ar["drafted"] == 0
     hf = by[("hf-generate", "p1", 0)]
     assert hf["target_steps"] == hf["tokens"] and hf["peak_live_kv"] is None and hf["hf"]["do_sample"] is False
-    assert by[("apar", "p1", 0)]["max_depth"] == DecodeOptions.max_depth and ar["max_depth"] is None  # the cap apar ran under
+    assert (
+        by[("apar", "p1", 0)]["max_depth"] == DecodeOptions.max_depth and ar["max_depth"] is None
+    )  # the cap apar ran under
     capped = settings(micro, tmp_path / "capped", modes="apar", max_depth=1)
     assert capped.setup_id() != settings(micro, tmp_path / "capped", modes="apar").setup_id()
     compare(capped)
@@ -273,7 +313,7 @@ def test_cpu_runs_use_one_thread_by_default_and_restore_it(micro, tmp_path):
 
 
 def test_hf_assisted_drafts_exactly_k_and_leaves_the_assistant_as_it_was():
-    from apar_spec.hf_baselines import hf_generate
+    from apar_spec.experiments.hf_baselines import hf_generate
 
     target, twin, tok = micro_model(seed=0), micro_model(seed=0), micro_tokenizer()  # twin: every draft accepted
     ids = tok("w5 w6 w7")["input_ids"]

@@ -6,13 +6,11 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from test_bench import make_micro_setup
-
 from apar_spec.cli.app import app
-from apar_spec.experiments import bench as bench_module
-from apar_spec.experiments.bench import read_rows
+from apar_spec.experiments import bench_runner as bench_module
+from apar_spec.experiments.bench_files import read_rows
+from test_bench import make_micro_setup
+from typer.testing import CliRunner
 
 runner = CliRunner()
 FAST = ["--max-new-tokens", "8", "--repeats", "1", "--warmup", "0", "--limit", "2", "--device", "cpu"]
@@ -38,7 +36,19 @@ def assert_user_error(result, *fragments: str) -> None:
 
 
 def bench_args(micro, out, *extra: str) -> list[str]:
-    return ["bench", "--target", micro["target"], "--draft", "ngram", "--prompts", micro["prompts"], "--out", out, *FAST, *extra]
+    return [
+        "bench",
+        "--model",
+        micro["target"],
+        "--draft",
+        "ngram",
+        "--prompts",
+        micro["prompts"],
+        "--out",
+        out,
+        *FAST,
+        *extra,
+    ]
 
 
 def test_help_lists_every_command():
@@ -47,11 +57,47 @@ def test_help_lists_every_command():
     for cmd in ("generate", "bench", "sweep", "report", "convert", "train", "drafts"):
         assert cmd in result.stdout
     bench_help = run("bench", "--help").stdout
-    for opt in ("--target", "--base", "--draft", "--modes", "--prompts", "--category", "--limit", "--max-new-tokens",
-                "-k", "--temperature", "--seed", "--repeats", "--warmup", "--dtype", "--device", "--chat-template",
-                "--out", "--resume", "--json"):
+    for opt in (
+        "--model",
+        "--base",
+        "--draft",
+        "--modes",
+        "--prompts",
+        "--category",
+        "--limit",
+        "--max-new-tokens",
+        "-k",
+        "--temperature",
+        "--seed",
+        "--repeats",
+        "--warmup",
+        "--dtype",
+        "--device",
+        "--chat-template",
+        "--out",
+        "--resume",
+        "--json",
+    ):
         assert opt in bench_help, opt
     assert "--live" in run("generate", "--help").stdout
+    for cmd in ("generate", "bench", "sweep", "serve", "load-bench", "quality", "train-heads"):
+        shown = run(cmd, "--help").stdout
+        assert "--model" in shown and "Target model" in shown and "--target" not in shown, cmd  # the old name: hidden
+
+
+def test_bench_model_and_its_old_name_target(micro, tmp_path):
+    """``--model`` names the target in bench; ``--target``, its old name, still works (hidden)."""
+    rows = {}
+    for name in ("--model", "--target"):
+        out = tmp_path / f"{name.strip('-')}.jsonl"
+        args = bench_args(micro, out, "--modes", "ar", "--limit", "1", "--json")
+        args[args.index("--model")] = name
+        result = run(*args)
+        assert result.exit_code == 0, result.output
+        rows[name] = [(r["setup_id"], r["variant"], r["output_ids"]) for r in read_rows(out)]
+    assert rows["--model"] == rows["--target"]
+    assert_user_error(run(*bench_args(micro, tmp_path / "x.jsonl", "--target", micro["alien"])), "--model and --target")
+    assert_user_error(run("train-heads", "--data", "corpus:4", "--out", tmp_path / "h"), "Missing option '--model'")
 
 
 def test_generate_prints_answer_and_stats(micro):
@@ -62,36 +108,81 @@ def test_generate_prints_answer_and_stats(micro):
 
 
 def test_generate_json_and_spec_modes(micro):
-    result = run("generate", "w5 w6 w7 w5 w6", "--model", micro["target"], "--mode", "apar+spec", "--draft", "ngram",
-                 "-k", "3", "--max-new-tokens", "8", "--json", "--live")
+    result = run(
+        "generate",
+        "w5 w6 w7 w5 w6",
+        "--model",
+        micro["target"],
+        "--mode",
+        "apar+spec",
+        "--draft",
+        "ngram",
+        "-k",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--json",
+        "--live",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["mode"] == "apar+spec" and data["draft"] == "ngram"
     assert data["stats"]["tokens_generated"] == 8 and data["stats"]["drafted"] >= 0
-    ar = json.loads(run("generate", "w5 w6 w7 w5 w6", "--model", micro["target"], "--mode", "apar",
-                        "--max-new-tokens", "8", "--json").stdout)
+    ar = json.loads(
+        run(
+            "generate",
+            "w5 w6 w7 w5 w6",
+            "--model",
+            micro["target"],
+            "--mode",
+            "apar",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ).stdout
+    )
     assert ar["token_ids"] == data["token_ids"]  # apar+spec is lossless against apar
     assert ar["stats"]["mean_acceptance_length"] == 1.0
 
 
 def test_generate_bad_input(micro):
-    assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "sepc"), "unknown mode 'sepc'", "did you mean 'spec'")
-    assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "ar", "--draft", "ngram"), "--draft is only used")
+    assert_user_error(
+        run("generate", "hi", "--model", micro["target"], "--mode", "sepc"),
+        "unknown mode 'sepc'",
+        "did you mean 'spec'",
+    )
+    assert_user_error(
+        run("generate", "hi", "--model", micro["target"], "--mode", "ar", "--draft", "ngram"), "--draft is only used"
+    )
     assert_user_error(run("generate", "hi", "--model", "tiny-aparr"), "Did you mean 'tiny-apar'")
-    assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "spec", "--draft", micro["alien"]),
-                      "does not fit the target's vocabulary")
+    assert_user_error(
+        run("generate", "hi", "--model", micro["target"], "--mode", "spec", "--draft", micro["alien"]),
+        "does not fit the target's vocabulary",
+    )
     assert_user_error(run("generate", "hi", "--model", micro["target"], "--chat-template"), "has no chat template")
-    assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--max-depth", "-1"), "max_depth")
-    assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--depth-cap", "stop"),
-                      "depth_cap must be one of end, mask")
-    assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--fork-bias", "inf"),
-                      "fork_bias must be a finite number")
-    assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--repeated-title", "stop"),
-                      "repeated_title must be one of end, keep")
-    assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--fork-gate", "2"),
-                      "fork_gate must be a number in [0, 1]")
-    assert_user_error(run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--fork-gate", "0.5"),
-                      "needs a model with a fork router")
+    assert_user_error(
+        run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--max-depth", "-1"), "max_depth"
+    )
+    assert_user_error(
+        run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--depth-cap", "stop"),
+        "depth_cap must be one of end, mask",
+    )
+    assert_user_error(
+        run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--fork-bias", "inf"),
+        "fork_bias must be a finite number",
+    )
+    assert_user_error(
+        run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--repeated-title", "stop"),
+        "repeated_title must be one of end, keep",
+    )
+    assert_user_error(
+        run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--fork-gate", "2"),
+        "fork_gate must be a number in [0, 1]",
+    )
+    assert_user_error(
+        run("generate", "hi", "--model", micro["target"], "--mode", "apar", "--fork-gate", "0.5"),
+        "needs a model with a fork router",
+    )
 
 
 def test_bench_resume_and_report(micro, tmp_path):
@@ -191,8 +282,24 @@ def test_bench_existing_results_need_resume_or_overwrite(micro, tmp_path):
 
 def test_sweep_command(micro, tmp_path):
     out = tmp_path / "s.jsonl"
-    result = run("sweep", "--target", micro["target"], "--prompts", micro["prompts"], "--drafts", "ngram", "--ks", "1,2",
-                 "--modes", "ar,spec", "--out", out, *FAST, "--limit", "1")
+    result = run(
+        "sweep",
+        "--target",
+        micro["target"],
+        "--prompts",
+        micro["prompts"],
+        "--drafts",
+        "ngram",
+        "--ks",
+        "1,2",
+        "--modes",
+        "ar,spec",
+        "--out",
+        out,
+        *FAST,
+        "--limit",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     assert [r["variant"] for r in read_rows(out)] == ["ar", "spec ngram k=1", "spec ngram k=2"]
     assert_user_error(run("sweep", "--ks", "1,x", "--out", tmp_path / "x.jsonl"), "--ks must be a comma-separated list")
@@ -208,12 +315,15 @@ def test_report_bad_input(tmp_path):
 def test_convert_reports_bad_rows_and_missing_input(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(
-        json.dumps({"prompt": "Give 2 tips.", "answer": "Tips:\n1. Sleep: go to bed early.\n2. Water: drink more."}) + "\n"
+        json.dumps({"prompt": "Give 2 tips.", "answer": "Tips:\n1. Sleep: go to bed early.\n2. Water: drink more."})
+        + "\n"
         + "{not json}\n"
     )
     result = run("convert", src, tmp_path / "out.jsonl")
     assert result.exit_code == 0, result.output
-    assert "read 2 rows, wrote 1" in result.stdout and "1 bad" in result.stdout and "line 2: invalid JSON" in result.stdout
+    assert (
+        "read 2 rows, wrote 1" in result.stdout and "1 bad" in result.stdout and "line 2: invalid JSON" in result.stdout
+    )
     assert (tmp_path / "out.jsonl").is_file()
     data = json.loads(run("convert", src, tmp_path / "out2.jsonl", "--json").stdout)
     assert data["rows_written"] == 1 and data["bad_rows"][0][0] == 2
@@ -235,18 +345,65 @@ def test_convert_whole_lead(tmp_path):
 
 def test_train_command(micro, tmp_path):
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": "w5 w6", "answer": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(8, 12)))
+    data.write_text(
+        "".join(json.dumps({"prompt": "w5 w6", "answer": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(8, 12))
+    )
     out = tmp_path / "trained"
-    result = run("train", "--model", micro["target"], "--data", data, "--out", out, "--steps", "1", "--batch-size", "2",
-                 "--mode", "plain", "--json")
+    result = run(
+        "train",
+        "--model",
+        micro["target"],
+        "--data",
+        data,
+        "--out",
+        out,
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--mode",
+        "plain",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["steps"] == 1 and (out / "config.json").is_file()
-    assert_user_error(run("train", "--model", micro["target"], "--data", tmp_path / "none.jsonl", "--out", out, "--steps", "1"))
-    assert_user_error(run("train", "--model", micro["target"], "--data", data, "--out", tmp_path / "neg", "--steps", "1",
-                          "--root-eos", "-1", "--root-eos-lead-only"))
-    assert_user_error(run("train", "--model", micro["target"], "--data", data, "--out", tmp_path / "scope", "--steps", "1",
-                          "--distill", "0.5", "--distill-hard-roots", "some"))
+    assert_user_error(
+        run("train", "--model", micro["target"], "--data", tmp_path / "none.jsonl", "--out", out, "--steps", "1")
+    )
+    assert_user_error(
+        run(
+            "train",
+            "--model",
+            micro["target"],
+            "--data",
+            data,
+            "--out",
+            tmp_path / "neg",
+            "--steps",
+            "1",
+            "--root-eos",
+            "-1",
+            "--root-eos-lead-only",
+        )
+    )
+    assert_user_error(
+        run(
+            "train",
+            "--model",
+            micro["target"],
+            "--data",
+            data,
+            "--out",
+            tmp_path / "scope",
+            "--steps",
+            "1",
+            "--distill",
+            "0.5",
+            "--distill-hard-roots",
+            "some",
+        )
+    )
 
 
 def test_drafts_list_and_show():
@@ -267,12 +424,11 @@ def test_drafts_list_and_show():
 def test_live_view_shows_branches_and_returns_the_same_answer():
     import io
 
+    from apar_spec.cli.live import generate_live
+    from micro import fork_processor, micro_model, micro_tokenizer
     from rich.console import Console
 
-    from micro import fork_processor, micro_model, micro_tokenizer
-
     from apar_spec.api import generate
-    from apar_spec.cli.live import generate_live
 
     model, tok = micro_model(), micro_tokenizer()
     ids = tok("w5 w6 w7")["input_ids"]

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from apar_spec.corpus import MAX_ITEMS, TOPICS, Example, make_corpus, split_of, write_jsonl
-from apar_spec.restructure import convert_file, restructure
+from apar_spec.training.corpus import MAX_ITEMS, TOPICS, Example, make_corpus, split_of, write_jsonl
+from apar_spec.training.restructure import convert_file, restructure
 
 CORPUS = make_corpus(600, seed=3)
 
@@ -26,13 +26,20 @@ def test_default_mix_gives_exact_counts_and_mix_and_kinds_select():
     counts = collections.Counter(e.kind for e in make_corpus(40))
     assert counts == {"list": 20, "explain": 10, "noforks": 10}
     assert {e.kind for e in make_corpus(10, kinds=("noforks",))} == {"noforks"}
-    assert collections.Counter(e.kind for e in make_corpus(9, mix={"list": 2, "explain": 1, "noforks": 0})) == {"list": 6, "explain": 3}
+    assert collections.Counter(e.kind for e in make_corpus(9, mix={"list": 2, "explain": 1, "noforks": 0})) == {
+        "list": 6,
+        "explain": 3,
+    }
     assert make_corpus(0) == []
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"kinds": ("poems",)}, "unknown kind"), ({"split": "test"}, "unknown split"), ({"mix": {"list": 0}, "kinds": ("list",)}, "positive")],
+    [
+        ({"kinds": ("poems",)}, "unknown kind"),
+        ({"split": "test"}, "unknown split"),
+        ({"mix": {"list": 0}, "kinds": ("list",)}, "positive"),
+    ],
 )
 def test_bad_arguments_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -10,8 +10,8 @@ import torch
 from micro import micro_model, micro_tokenizer
 from typer.testing import CliRunner
 
-from apar_spec import cost_model as cm
-from apar_spec.draft_tree import chain, expected_accepted, layout
+from apar_spec import costs as cm
+from apar_spec.decoding.draft_tree import chain, expected_accepted, layout
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -88,7 +88,10 @@ def test_choose_tree_agrees_with_brute_force_over_all_small_trees():
         assert cm.score(costs, "ngram", picked, prof) == pytest.approx(cm.score(costs, "ngram", best, prof))
         # the default family holds the grown trees (and more), so it does at least as well (free heads: same costs)
         costs.heads = {1: 0.0, 16: 0.0}
-        assert cm.score(costs, "heads", cm.choose_tree(costs, prof, kind="heads"), prof) >= cm.score(costs, "ngram", best, prof) - 1e-12
+        assert (
+            cm.score(costs, "heads", cm.choose_tree(costs, prof, kind="heads"), prof)
+            >= cm.score(costs, "ngram", best, prof) - 1e-12
+        )
         assert cm.choose_tree(costs, prof, kind="ngram").is_chain  # prompt lookup proposes chains only
 
 
@@ -125,7 +128,9 @@ def test_draft_lm_pays_one_forward_per_depth_over_the_frontier():
 
 
 def test_interpolation_and_context():
-    c = cm.ModelCosts("m", cm.CostKey("x", "float32", "cpu", 1), {64: {1: 1.0, 4: 4.0, 8: 6.0}, 512: {1: 2.0, 4: 5.0, 8: 7.0}})
+    c = cm.ModelCosts(
+        "m", cm.CostKey("x", "float32", "cpu", 1), {64: {1: 1.0, 4: 4.0, 8: 6.0}, 512: {1: 2.0, 4: 5.0, 8: 7.0}}
+    )
     assert c.forward_cost(2) == pytest.approx(2.0)  # between sizes
     assert c.forward_cost(16) == pytest.approx(10.0)  # past the largest: the last slope
     assert c.forward_cost(0.5) == pytest.approx(1.0)
@@ -146,7 +151,11 @@ def test_profile_from_rows_chain_rates_are_made_conditional():
 
 def test_profile_from_rows_prefers_depth_rank_counts():
     rows = [
-        {"depth_rank_verified": [[10, 10], [6]], "depth_rank_accepted": [[6, 2], [3]], "acceptance_rate_per_position": [0.1]},
+        {
+            "depth_rank_verified": [[10, 10], [6]],
+            "depth_rank_accepted": [[6, 2], [3]],
+            "acceptance_rate_per_position": [0.1],
+        },
         {"depth_rank_verified": [[10, 0], [4]], "depth_rank_accepted": [[4, 0], [1]]},
     ]
     prof = cm.Profile.from_rows(rows)
@@ -167,15 +176,26 @@ def test_geometric_profile_fitted_to_an_acceptance_length():
         entry = registry.get(name)
         assert entry.acceptance_k is not None
         prof = cm.default_profile("heads", name)
-        assert expected_accepted(chain(entry.acceptance_k), prof) + 1 == pytest.approx(entry.acceptance_length, abs=1e-6)
+        assert expected_accepted(chain(entry.acceptance_k), prof) + 1 == pytest.approx(
+            entry.acceptance_length, abs=1e-6
+        )
 
 
 # ------------------------------------------------------------------ measuring and the cache
 
 
 def tiny_measure(model, name="micro", **kw):
-    return cm.measure(model, name, sizes=(1, 2, 4), contexts=(8, 16), repeats=1, warmup=0,
-                      with_heads=kw.pop("with_heads", False), with_overhead=kw.pop("with_overhead", False), **kw)
+    return cm.measure(
+        model,
+        name,
+        sizes=(1, 2, 4),
+        contexts=(8, 16),
+        repeats=1,
+        warmup=0,
+        with_heads=kw.pop("with_heads", False),
+        with_overhead=kw.pop("with_overhead", False),
+        **kw,
+    )
 
 
 def test_measure_round_trip_and_keys(tmp_path):
@@ -210,8 +230,19 @@ def test_corrupt_cache_is_one_line_error_or_measured_again(tmp_path):
         cm.load_costs(key, tmp_path)
     assert "\n" not in str(err.value) and key.filename() in str(err.value)
     said = []
-    costs = cm.get_costs(m, "micro", threads=1, with_heads=False, directory=tmp_path, say=said.append,
-                         sizes=(1, 2), contexts=(8,), repeats=1, warmup=0, with_overhead=False)
+    costs = cm.get_costs(
+        m,
+        "micro",
+        threads=1,
+        with_heads=False,
+        directory=tmp_path,
+        say=said.append,
+        sizes=(1, 2),
+        contexts=(8,),
+        repeats=1,
+        warmup=0,
+        with_overhead=False,
+    )
     assert any("corrupt" in s and "measuring again" in s for s in said)
     assert cm.load_costs(key, tmp_path) == costs  # the file is good again
     said.clear()
@@ -221,26 +252,47 @@ def test_corrupt_cache_is_one_line_error_or_measured_again(tmp_path):
 
 def test_auto_without_cached_costs_measures_first_and_says_so(capsys, monkeypatch):
     from apar_spec.api import generate
+    from apar_spec.costs import measuring
 
     model, tok = micro_model(dtype=torch.float64), micro_tokenizer()
     original = cm.measure
-    monkeypatch.setattr(cm, "measure", lambda *a, **kw: original(*a, **{**kw, "sizes": (1, 2, 4, 8), "contexts": (8, 16),
-                                                                      "repeats": 1, "warmup": 0, "overhead_steps": 3}))
+    said: list[str] = []
+    monkeypatch.setattr(
+        measuring,
+        "measure",
+        lambda *a, **kw: original(
+            *a, **{**kw, "sizes": (1, 2, 4, 8), "contexts": (8, 16), "repeats": 1, "warmup": 0, "overhead_steps": 3}
+        ),
+    )
     threads = torch.get_num_threads()
     assert cm.load_costs(cm.key_for(model, threads)) is None
-    out = generate(model, tok, ["w5 w6 w7 w5 w6 w7"], mode="spec", draft="ngram", max_new_tokens=12, num_draft_tokens="auto")[0]
-    err = capsys.readouterr().err
+    out = generate(
+        model,
+        tok,
+        ["w5 w6 w7 w5 w6 w7"],
+        mode="spec",
+        draft="ngram",
+        max_new_tokens=12,
+        num_draft_tokens="auto",
+        on_note=said.append,
+    )[0]
+    err = "\n".join(said)
     assert "no cached costs" in err and "measuring them once" in err and "auto: picked chain:" in err
+    assert capsys.readouterr().err == ""  # the library never prints: notes go to the callback
     assert cm.load_costs(cm.key_for(model, threads)) is not None
     plain = generate(model, tok, ["w5 w6 w7 w5 w6 w7"], mode="ar", max_new_tokens=12)[0]
     assert out.token_ids == plain.token_ids  # whatever k was picked, speculation stays lossless
     # second time: cached, no measuring
-    opts = cm.resolve_auto_options(model, tok, "spec", "ngram", {"tree": "auto"})
-    assert "measuring" not in capsys.readouterr().err
-    from apar_spec.draft_tree import parse_tree
+    said.clear()
+    opts = cm.resolve_auto_options(model, tok, "spec", "ngram", {"tree": "auto"}, say=said.append)
+    assert not any("measuring" in s for s in said)
+    from apar_spec.decoding.draft_tree import parse_tree
 
     shape = parse_tree(opts["tree"])
-    assert opts["num_draft_tokens"] == shape.depth and opts["max_draft_tokens"] >= shape.depth
+    assert opts["num_draft_tokens"] == shape.depth
+    from apar_spec.options import DecodeOptions
+
+    assert DecodeOptions(num_draft_tokens=opts["num_draft_tokens"]).max_draft_tokens >= shape.depth
     # a non-speculative mode ignores auto
     assert cm.resolve_auto_options(model, tok, "ar", None, {"num_draft_tokens": "auto"})["num_draft_tokens"] == 4
 
@@ -259,19 +311,60 @@ def test_resolve_auto_bad_input():
 def bench_rows(model="m", draft="ngram"):
     rows = []
     for p in ("p1", "p2"):
-        common = dict(prompt_id=p, category="c", repeat=0, model=model, dtype="float32", device="cpu", threads=1,
-                      temperature=0.0, max_new_tokens=512, prompt_tokens=10, mean_live_kv=60.0, setup_id="s")
-        rows.append(dict(common, variant="ar", config="ar", draft=None, k=None, tokens=101, target_steps=101,
-                         tokens_per_s=100.0, wall_s=1.01, output_ids=[1] * 101, mean_acceptance_length=1.0,
-                         acceptance_rate_per_position=[], accepted=0))
-        rows.append(dict(common, variant="spec", config="spec", draft=draft, k=1, tokens=101, target_steps=51,
-                         tokens_per_s=180.0, wall_s=0.56, output_ids=[1] * 101, mean_acceptance_length=2.0,
-                         acceptance_rate_per_position=[1.0], accepted=50))
+        common = dict(
+            prompt_id=p,
+            category="c",
+            repeat=0,
+            model=model,
+            dtype="float32",
+            device="cpu",
+            threads=1,
+            temperature=0.0,
+            max_new_tokens=512,
+            prompt_tokens=10,
+            mean_live_kv=60.0,
+            setup_id="s",
+        )
+        rows.append(
+            dict(
+                common,
+                variant="ar",
+                config="ar",
+                draft=None,
+                k=None,
+                tokens=101,
+                target_steps=101,
+                tokens_per_s=100.0,
+                wall_s=1.01,
+                output_ids=[1] * 101,
+                mean_acceptance_length=1.0,
+                acceptance_rate_per_position=[],
+                accepted=0,
+            )
+        )
+        rows.append(
+            dict(
+                common,
+                variant="spec",
+                config="spec",
+                draft=draft,
+                k=1,
+                tokens=101,
+                target_steps=51,
+                tokens_per_s=180.0,
+                wall_s=0.56,
+                output_ids=[1] * 101,
+                mean_acceptance_length=2.0,
+                acceptance_rate_per_position=[1.0],
+                accepted=50,
+            )
+        )
     return rows
 
 
 def test_report_shows_predicted_next_to_achieved():
-    from apar_spec.experiments.report import render, summarize
+    from apar_spec.cli.report_view import render
+    from apar_spec.experiments.report import summarize
     from rich.console import Console
 
     rows = bench_rows()
@@ -318,18 +411,38 @@ def test_costs_commands(tmp_path):
 
 
 def test_bench_k_auto_picks_k_from_the_cost_model(tmp_path, capsys, monkeypatch):
+    from apar_spec.experiments.bench import compare
+    from apar_spec.experiments.bench_files import read_rows
+    from apar_spec.experiments.bench_plan import BenchSettings
     from test_bench import make_micro_setup
 
-    from apar_spec.experiments.bench import BenchSettings, compare, read_rows
-
     micro = make_micro_setup(tmp_path / "micro")
-    s = BenchSettings(target=micro["target"], draft="ngram", prompts=micro["prompts"], out=tmp_path / "r.jsonl",
-                      device="cpu", modes=["ar", "spec"], k="auto", max_new_tokens=6, repeats=1, warmup=0, limit=1)
+    s = BenchSettings(
+        target=micro["target"],
+        draft="ngram",
+        prompts=micro["prompts"],
+        out=tmp_path / "r.jsonl",
+        device="cpu",
+        modes=["ar", "spec"],
+        k="auto",
+        max_new_tokens=6,
+        repeats=1,
+        warmup=0,
+        limit=1,
+    )
+    from apar_spec.costs import measuring
+
     original = cm.measure
-    monkeypatch.setattr(cm, "measure", lambda *a, **kw: original(*a, **{**kw, "sizes": (1, 2, 4), "contexts": (8,), "repeats": 1,
-                                                                      "warmup": 0, "overhead_steps": 2}))
-    compare(s)
-    assert "measuring them once" in capsys.readouterr().err
+    monkeypatch.setattr(
+        measuring,
+        "measure",
+        lambda *a, **kw: original(
+            *a, **{**kw, "sizes": (1, 2, 4), "contexts": (8,), "repeats": 1, "warmup": 0, "overhead_steps": 2}
+        ),
+    )
+    said: list[str] = []
+    compare(s, say=said.append)
+    assert any("measuring them once" in m for m in said)
     spec = [r for r in read_rows(tmp_path / "r.jsonl") if r["config"] == "spec"]
     assert spec and all(isinstance(r["k"], int) and 1 <= r["k"] <= 16 for r in spec)
     with pytest.raises(ValueError, match="'auto'"):
@@ -343,15 +456,26 @@ def test_bench_k_auto_picks_k_from_the_cost_model(tmp_path, capsys, monkeypatch)
 def test_switch_costs_of_a_draft_lm_are_measured_and_used():
     target, draft = micro_model(dtype=torch.float64), micro_model(seed=1, dtype=torch.float64, hidden=16)
     tc, dc = tiny_measure(target, "t", threads=1), tiny_measure(draft, "d", threads=1)
-    sw = cm.measure_switch(target, draft, repeats=1, warmup=0, context=8, target_costs=tc, draft_costs=dc,
-                           tokenizer=micro_tokenizer(), steps=2)
+    sw = cm.measure_switch(
+        target,
+        draft,
+        repeats=1,
+        warmup=0,
+        context=8,
+        target_costs=tc,
+        draft_costs=dc,
+        tokenizer=micro_tokenizer(),
+        steps=2,
+    )
     assert set(sw) == {"target", "draft", "per_pass"} and min(sw.values()) >= 0.0
     # the prediction charges both switches once per step and the draft's Python once per depth
     t, d = linear_costs(1.0, 0.0), linear_costs(0.5, 0.0, "d")
     before = cm.draft_cost("model", chain(3), 1.0, t, d)
     t.switch[d.key.fingerprint] = {"target": 0.25, "draft": 0.125, "per_pass": 0.5}
     assert cm.draft_cost("model", chain(3), 1.0, t, d) == pytest.approx(before + 0.375 + 3 * 0.5)
-    assert cm.draft_cost("model", chain(3), 2.0, t, d) - cm.draft_cost("model", chain(3), 2.0, t, linear_costs(0.5, 0.0, "e")) == pytest.approx(0.375 + 2 * 3 * 0.5)
+    assert cm.draft_cost("model", chain(3), 2.0, t, d) - cm.draft_cost(
+        "model", chain(3), 2.0, t, linear_costs(0.5, 0.0, "e")
+    ) == pytest.approx(0.375 + 2 * 3 * 0.5)
 
 
 def test_heads_trees_are_no_deeper_than_the_heads():

@@ -16,14 +16,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from apar_spec.cli.app import app
+from apar_spec.experiments.bench import compare
+from apar_spec.experiments.bench_files import read_rows
+from apar_spec.experiments.bench_plan import BenchSettings
+from apar_spec.experiments.parallel import Processes, shard_files, shard_path
+from test_bench import make_micro_setup, settings
 from typer.testing import CliRunner
 
-from test_bench import make_micro_setup, settings
-
 import apar_spec
-from apar_spec.cli.app import app
-from apar_spec.experiments.bench import BenchSettings, compare, read_rows
-from apar_spec.experiments.parallel import Processes, shard_files, shard_path
 
 PROMPTS = [  # three prompts for two processes: the split is uneven on purpose
     {"prompt": "Give 3 tips for better sleep.", "id": "sleep", "category": "list"},
@@ -56,8 +57,22 @@ def test_two_cpu_processes_split_the_prompts_and_merge_one_file(tmp_path):
     out = tmp_path / "dp.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "apar_spec.cli", "bench", "--prompts", str(prompts), "--out", str(out), *BENCH]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "apar_spec.cli",
+        "bench",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        *BENCH,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_rows(out)
@@ -77,8 +92,15 @@ def test_two_cpu_processes_split_the_prompts_and_merge_one_file(tmp_path):
     assert summary  # the report parses the merged file
 
     # the split changes where a prompt runs, not what it generates: one process gives the same tokens
-    single = BenchSettings(prompts=str(prompts), modes=",".join(MODES), max_new_tokens=12, repeats=1, warmup=0,
-                           device="cpu", out=tmp_path / "single.jsonl")
+    single = BenchSettings(
+        prompts=str(prompts),
+        modes=",".join(MODES),
+        max_new_tokens=12,
+        repeats=1,
+        warmup=0,
+        device="cpu",
+        out=tmp_path / "single.jsonl",
+    )
     compare(single)
     alone = {(r["config"], r["prompt_id"]): r["output_ids"] for r in read_rows(single.out)}
     assert {(r["config"], r["prompt_id"]): r["output_ids"] for r in rows} == alone
@@ -114,8 +136,9 @@ def test_device_map_auto_loads_and_decodes_like_a_plain_load():
     the tokens of the ordinary load (a real split needs several GPUs)."""
     mapped, tok = apar_spec.load("tiny-apar", device_map="auto")
     plain, _ = apar_spec.load("tiny-apar", device="cpu")
-    ids = tok.apply_chat_template([{"role": "user", "content": "Give 3 tips for better sleep."}],
-                                  add_generation_prompt=True, return_dict=False)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Give 3 tips for better sleep."}], add_generation_prompt=True, return_dict=False
+    )
     a = apar_spec.generate(mapped, tok, [ids], mode="apar", max_new_tokens=40)[0]
     b = apar_spec.generate(plain, tok, [ids], mode="apar", max_new_tokens=40)[0]
     assert a.token_ids == b.token_ids and len(a.token_ids) > 5
@@ -125,8 +148,22 @@ def test_device_map_auto_loads_and_decodes_like_a_plain_load():
 
 def test_device_map_through_the_cli(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["generate", "Name two colours.", "--model", "tiny-apar", "--mode", "apar",
-                                 "--device-map", "auto", "--max-new-tokens", "6", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "Name two colours.",
+            "--model",
+            "tiny-apar",
+            "--mode",
+            "apar",
+            "--device-map",
+            "auto",
+            "--max-new-tokens",
+            "6",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["stats"]["tokens_generated"] > 0
     clash = runner.invoke(app, ["bench", "--device", "cpu", "--device-map", "auto", "--out", str(tmp_path / "x.jsonl")])

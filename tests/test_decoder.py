@@ -7,11 +7,11 @@ import torch
 from micro import CHILD, EOS, FORK, VOCAB, fork_processor, micro_model, micro_tokenizer
 
 from apar_spec import generate
-from apar_spec.decoder import Decoder
+from apar_spec.decoding.decoder import Decoder
+from apar_spec.decoding.reference import reference_decode
+from apar_spec.decoding.tokens import AparTokens
+from apar_spec.decoding.tree_cache import UnsupportedModelError
 from apar_spec.options import DecodeOptions
-from apar_spec.reference import reference_decode
-from apar_spec.tokens import AparTokens
-from apar_spec.tree_cache import UnsupportedModelError
 
 APAR = AparTokens(FORK, CHILD)
 LINE_BREAKS = frozenset(range(5, VOCAB, 3))  # every third word stands in for a line-break token
@@ -59,14 +59,23 @@ def test_unsupported_family_is_a_clear_error():
 def test_sliding_window_is_refused():
     from transformers import MistralConfig, MistralForCausalLM
 
-    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
+    cfg = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+    )
     with pytest.raises(UnsupportedModelError, match="sliding"):
         generate(MistralForCausalLM(cfg), None, [[1, 2, 3]], mode="ar", max_new_tokens=4)
 
 
 def run_tree(model, prompts, opts, *, spec=None, on_step=None):
-    dec = Decoder(model, opts, APAR, fork_enabled=True, eos_ids={EOS}, speculator=spec, record_logits=True, on_step=on_step)
+    dec = Decoder(
+        model, opts, APAR, fork_enabled=True, eos_ids={EOS}, speculator=spec, record_logits=True, on_step=on_step
+    )
     return dec.run(prompts)
 
 
@@ -107,8 +116,13 @@ CASES = [
 @pytest.mark.parametrize("family,seed,every,after,depth,cap", CASES)
 def test_tree_decoder_equals_per_branch_reference(family, seed, every, after, depth, cap):
     model = micro_model(family, seed=seed)
-    opts = DecodeOptions(max_new_tokens=2000, max_depth=depth, max_branch_tokens=cap,
-                         logits_processor=fork_processor(every, after, salt=seed), compact_threshold=0.25)
+    opts = DecodeOptions(
+        max_new_tokens=2000,
+        max_depth=depth,
+        max_branch_tokens=cap,
+        logits_processor=fork_processor(every, after, salt=seed),
+        compact_threshold=0.25,
+    )
     for prompt in PROMPTS[:2]:
         result = run_tree(model, [prompt], opts)[0]
         ref = assert_matches_reference(model, prompt, result, opts)
@@ -119,8 +133,9 @@ def test_tree_decoder_equals_per_branch_reference(family, seed, every, after, de
 def test_nested_forks_equal_reference_and_respect_max_depth():
     model = micro_model("llama", seed=6)
     for depth in (1, 2, 3):
-        opts = DecodeOptions(max_new_tokens=4000, max_depth=depth, max_branch_tokens=30,
-                             logits_processor=fork_processor(3, 9, salt=6))
+        opts = DecodeOptions(
+            max_new_tokens=4000, max_depth=depth, max_branch_tokens=30, logits_processor=fork_processor(3, 9, salt=6)
+        )
         result = run_tree(model, [PROMPTS[0]], opts)[0]
         ref = assert_matches_reference(model, PROMPTS[0], result, opts)
         assert max(len(p) for p in ref) == depth  # nesting reaches max_depth and never exceeds it
@@ -131,7 +146,9 @@ def test_a_child_asking_to_fork_at_the_depth_cap_ends_at_its_last_line_break(fam
     """depth_cap="end" vs "mask": both equal the reference; the trees have the same branches;
     parents are identical; an ended child is the masked child cut back to a line break."""
     model = micro_model(family, seed=seed)
-    base = dict(max_new_tokens=3000, max_depth=1, max_branch_tokens=30, logits_processor=fork_processor(4, 9, salt=seed))
+    base = dict(
+        max_new_tokens=3000, max_depth=1, max_branch_tokens=30, logits_processor=fork_processor(4, 9, salt=seed)
+    )
     runs = {}
     for policy in ("end", "mask"):
         opts = DecodeOptions(depth_cap=policy, **base)
@@ -170,7 +187,7 @@ def answer_text_inside_code(branches, b, upto):
 
 
 def test_fence_state_by_hand():
-    from apar_spec.decoder import Fence
+    from apar_spec.decoding.fork_rules import Fence
 
     assert Fence().after("```python") == Fence(True, 0)
     assert Fence().after("``").after("`") == Fence(True, 0)  # split over two tokens
@@ -187,14 +204,23 @@ def test_no_fork_inside_a_code_fence(family, seed):
     model = micro_model(family, seed=seed)
     trees, inside = {}, {}
     for allowed in (False, True):
-        opts = DecodeOptions(max_new_tokens=3000, max_depth=2, max_branch_tokens=30, fork_in_code=allowed,
-                             logits_processor=fork_processor(4, 6, salt=seed))
+        opts = DecodeOptions(
+            max_new_tokens=3000,
+            max_depth=2,
+            max_branch_tokens=30,
+            fork_in_code=allowed,
+            logits_processor=fork_processor(4, 6, salt=seed),
+        )
         result = Decoder(model, opts, APAR_CODE, True, {EOS}, record_logits=True).run([PROMPTS[0]])[0]
         assert_matches_reference(model, PROMPTS[0], result, opts, APAR_CODE)
         got = {path_of(result.branches, b): b for b in result.branches}
         trees[allowed] = {p: b.tokens for p, b in got.items()}
-        inside[allowed] = sum(answer_text_inside_code(result.branches, b, i)
-                              for b in result.branches for i, t in enumerate(b.tokens) if t == FORK)
+        inside[allowed] = sum(
+            answer_text_inside_code(result.branches, b, i)
+            for b in result.branches
+            for i, t in enumerate(b.tokens)
+            if t == FORK
+        )
         assert len(got) >= 3
     assert inside[False] == 0
     assert inside[True] >= 1, "the case should fork inside code when allowed"
@@ -210,8 +236,13 @@ def test_fork_bias_moves_the_fork_decision_and_equals_the_reference(family, seed
     model = micro_model(family, seed=seed)
     forks, ends = {}, {}
     for bias in (-20.0, 0.0, 1.0):
-        opts = DecodeOptions(max_new_tokens=3000, max_depth=depth, max_branch_tokens=30, fork_bias=bias,
-                             logits_processor=fork_processor(7, 6, salt=seed))
+        opts = DecodeOptions(
+            max_new_tokens=3000,
+            max_depth=depth,
+            max_branch_tokens=30,
+            fork_bias=bias,
+            logits_processor=fork_processor(7, 6, salt=seed),
+        )
         result = Decoder(model, opts, APAR_LB, True, {EOS}, record_logits=True).run([PROMPTS[0]])[0]
         assert_matches_reference(model, PROMPTS[0], result, opts, APAR_LB)
         forks[bias] = sum(t == FORK for b in result.branches for t in b.tokens)
@@ -240,7 +271,7 @@ def test_a_model_records_its_fork_bias_and_the_caller_can_override_it():
 
 
 def test_cut_to_last_line_drops_the_fork_and_the_line_before_it():
-    from apar_spec.decoder import cut_to_last_line
+    from apar_spec.decoding.fork_rules import cut_to_last_line
 
     nl = frozenset({9})
     for before, after in [
@@ -257,7 +288,9 @@ def test_cut_to_last_line_drops_the_fork_and_the_line_before_it():
 
 def test_a_root_at_depth_cap_zero_masks_instead_of_ending():
     model = micro_model("llama", seed=1)
-    opts = DecodeOptions(max_new_tokens=200, max_depth=0, max_branch_tokens=20, logits_processor=fork_processor(3, 5, salt=1))
+    opts = DecodeOptions(
+        max_new_tokens=200, max_depth=0, max_branch_tokens=20, logits_processor=fork_processor(3, 5, salt=1)
+    )
     result = Decoder(model, opts, APAR_LB, True, {EOS}).run([PROMPTS[0]])[0]
     assert len(result.branches) == 1 and result.branches[0].finish == "length"
     assert FORK not in result.branches[0].tokens
@@ -344,8 +377,13 @@ def test_live_kv_equals_nodes_some_live_branch_can_see():
                 assert in_cache == visible  # the widest row holds exactly its visible nodes
             checked.append(len(visible))
 
-    opts = DecodeOptions(max_new_tokens=2000, max_depth=2, max_branch_tokens=22,
-                         logits_processor=fork_processor(4, 3, salt=2), compact_threshold=0.0)
+    opts = DecodeOptions(
+        max_new_tokens=2000,
+        max_depth=2,
+        max_branch_tokens=22,
+        logits_processor=fork_processor(4, 3, salt=2),
+        compact_threshold=0.0,
+    )
     results = run_tree(model, PROMPTS[:2], opts, on_step=on_step)
     assert len(checked) > 20
     assert max(len(r.branches) for r in results) >= 3
@@ -358,8 +396,15 @@ def test_generate_apar_reassembles_and_reports_stats():
     model = micro_model("llama", seed=1)
     tok = micro_tokenizer()
     prompt = "w5 w6 w7 w8"
-    out = generate(model, tok, [prompt], mode="apar", max_new_tokens=400, max_branch_tokens=24,
-                   logits_processor=fork_processor(4, 3, salt=1))[0]
+    out = generate(
+        model,
+        tok,
+        [prompt],
+        mode="apar",
+        max_new_tokens=400,
+        max_branch_tokens=24,
+        logits_processor=fork_processor(4, 3, salt=1),
+    )[0]
     assert out.forked and out.stats.num_branches == len(out.branches) >= 3
     assert FORK not in out.token_ids and CHILD not in out.token_ids
     assert out.stats.tokens_generated == sum(len(b.token_ids) - (b.parent is not None) for b in out.branches)
@@ -403,8 +448,8 @@ def test_bad_input_is_a_clear_value_error(kwargs, message):
 
 
 def test_apar_mode_without_apar_tokens_suggests_ar():
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")))
     with pytest.raises(ValueError, match="mode='ar'"):
@@ -427,7 +472,7 @@ def test_grouped_kv_attention_gives_the_sdpa_logits_and_restores_the_model():
     """The target's CPU tree forward reads grouped K/V in place (sdpa_gqa_attention): same
     logits as transformers' own sdpa path, and the model's attention setting is untouched
     afterwards, even when the forward fails. The decoder asks for it for the target only."""
-    from apar_spec import tree_cache as tc_mod
+    from apar_spec.decoding import tree_cache as tc_mod
 
     model = micro_model("qwen2", seed=3)  # 4 query heads, 2 KV heads
     assert model.config._attn_implementation == "sdpa" and tc_mod.uses_gqa_attention(model)
@@ -459,7 +504,9 @@ def test_grouped_kv_attention_gives_the_sdpa_logits_and_restores_the_model():
         AttentionInterface.register(tc_mod.GQA_ATTENTION, real)
     tc = tc_mod.TreeCache(model, 1, gqa_attention=True)
     tc.add(0, VOCAB + 5, -1)
-    tc.add(0, VOCAB + 6, 0)  # two query tokens: the switch happens  # out of the vocabulary: the embedding lookup fails inside the block
+    tc.add(
+        0, VOCAB + 6, 0
+    )  # two query tokens: the switch happens  # out of the vocabulary: the embedding lookup fails inside the block
     with pytest.raises(IndexError):
         tc.forward()
     assert model.config._attn_implementation == "sdpa"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from apar_spec.draft_tree import chain, expected_accepted, full_tree, layout, parse_tree
+from apar_spec.decoding.draft_tree import chain, expected_accepted, full_tree, layout, parse_tree
 
 
 def test_layout_orders_parents_before_children_and_derives_depth_rank():

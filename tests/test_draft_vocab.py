@@ -6,16 +6,16 @@ import json
 
 import pytest
 import torch
-from micro import CHILD, EOS, FORK, VOCAB, fork_processor, micro_model, micro_tokenizer
-from test_heads import random_heads
-from test_spec import PROMPTS, tree_key
-from test_spec_distribution import N, PROMPT, assert_exact_marginals
-
-from apar_spec import generate
 from apar_spec.drafts.draft_lm import DraftModelSpeculator
 from apar_spec.drafts.heads import HeadsSpeculator
 from apar_spec.drafts.registry import lookup
 from apar_spec.drafts.vocab import DraftVocab, coverage, load_vocab, rank_tokens, save_ranking, split_name
+from micro import CHILD, EOS, FORK, VOCAB, fork_processor, micro_model, micro_tokenizer
+from test_heads import random_heads
+from test_spec import PROMPTS, tree_key
+from test_spec_distribution import PROMPT, N, assert_exact_marginals
+
+from apar_spec import generate
 
 # half the micro vocabulary, EOS and [Fork] included: many target tokens are undraftable
 SUBSET = [EOS, FORK] + list(range(5, VOCAB, 2))
@@ -58,13 +58,21 @@ def test_reduced_head_gives_the_full_heads_logits_on_its_ids():
 def test_reduced_vocab_drafts_are_lossless_in_greedy_and_only_propose_ranked_ids(kind, shape):
     model = micro_model("llama", seed=3)
     tok = micro_tokenizer()
-    kw = dict(max_new_tokens=3000, max_branch_tokens=20, max_depth=3, logits_processor=fork_processor(3, 3, salt=1),
-              batch_size=3, tree=shape)
+    kw = dict(
+        max_new_tokens=3000,
+        max_branch_tokens=20,
+        max_depth=3,
+        logits_processor=fork_processor(3, 3, salt=1),
+        batch_size=3,
+        tree=shape,
+    )
     vocab = DraftVocab(torch.tensor(SUBSET))
 
     def make():
         if kind == "heads":
-            return HeadsSpeculator(random_heads(model, 1), model.get_output_embeddings(), mask_ids=(CHILD,), vocab=vocab)
+            return HeadsSpeculator(
+                random_heads(model, 1), model.get_output_embeddings(), mask_ids=(CHILD,), vocab=vocab
+            )
         return DraftModelSpeculator(micro_model("llama", seed=4, hidden=16), mask_ids=(CHILD,), vocab=vocab)
 
     for plain_mode, spec_mode in [("ar", "spec"), ("apar", "apar+spec")]:
@@ -83,8 +91,19 @@ def test_sampled_reduced_vocab_draft_keeps_the_target_distribution():
     target = micro_model("llama", seed=11)
     draft = micro_model("llama", seed=12, hidden=16)
     spec = DraftModelSpeculator(draft, vocab=DraftVocab(torch.tensor(SUBSET)))
-    outs = generate(target, None, [PROMPT] * N, mode="spec", draft=spec, num_draft_tokens=2,
-                    max_new_tokens=3, temperature=1.0, seed=7, batch_size=N, eos_token_id=[])
+    outs = generate(
+        target,
+        None,
+        [PROMPT] * N,
+        mode="spec",
+        draft=spec,
+        num_draft_tokens=2,
+        max_new_tokens=3,
+        temperature=1.0,
+        seed=7,
+        batch_size=N,
+        eos_token_id=[],
+    )
     assert sum(o.stats.accepted for o in outs) > 0.05 * N
     c2, _ = assert_exact_marginals(target, outs)
     # tokens outside the draft's vocabulary still come out (as resampled or bonus tokens)
@@ -98,7 +117,11 @@ def test_names_with_a_vocabulary_suffix_and_their_errors(tmp_path):
     e = lookup("smollm2-draft@8192")
     assert e.name == "smollm2-draft@8192" and e.draft_vocab == 8192 and e.kind == "model"
     assert lookup("smollm2-draft@full").draft_vocab is None
-    for bad, words in [("ngram@100", "no LM head"), ("tiny-draft@abc", "token count or 'full'"), ("tiny-draft@0", ">= 1")]:
+    for bad, words in [
+        ("ngram@100", "no LM head"),
+        ("tiny-draft@abc", "token count or 'full'"),
+        ("tiny-draft@0", ">= 1"),
+    ]:
         with pytest.raises(ValueError, match=words):
             lookup(bad)
     with pytest.raises(ValueError, match="has no token ranking"):
@@ -133,16 +156,17 @@ def test_served_reduced_vocab_draft_equals_offline():
     engine = Engine(MODEL, TOK, mode="apar+spec", draft=spec(), kv_budget=120, max_new_tokens=32, logits_processor=PROC)
     handles = serve(engine, prompts, budgets, arrivals)
     for p, m, h in zip(prompts, budgets, handles):
-        offline = generate(MODEL, TOK, [p], mode="apar+spec", draft=spec(), logits_processor=PROC, **engine.offline_options(m))[0]
+        offline = generate(
+            MODEL, TOK, [p], mode="apar+spec", draft=spec(), logits_processor=PROC, **engine.offline_options(m)
+        )[0]
         assert [b.token_ids for b in h.result(0).branches] == [b.token_ids for b in offline.branches]
     assert engine.stats.finished == len(prompts)
 
 
 def test_vocab_fingerprint_is_remembered_per_tokenizer_and_follows_added_tokens():
     """Memoised (a benchmark must not time the hashing), yet a grown vocabulary is a new fingerprint."""
-    from micro import micro_tokenizer
-
     from apar_spec.drafts.registry import vocab_fingerprint
+    from micro import micro_tokenizer
 
     tok = micro_tokenizer()
     first = vocab_fingerprint(tok)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from apar_spec.drafts.registry import get, resolve, vocab_fingerprint
 from micro import micro_model, micro_tokenizer
 
 import apar_spec
-from apar_spec.drafts.registry import get, resolve, vocab_fingerprint
-from apar_spec.loading import EMBEDDED, embedded_dir
+from apar_spec.models.loading import EMBEDDED, embedded_dir
 
 
 def non_embedding_params(model) -> int:
@@ -40,7 +40,9 @@ def test_apar_tokens_know_the_line_break_tokens(trio):
     newline = tok("a\nb", add_special_tokens=False)["input_ids"]
     assert apar.line_break_ids & set(newline)
     assert all("\n" in tok.decode([i]) for i in apar.line_break_ids)
-    assert not any("\n" in tok.decode([i]) for i in tok("Give three tips: sleep well.", add_special_tokens=False)["input_ids"])
+    assert not any(
+        "\n" in tok.decode([i]) for i in tok("Give three tips: sleep well.", add_special_tokens=False)["input_ids"]
+    )
     assert apar_spec.find_apar_tokens(tok).line_break_ids is apar.line_break_ids  # memoised per tokenizer
 
 
@@ -78,7 +80,9 @@ def test_load_a_local_folder(tmp_path):
 
 
 def test_registry_refuses_the_embedded_draft_for_another_vocabulary_before_loading_it():
-    with pytest.raises(ValueError, match=r"draft 'tiny-draft' does not fit.*draft has 2048 tokens \(fingerprint 3b10c36d7acb\)"):
+    with pytest.raises(
+        ValueError, match=r"draft 'tiny-draft' does not fit.*draft has 2048 tokens \(fingerprint 3b10c36d7acb\)"
+    ):
         resolve("tiny-draft", micro_model("llama"), micro_tokenizer())
 
 
@@ -96,7 +100,7 @@ def test_registry_drafts_are_loaded_once_per_target(trio):
 
 def test_shipped_heads_fit_both_embedded_targets_and_are_lossless(trio):
     from apar_spec.drafts.heads import HeadsSpeculator
-    from apar_spec.train_heads import encode
+    from apar_spec.drafts.train_heads import encode
 
     specs = {name: resolve("tiny-heads", trio[name][0], trio[name][1]) for name in ("tiny-apar", "tiny-base")}
     assert all(isinstance(s, HeadsSpeculator) for s in specs.values())
@@ -106,6 +110,8 @@ def test_shipped_heads_fit_both_embedded_targets_and_are_lossless(trio):
         resolve("tiny-heads", trio["tiny-draft"][0], tok)
     prompt = [encode(tok, "Give me 4 tips for better sleep.")]
     plain = apar_spec.generate(model, tok, prompt, mode="apar", max_new_tokens=200)[0]
-    spec = apar_spec.generate(model, tok, prompt, mode="apar+spec", draft="tiny-heads", tree="[[0],[1],[0,0],[0,0,0]]", max_new_tokens=200)[0]
+    spec = apar_spec.generate(
+        model, tok, prompt, mode="apar+spec", draft="tiny-heads", tree="[[0],[1],[0,0],[0,0,0]]", max_new_tokens=200
+    )[0]
     assert spec.token_ids == plain.token_ids and spec.forked
     assert spec.stats.mean_acceptance_length > 2.0 and spec.stats.draft_forwards == 0

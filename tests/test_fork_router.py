@@ -1,4 +1,4 @@
-"""The fork router (apar_spec.router, DecodeOptions.fork_gate): a prompt it scores under the
+"""The fork router (apar_spec.models.router, DecodeOptions.fork_gate): a prompt it scores under the
 threshold decodes with [Fork] disabled. Checked against the per-branch reference (which
 applies the router by hand), against plain decoding, under speculation, and its errors."""
 
@@ -8,15 +8,15 @@ import json
 
 import pytest
 import torch
-from micro import CHILD, EOS, FORK, VOCAB, fork_processor, micro_model
+from micro import CHILD, EOS, FORK, fork_processor, micro_model
 from test_spec import speculators
 
-from apar_spec.adapter import AdapterError, apply_adapter
-from apar_spec.decoder import Decoder
+from apar_spec.decoding.decoder import Decoder
+from apar_spec.decoding.reference import reference_decode
+from apar_spec.decoding.tokens import AparTokens
+from apar_spec.models.adapter import AdapterError, apply_adapter
+from apar_spec.models.router import ROUTER_FILE, ForkRouter, fit_router, prompt_states, router_of, set_router
 from apar_spec.options import DecodeOptions
-from apar_spec.reference import reference_decode
-from apar_spec.router import ROUTER_FILE, ForkRouter, fit_router, prompt_states, router_of, set_router
-from apar_spec.tokens import AparTokens
 
 APAR = AparTokens(FORK, CHILD, frozenset(), {}, ())
 PROMPTS = [[1, 10, 11, 12, 13, 14], [1, 20, 7], [1, 33, 34, 35, 36], [1, 40, 41], [1, 50, 51, 52], [1, 60, 8, 9]]
@@ -47,7 +47,9 @@ def test_gated_prompts_do_not_fork_and_every_tree_equals_the_reference(family, s
     """Half the prompts are gated: each of those is one branch, equal to fork-disabled
     decoding; the others fork; all equal the reference in tokens, logits and shape."""
     model = routed_model(family, seed)
-    opts = DecodeOptions(max_new_tokens=600, max_depth=2, max_branch_tokens=24, logits_processor=fork_processor(4, 3, salt=seed))
+    opts = DecodeOptions(
+        max_new_tokens=600, max_depth=2, max_branch_tokens=24, logits_processor=fork_processor(4, 3, salt=seed)
+    )
     results = Decoder(model, opts, APAR, True, {EOS}, record_logits=True).run(PROMPTS)
     plain = Decoder(model, opts, APAR, False, {EOS}).run(PROMPTS)  # [Fork] disabled: the model's plain answer
     router = router_of(model)
@@ -85,7 +87,9 @@ def test_the_threshold_option_overrides_the_routers_own():
     assert sum(gated(fork_gate=0.5)) == len(PROMPTS) // 2
     plain_model = micro_model("llama", seed=0)  # no router: nothing gated by default ...
     opts = DecodeOptions(max_new_tokens=300, max_branch_tokens=16, logits_processor=proc)
-    assert not any(r.forks_gated or r.p_list is not None for r in Decoder(plain_model, opts, APAR, True, {EOS}).run(PROMPTS))
+    assert not any(
+        r.forks_gated or r.p_list is not None for r in Decoder(plain_model, opts, APAR, True, {EOS}).run(PROMPTS)
+    )
     with pytest.raises(ValueError) as err:  # ... and asking for a gate there is one line
         Decoder(plain_model, DecodeOptions(fork_gate=0.3), APAR, True, {EOS})
     assert "router" in str(err.value) and "\n" not in str(err.value)
@@ -104,7 +108,9 @@ def test_speculation_is_lossless_under_the_gate(kind):
     proc = fork_processor(4, 3)
 
     def run(spec=None, k=1):
-        opts = DecodeOptions(max_new_tokens=400, max_branch_tokens=20, max_depth=2, logits_processor=proc, num_draft_tokens=k)
+        opts = DecodeOptions(
+            max_new_tokens=400, max_branch_tokens=20, max_depth=2, logits_processor=proc, num_draft_tokens=k
+        )
         return [tokens_by_path(r) for r in Decoder(model, opts, APAR, True, {EOS}, speculator=spec).run(PROMPTS)]
 
     plain = run()
@@ -131,8 +137,14 @@ def test_fit_router_separates_and_folds_the_standardisation():
 def test_router_from_dict_errors_are_one_line():
     good = {"weight": [0.1, -0.2], "bias": 0.0, "threshold": 0.1}
     assert ForkRouter.from_dict(good).to_dict() == good
-    for bad in ([1, 2], {**good, "weight": []}, {**good, "weight": [1, "x"]}, {**good, "bias": None},
-                {**good, "threshold": 2}, {**good, "threshold": True}):
+    for bad in (
+        [1, 2],
+        {**good, "weight": []},
+        {**good, "weight": [1, "x"]},
+        {**good, "bias": None},
+        {**good, "threshold": 2},
+        {**good, "threshold": True},
+    ):
         with pytest.raises(ValueError) as err:
             ForkRouter.from_dict(bad)
         assert "\n" not in str(err.value)
@@ -182,24 +194,43 @@ def test_served_requests_are_routed_as_offline(mode, draft):
     handles = serve(engine, PROMPTS, budgets, arrivals)
     gated = []
     for p, m, h in zip(PROMPTS, budgets, handles):
-        offline = generate(model, tok, [p], mode=mode, draft=draft, logits_processor=proc, **engine.offline_options(m))[0]
+        offline = generate(model, tok, [p], mode=mode, draft=draft, logits_processor=proc, **engine.offline_options(m))[
+            0
+        ]
         got = h.result(0)
         assert [b.token_ids for b in got.branches] == [b.token_ids for b in offline.branches]
-        assert got.stats.forks_gated == offline.stats.forks_gated and got.stats.p_list == pytest.approx(offline.stats.p_list)
+        assert got.stats.forks_gated == offline.stats.forks_gated and got.stats.p_list == pytest.approx(
+            offline.stats.p_list
+        )
         gated.append(got.stats.forks_gated)
         assert len(got.branches) == 1 or not got.stats.forks_gated
     assert 0 < sum(gated) < len(PROMPTS)
     assert any(len(h.result(0).branches) > 1 for h in handles)  # the others really forked
 
 
-LIST_PROMPTS = ["Give 3 tips for better sleep.", "List 4 ways to save money.", "Name 3 steps to learn to swim.",
-                "Give 3 reasons to read more.", "List 3 ways to stay calm.", "Name 4 tips for a tidy desk."]
-SHORT_PROMPTS = ["What is 2 + 3?", "What is 7 + 1?", "What is 4 + 4?", "What is 9 + 2?", "What is 5 + 6?", "What is 3 + 3?"]
+LIST_PROMPTS = [
+    "Give 3 tips for better sleep.",
+    "List 4 ways to save money.",
+    "Name 3 steps to learn to swim.",
+    "Give 3 reasons to read more.",
+    "List 3 ways to stay calm.",
+    "Name 4 tips for a tidy desk.",
+]
+SHORT_PROMPTS = [
+    "What is 2 + 3?",
+    "What is 7 + 1?",
+    "What is 4 + 4?",
+    "What is 9 + 2?",
+    "What is 5 + 6?",
+    "What is 3 + 3?",
+]
 LIST_ANSWER = "1. Plan: make a plan first.\n2. Start: begin with small steps.\n3. Keep: repeat it every day."
 
 
 def router_data(path, list_prompts, short_prompts):
-    rows = [{"prompt": p, "answer": LIST_ANSWER} for p in list_prompts] + [{"prompt": p, "answer": "It is 5."} for p in short_prompts]
+    rows = [{"prompt": p, "answer": LIST_ANSWER} for p in list_prompts] + [
+        {"prompt": p, "answer": "It is 5."} for p in short_prompts
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -212,21 +243,28 @@ def test_cli_fit_router_writes_a_router_into_a_model_folder(tmp_path):
     from test_cli import run
 
     from apar_spec import generate
-    from apar_spec.loading import embedded_dir, load
+    from apar_spec.models.loading import embedded_dir, load
 
     folder = tmp_path / "m"
     shutil.copytree(embedded_dir("tiny-apar"), folder)
     data = router_data(tmp_path / "d.jsonl", LIST_PROMPTS[:5], SHORT_PROMPTS[:5])
     check = router_data(tmp_path / "c.jsonl", LIST_PROMPTS[5:], SHORT_PROMPTS[5:])
-    res = run("fit-router", "--model", str(folder), "--data", str(data), "--check", str(check), "--threshold", "0.5", "--json")
+    res = run(
+        "fit-router", "--model", str(folder), "--data", str(data), "--check", str(check), "--threshold", "0.5", "--json"
+    )
     assert res.exit_code == 0, res.output
     fit = json.loads(res.stdout)
     assert (fit["prompts"], fit["forked"], fit["gated_forked"], fit["gated_plain"]) == (10, 5, 0, 5)
     assert fit["check"]["prompts"] == 2 and fit["path"] == str(folder / "config.json")
     model, tok = load(str(folder))
     assert router_of(model).threshold == 0.5
-    outs = generate(model, tok, ["Question: What is 8 + 1?\nAnswer:", "Question: Give 3 tips for a calm morning.\nAnswer:"],
-                    mode="apar", max_new_tokens=40)
+    outs = generate(
+        model,
+        tok,
+        ["Question: What is 8 + 1?\nAnswer:", "Question: Give 3 tips for a calm morning.\nAnswer:"],
+        mode="apar",
+        max_new_tokens=40,
+    )
     assert [o.stats.forks_gated for o in outs] == [True, False] and outs[0].stats.p_list < 0.5 < outs[1].stats.p_list
 
 
@@ -235,16 +273,21 @@ def test_cli_fit_router_bad_input_is_one_line_and_writes_nothing(tmp_path):
 
     from test_cli import assert_user_error, run
 
-    from apar_spec.loading import embedded_dir
+    from apar_spec.models.loading import embedded_dir
 
     folder = tmp_path / "m"
     shutil.copytree(embedded_dir("tiny-apar"), folder)
     before = (folder / "config.json").read_text()
     one_kind = router_data(tmp_path / "d.jsonl", LIST_PROMPTS, [])
-    assert_user_error(run("fit-router", "--model", str(folder), "--data", str(one_kind)), "answers with forks and answers without")
+    assert_user_error(
+        run("fit-router", "--model", str(folder), "--data", str(one_kind)), "answers with forks and answers without"
+    )
     assert_user_error(run("fit-router", "--model", str(tmp_path / "nope"), "--data", str(one_kind)), "is not a folder")
     assert_user_error(run("fit-router", "--model", str(folder), "--data", str(tmp_path / "missing.jsonl")), "not found")
-    assert_user_error(run("fit-router", "--model", str(folder), "--data", str(one_kind), "--threshold", "1.5"), "threshold must be in (0, 1)")
+    assert_user_error(
+        run("fit-router", "--model", str(folder), "--data", str(one_kind), "--threshold", "1.5"),
+        "threshold must be in (0, 1)",
+    )
     assert (folder / "config.json").read_text() == before and not list(folder.glob("*.tmp"))
 
 
@@ -253,12 +296,25 @@ def test_cli_train_with_router_saves_a_router_fitted_on_the_same_data(tmp_path):
     data with one kind of answer is refused before any training."""
     from test_cli import assert_user_error, run
 
-    from apar_spec.loading import load
+    from apar_spec.models.loading import load
 
     data = router_data(tmp_path / "d.jsonl", LIST_PROMPTS[:5], SHORT_PROMPTS[:5])
     out = tmp_path / "trained"
-    res = run("train", "--model", "tiny-apar", "--data", str(data), "--out", str(out), "--steps", "1", "--batch-size", "2",
-              "--router", "--json")
+    res = run(
+        "train",
+        "--model",
+        "tiny-apar",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--router",
+        "--json",
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert rep["steps"] == 1 and rep["router"]["path"] == str(out / "config.json")
@@ -266,8 +322,36 @@ def test_cli_train_with_router_saves_a_router_fitted_on_the_same_data(tmp_path):
     model, _ = load(str(out))
     assert router_of(model) is not None and router_of(model).threshold == rep["router"]["threshold"]
     one_kind = router_data(tmp_path / "one.jsonl", LIST_PROMPTS[:4], [])
-    assert_user_error(run("train", "--model", "tiny-apar", "--data", str(one_kind), "--out", str(tmp_path / "x"),
-                          "--steps", "1", "--router"), "answers with forks and answers without")
+    assert_user_error(
+        run(
+            "train",
+            "--model",
+            "tiny-apar",
+            "--data",
+            str(one_kind),
+            "--out",
+            str(tmp_path / "x"),
+            "--steps",
+            "1",
+            "--router",
+        ),
+        "answers with forks and answers without",
+    )
     assert not (tmp_path / "x").exists()  # refused before training
-    assert_user_error(run("train", "--model", "tiny-apar", "--data", str(data), "--out", str(tmp_path / "y"),
-                          "--steps", "1", "--mode", "plain", "--router"), "--router needs --mode apar")
+    assert_user_error(
+        run(
+            "train",
+            "--model",
+            "tiny-apar",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "y"),
+            "--steps",
+            "1",
+            "--mode",
+            "plain",
+            "--router",
+        ),
+        "--router needs --mode apar",
+    )

@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
+from apar_spec.drafts.heads import DraftHeads, HeadsSpeculator, load_heads, pick_folder, save_heads, target_fingerprint
+from apar_spec.drafts.registry import resolve, vocab_fingerprint
+from apar_spec.drafts.train_heads import HeadsTrainConfig, train_heads
 from micro import CHILD, fork_processor, micro_model, micro_tokenizer
 from test_spec import PROMPTS, tree_key
 from test_tree_spec import SHAPES, greedy_case
 
 from apar_spec import generate
-from apar_spec.drafts.heads import DraftHeads, HeadsSpeculator, load_heads, pick_folder, save_heads, target_fingerprint
-from apar_spec.drafts.registry import resolve, vocab_fingerprint
-from apar_spec.train_heads import HeadsTrainConfig, train_heads
 
 
 def random_heads(model, seed=0, num_heads=4):
@@ -58,8 +58,17 @@ def test_heads_need_no_extra_target_forward_and_skip_a_childs_first_step():
             return super().propose(views, sampling)
 
     spy = Spy(random_heads(model), model.get_output_embeddings(), mask_ids=(CHILD,))
-    out = generate(model, micro_tokenizer(), PROMPTS[:1], mode="apar+spec", draft=spy, tree="topk:2x2",
-                   max_new_tokens=400, max_branch_tokens=24, logits_processor=proc)[0]
+    out = generate(
+        model,
+        micro_tokenizer(),
+        PROMPTS[:1],
+        mode="apar+spec",
+        draft=spy,
+        tree="topk:2x2",
+        max_new_tokens=400,
+        max_branch_tokens=24,
+        logits_processor=proc,
+    )[0]
     assert len(out.branches) >= 3
     assert calls["n"] == 0  # every pass went through the base model + LM head ...
     assert base_calls["n"] == out.stats.target_steps  # ... once per step: prefill + one verify per step
@@ -70,7 +79,13 @@ def test_saved_heads_reload_and_refuse_another_target(tmp_path):
     model, tok = micro_model("llama", seed=1), micro_tokenizer()
     heads = random_heads(model)
     n, fp = vocab_fingerprint(tok)
-    meta = {"target": "micro", "hidden_size": 32, "vocab_size": n, "fingerprint": fp, "target_fingerprint": target_fingerprint(model)}
+    meta = {
+        "target": "micro",
+        "hidden_size": 32,
+        "vocab_size": n,
+        "fingerprint": fp,
+        "target_fingerprint": target_fingerprint(model),
+    }
     save_heads(heads, tmp_path / "h", meta)
     again = load_heads(tmp_path / "h", model, tok)
     assert torch.allclose(again.blocks[0].weight, heads.blocks[0].weight.to(torch.bfloat16).to(model.dtype))
@@ -85,9 +100,13 @@ def test_saved_heads_reload_and_refuse_another_target(tmp_path):
 
 
 def test_one_name_serves_several_targets_by_lm_head(tmp_path):
-    a, b, tok = micro_model("llama", seed=1), micro_model("llama", seed=2), micro_tokenizer()
+    a, b = micro_model("llama", seed=1), micro_model("llama", seed=2)
     for name, m in (("a", a), ("b", b)):
-        save_heads(random_heads(m, seed=ord(name)), tmp_path / "both" / name, {"target": name, "hidden_size": 32, "target_fingerprint": target_fingerprint(m)})
+        save_heads(
+            random_heads(m, seed=ord(name)),
+            tmp_path / "both" / name,
+            {"target": name, "hidden_size": 32, "target_fingerprint": target_fingerprint(m)},
+        )
     ha, hb = load_heads(tmp_path / "both", a), load_heads(tmp_path / "both", b)
     assert not torch.equal(ha.blocks[0].weight, hb.blocks[0].weight)
     with pytest.raises(ValueError, match="no draft heads .* were trained for this target"):
@@ -102,8 +121,11 @@ def test_an_apar_model_and_its_base_get_their_own_heads_by_vocabulary_size(tmp_p
     assert target_fingerprint(apar) == target_fingerprint(base)
     for name, m in (("base", base), ("base-apar", apar)):  # "base" sorts first: order alone would pick it
         rows = m.get_output_embeddings().weight.shape[0]
-        save_heads(random_heads(m, seed=len(name)), tmp_path / "two" / name,
-                   {"target": name, "hidden_size": 32, "vocab_size": rows, "target_fingerprint": target_fingerprint(m)})
+        save_heads(
+            random_heads(m, seed=len(name)),
+            tmp_path / "two" / name,
+            {"target": name, "hidden_size": 32, "vocab_size": rows, "target_fingerprint": target_fingerprint(m)},
+        )
     assert pick_folder(tmp_path / "two", base).name == "base"
     assert pick_folder(tmp_path / "two", apar).name == "base-apar"
     spec = resolve(str(tmp_path / "two"), apar, None)  # a folder of per-target heads resolves as heads, by path too
@@ -118,7 +140,9 @@ def micro_training_setup():
 
 
 def micro_heads_config(steps: int) -> HeadsTrainConfig:
-    return HeadsTrainConfig(num_heads=2, steps=steps, batch_size=64, lr=3e-3, max_new_tokens=24, gen_batch_size=8, save_every=30)
+    return HeadsTrainConfig(
+        num_heads=2, steps=steps, batch_size=64, lr=3e-3, max_new_tokens=24, gen_batch_size=8, save_every=30
+    )
 
 
 def test_head_training_reduces_the_heads_loss(tmp_path):
@@ -130,22 +154,24 @@ def test_head_training_reduces_the_heads_loss(tmp_path):
     # resume: a second run with more steps continues from the saved state, distillation is not redone
     lines = (tmp_path / "h" / "distill.jsonl").read_text()
     msgs = []
-    train_heads(model, tok, rows, tmp_path / "h", micro_heads_config(steps=70), target_name="micro", progress=msgs.append)
+    train_heads(
+        model, tok, rows, tmp_path / "h", micro_heads_config(steps=70), target_name="micro", progress=msgs.append
+    )
     assert (tmp_path / "h" / "distill.jsonl").read_text() == lines
     assert any("resumed at step 60" in m for m in msgs)
     assert json.loads((tmp_path / "h" / "heads.json").read_text())["val_loss_start"] == rep["val_loss_start"]
 
 
 def test_remap_labels_to_a_reduced_head():
-    from apar_spec.train_heads import remap_labels
+    from apar_spec.drafts.train_heads import remap_labels
 
     Y = torch.tensor([[5, -100], [2, 9]])
     assert remap_labels(Y, torch.tensor([9, 5]), 12).tolist() == [[1, -100], [-100, 0]]
 
 
 def test_heads_train_on_a_reduced_vocabulary_and_count_outside_tokens_as_misses(tmp_path):
+    from apar_spec.drafts.train_heads import features, head_accuracy
     from apar_spec.drafts.vocab import DraftVocab
-    from apar_spec.train_heads import features, head_accuracy
 
     model, tok, rows = micro_training_setup()
     cfg = micro_heads_config(steps=60)
@@ -157,7 +183,9 @@ def test_heads_train_on_a_reduced_vocabulary_and_count_outside_tokens_as_misses(
     msgs = []
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "distill.jsonl").write_text((tmp_path / "full" / "distill.jsonl").read_text())
-    half = train_heads(model, tok, rows, tmp_path / "half", cfg, target_name="micro", progress=msgs.append, vocab=DraftVocab(ids))
+    half = train_heads(
+        model, tok, rows, tmp_path / "half", cfg, target_name="micro", progress=msgs.append, vocab=DraftVocab(ids)
+    )
     assert half["train_vocab"] == V // 2 and full["train_vocab"] is None
     assert any("reduced vocabulary" in m for m in msgs)
     assert half["val_loss"] < 0.95 * half["val_loss_start"], (half["val_loss"], half["val_loss_start"])
@@ -182,31 +210,71 @@ def test_cli_train_heads_and_its_bad_input(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"w{5 + i} w{9 + i}"}) + "\n" for i in range(6)))
     out = tmp_path / "h"
-    result = run("train-heads", "--target", target, "--data", str(data), "--out", str(out), "--steps", "4",
-                 "--heads", "2", "--max-new-tokens", "8", "--batch-size", "16")
+    result = run(
+        "train-heads",
+        "--target",
+        target,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--heads",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "16",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((out / "heads.json").read_text())["num_heads"] == 2
     data.write_text('{"prompt": ""}\n')
-    assert_user_error(run("train-heads", "--target", target, "--data", str(data), "--out", str(out)), "line 1", "prompt")
+    assert_user_error(
+        run("train-heads", "--target", target, "--data", str(data), "--out", str(out)), "line 1", "prompt"
+    )
     assert_user_error(run("train-heads", "--target", target, "--data", "corpus:x", "--out", str(out)), "corpus:N")
-    assert_user_error(run("train-heads", "--target", target, "--data", str(data), "--out", str(out), "--kind", "eagle"),
-                      "kind must be medusa or hydra")
+    assert_user_error(
+        run("train-heads", "--target", target, "--data", str(data), "--out", str(out), "--kind", "eagle"),
+        "kind must be medusa or hydra",
+    )
     data.write_text("".join(json.dumps({"prompt": f"w{5 + i} w{9 + i}"}) + "\n" for i in range(6)))
     reduced = tmp_path / "ranked" / "h"
-    assert_user_error(run("train-heads", "--target", target, "--data", str(data), "--out", str(reduced), "--vocab", "16"),
-                      "vocab.json", "--vocab-from")
+    assert_user_error(
+        run("train-heads", "--target", target, "--data", str(data), "--out", str(reduced), "--vocab", "16"),
+        "vocab.json",
+        "--vocab-from",
+    )
     from apar_spec.drafts.vocab import save_ranking
 
     reduced.parent.mkdir()
     save_ranking(reduced.parent, list(range(63, -1, -1)), {})
-    result = run("train-heads", "--target", target, "--data", str(data), "--out", str(reduced), "--steps", "4",
-                 "--heads", "2", "--max-new-tokens", "8", "--batch-size", "16", "--vocab", "16", "--json")
+    result = run(
+        "train-heads",
+        "--target",
+        target,
+        "--data",
+        str(data),
+        "--out",
+        str(reduced),
+        "--steps",
+        "4",
+        "--heads",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "16",
+        "--vocab",
+        "16",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((reduced / "heads.json").read_text())["train_vocab"] == 16
 
 
 def test_tree_cache_hidden_path_gives_the_plain_logits():
-    from apar_spec.tree_cache import TreeCache
+    from apar_spec.decoding.tree_cache import TreeCache
 
     model = micro_model("llama", seed=3)
     outs = []
@@ -228,7 +296,7 @@ def test_tree_cache_hidden_path_gives_the_plain_logits():
 
 
 def test_distill_notes_given_answers_for_an_apar_target(tmp_path):
-    from apar_spec.train_heads import distill
+    from apar_spec.drafts.train_heads import distill
 
     model, tok = micro_model("llama", seed=2), micro_tokenizer()
     said = []
@@ -257,8 +325,12 @@ def random_chained(model, seed=0, num_heads=3, width=24):
 
 
 def chained_speculator(model, seed=0, **kw):
-    return HeadsSpeculator(random_chained(model, seed, **kw), model.get_output_embeddings(), mask_ids=(CHILD,),
-                           embed=model.get_input_embeddings())
+    return HeadsSpeculator(
+        random_chained(model, seed, **kw),
+        model.get_output_embeddings(),
+        mask_ids=(CHILD,),
+        embed=model.get_input_embeddings(),
+    )
 
 
 def reference_chained_tree(heads, lm_head, embed, hidden, pending, shape, masked=(CHILD,)):
@@ -289,23 +361,30 @@ def reference_chained_tree(heads, lm_head, embed, hidden, pending, shape, masked
 
 @pytest.mark.parametrize("shape", ["chain:3", "topk:2x2", "[[0],[1],[0,0],[1,0],[0,1],[0,0,0]]", "topk:2x4"])
 def test_chained_heads_propose_what_expanding_each_node_alone_gives(shape):
-    from apar_spec.draft_tree import parse_tree
-    from apar_spec.speculator import BranchView
+    from apar_spec.decoding.draft_tree import parse_tree
+    from apar_spec.decoding.speculator import BranchView
 
     model = micro_model("llama", seed=4)
     spec = chained_speculator(model, seed=4)
     spec.reset(1, model.config.vocab_size)
     tree = parse_tree(shape)
     torch.manual_seed(1)
-    views = [BranchView(0, b, None, None, [5, 6 + b], [], tree.depth, tree, torch.randn(model.config.hidden_size).to(model.dtype))
-             for b in range(3)]
+    views = [
+        BranchView(
+            0, b, None, None, [5, 6 + b], [], tree.depth, tree, torch.randn(model.config.hidden_size).to(model.dtype)
+        )
+        for b in range(3)
+    ]
     got = spec.propose(views)
     for i, v in enumerate(views):
-        want = reference_chained_tree(spec.heads, model.get_output_embeddings(), model.get_input_embeddings(),
-                                      v.hidden, v.tokens[-1], tree)
+        want = reference_chained_tree(
+            spec.heads, model.get_output_embeddings(), model.get_input_embeddings(), v.hidden, v.tokens[-1], tree
+        )
         assert got.tokens[i] == want
         assert got.parents[i] == list(tree.parents[: len(want)])
-    assert len(got.tokens[0]) == min(tree.size, sum(1 for d in tree.depths if d <= 3))  # nodes deeper than 3 heads dropped
+    assert len(got.tokens[0]) == min(
+        tree.size, sum(1 for d in tree.depths if d <= 3)
+    )  # nodes deeper than 3 heads dropped
     assert spec.head_calls == min(tree.depth, 3)  # one batched call per depth, over every branch
 
 
@@ -314,7 +393,9 @@ def test_chained_heads_save_reload_and_refuse_an_unknown_kind(tmp_path):
 
     model, tok = micro_model("llama", seed=1), micro_tokenizer()
     heads = random_chained(model, width=20)
-    save_heads(heads, tmp_path / "h", {"target": "micro", "hidden_size": 32, "target_fingerprint": target_fingerprint(model)})
+    save_heads(
+        heads, tmp_path / "h", {"target": "micro", "hidden_size": 32, "target_fingerprint": target_fingerprint(model)}
+    )
     cfg = json.loads((tmp_path / "h" / "heads.json").read_text())
     assert cfg["kind"] == "hydra" and cfg["width"] == 20 and cfg["num_heads"] == 3
     again = load_heads(tmp_path / "h", model, tok)
@@ -336,8 +417,15 @@ def test_medusa_heads_run_only_the_heads_a_shallow_draft_needs():
     ran = []
     for i, block in enumerate(heads.blocks):
         block.register_forward_hook(lambda *a, i=i: ran.append(i))
-    generate(model, micro_tokenizer(), PROMPTS[:1], mode="spec", draft=HeadsSpeculator(heads, model.get_output_embeddings()),
-             num_draft_tokens=2, max_new_tokens=12)
+    generate(
+        model,
+        micro_tokenizer(),
+        PROMPTS[:1],
+        mode="spec",
+        draft=HeadsSpeculator(heads, model.get_output_embeddings()),
+        num_draft_tokens=2,
+        max_new_tokens=12,
+    )
     assert ran and set(ran) == {0, 1}
 
 
@@ -357,7 +445,7 @@ def test_chained_head_training_reduces_the_loss_and_resumes_only_its_kind(tmp_pa
 
 
 def test_held_out_split_keeps_whole_sequences_apart():
-    from apar_spec.train_heads import split_held_out
+    from apar_spec.drafts.train_heads import split_held_out
 
     seq = torch.arange(25).repeat_interleave(4)  # 25 sequences of 4 positions
     val, tr = split_held_out(seq, torch.Generator().manual_seed(0))

@@ -6,8 +6,6 @@ import json
 import math
 
 import pytest
-from typer.testing import CliRunner
-
 from apar_spec.cli.app import app
 from apar_spec.experiments.load_bench import (
     LoadRow,
@@ -21,6 +19,7 @@ from apar_spec.experiments.load_bench import (
     summarize,
     terminal_chart,
 )
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -51,7 +50,9 @@ def rec(e2e, tokens=10, ok=True, wait=0.0):
 def test_summary_and_goals():
     rows = [
         summarize("ar", "b", 2.0, [rec(1.0, wait=0.2), rec(2.0, wait=0.4)], 1.0, 100, 200, "x", 1.0),  # waits < e2e/2
-        summarize("ar", "b", 4.0, [rec(2.0, wait=1.5), rec(4.0, wait=2.5), rec(3.0, ok=False)], 2.0, 100, 200, "x", 1.0),  # queue-bound
+        summarize(
+            "ar", "b", 4.0, [rec(2.0, wait=1.5), rec(4.0, wait=2.5), rec(3.0, ok=False)], 2.0, 100, 200, "x", 1.0
+        ),  # queue-bound
         summarize("apar", "a", 4.0, [rec(1.0), rec(2.0), rec(1.5)], 1.0, 90, 200, "x", 1.0),
     ]
     assert rows[1].completed == 2 and rows[1].failed == 1 and rows[1].e2e_p50 == 3.0
@@ -64,7 +65,9 @@ def test_summary_and_goals():
 
 
 def test_in_process_run_on_embedded_models_is_lossless():
-    s = LoadSettings(modes=("ar", "apar"), num_requests=3, rates=(math.inf, 20.0), max_new_tokens=12, kv_budget=120, limit=3)
+    s = LoadSettings(
+        modes=("ar", "apar"), num_requests=3, rates=(math.inf, 20.0), max_new_tokens=12, kv_budget=120, limit=3
+    )
     rows = load_bench(s)
     assert [(r.mode, r.rate) for r in rows] == [("ar", math.inf), ("ar", 20.0), ("apar", math.inf), ("apar", 20.0)]
     for r in rows:
@@ -75,14 +78,37 @@ def test_in_process_run_on_embedded_models_is_lossless():
 
 def test_cli_json_and_input_errors(tmp_path):
     out = tmp_path / "rows.jsonl"
-    res = runner.invoke(app, ["load-bench", "-n", "2", "--rates", "inf", "--modes", "ar", "--max-new-tokens", "6", "--limit", "2",
-                              "--kv-budget", "100", "--json", "--out", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "load-bench",
+            "-n",
+            "2",
+            "--rates",
+            "inf",
+            "--modes",
+            "ar",
+            "--max-new-tokens",
+            "6",
+            "--limit",
+            "2",
+            "--kv-budget",
+            "100",
+            "--json",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["rows"][0]["completed"] == 2 and doc["rows"][0]["rate"] == "inf"
     assert len(out.read_text().splitlines()) == 1
-    for args, fragment in ((["--rates", "0"], "--rates"), (["-n", "0"], "--num-requests"), (["--kv-budget", "0"], "--kv-budget"),
-                           (["--modes", "beam"], "beam")):
+    for args, fragment in (
+        (["--rates", "0"], "--rates"),
+        (["-n", "0"], "--num-requests"),
+        (["--kv-budget", "0"], "--kv-budget"),
+        (["--modes", "beam"], "beam"),
+    ):
         res = runner.invoke(app, ["load-bench", *args])
         assert res.exit_code == 2 and res.stderr.startswith("Error: ") and fragment in res.stderr, (args, res.output)
     res = runner.invoke(app, ["serve", "--mode", "beam"])

@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from apar_spec.cli.app import app
+from apar_spec.experiments.bench_runner import _Runner
 from micro import CHILD, FORK, micro_model, micro_tokenizer
 from typer.testing import CliRunner
 
-from apar_spec.cli.app import app
-from apar_spec.experiments.bench import _Runner
-from apar_spec.lossless import NEAR_TIE, context_of, explain, first_difference, logit_gap
+from apar_spec.decoding.lossless import NEAR_TIE, context_of, explain, first_difference, logit_gap
 
 PROMPT = [1, 10, 11]
 # root: 20 [Fork] 22 23 24 25 ; child at root index 1: [Child] 30 31 32 (times 2, 3, 4)
@@ -45,11 +45,17 @@ def test_logit_gap_is_the_targets_own_and_counts_the_fork_offset():
     with torch.no_grad():
         root_logits = model(torch.tensor([fork.context])).logits[0, -1]
     assert logit_gap(model, fork, FORK, 2.0) == pytest.approx(abs(float(root_logits[FORK] + 2.0 - root_logits[21])))
-    assert logit_gap(model, fork, FORK, 2.0, max_depth=0) == pytest.approx(abs(float(root_logits[FORK] - root_logits[21])))
+    assert logit_gap(model, fork, FORK, 2.0, max_depth=0) == pytest.approx(
+        abs(float(root_logits[FORK] - root_logits[21]))
+    )
     stop = first_difference(PROMPT, REF, [(None, None, [20, FORK]), (0, 1, [CHILD, 30, 31, 32])])
     assert logit_gap(model, stop) is None
-    assert [explain("bfloat16", 5.0), explain("float32", NEAR_TIE / 2), explain("float32", NEAR_TIE), explain("float32", None)] == [
-        "low precision", "near-tie", "bug", "bug"]
+    assert [
+        explain("bfloat16", 5.0),
+        explain("float32", NEAR_TIE / 2),
+        explain("float32", NEAR_TIE),
+        explain("float32", None),
+    ] == ["low precision", "near-tie", "bug", "bug"]
 
 
 def test_the_bench_records_where_a_row_parts_from_its_reference():
@@ -76,14 +82,43 @@ def test_the_bench_records_where_a_row_parts_from_its_reference():
 
 
 def _rows(gap, dtype="float32"):
-    base = {"prompt_id": "p", "category": "c", "repeat": 0, "model": "m", "setup_id": "s", "temperature": 0.0, "tokens": 4,
-            "wall_s": 1.0, "tokens_per_s": 4.0, "target_steps": 4, "steps_per_token": 1.0, "dtype": dtype}
-    return [{**base, "variant": "apar", "config": "apar", "output_ids": [1, 2, 3]},
-            {**base, "variant": "apar+spec", "config": "apar+spec", "output_ids": [1, 2, 4],
-             "first_difference": {"reference": "apar", "branch": 0, "index": 2, "time": 2, "want": 3, "got": 4, "logit_gap": gap}}]
+    base = {
+        "prompt_id": "p",
+        "category": "c",
+        "repeat": 0,
+        "model": "m",
+        "setup_id": "s",
+        "temperature": 0.0,
+        "tokens": 4,
+        "wall_s": 1.0,
+        "tokens_per_s": 4.0,
+        "target_steps": 4,
+        "steps_per_token": 1.0,
+        "dtype": dtype,
+    }
+    return [
+        {**base, "variant": "apar", "config": "apar", "output_ids": [1, 2, 3]},
+        {
+            **base,
+            "variant": "apar+spec",
+            "config": "apar+spec",
+            "output_ids": [1, 2, 4],
+            "first_difference": {
+                "reference": "apar",
+                "branch": 0,
+                "index": 2,
+                "time": 2,
+                "want": 3,
+                "got": 4,
+                "logit_gap": gap,
+            },
+        },
+    ]
 
 
-@pytest.mark.parametrize("gap,dtype,code", [(0.3, "float32", 2), (None, "float32", 2), (2e-6, "float32", 0), (0.3, "bfloat16", 0)])
+@pytest.mark.parametrize(
+    "gap,dtype,code", [(0.3, "float32", 2), (None, "float32", 2), (2e-6, "float32", 0), (0.3, "bfloat16", 0)]
+)
 def test_report_strict_fails_on_a_bug_only(tmp_path, gap, dtype, code):
     f = tmp_path / "r.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in _rows(gap, dtype)))

@@ -15,17 +15,17 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
-from micro import CHILD, EOS, FORK, VOCAB, fork_processor, micro_model
-from test_fork_router import routed_model
-
-from apar_spec.decoder import Decoder
 from apar_spec.drafts.draft_lm import DraftModelSpeculator
 from apar_spec.drafts.ngram import NGramSpeculator
+from micro import CHILD, EOS, FORK, VOCAB, fork_processor, micro_model
+from test_fork_router import routed_model
+from test_tree_spec import RandomTree
+
+from apar_spec.decoding.decoder import Decoder
+from apar_spec.decoding.reference import reference_budget, reference_decode
+from apar_spec.decoding.speculator import Proposal
+from apar_spec.decoding.tokens import AparTokens
 from apar_spec.options import DecodeOptions
-from apar_spec.reference import reference_budget, reference_decode
-from apar_spec.speculator import Proposal
-from apar_spec.tokens import AparTokens
 
 CONFIGS = 110  # random cap settings; each is checked under several speculators
 SPECULATORS_PER_CONFIG = 3  # so 330 (configuration, speculator) cases per run
@@ -37,31 +37,6 @@ TEXTS = tuple("" if i < 5 else "\n" if i in LINE_BREAKS else (" a", " b", " 7.",
 APAR = AparTokens(FORK, CHILD, LINE_BREAKS, {}, TEXTS)
 PROMPTS = [[1, 10, 11, 12, 13, 14], [1, 20, 7], [1, 33, 34, 35, 36], [1, 40, 41], [1, 50, 51, 52], [1, 60, 8, 9]]
 SHAPES = ["[[0],[1]]", "topk:2x2", "[[0],[1],[0,0],[1,0],[0,0,0]]", "topk:3x1", "chain:5"]
-
-
-class RandomDrafts:
-    """Seeded junk chains or trees from a pool holding [Fork], EOS, [Child] and a few words."""
-
-    name = "random-drafts"
-    forwards = 0
-
-    def __init__(self, seed: int):
-        self.rng = random.Random(seed)
-
-    def reset(self, *a, **kw):
-        pass
-
-    def propose(self, views, sampling):
-        tokens, parents = [], []
-        for v in views:
-            n = v.shape.size if v.shape is not None else v.k
-            pool = [FORK, EOS, CHILD] + [self.rng.randrange(5, VOCAB) for _ in range(3)]
-            tokens.append([self.rng.choice(pool) for _ in range(n)])
-            parents.append(list(v.shape.parents) if v.shape is not None else list(range(-1, n - 1)))
-        return Proposal(tokens, [None] * len(views), parents)
-
-    def observe(self, outcome):
-        pass
 
 
 class AlwaysWrong:
@@ -119,8 +94,7 @@ def draw_speculator(rng: random.Random, model, proc, seed: int):
     """(speculator, decode options it needs): drafts of every kind, chains and trees."""
     kind = rng.choice(["perfect", "perfect-tree", "random-lm", "ngram", "random-chain", "random-tree", "always-wrong"])
     k = rng.choice([1, 2, 3, 5])
-    extra = dict(num_draft_tokens=k, adaptive_draft=rng.random() < 0.3,
-                 max_step_tokens=rng.choice([None, None, 3, 8]))
+    extra = dict(num_draft_tokens=k, adaptive_draft=rng.random() < 0.3, max_step_tokens=rng.choice([None, None, 3, 8]))
     if kind in ("perfect", "perfect-tree"):
         spec = DraftModelSpeculator(model, mask_ids=(CHILD,), logits_processor=proc)
         if kind == "perfect-tree":
@@ -132,7 +106,7 @@ def draw_speculator(rng: random.Random, model, proc, seed: int):
     elif kind == "always-wrong":
         spec = AlwaysWrong(DraftModelSpeculator(model, mask_ids=(CHILD,), logits_processor=proc))
     else:
-        spec = RandomDrafts(seed)
+        spec = RandomTree(seed)  # junk chains (the decoder asks a chain of k) or trees
         if kind == "random-tree":
             extra["tree"] = rng.choice(SHAPES)
     return kind, spec, extra
@@ -166,15 +140,21 @@ def test_speculation_never_changes_the_answer_whatever_the_caps():
         for _ in range(SPECULATORS_PER_CONFIG):
             kind, spec, extra = draw_speculator(rng, model, proc, seed)
             kinds.add(kind)
-            got = canonical(Decoder(model, DecodeOptions(**{**opts, **extra}), APAR, apar_side, {EOS}, speculator=spec).run(prompts))
+            got = canonical(
+                Decoder(model, DecodeOptions(**{**opts, **extra}), APAR, apar_side, {EOS}, speculator=spec).run(prompts)
+            )
             assert got == want, f"case {c}: {kind} {extra} under {opts} changed the answer"
             cases += 1
         if c % REFERENCE_EVERY == 0:
             for prompt, result in zip(prompts, plain):
-                ref = reference_decode(model, prompt, DecodeOptions(**{**opts, "max_new_tokens": 10_000}), APAR, apar_side, {EOS})
+                ref = reference_decode(
+                    model, prompt, DecodeOptions(**{**opts, "max_new_tokens": 10_000}), APAR, apar_side, {EOS}
+                )
                 ref = reference_budget(ref, opts["max_new_tokens"], FORK)
                 mine = {fork_path(result.branches, b): b.tokens for b in result.branches}
-                assert mine == {p: b.tokens for p, b in ref.items()}, f"case {c}: plain decoding differs from the reference"
+                assert mine == {p: b.tokens for p, b in ref.items()}, (
+                    f"case {c}: plain decoding differs from the reference"
+                )
     assert cases >= 300
     # the draw really exercises what it claims: budgets that bind, trees that fork, every speculator
     assert binding >= CONFIGS // 3 and forked >= CONFIGS // 3
@@ -194,10 +174,16 @@ def test_a_binding_budget_keeps_what_plain_apar_keeps_under_a_live_branch_cap(bu
     base = dict(max_new_tokens=budget, max_branch_tokens=24, max_depth=2, logits_processor=proc)
     free = canonical(Decoder(model, DecodeOptions(**base), APAR, True, {EOS}).run(PROMPTS[:3]))
     for cap in (1, 2):
-        assert canonical(Decoder(model, DecodeOptions(**base, max_live_branches=cap), APAR, True, {EOS}).run(PROMPTS[:3])) == free
+        assert (
+            canonical(Decoder(model, DecodeOptions(**base, max_live_branches=cap), APAR, True, {EOS}).run(PROMPTS[:3]))
+            == free
+        )
     for prompt, tree in zip(PROMPTS[:3], free):
-        ref = reference_budget(reference_decode(model, prompt, DecodeOptions(**{**base, "max_new_tokens": 10_000}), APAR, True, {EOS}),
-                               budget, FORK)
+        ref = reference_budget(
+            reference_decode(model, prompt, DecodeOptions(**{**base, "max_new_tokens": 10_000}), APAR, True, {EOS}),
+            budget,
+            FORK,
+        )
         by_id = {b[0]: b for b in tree}
         mine = {}
         for bid, parent, fork_index, tokens, _ in tree:
@@ -212,7 +198,7 @@ def test_a_binding_budget_keeps_what_plain_apar_keeps_under_a_live_branch_cap(bu
 def test_the_reference_replay_cuts_by_hand():
     """reference_budget on a hand-made tree: root r0 [Fork] r2 r3 ..., child c1 c2 ...:
     step 0 r0, 1 [Fork], 2 r2 + c1, 3 r3 + c2 - a budget of 5 keeps r0 F r2 c1 r3."""
-    from apar_spec.reference import RefBranch
+    from apar_spec.decoding.reference import RefBranch
 
     root = RefBranch((), tokens=[10, FORK, 12, 13, 14], uncut=[10, FORK, 12, 13, 14])
     child = RefBranch((1,), tokens=[CHILD, 20, 21, 22], uncut=[CHILD, 20, 21, 22])
@@ -228,7 +214,7 @@ def test_clock_cutoff_equals_sorting_every_token(n):
     """clock.cutoff (one pass over span ends) equals sorting every token's key."""
     from dataclasses import dataclass
 
-    from apar_spec import clock
+    from apar_spec.decoding import clock
 
     @dataclass
     class B:

@@ -1,4 +1,4 @@
-from apar_spec.experiments.measure_embedded import list_items, well_formed
+from apar_spec.experiments.build.measure_embedded import list_items, well_formed
 
 
 def test_well_formed_lists():

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-
-from apar_spec.corpus import split_of
 from apar_spec.experiments.prompts import BUILTIN_SETS, PLAIN_CATEGORY, Prompt, load_prompts, read_prompt_file
+
+from apar_spec.training.corpus import split_of
 
 
 def write(path: Path, text: str) -> Path:
@@ -73,7 +73,7 @@ def test_jsonl_detected_by_content_without_suffix(tmp_path):
         ('{"turns": []}\n', "line 1: 'turns' must be a non-empty list"),
         ('{"prompt": 5}\n', "line 1: 'prompt' must be a string"),
         ('{"prompt": "   "}\n', "line 1: the prompt is empty"),
-        ('[1, 2]\n', "line 1: expected a JSON object"),
+        ("[1, 2]\n", "line 1: expected a JSON object"),
         ('{"prompt": "a", "id": 1}\n{"prompt": "b", "id": 1}\n', "line 2: duplicate prompt id '1' (first on line 1)"),
         ('{"question_id": 1, "turns": ["one"]}\n', None),  # fine at turn 0 ...
     ],
@@ -130,7 +130,9 @@ def test_select_prompts_mixes_sets_per_category_and_interleaves(tmp_path):
 
     for name, cats in (("a", ["x", "x", "y"]), ("b", ["x"])):
         (tmp_path / name).mkdir()
-        rows = [{"question_id": i, "category": c, "turns": [f"{name} q{i}", f"{name} again{i}"]} for i, c in enumerate(cats)]
+        rows = [
+            {"question_id": i, "category": c, "turns": [f"{name} q{i}", f"{name} again{i}"]} for i, c in enumerate(cats)
+        ]
         (tmp_path / name / "question.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     both = f"{tmp_path / 'a' / 'question.jsonl'},{tmp_path / 'b' / 'question.jsonl'}"
     ps = select_prompts(both)
@@ -150,10 +152,15 @@ def test_select_prompts_mixes_sets_per_category_and_interleaves(tmp_path):
 def test_sot_router_labels_csv(tmp_path):
     """Skeleton-of-Thought's ``label;request`` files: a quoted request may span lines (and hold
     ';' and '"'), ids name the row's first line, labels become sot-list / sot-not-list."""
-    f = write(tmp_path / "r.csv", 'label;request\n1;How can I sleep better?\n0;"Sum the array:\n\n[1; 2] ""fast"""\n\n0;What is 2+2?\n')
-    assert load_prompts(f) == [Prompt("L2", "How can I sleep better?", "sot-list"),
-                               Prompt("L3", 'Sum the array:\n\n[1; 2] "fast"', "sot-not-list"),
-                               Prompt("L7", "What is 2+2?", "sot-not-list")]
+    f = write(
+        tmp_path / "r.csv",
+        'label;request\n1;How can I sleep better?\n0;"Sum the array:\n\n[1; 2] ""fast"""\n\n0;What is 2+2?\n',
+    )
+    assert load_prompts(f) == [
+        Prompt("L2", "How can I sleep better?", "sot-list"),
+        Prompt("L3", 'Sum the array:\n\n[1; 2] "fast"', "sot-not-list"),
+        Prompt("L7", "What is 2+2?", "sot-not-list"),
+    ]
     assert [p.id for p in load_prompts(f, category="sot-list")] == ["L2"]
     with pytest.raises(ValueError, match=r"r2.csv line 3: the label must be 0 or 1 \(got 'yes'\)"):
         load_prompts(write(tmp_path / "r2.csv", "label;request\n1;A?\nyes;B?\n"))
@@ -169,9 +176,11 @@ def test_several_label_files_in_one_folder_are_told_apart_by_their_names(tmp_pat
     a = write(tmp_path / "vicuna_router.csv", "label;request\n1;List tips for focus.\n")
     b = write(tmp_path / "wizardlm_router.csv", "label;request\n0;What is 3*3?\n1;Ways to save money?\n")
     ps = select_prompts(f"{a},{b}")
-    assert [(p.id, p.category) for p in ps] == [("vicuna_router/L2", "vicuna_router/sot-list"),
-                                                ("wizardlm_router/L2", "wizardlm_router/sot-not-list"),
-                                                ("wizardlm_router/L3", "wizardlm_router/sot-list")]
+    assert [(p.id, p.category) for p in ps] == [
+        ("vicuna_router/L2", "vicuna_router/sot-list"),
+        ("wizardlm_router/L2", "wizardlm_router/sot-not-list"),
+        ("wizardlm_router/L3", "wizardlm_router/sot-list"),
+    ]
 
 
 @pytest.mark.parametrize("name,rows,lists", [("vicuna", 80, 37), ("wizardlm", 218, 58)])

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from apar_spec.experiments.prompts import select_prompts
 from apar_spec.experiments.quality import run_quality
 
@@ -67,7 +66,9 @@ def test_quality_refuses_an_unknown_depth_cap_before_loading(tmp_path, monkeypat
 
     monkeypatch.setattr(apar_spec, "load", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match="depth_cap must be one of end, mask"):
-        run_quality("tiny-apar", "tiny-base", select_prompts("default", limit=1), depth_cap="stop", out=tmp_path / "q.jsonl")
+        run_quality(
+            "tiny-apar", "tiny-base", select_prompts("default", limit=1), depth_cap="stop", out=tmp_path / "q.jsonl"
+        )
 
 
 def test_quality_refuses_an_unknown_repeated_title_policy_before_loading(tmp_path, monkeypatch):
@@ -75,14 +76,32 @@ def test_quality_refuses_an_unknown_repeated_title_policy_before_loading(tmp_pat
 
     monkeypatch.setattr(apar_spec, "load", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match="repeated_title must be one of end, keep"):
-        run_quality("tiny-apar", "tiny-base", select_prompts("default", limit=1), repeated_title="loop", out=tmp_path / "q.jsonl")
+        run_quality(
+            "tiny-apar",
+            "tiny-base",
+            select_prompts("default", limit=1),
+            repeated_title="loop",
+            out=tmp_path / "q.jsonl",
+        )
 
 
 def test_cli_quality_refuses_an_unknown_control_dtype(tmp_path):
     from test_cli import assert_user_error, run
 
-    assert_user_error(run("quality", "--target", "tiny-apar", "--base", "tiny-base", "--control-dtype", "float13",
-                          "--out", str(tmp_path / "q.jsonl")), "unknown dtype 'float13'")
+    assert_user_error(
+        run(
+            "quality",
+            "--target",
+            "tiny-apar",
+            "--base",
+            "tiny-base",
+            "--control-dtype",
+            "float13",
+            "--out",
+            str(tmp_path / "q.jsonl"),
+        ),
+        "unknown dtype 'float13'",
+    )
     assert not (tmp_path / "q.jsonl").exists()
 
 
@@ -90,7 +109,19 @@ def test_cli_quality_runs_several_fork_biases_side_by_side_on_one_set_of_base_an
     from test_cli import assert_user_error, run
 
     out = tmp_path / "q.jsonl"
-    args = ["quality", "--target", "tiny-apar", "--base", "tiny-base", "--limit", "3", "--max-new-tokens", "24", "--out", str(out)]
+    args = [
+        "quality",
+        "--target",
+        "tiny-apar",
+        "--base",
+        "tiny-base",
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "24",
+        "--out",
+        str(out),
+    ]
     res = run(*args, "--fork-bias=-50,0", "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
@@ -99,7 +130,9 @@ def test_cli_quality_runs_several_fork_biases_side_by_side_on_one_set_of_base_an
     assert by["-50.0"]["all"]["fork_rate"] == 0 < by["0.0"]["all"]["fork_rate"]  # the offset really reached the decoder
     assert sorted(r["fork_bias"] for r in doc["rows"]) == [-50.0] * 3 + [0.0] * 3
     assert len(out.with_suffix(".ar.jsonl").read_text().splitlines()) == 3  # the base answered once, for both
-    again = run(*args, "--fork-bias", "0", "--json")  # one value: the usual summary, rows read back from the shared file
+    again = run(
+        *args, "--fork-bias", "0", "--json"
+    )  # one value: the usual summary, rows read back from the shared file
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["by_category"] == by["0.0"]
     assert len(out.read_text().splitlines()) == 6  # nothing decoded again
@@ -112,9 +145,10 @@ def test_cli_quality_runs_several_fork_biases_side_by_side_on_one_set_of_base_an
 def test_length_matched_control_scores_the_base_answer_cut_to_the_apar_length(tmp_path):
     """``nll_ar_matched`` is the base's own answer scored over its first n tokens, n = the APAR answer's
     length; a row saved before the figure existed gets it on resume, equal to a fresh pass's."""
-    import apar_spec
     from apar_spec.experiments.models import Loaded, encode_prompt
-    from apar_spec.experiments.quality import answer_ids, mean_nll
+    from apar_spec.experiments.quality_nll import answer_ids, mean_nll
+
+    import apar_spec
 
     ps = select_prompts("default", limit=3)
     out = tmp_path / "q.jsonl"
@@ -129,7 +163,9 @@ def test_length_matched_control_scores_the_base_answer_cut_to_the_apar_length(tm
         full = mean_nll(bm, bt, [ids], [r["ar_text"]])[0]
         if n >= len(answer_ids(bt, r["ar_text"])):
             assert r["nll_ar_matched"] == pytest.approx(full, rel=1e-5)
-    assert any(len(answer_ids(bt, r["apar_text"])) < len(answer_ids(bt, r["ar_text"])) for r in s.rows)  # a cut happened
+    assert any(
+        len(answer_ids(bt, r["apar_text"])) < len(answer_ids(bt, r["ar_text"])) for r in s.rows
+    )  # a cut happened
     ratio = s.by_category["all"]["nll_ratio_matched"]
     assert ratio == pytest.approx(sum(r["nll_apar"] for r in s.rows) / sum(r["nll_ar_matched"] for r in s.rows))
     # rows from before the figure: filled in on resume, same numbers
@@ -140,8 +176,9 @@ def test_length_matched_control_scores_the_base_answer_cut_to_the_apar_length(tm
 
 
 def test_mean_nll_max_tokens_is_the_mean_over_the_first_tokens():
+    from apar_spec.experiments.quality_nll import answer_ids, mean_nll
+
     import apar_spec
-    from apar_spec.experiments.quality import answer_ids, mean_nll
 
     m, t = apar_spec.load("tiny-base", dtype="float64")
     prompt = t("hello", add_special_tokens=False)["input_ids"]
@@ -152,22 +189,37 @@ def test_mean_nll_max_tokens_is_the_mean_over_the_first_tokens():
     tok = [-float(logp[len(prompt) - 1 + i, ids[0, len(prompt) + i]]) for i in range(n)]  # each answer token's NLL
     assert len(set(round(x, 6) for x in tok)) > 1  # the tokens differ, so a prefix mean differs from the whole mean
     for k in range(1, n + 1):
-        assert mean_nll(m, t, [prompt], [text], max_tokens=[k])[0] == pytest.approx(sum(tok[:k]) / k, rel=1e-6)  # mean_nll: float32 softmax
+        assert mean_nll(m, t, [prompt], [text], max_tokens=[k])[0] == pytest.approx(
+            sum(tok[:k]) / k, rel=1e-6
+        )  # mean_nll: float32 softmax
     assert mean_nll(m, t, [prompt], [text], max_tokens=[n + 5])[0] == pytest.approx(sum(tok) / n, rel=1e-6)
     assert math.isnan(mean_nll(m, t, [prompt], [text], max_tokens=[0])[0])
 
 
 def test_label_agreement_scores_the_fork_decision_against_sot_labels():
-    from apar_spec.experiments.quality import groups, label_agreement
+    from apar_spec.experiments.quality_summary import groups, label_agreement
 
     def row(cat, forked):
         return {"category": cat, "forked": forked, "prompt": "q"}
 
-    rows = [row("w/sot-list", True), row("w/sot-list", True), row("w/sot-list", False),
-            row("v/sot-not-list", True), row("v/sot-not-list", False), row("v/sot-not-list", False), row("v/sot-not-list", False)]
+    rows = [
+        row("w/sot-list", True),
+        row("w/sot-list", True),
+        row("w/sot-list", False),
+        row("v/sot-not-list", True),
+        row("v/sot-not-list", False),
+        row("v/sot-not-list", False),
+        row("v/sot-not-list", False),
+    ]
     a = label_agreement(rows)
-    assert a == {"list_prompts": 3, "other_prompts": 4, "recall": 2 / 3, "false_fork_rate": 1 / 4,
-                 "precision": 2 / 3, "accuracy": 5 / 7}
+    assert a == {
+        "list_prompts": 3,
+        "other_prompts": 4,
+        "recall": 2 / 3,
+        "false_fork_rate": 1 / 4,
+        "precision": 2 / 3,
+        "accuracy": 5 / 7,
+    }
     g = groups(rows)
     assert len(g["SoT label: a list"]) == 3 and len(g["SoT label: not a list"]) == 4
     assert label_agreement(rows[:3]) is None  # one label only: nothing to score against
@@ -177,31 +229,60 @@ def test_label_agreement_scores_the_fork_decision_against_sot_labels():
 def test_summary_scores_numbered_lists_apart_and_counts_repeat_ends():
     """The well-formed rate over all forked answers counts paragraph forks too; the numbered
     figures keep to forked answers that hold a numbered list."""
-    from apar_spec.experiments.quality import summarize, well_formed
+    from apar_spec.experiments.quality_summary import summarize, well_formed
 
     def row(text, forked, repeat_ends=0):
-        return {"category": "c", "forked": forked, "apar_text": text, "ar_text": "x", "well_formed": well_formed(text) if forked else None,
-                "ar_tokens": 5, "apar_tokens": 5, "max_new_tokens": 9, "ar_steps": 5, "apar_steps": 3, "steps_ratio": 0.6,
-                "nll_ar": 1.0, "nll_apar": 1.0, "branches": 2 if forked else 1, "repeat_ends": repeat_ends}
+        return {
+            "category": "c",
+            "forked": forked,
+            "apar_text": text,
+            "ar_text": "x",
+            "well_formed": well_formed(text) if forked else None,
+            "ar_tokens": 5,
+            "apar_tokens": 5,
+            "max_new_tokens": 9,
+            "ar_steps": 5,
+            "apar_steps": 3,
+            "steps_ratio": 0.6,
+            "nll_ar": 1.0,
+            "nll_apar": 1.0,
+            "branches": 2 if forked else 1,
+            "repeat_ends": repeat_ends,
+        }
 
-    rows = [row("Para one.\n\nPara two.", True), row("1. A: x.\n2. B: y.", True, 1), row("1. A: x.\n2. A: y.", True),
-            row("1. A: x.", False), {k: v for k, v in row("Old.\n\nRow.", True).items() if k != "repeat_ends"}]
+    rows = [
+        row("Para one.\n\nPara two.", True),
+        row("1. A: x.\n2. B: y.", True, 1),
+        row("1. A: x.\n2. A: y.", True),
+        row("1. A: x.", False),
+        {k: v for k, v in row("Old.\n\nRow.", True).items() if k != "repeat_ends"},
+    ]
     s = summarize(rows)["all"]
     assert s["well_formed_rate"] == 3 / 4 and s["numbered"] == 2 and s["well_formed_numbered"] == 1 / 2
     assert s["repeat_ended"] == 1
 
 
 def test_cli_quality_on_a_sot_label_file_prints_the_fork_decision(tmp_path):
-    from test_cli import run
-
     from apar_spec.experiments.prompts import load_prompts
+    from test_cli import run
 
     lists = [p.text for p in load_prompts("default", category="list")][:2]
     shorts = [p.text for p in load_prompts("default", category="short")][:2]
     csv = tmp_path / "labels.csv"
     csv.write_text("label;request\n" + "".join(f"1;{t}\n" for t in lists) + "".join(f"0;{t}\n" for t in shorts))
-    args = ["quality", "--target", "tiny-apar", "--base", "tiny-base", "--prompts", str(csv), "--max-new-tokens", "40",
-            "--out", str(tmp_path / "q.jsonl")]
+    args = [
+        "quality",
+        "--target",
+        "tiny-apar",
+        "--base",
+        "tiny-base",
+        "--prompts",
+        str(csv),
+        "--max-new-tokens",
+        "40",
+        "--out",
+        str(tmp_path / "q.jsonl"),
+    ]
     res = run(*args, "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
@@ -220,7 +301,7 @@ def test_quality_rows_record_the_fork_router(tmp_path):
     the threshold, each prompt's score and decision, and resume keys on the threshold."""
     import shutil
 
-    from apar_spec.loading import embedded_dir
+    from apar_spec.models.loading import embedded_dir
 
     folder = tmp_path / "tiny-apar-routed"
     shutil.copytree(embedded_dir("tiny-apar"), folder)
@@ -232,7 +313,9 @@ def test_quality_rows_record_the_fork_router(tmp_path):
     out = tmp_path / "q.jsonl"
     kw = dict(max_new_tokens=40, batch_size=3, dtype="float32", out=out)
     gated = run_quality(str(folder), "tiny-base", ps, **kw)  # the router's own threshold: 0.5 < 0.75, all gated
-    assert [(r["fork_gate"], r["p_list"], r["forks_gated"], r["forked"]) for r in gated.rows] == [(0.75, 0.5, True, False)] * 3
+    assert [(r["fork_gate"], r["p_list"], r["forks_gated"], r["forked"]) for r in gated.rows] == [
+        (0.75, 0.5, True, False)
+    ] * 3
     assert gated.by_category["all"]["gated"] == 3
     free = run_quality(str(folder), "tiny-base", ps, **kw, fork_gate=0.25)  # 0.5 >= 0.25: decoded again, none gated
     assert [(r["fork_gate"], r["forks_gated"]) for r in free.rows] == [(0.25, False)] * 3
@@ -245,8 +328,9 @@ def test_quality_rows_record_the_fork_router(tmp_path):
 def _reference_child(model, tokenizer, context: list[int], max_tokens: int) -> str:
     """One context at a time, full recompute, argmax: the first token may not break the line or
     end the answer; the text ends at EOS or is cut at its first line break."""
+    from apar_spec.experiments.quality_floor import line_break_ids
+
     from apar_spec.api import eos_ids_of
-    from apar_spec.experiments.quality import line_break_ids
 
     eos, breaks = eos_ids_of(model, tokenizer), set(line_break_ids(tokenizer))
     seq, new = list(context), []
@@ -268,15 +352,18 @@ def _reference_child(model, tokenizer, context: list[int], max_tokens: int) -> s
 def test_blind_children_equal_a_plain_one_context_at_a_time_loop():
     """Batched, left-padded ``generate`` with the first-token ban and the line-break stop gives the
     reference loop's texts, for contexts of different lengths in one batch."""
-    import apar_spec
     from apar_spec.experiments.models import Loaded, encode_prompt
-    from apar_spec.experiments.quality import answer_ids, blind_children, line_break_ids
+    from apar_spec.experiments.quality_floor import blind_children, line_break_ids
+    from apar_spec.experiments.quality_nll import answer_ids
+
+    import apar_spec
 
     bm, bt = apar_spec.load("tiny-base", dtype="float32")
     breaks = set(line_break_ids(bt))
     ps = select_prompts("default", limit=3)
-    gens = apar_spec.generate(bm, bt, [encode_prompt(Loaded("tiny-base", bm, bt), p.text) for p in ps], mode="ar",
-                              max_new_tokens=40)
+    gens = apar_spec.generate(
+        bm, bt, [encode_prompt(Loaded("tiny-base", bm, bt), p.text) for p in ps], mode="ar", max_new_tokens=40
+    )
     contexts = []
     for g in gens:  # cut each answer at a few points: contexts of many lengths, some ending mid-line
         ans = answer_ids(bt, g.text)
@@ -293,8 +380,9 @@ def test_blind_children_equal_a_plain_one_context_at_a_time_loop():
 def test_sibling_blind_answers_rewrite_each_child_from_its_parents_text_alone(monkeypatch):
     """Titles stay, each child is what the base writes after the prompt and the parent's text up to
     its fork (no earlier item's details), and an answer without forks comes back as it was."""
+    from apar_spec.experiments import quality_floor as q
+
     import apar_spec
-    from apar_spec.experiments import quality as q
 
     bm, bt = apar_spec.load("tiny-base", dtype="float32")
     seen = []
@@ -319,11 +407,12 @@ def test_sibling_blind_answers_rewrite_each_child_from_its_parents_text_alone(mo
 def test_quality_floor_rows_summary_resume_and_cli(tmp_path, monkeypatch):
     """``floor=True`` gives every row ``nll_floor`` (the base's NLL of its sibling-blind rewrite;
     an unforked answer's own), the summary its ratio, and a rerun reads the floor back."""
-    import apar_spec
     from apar_spec.experiments import quality as q
     from apar_spec.experiments.models import Loaded, encode_prompt
-    from cli.app import app
     from typer.testing import CliRunner
+
+    import apar_spec
+    from cli.app import app
 
     ps = select_prompts("default", limit=4)
     out = tmp_path / "q.jsonl"
@@ -346,9 +435,30 @@ def test_quality_floor_rows_summary_resume_and_cli(tmp_path, monkeypatch):
     monkeypatch.setattr(q, "sibling_blind_answers", lambda *a, **k: pytest.fail("rewritten again on resume"))
     again = run_quality("tiny-apar", "tiny-base", ps, **kw, floor=True)
     assert [r["nll_floor"] for r in again.rows] == [r["nll_floor"] for r in s.rows]
-    res = CliRunner().invoke(app, ["quality", "--target", "tiny-apar", "--base", "tiny-base", "--prompts", "default",
-                                   "--limit", "4", "--max-new-tokens", "80", "--batch-size", "2", "--dtype", "float32",
-                                   "--out", str(out), "--floor", "--json"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "quality",
+            "--target",
+            "tiny-apar",
+            "--base",
+            "tiny-base",
+            "--prompts",
+            "default",
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "80",
+            "--batch-size",
+            "2",
+            "--dtype",
+            "float32",
+            "--out",
+            str(out),
+            "--floor",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["by_category"]["all"]["nll_ratio_floor"] == pytest.approx(ratio)
     # interrupted after the first batch: the rest is rewritten, the first batch read back

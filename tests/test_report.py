@@ -6,26 +6,39 @@ import io
 import json
 
 import pytest
-from rich.console import Console
-
-from apar_spec.experiments.bench import read_rows
+from apar_spec.cli.report_view import render
+from apar_spec.experiments.bench_files import read_rows
 from apar_spec.experiments.report import (
     ALL,
     acceptance_per_position,
     compare_outputs,
     ratio_of_medians,
-    render,
     summarize,
 )
+from rich.console import Console
 
 
 def row(variant, prompt, repeat, tps, *, config=None, category="c", model="m", out=(1, 2, 3), temperature=0.0, **kw):
     tokens = kw.pop("tokens", 10)
     base = {
-        "variant": variant, "config": config or variant, "prompt_id": prompt, "category": category, "repeat": repeat,
-        "model": model, "setup_id": "s", "temperature": temperature, "tokens": tokens, "wall_s": tokens / tps,
-        "tokens_per_s": tps, "target_steps": tokens, "steps_per_token": 1.0, "mean_acceptance_length": 1.0,
-        "acceptance_rate_per_position": [], "peak_live_kv": 20, "attended_keys": 100, "steps_per_critical_path": 1.0,
+        "variant": variant,
+        "config": config or variant,
+        "prompt_id": prompt,
+        "category": category,
+        "repeat": repeat,
+        "model": model,
+        "setup_id": "s",
+        "temperature": temperature,
+        "tokens": tokens,
+        "wall_s": tokens / tps,
+        "tokens_per_s": tps,
+        "target_steps": tokens,
+        "steps_per_token": 1.0,
+        "mean_acceptance_length": 1.0,
+        "acceptance_rate_per_position": [],
+        "peak_live_kv": 20,
+        "attended_keys": 100,
+        "steps_per_critical_path": 1.0,
         "output_ids": list(out),
     }
     base.update(kw)
@@ -104,8 +117,12 @@ def test_lossless_compares_whole_lists_not_zipped():
 
 def test_lossless_pairs_and_when_it_does_not_apply():
     rows = [
-        row("hf-generate", "p1", 0, 1), row("ar", "p1", 0, 1), row("spec", "p1", 0, 1),
-        row("apar", "p1", 0, 1, out=[9]), row("apar+spec", "p1", 0, 1, out=[9, 9]), row("hf-assisted", "p1", 0, 1),
+        row("hf-generate", "p1", 0, 1),
+        row("ar", "p1", 0, 1),
+        row("spec", "p1", 0, 1),
+        row("apar", "p1", 0, 1, out=[9]),
+        row("apar+spec", "p1", 0, 1, out=[9, 9]),
+        row("hf-assisted", "p1", 0, 1),
     ]
     v = by_variant(summarize(rows))
     assert v["spec"].lossless.reference == "ar" and v["spec"].lossless.ok
@@ -113,7 +130,9 @@ def test_lossless_pairs_and_when_it_does_not_apply():
     assert v["hf-assisted"].lossless.reference == "hf-generate" and v["hf-assisted"].lossless.ok
     assert v["apar+spec"].lossless.reference == "apar" and v["apar+spec"].lossless.ok is False
     assert v["apar"].lossless is None and v["hf-generate"].lossless is None
-    sampled = compare_outputs([row("spec", "p1", 0, 1, temperature=0.7)], [row("ar", "p1", 0, 1, temperature=0.7)], "ar")
+    sampled = compare_outputs(
+        [row("spec", "p1", 0, 1, temperature=0.7)], [row("ar", "p1", 0, 1, temperature=0.7)], "ar"
+    )
     assert sampled.ok is None and sampled.short() == "n/a (sampled)"
     mixed = compare_outputs([row("spec", "p1", 0, 1, model="a")], [row("ar", "p1", 0, 1, model="b")], "ar")
     assert mixed.short() == "n/a (different models)"
@@ -126,8 +145,12 @@ def test_lossless_uses_first_repeat_both_have():
 
 
 def test_per_category_groups_and_single_category_collapses():
-    rows = [row("ar", "a1", 0, 10, category="list"), row("apar", "a1", 0, 30, category="list"),
-            row("ar", "b1", 0, 10, category="short"), row("apar", "b1", 0, 10, category="short")]
+    rows = [
+        row("ar", "a1", 0, 10, category="list"),
+        row("apar", "a1", 0, 30, category="list"),
+        row("ar", "b1", 0, 10, category="short"),
+        row("apar", "b1", 0, 10, category="short"),
+    ]
     rep = summarize(rows)
     assert list(rep.groups) == [ALL, "list", "short"]
     assert by_variant(rep, "list")["apar"].speedup_vs_ar == pytest.approx(3.0)
@@ -137,7 +160,11 @@ def test_per_category_groups_and_single_category_collapses():
 
 
 def test_sweep_variants_share_the_ar_baseline():
-    rows = [row("ar", "p", 0, 10), row("spec ngram k=2", "p", 0, 20, config="spec"), row("spec ngram k=4", "p", 0, 5, config="spec")]
+    rows = [
+        row("ar", "p", 0, 10),
+        row("spec ngram k=2", "p", 0, 20, config="spec"),
+        row("spec ngram k=4", "p", 0, 5, config="spec"),
+    ]
     v = by_variant(summarize(rows))
     assert v["spec ngram k=2"].speedup_vs_ar == pytest.approx(2.0)
     assert v["spec ngram k=4"].speedup_vs_ar == pytest.approx(0.5)
@@ -157,10 +184,25 @@ def test_render_plain_text_has_columns_bars_and_failures():
     render(summarize(rows), Console(file=buf, width=200))
     text = buf.getvalue()
     assert "\x1b[" not in text and "━" not in text  # plain when not a terminal
-    for header in ("tok/s", "xAR", "xHF", "steps/tok", "acc.len", "acc@pos", "KVxAR", "attnxAR", "steps/crit", "lossless"):
+    for header in (
+        "tok/s",
+        "xAR",
+        "xHF",
+        "steps/tok",
+        "acc.len",
+        "acc@pos",
+        "KVxAR",
+        "attnxAR",
+        "steps/crit",
+        "lossless",
+    ):
         assert header in text
     assert "speed-up vs AR" in text and "2.50x" in text and "#" in text
-    assert "NO 0/1 (1 bug)" in text and "spec differs from ar on 1 prompt(s)" in text and "[bug] prompt p: lengths 2 vs 3" in text
+    assert (
+        "NO 0/1 (1 bug)" in text
+        and "spec differs from ar on 1 prompt(s)" in text
+        and "[bug] prompt p: lengths 2 vs 3" in text
+    )
     rich_buf = io.StringIO()
     render(summarize(rows), Console(file=rich_buf, width=200, force_terminal=True))
     assert "█" in rich_buf.getvalue()
@@ -191,31 +233,56 @@ def test_read_rows_ignores_a_cut_last_line_but_not_a_broken_middle(tmp_path):
 def test_no_prompt_is_exempt_and_every_difference_is_explained():
     # answers that used the whole budget are compared like any other (the budget is deterministic)
     diff = {"reference": "apar", "branch": 1, "index": 4, "time": 9, "want": 3, "got": 2}
-    ref = [row("apar", "p1", 0, 1, out=[1, 2, 3], tokens=8, max_new_tokens=8),
-           row("apar", "p2", 0, 1, out=[4, 5], tokens=8, max_new_tokens=8),
-           row("apar", "p3", 0, 1, out=[6, 7], tokens=8, max_new_tokens=8),
-           row("apar", "p4", 0, 1, out=[6, 7], tokens=8, max_new_tokens=8)]
-    mine = [row("apar+spec", "p1", 0, 1, out=[1, 3, 2], tokens=8, max_new_tokens=8, first_difference={**diff, "logit_gap": 3e-6}),
-            row("apar+spec", "p2", 0, 1, out=[4, 5], tokens=8, max_new_tokens=8),
-            row("apar+spec", "p3", 0, 1, out=[6], tokens=8, max_new_tokens=8, first_difference={**diff, "logit_gap": 0.5}),
-            row("apar+spec", "p4", 0, 1, out=[6, 8], tokens=8, max_new_tokens=8)]
+    ref = [
+        row("apar", "p1", 0, 1, out=[1, 2, 3], tokens=8, max_new_tokens=8),
+        row("apar", "p2", 0, 1, out=[4, 5], tokens=8, max_new_tokens=8),
+        row("apar", "p3", 0, 1, out=[6, 7], tokens=8, max_new_tokens=8),
+        row("apar", "p4", 0, 1, out=[6, 7], tokens=8, max_new_tokens=8),
+    ]
+    mine = [
+        row(
+            "apar+spec",
+            "p1",
+            0,
+            1,
+            out=[1, 3, 2],
+            tokens=8,
+            max_new_tokens=8,
+            first_difference={**diff, "logit_gap": 3e-6},
+        ),
+        row("apar+spec", "p2", 0, 1, out=[4, 5], tokens=8, max_new_tokens=8),
+        row("apar+spec", "p3", 0, 1, out=[6], tokens=8, max_new_tokens=8, first_difference={**diff, "logit_gap": 0.5}),
+        row("apar+spec", "p4", 0, 1, out=[6, 8], tokens=8, max_new_tokens=8),
+    ]
     got = compare_outputs(mine, ref, "apar")
     assert (got.equal, got.compared, got.ok, got.bugs) == (1, 4, False, 2)
     assert [d["reason"] for d in got.differences] == ["near-tie", "bug", "bug"]
     assert "3.00e-06" in got.differences[0]["detail"] and "branch 1 token 4" in got.differences[0]["detail"]
-    assert "not rounding" in got.differences[1]["detail"] and "no first-difference record" in got.differences[2]["detail"]
+    assert (
+        "not rounding" in got.differences[1]["detail"] and "no first-difference record" in got.differences[2]["detail"]
+    )
     assert got.short() == "NO 1/4 (2 bug, 1 near-tie)"
     assert "budget" not in got.short()
     buf = io.StringIO()
     render(summarize(ref + mine), Console(file=buf, width=300))
     text = buf.getvalue()
-    assert "apar+spec differs from apar on 3 prompt(s)" in text and "[near-tie] prompt p1" in text and "[bug] prompt p3" in text
+    assert (
+        "apar+spec differs from apar on 3 prompt(s)" in text
+        and "[near-tie] prompt p1" in text
+        and "[bug] prompt p3" in text
+    )
 
 
 def test_low_precision_differences_point_at_numerics():
-    got = compare_outputs([row("spec", "p1", 0, 1, out=[1, 2], dtype="bfloat16")],
-                          [row("ar", "p1", 0, 1, out=[1, 3], dtype="bfloat16")], "ar")
+    got = compare_outputs(
+        [row("spec", "p1", 0, 1, out=[1, 2], dtype="bfloat16")],
+        [row("ar", "p1", 0, 1, out=[1, 3], dtype="bfloat16")],
+        "ar",
+    )
     assert got.ok is False and "bfloat16" in got.first_difference and "float32" in got.first_difference
-    fp32 = compare_outputs([row("spec", "p1", 0, 1, out=[1, 2], dtype="float32")],
-                           [row("ar", "p1", 0, 1, out=[1, 3], dtype="float32")], "ar")
+    fp32 = compare_outputs(
+        [row("spec", "p1", 0, 1, out=[1, 2], dtype="float32")],
+        [row("ar", "p1", 0, 1, out=[1, 3], dtype="float32")],
+        "ar",
+    )
     assert "float32" not in fp32.first_difference

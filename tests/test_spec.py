@@ -5,27 +5,29 @@ from __future__ import annotations
 import json
 
 import pytest
+from apar_spec.drafts.draft_lm import DraftModelSpeculator
+from apar_spec.drafts.ngram import NGramSpeculator
+from apar_spec.drafts.registry import get, load_user_entries, resolve, vocab_fingerprint
 from micro import CHILD, EOS, FORK, VOCAB, fork_processor, micro_model, micro_tokenizer
 
 from apar_spec import generate
-from apar_spec.drafts.draft_lm import DraftModelSpeculator
-from apar_spec.drafts.ngram import NGramSpeculator
-from apar_spec.drafts.registry import resolve, get, load_user_entries, vocab_fingerprint
-from apar_spec.decoder import Decoder
+from apar_spec.decoding.decoder import Decoder
+from apar_spec.decoding.tokens import AparTokens
 from apar_spec.options import DecodeOptions
-from apar_spec.tokens import AparTokens
 
 PROMPTS = ["w10 w11 w12 w13 w14", "w20 w7", "w5 w6 w5 w6 w5"]
 
 
 def tree_key(gen):
     """Branches keyed by their fork path (ids may differ between schedules): token ids, lengths included."""
+
     def path(b):
         p = []
         while b.parent is not None:
             p.append(b.fork_index)
             b = gen.branches[b.parent]
         return tuple(reversed(p))
+
     return {path(b): b.token_ids for b in gen.branches}
 
 
@@ -79,8 +81,15 @@ def test_speculation_is_lossless_in_greedy(seed, kind):
     for plain_mode, spec_mode in [("ar", "spec"), ("apar", "apar+spec")]:
         plain = generate(model, tok, PROMPTS, mode=plain_mode, **kw)
         for k in (1, 3):
-            spec = generate(model, tok, PROMPTS, mode=spec_mode, draft=speculators(model, proc, seed)[kind](),
-                            num_draft_tokens=k, **kw)
+            spec = generate(
+                model,
+                tok,
+                PROMPTS,
+                mode=spec_mode,
+                draft=speculators(model, proc, seed)[kind](),
+                num_draft_tokens=k,
+                **kw,
+            )
             for p, s in zip(plain, spec):
                 assert tree_key(s) == tree_key(p)  # same tree, same tokens, same lengths
                 assert s.token_ids == p.token_ids and s.text == p.text
@@ -99,8 +108,11 @@ def test_speculation_is_lossless_where_capped_children_end(kind):
     prompts = [[1, 10, 11, 12, 13, 14], [1, 20, 7]]
 
     def run(spec=None, k=1):
-        opts = DecodeOptions(max_new_tokens=800, max_branch_tokens=24, max_depth=1, logits_processor=proc, num_draft_tokens=k)
+        opts = DecodeOptions(
+            max_new_tokens=800, max_branch_tokens=24, max_depth=1, logits_processor=proc, num_draft_tokens=k
+        )
         results = Decoder(model, opts, apar, True, {EOS}, speculator=spec).run(prompts)
+
         def path(branches, b):  # fork path from the root: ids may differ between schedules
             return () if b.parent is None else path(branches, branches[b.parent]) + (b.fork_index,)
 
@@ -125,7 +137,9 @@ def test_speculation_is_lossless_with_the_code_fence_rule(kind):
     prompts = [[1, 10, 11, 12, 13, 14], [1, 20, 7]]
 
     def run(spec=None, k=1):
-        opts = DecodeOptions(max_new_tokens=800, max_branch_tokens=24, max_depth=2, logits_processor=proc, num_draft_tokens=k)
+        opts = DecodeOptions(
+            max_new_tokens=800, max_branch_tokens=24, max_depth=2, logits_processor=proc, num_draft_tokens=k
+        )
         return decode_trees(model, apar, prompts, opts, spec)
 
     plain = run()
@@ -155,8 +169,18 @@ def test_self_draft_accepts_everything_except_at_branch_ends():
     model = micro_model("llama", seed=3)
     proc = fork_processor(4, 3, salt=3)
     rec = Recorder(DraftModelSpeculator(model, mask_ids=(CHILD,), logits_processor=proc))
-    out = generate(model, micro_tokenizer(), PROMPTS[:1], mode="apar+spec", draft=rec, num_draft_tokens=2,
-                   max_new_tokens=600, max_branch_tokens=30, max_depth=8, logits_processor=proc)[0]
+    out = generate(
+        model,
+        micro_tokenizer(),
+        PROMPTS[:1],
+        mode="apar+spec",
+        draft=rec,
+        num_draft_tokens=2,
+        max_new_tokens=600,
+        max_branch_tokens=30,
+        max_depth=8,
+        logits_processor=proc,
+    )[0]
     final_len = {(0, b.id): len(b.token_ids) for b in out.branches}
     checked = 0
     for key, before, k, accepted in rec.log:
@@ -185,8 +209,17 @@ def test_one_target_forward_per_step_and_k_draft_forwards():
     model.register_forward_hook(lambda *a: calls.__setitem__("target", calls["target"] + 1))
     draft.register_forward_hook(lambda *a: calls.__setitem__("draft", calls["draft"] + 1))
     proc = fork_processor(4, 3, salt=5)
-    out = generate(model, micro_tokenizer(), PROMPTS[:1], mode="apar+spec", draft=DraftModelSpeculator(draft, mask_ids=(CHILD,)),
-                   num_draft_tokens=3, max_new_tokens=400, max_branch_tokens=24, logits_processor=proc)[0]
+    out = generate(
+        model,
+        micro_tokenizer(),
+        PROMPTS[:1],
+        mode="apar+spec",
+        draft=DraftModelSpeculator(draft, mask_ids=(CHILD,)),
+        num_draft_tokens=3,
+        max_new_tokens=400,
+        max_branch_tokens=24,
+        logits_processor=proc,
+    )[0]
     assert len(out.branches) >= 3
     assert calls["target"] == out.stats.target_steps  # prefill + one verify forward per step, all branches together
     assert calls["draft"] == out.stats.draft_forwards == 3 * (out.stats.target_steps - 1)
@@ -196,8 +229,12 @@ def test_sampled_speculation_runs_and_is_seeded():
     model = micro_model("llama", seed=7)
     tok = micro_tokenizer()
     kw = dict(mode="apar+spec", max_new_tokens=80, temperature=0.8, top_k=20, logits_processor=fork_processor(4, 3))
-    a = generate(model, tok, PROMPTS[:1], draft=DraftModelSpeculator(micro_model("llama", seed=8, hidden=16)), seed=3, **kw)[0]
-    b = generate(model, tok, PROMPTS[:1], draft=DraftModelSpeculator(micro_model("llama", seed=8, hidden=16)), seed=3, **kw)[0]
+    a = generate(
+        model, tok, PROMPTS[:1], draft=DraftModelSpeculator(micro_model("llama", seed=8, hidden=16)), seed=3, **kw
+    )[0]
+    b = generate(
+        model, tok, PROMPTS[:1], draft=DraftModelSpeculator(micro_model("llama", seed=8, hidden=16)), seed=3, **kw
+    )[0]
     assert a.token_ids == b.token_ids
     assert a.stats.drafted > 0 and 1.0 <= a.stats.mean_acceptance_length <= 5.0
 

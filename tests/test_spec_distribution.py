@@ -10,10 +10,10 @@ target by enumeration.
 from __future__ import annotations
 
 import torch
+from apar_spec.drafts.draft_lm import DraftModelSpeculator
 from micro import VOCAB, micro_model
 
 from apar_spec import generate
-from apar_spec.drafts.draft_lm import DraftModelSpeculator
 
 N = 4000
 PROMPT = [1, 10, 11, 12]
@@ -58,15 +58,26 @@ def assert_exact_marginals(target, outs) -> tuple[torch.Tensor, torch.Tensor]:
 def test_sampled_speculation_matches_exact_target_marginals():
     target = micro_model("llama", seed=11)
     draft = micro_model("llama", seed=12, hidden=16)
-    outs = generate(target, None, [PROMPT] * N, mode="spec", draft=DraftModelSpeculator(draft), num_draft_tokens=2,
-                    max_new_tokens=3, temperature=1.0, seed=5, batch_size=N, eos_token_id=[])
+    outs = generate(
+        target,
+        None,
+        [PROMPT] * N,
+        mode="spec",
+        draft=DraftModelSpeculator(draft),
+        num_draft_tokens=2,
+        max_new_tokens=3,
+        temperature=1.0,
+        seed=5,
+        batch_size=N,
+        eos_token_id=[],
+    )
     assert all(len(o.token_ids) == 3 for o in outs)
     assert sum(o.stats.accepted for o in outs) > 0.1 * N  # drafts were really accepted (and rejected)
     assert sum(o.stats.accepted for o in outs) < sum(o.stats.drafted for o in outs)
     c2, p2 = assert_exact_marginals(target, outs)
     # the test has power: the draft's own distribution is far from the target's
     with torch.inference_mode():
-        q2 = (draft(torch.tensor([PROMPT])).logits[0, -1].softmax(-1))
+        q2 = draft(torch.tensor([PROMPT])).logits[0, -1].softmax(-1)
     assert chi_square_p(c2, 0.5 * p2 + 0.5 * q2) < 1e-3
 
 
@@ -75,10 +86,11 @@ def test_sampled_apar_speculation_keeps_the_fork_biased_distribution():
     drafts, resampled rejections or bonus tokens: the 3rd is often verified at a draft node)
     follow the exact marginals of the rule-processed target: [Child] never, [Fork] offset by
     the bias where allowed, banned right after a [Fork] and where the branch cap leaves no room."""
-    from apar_spec.decoder import Decoder
-    from apar_spec.options import DecodeOptions
-    from apar_spec.tokens import AparTokens
     from micro import CHILD, FORK
+
+    from apar_spec.decoding.decoder import Decoder
+    from apar_spec.decoding.tokens import AparTokens
+    from apar_spec.options import DecodeOptions
 
     target = micro_model("llama", seed=11)
     draft = micro_model("llama", seed=12, hidden=16)
@@ -103,8 +115,16 @@ def test_sampled_apar_speculation_keeps_the_fork_biased_distribution():
         joint12 = p1[:, None] * p2_given  # [t1, t2]
         return p1 @ p2_given, torch.einsum("ab,abv->v", joint12, p3_given)
 
-    opts = DecodeOptions(max_new_tokens=64, max_branch_tokens=cap, max_depth=1, temperature=1.0, seed=5, batch_size=N,
-                         num_draft_tokens=2, fork_bias=bias)
+    opts = DecodeOptions(
+        max_new_tokens=64,
+        max_branch_tokens=cap,
+        max_depth=1,
+        temperature=1.0,
+        seed=5,
+        batch_size=N,
+        num_draft_tokens=2,
+        fork_bias=bias,
+    )
     spec = DraftModelSpeculator(draft, mask_ids=(CHILD,))
     results = Decoder(target, opts, AparTokens(FORK, CHILD), True, set(), speculator=spec).run([PROMPT] * N)
     roots = [next(b for b in r.branches if b.parent is None) for r in results]

@@ -7,16 +7,15 @@ import random
 
 import pytest
 import torch
+from apar_spec.drafts.draft_lm import DraftModelSpeculator
 from micro import CHILD, EOS, FORK, VOCAB, fork_processor, micro_model, micro_tokenizer
 from test_spec import PROMPTS, tree_key
 from test_spec_distribution import PROMPT, assert_exact_marginals, chi_square_p
 
 from apar_spec import generate
-from apar_spec.decoder import prune_tree, tree_depths_ranks
-from apar_spec.draft_tree import parse_tree
-from apar_spec.drafts.draft_lm import DraftModelSpeculator
-from apar_spec.sampling import SamplingConfig, greedy_accept, tree_accept_path
-from apar_spec.speculator import Proposal
+from apar_spec.decoding.draft_tree import parse_tree, prune_tree, tree_depths_ranks
+from apar_spec.decoding.sampling import SamplingConfig, greedy_accept, tree_accept_path
+from apar_spec.decoding.speculator import Proposal
 
 SHAPES = [
     "[[0],[1]]",  # depth 1, two candidates
@@ -79,7 +78,9 @@ def test_tree_speculation_is_lossless_in_greedy(shape, kind):
     for plain_mode, spec_mode in [("ar", "spec"), ("apar", "apar+spec")]:
         plain = generate(model, tok, PROMPTS, mode=plain_mode, **kw)
         assert all(b.finish != "budget" for g in plain for b in g.branches)  # no scheduling-dependent cut
-        spec = generate(model, tok, PROMPTS, mode=spec_mode, draft=speculator(kind, model, proc, seed), tree=shape, **kw)
+        spec = generate(
+            model, tok, PROMPTS, mode=spec_mode, draft=speculator(kind, model, proc, seed), tree=shape, **kw
+        )
         for p, s in zip(plain, spec):
             assert tree_key(s) == tree_key(p)  # same branches, same tokens, same lengths
             assert s.token_ids == p.token_ids and s.text == p.text
@@ -158,8 +159,19 @@ class GreedyTreeOf:
 def test_sampled_tree_verification_matches_exact_target_marginals():
     target = micro_model("llama", seed=11)
     n = 3000
-    outs = generate(target, None, [PROMPT] * n, mode="spec", draft=GreedyTreeOf(DraftModelSpeculator(target)),
-                    tree="topk:3x2", max_new_tokens=3, temperature=1.0, seed=7, batch_size=n, eos_token_id=[])
+    outs = generate(
+        target,
+        None,
+        [PROMPT] * n,
+        mode="spec",
+        draft=GreedyTreeOf(DraftModelSpeculator(target)),
+        tree="topk:3x2",
+        max_new_tokens=3,
+        temperature=1.0,
+        seed=7,
+        batch_size=n,
+        eos_token_id=[],
+    )
     assert all(len(o.token_ids) == 3 for o in outs)
     ranks = [sum(o.stats.depth_rank_accepted[0][r] for o in outs if o.stats.depth_rank_accepted) for r in range(3)]
     assert sum(ranks) > 0.05 * n and ranks[1] > 0 and ranks[2] > 0, ranks  # siblings of every rank were taken
@@ -172,8 +184,17 @@ def test_sampled_tree_verification_matches_exact_target_marginals():
 
 def test_sampled_draft_trees_fall_back_to_chains():
     model = micro_model("llama", seed=7)
-    out = generate(model, micro_tokenizer(), PROMPTS[:1], mode="spec", draft=DraftModelSpeculator(micro_model("llama", seed=8, hidden=16)),
-                   tree="topk:2x3", max_new_tokens=40, temperature=0.8, seed=3)[0]
+    out = generate(
+        model,
+        micro_tokenizer(),
+        PROMPTS[:1],
+        mode="spec",
+        draft=DraftModelSpeculator(micro_model("llama", seed=8, hidden=16)),
+        tree="topk:2x3",
+        max_new_tokens=40,
+        temperature=0.8,
+        seed=3,
+    )[0]
     assert all(len(row) == 1 for row in out.stats.depth_rank_verified)  # rank 0 only: a chain
     assert len(out.stats.depth_rank_verified) <= 3
 
@@ -183,7 +204,7 @@ def test_tree_option_is_validated():
         generate(micro_model(), micro_tokenizer(), PROMPTS[:1], mode="spec", draft="ngram", tree="[[1]]")
     # generate() resolves "auto" with the cost model (tests/test_cost_model.py); the decoder
     # itself never runs an unresolved "auto"
-    from apar_spec.decoder import Decoder
+    from apar_spec.decoding.decoder import Decoder
     from apar_spec.options import DecodeOptions
 
     with pytest.raises(ValueError, match="cost model"):
@@ -200,10 +221,22 @@ def micro_setup(tmp_path_factory):
 
 
 def test_sweep_runs_tree_shapes_next_to_ks(micro_setup, tmp_path):
-    from apar_spec.experiments.bench import BenchSettings, read_rows, sweep
+    from apar_spec.experiments.bench import sweep
+    from apar_spec.experiments.bench_files import read_rows
+    from apar_spec.experiments.bench_plan import BenchSettings
 
-    s = BenchSettings(target=micro_setup["target"], draft="ngram", prompts=micro_setup["prompts"], out=tmp_path / "s.jsonl",
-                      device="cpu", max_new_tokens=8, repeats=1, warmup=0, limit=1, modes="ar,spec")
+    s = BenchSettings(
+        target=micro_setup["target"],
+        draft="ngram",
+        prompts=micro_setup["prompts"],
+        out=tmp_path / "s.jsonl",
+        device="cpu",
+        max_new_tokens=8,
+        repeats=1,
+        warmup=0,
+        limit=1,
+        modes="ar,spec",
+    )
     sweep(s, drafts=[micro_setup["draft"]], ks=[2], trees=["topk:2x2"])
     rows = {r["variant"]: r for r in read_rows(s.out)}
     d = micro_setup["draft"]
@@ -216,26 +249,71 @@ def test_sweep_runs_tree_shapes_next_to_ks(micro_setup, tmp_path):
 
 
 def test_cli_bench_tree_and_sweep_trees(micro_setup, tmp_path):
+    from apar_spec.experiments.bench_files import read_rows
     from test_cli import assert_user_error, run
 
-    from apar_spec.experiments.bench import read_rows
-
     out = tmp_path / "b.jsonl"
-    result = run("bench", "--target", micro_setup["target"], "--draft", micro_setup["draft"], "--prompts", micro_setup["prompts"],
-                 "--modes", "ar,spec", "--tree", "[[0],[1],[0,0]]", "--out", out, "--max-new-tokens", "8", "--repeats", "1",
-                 "--warmup", "0", "--limit", "1")
+    result = run(
+        "bench",
+        "--target",
+        micro_setup["target"],
+        "--draft",
+        micro_setup["draft"],
+        "--prompts",
+        micro_setup["prompts"],
+        "--modes",
+        "ar,spec",
+        "--tree",
+        "[[0],[1],[0,0]]",
+        "--out",
+        out,
+        "--max-new-tokens",
+        "8",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--limit",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     assert [r["variant"] for r in read_rows(out)] == ["ar", "spec tree=[[0],[1],[0,0]]"]
-    result = run("sweep", "--target", micro_setup["target"], "--prompts", micro_setup["prompts"], "--drafts", "ngram", "--ks", "",
-                 "--trees", "topk:1x2;[[0],[1]]", "--modes", "ar,spec", "--out", tmp_path / "s.jsonl", "--max-new-tokens", "8",
-                 "--repeats", "1", "--warmup", "0", "--limit", "1")
+    result = run(
+        "sweep",
+        "--target",
+        micro_setup["target"],
+        "--prompts",
+        micro_setup["prompts"],
+        "--drafts",
+        "ngram",
+        "--ks",
+        "",
+        "--trees",
+        "topk:1x2;[[0],[1]]",
+        "--modes",
+        "ar,spec",
+        "--out",
+        tmp_path / "s.jsonl",
+        "--max-new-tokens",
+        "8",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--limit",
+        "1",
+    )
     assert result.exit_code == 0, result.output
-    assert [r["variant"] for r in read_rows(tmp_path / "s.jsonl")] == ["ar", "spec ngram tree=topk:1x2", "spec ngram tree=[[0],[1]]"]
+    assert [r["variant"] for r in read_rows(tmp_path / "s.jsonl")] == [
+        "ar",
+        "spec ngram tree=topk:1x2",
+        "spec ngram tree=[[0],[1]]",
+    ]
     assert_user_error(run("bench", "--tree", "topk:2", "--out", tmp_path / "x.jsonl"), "unknown tree spec")
 
 
 def test_step_token_cap_cuts_drafts_evenly_and_keeps_every_pending_token():
-    from apar_spec.decoder import Decoder
+    from apar_spec.decoding.decoder import Decoder
     from apar_spec.options import DecodeOptions
 
     model = micro_model("llama", seed=0)
@@ -261,8 +339,16 @@ def test_step_token_cap_is_lossless_and_drafts_less(cap):
     proc = fork_processor(3, 3, salt=1)
     kw = dict(max_new_tokens=3000, max_branch_tokens=20, max_depth=3, logits_processor=proc, batch_size=3)
     plain = generate(model, tok, PROMPTS, mode="apar", **kw)
-    spec = lambda **extra: generate(model, tok, PROMPTS, mode="apar+spec", tree="topk:2x2",
-                                    draft=DraftModelSpeculator(model, mask_ids=(CHILD,), logits_processor=proc), **kw, **extra)
+    spec = lambda **extra: generate(
+        model,
+        tok,
+        PROMPTS,
+        mode="apar+spec",
+        tree="topk:2x2",
+        draft=DraftModelSpeculator(model, mask_ids=(CHILD,), logits_processor=proc),
+        **kw,
+        **extra,
+    )
     free, capped = spec(), spec(max_step_tokens=cap)
     for p, f, c in zip(plain, free, capped):
         assert tree_key(c) == tree_key(p) == tree_key(f)
@@ -273,23 +359,50 @@ def test_step_token_cap_is_lossless_and_drafts_less(cap):
 
 
 def test_bench_and_sweep_carry_the_step_cap(micro_setup, tmp_path):
+    from apar_spec.experiments.bench_files import read_rows
     from test_cli import assert_user_error, run
 
-    from apar_spec.experiments.bench import read_rows
-
-    common = ["--target", micro_setup["target"], "--prompts", micro_setup["prompts"], "--max-new-tokens", "8",
-              "--repeats", "1", "--warmup", "0", "--limit", "1"]
+    common = [
+        "--target",
+        micro_setup["target"],
+        "--prompts",
+        micro_setup["prompts"],
+        "--max-new-tokens",
+        "8",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--limit",
+        "1",
+    ]
     out = tmp_path / "b.jsonl"
-    result = run("bench", *common, "--draft", micro_setup["draft"], "--modes", "ar,spec", "--max-step-tokens", "2", "--out", out)
+    result = run(
+        "bench", *common, "--draft", micro_setup["draft"], "--modes", "ar,spec", "--max-step-tokens", "2", "--out", out
+    )
     assert result.exit_code == 0, result.output
     rows = read_rows(out)
     assert [r["variant"] for r in rows] == ["ar", "spec cap=2"] and rows[1]["max_step_tokens"] == 2
     assert rows[1]["output_ids"] == rows[0]["output_ids"] and rows[1]["drafted"] <= rows[1]["target_steps"]
-    result = run("sweep", *common, "--drafts", "ngram", "--ks", "3", "--step-caps", "none,2", "--modes", "ar,spec",
-                 "--out", tmp_path / "s.jsonl")
+    result = run(
+        "sweep",
+        *common,
+        "--drafts",
+        "ngram",
+        "--ks",
+        "3",
+        "--step-caps",
+        "none,2",
+        "--modes",
+        "ar,spec",
+        "--out",
+        tmp_path / "s.jsonl",
+    )
     assert result.exit_code == 0, result.output
     rows = {r["variant"]: r for r in read_rows(tmp_path / "s.jsonl")}
     assert set(rows) == {"ar", "spec ngram k=3", "spec ngram k=3 cap=2"}
     assert rows["spec ngram k=3"]["max_step_tokens"] is None and rows["spec ngram k=3 cap=2"]["max_step_tokens"] == 2
-    assert_user_error(run("sweep", *common, "--drafts", "ngram", "--step-caps", "0", "--out", tmp_path / "x.jsonl"), "step caps")
+    assert_user_error(
+        run("sweep", *common, "--drafts", "ngram", "--step-caps", "0", "--out", tmp_path / "x.jsonl"), "step caps"
+    )
     assert_user_error(run("bench", *common, "--max-step-tokens", "0", "--out", tmp_path / "y.jsonl"), "max_step_tokens")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from apar_spec.drafts.draft_lm import DraftModelSpeculator
+from apar_spec.drafts.ngram import NGramSpeculator
+from apar_spec.drafts.registry import lookup, resolve
+from apar_spec.drafts.union import DEFAULT_CHAIN, UnionSpeculator, merge, parse_union
 from micro import CHILD, VOCAB, micro_model, micro_tokenizer
 from test_heads import chained_speculator
 from test_spec import PROMPTS, tree_key
@@ -10,11 +14,7 @@ from test_spec_distribution import PROMPT, assert_exact_marginals
 from test_tree_spec import SHAPES, GreedyTreeOf, RandomTree, greedy_case
 
 from apar_spec import generate
-from apar_spec.drafts.draft_lm import DraftModelSpeculator
-from apar_spec.drafts.ngram import NGramSpeculator
-from apar_spec.drafts.registry import lookup, resolve
-from apar_spec.drafts.union import DEFAULT_CHAIN, UnionSpeculator, merge, parse_union
-from apar_spec.speculator import Proposal
+from apar_spec.decoding.speculator import Proposal
 
 
 def test_merge_shares_prefixes_orders_by_depth_and_keeps_each_parts_indices():
@@ -43,9 +43,13 @@ def test_union_is_lossless_in_greedy(shape, first):
     seed, model, tok, _, kw = greedy_case(shape)
 
     def union():
-        lead = {"random-lm": lambda: DraftModelSpeculator(micro_model("llama", seed=100 + seed, hidden=16), mask_ids=(CHILD,)),
-                "junk": lambda: RandomTree(seed),
-                "heads": lambda: chained_speculator(model, seed)}[first]()
+        lead = {
+            "random-lm": lambda: DraftModelSpeculator(
+                micro_model("llama", seed=100 + seed, hidden=16), mask_ids=(CHILD,)
+            ),
+            "junk": lambda: RandomTree(seed),
+            "heads": lambda: chained_speculator(model, seed),
+        }[first]()
         if shape is None and first == "junk":
             return UnionSpeculator([NGramSpeculator(), NGramSpeculator(2, 1)], [None, 7])
         return UnionSpeculator([lead, NGramSpeculator()], [None, 7])
@@ -90,7 +94,9 @@ def test_each_part_observes_the_accepted_path_in_its_own_indices():
     a = Fixed([wrong, truth[1], wrong], [-1, -1, 1], "a")
     b = Fixed(truth[1:4], [-1, 0, 1], "b")
     u = UnionSpeculator([a, b], [None, 3])
-    out = generate(model, None, [PROMPT], mode="spec", draft=u, tree="[[0],[1],[1,0]]", max_new_tokens=5, eos_token_id=[])[0]
+    out = generate(
+        model, None, [PROMPT], mode="spec", draft=u, tree="[[0],[1],[1,0]]", max_new_tokens=5, eos_token_id=[]
+    )[0]
     assert out.token_ids == truth
     # the first step: trie = [wrong, t1, wrong(under t1), t2(under t1), t3]; accepted t1 -> t2 -> t3
     acc_a, paths_a = a.seen[0]
@@ -117,8 +123,19 @@ def test_sampled_union_keeps_the_exact_target_distribution():
     target = micro_model("llama", seed=11)
     n = 3000
     u = UnionSpeculator([GreedyTreeOf(DraftModelSpeculator(target)), NGramSpeculator(2, 1)], [None, 3])
-    outs = generate(target, None, [PROMPT] * n, mode="spec", draft=u, tree="topk:2x2", max_new_tokens=3,
-                    temperature=1.0, seed=7, batch_size=n, eos_token_id=[])
+    outs = generate(
+        target,
+        None,
+        [PROMPT] * n,
+        mode="spec",
+        draft=u,
+        tree="topk:2x2",
+        max_new_tokens=3,
+        temperature=1.0,
+        seed=7,
+        batch_size=n,
+        eos_token_id=[],
+    )
     assert all(len(o.token_ids) == 3 for o in outs)
     assert sum(o.stats.accepted for o in outs) > 0.05 * n
     assert_exact_marginals(target, outs)
@@ -128,14 +145,21 @@ def test_a_sampled_part_is_refused():
     model = micro_model("llama", seed=7)
     u = UnionSpeculator([DraftModelSpeculator(micro_model("llama", seed=8, hidden=16)), NGramSpeculator()], [None, 4])
     with pytest.raises(ValueError, match="deterministic drafts only"):
-        generate(model, micro_tokenizer(), PROMPTS[:1], mode="spec", draft=u, max_new_tokens=20, temperature=0.8, seed=3)
+        generate(
+            model, micro_tokenizer(), PROMPTS[:1], mode="spec", draft=u, max_new_tokens=20, temperature=0.8, seed=3
+        )
 
 
 def test_union_names_parse_and_resolve():
     assert parse_union("ngram") is None
     assert parse_union("tiny-heads+ngram") == [("tiny-heads", None), ("ngram", DEFAULT_CHAIN)]
     assert parse_union("a@8192+ngram:12") == [("a@8192", None), ("ngram", 12)]
-    for bad, msg in [("a:3+ngram", "first part"), ("a+ngram:0", "at least 1"), ("a+ngram:x", "at least 1"), ("a++ngram", "empty part")]:
+    for bad, msg in [
+        ("a:3+ngram", "first part"),
+        ("a+ngram:0", "at least 1"),
+        ("a+ngram:x", "at least 1"),
+        ("a++ngram", "empty part"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             parse_union(bad)
     entry = lookup("ngram+ngram:5")
@@ -158,23 +182,59 @@ def micro_setup(tmp_path_factory):
 
 
 def test_bench_runs_a_union_and_skips_hf_assisted_for_it(micro_setup, tmp_path):
+    from apar_spec.experiments.bench_files import read_rows
     from test_cli import assert_user_error, run
-
-    from apar_spec.experiments.bench import read_rows
 
     union = f"{micro_setup['draft']}+ngram:4"
     out = tmp_path / "s.jsonl"
-    result = run("sweep", "--target", micro_setup["target"], "--prompts", micro_setup["prompts"], "--drafts", union, "--ks", "2",
-                 "--modes", "ar,spec,hf-assisted", "--out", out, "--max-new-tokens", "8", "--repeats", "1", "--warmup", "0",
-                 "--limit", "1")
+    result = run(
+        "sweep",
+        "--target",
+        micro_setup["target"],
+        "--prompts",
+        micro_setup["prompts"],
+        "--drafts",
+        union,
+        "--ks",
+        "2",
+        "--modes",
+        "ar,spec,hf-assisted",
+        "--out",
+        out,
+        "--max-new-tokens",
+        "8",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--limit",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     rows = {r["variant"]: r for r in read_rows(out)}
     assert set(rows) == {"ar", f"spec {union} k=2"}  # HF assisted has one assistant, not a union
     assert "not a union" in result.output
     row = rows[f"spec {union} k=2"]
     assert row["output_ids"] == rows["ar"]["output_ids"] and row["draft"] == union
-    assert_user_error(run("bench", "--target", micro_setup["target"], "--draft", union, "--prompts", micro_setup["prompts"],
-                          "-k", "auto", "--modes", "ar,spec", "--out", tmp_path / "x.jsonl"), "union of drafts", "give -k or --tree")
+    assert_user_error(
+        run(
+            "bench",
+            "--target",
+            micro_setup["target"],
+            "--draft",
+            union,
+            "--prompts",
+            micro_setup["prompts"],
+            "-k",
+            "auto",
+            "--modes",
+            "ar,spec",
+            "--out",
+            tmp_path / "x.jsonl",
+        ),
+        "union of drafts",
+        "give -k or --tree",
+    )
     shown = run("drafts", "show", "ngram+ngram:3")
     assert shown.exit_code == 0 and "kind: union" in shown.output and "chain of 3" in shown.output
     assert_user_error(run("drafts", "show", "ngram+ngram:0"), "at least 1")
@@ -182,14 +242,35 @@ def test_bench_runs_a_union_and_skips_hf_assisted_for_it(micro_setup, tmp_path):
 
 def test_branch_cap_rows_hold_the_same_tokens_and_hf_gets_the_cap(micro_setup, tmp_path):
     """--max-branch-tokens with a large budget: every branch ends on its own, so spec rows equal plain rows."""
+    from apar_spec.experiments.bench_files import read_rows
     from test_cli import assert_user_error, run
 
-    from apar_spec.experiments.bench import read_rows
-
     out = tmp_path / "c.jsonl"
-    result = run("sweep", "--target", micro_setup["target"], "--prompts", micro_setup["prompts"], "--drafts", "ngram+ngram:3",
-                 "--ks", "2", "--modes", "hf-generate,ar,spec", "--out", out, "--max-new-tokens", "500",
-                 "--max-branch-tokens", "9", "--repeats", "1", "--warmup", "0", "--limit", "2")
+    result = run(
+        "sweep",
+        "--target",
+        micro_setup["target"],
+        "--prompts",
+        micro_setup["prompts"],
+        "--drafts",
+        "ngram+ngram:3",
+        "--ks",
+        "2",
+        "--modes",
+        "hf-generate,ar,spec",
+        "--out",
+        out,
+        "--max-new-tokens",
+        "500",
+        "--max-branch-tokens",
+        "9",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--limit",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     rows = read_rows(out)
     assert {r["max_branch_tokens"] for r in rows} == {9}

@@ -9,7 +9,7 @@ child's full (recursively reassembled) text, then the branch's text up to the
 next fork, and so on. Reassembly is plain concatenation, so the restructuring
 rules put the separators where the original answer had them: the parent keeps
 ``"1. Title:"`` and the continuation ``"\\n2. Title:"``; the child keeps
-``" details"`` (leading space included). See ``apar_spec.restructure``.
+``" details"`` (leading space included). See ``apar_spec.training.restructure``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class ForkPoint:
     """A ``[Fork]`` emitted by a branch after ``offset`` characters of its own text."""
 
     offset: int
-    child: "AnswerTree"
+    child: AnswerTree
 
 
 @dataclass
@@ -57,5 +57,5 @@ class AnswerTree:
         return {"text": self.text, "forks": [{"offset": f.offset, "child": f.child.to_dict()} for f in self.forks]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AnswerTree":
+    def from_dict(cls, d: dict) -> AnswerTree:
         return cls(d["text"], [ForkPoint(int(f["offset"]), cls.from_dict(f["child"])) for f in d.get("forks", [])])

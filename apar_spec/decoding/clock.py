@@ -36,7 +36,8 @@ included; ``first_time`` is the time of its first sampled token.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Protocol
+from collections.abc import Iterable
+from typing import Optional, Protocol
 
 ROOT_ORDER: tuple = (-1,)
 
@@ -44,7 +45,7 @@ Key = tuple  # (time, branch order): a token's place in plain APAR's commit orde
 
 
 class Clocked(Protocol):
-    """What the clock reads of a branch (``decoder.Branch`` has these fields)."""
+    """What the clock reads of a branch (``state.Branch`` has these fields)."""
 
     base: int
     order: tuple

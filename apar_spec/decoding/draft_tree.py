@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Union
 
 MAX_TREE_NODES = 256  # a verify pass with more drafted nodes per branch is never worth it on any device we know
 MAX_TREE_DEPTH = 16
@@ -98,7 +99,9 @@ def layout(paths: Sequence[Sequence[int]]) -> TreeShape:
         if len(t) > 1 and t[:-1] not in clean:
             raise ValueError(f"tree path {list(t)} has no parent path {list(t[:-1])}; every prefix must be listed")
         if t[-1] > 0 and t[:-1] + (t[-1] - 1,) not in clean:
-            raise ValueError(f"tree path {list(t)} skips rank {t[-1] - 1}; ranks at a node must be 0, 1, 2, ... without gaps")
+            raise ValueError(
+                f"tree path {list(t)} skips rank {t[-1] - 1}; ranks at a node must be 0, 1, 2, ... without gaps"
+            )
     if len(clean) > MAX_TREE_NODES:
         raise ValueError(f"tree has {len(clean)} nodes; at most {MAX_TREE_NODES} per branch are allowed")
     if max(len(t) for t in clean) > MAX_TREE_DEPTH:
@@ -168,3 +171,43 @@ def expected_accepted(shape: TreeShape, p: Callable[[int, int], float]) -> float
     for i, (parent, d, r) in enumerate(zip(shape.parents, shape.depths, shape.ranks)):
         reach[i] = (1.0 if parent < 0 else reach[parent]) * p(d, r)
     return sum(reach)
+
+
+def tree_depths_ranks(parents: list[int]) -> tuple[list[int], list[int]]:
+    """Per draft node: depth below the pending token (1 = first draft) and rank among its siblings."""
+    depth: list[int] = []
+    rank: list[int] = []
+    seen: dict[int, int] = {}
+    for p in parents:
+        depth.append(1 if p < 0 else depth[p] + 1)
+        rank.append(seen.get(p, 0))
+        seen[p] = rank[-1] + 1
+    return depth, rank
+
+
+def prune_tree(tokens: list[int], parents: list[int], max_depth: int, who: str) -> tuple[list[int], list[int]]:
+    """Keep the drafts no deeper than ``max_depth``, drop a sibling repeating an earlier
+    sibling's token (with its subtree), and renumber parents. Bad layouts are refused."""
+    if len(parents) != len(tokens):
+        raise ValueError(f"speculator '{who}' sent {len(tokens)} draft tokens but {len(parents)} parents")
+    new_index: dict[int, int] = {-1: -1}
+    depth: dict[int, int] = {-1: 0}
+    sibling_tokens: dict[int, set[int]] = {}
+    out_tokens: list[int] = []
+    out_parents: list[int] = []
+    for i, (tok, p) in enumerate(zip(tokens, parents)):
+        if not -1 <= p < i:
+            raise ValueError(
+                f"speculator '{who}' sent draft {i} with parent {p}; parents must come first (-1 = pending)"
+            )
+        if p not in new_index or depth[p] + 1 > max_depth:
+            continue
+        seen = sibling_tokens.setdefault(p, set())
+        if tok in seen:
+            continue
+        seen.add(tok)
+        depth[i] = depth[p] + 1
+        new_index[i] = len(out_tokens)
+        out_tokens.append(int(tok))
+        out_parents.append(new_index[p])
+    return out_tokens, out_parents

@@ -7,15 +7,16 @@ logit, so two runs can only part where the two are (near-)tied once rounding is 
 play; a gap well above float32's rounding on a whole forward (``NEAR_TIE``) means one
 run did not take the argmax of the same distribution - a bug.
 
-The first difference is found in APAR time (``apar_spec.clock``): answers are trees,
+The first difference is found in APAR time (``apar_spec.decoding.clock``): answers are trees,
 and the earliest token at which they part is the one that can explain the rest (a
 different [Fork] there changes every branch after it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -66,8 +67,15 @@ def first_difference(prompt: list[int], ref: Tree, other: Tree) -> Optional[Diff
     level, p = 0, ref[i][0]
     while p is not None:
         level, p = level + 1, ref[p][0]
-    return Difference(i, j, time, tokens[j] if j < len(tokens) else None, theirs[j] if j < len(theirs) else None,
-                      context_of(prompt, ref, i, j), level)
+    return Difference(
+        i,
+        j,
+        time,
+        tokens[j] if j < len(tokens) else None,
+        theirs[j] if j < len(theirs) else None,
+        context_of(prompt, ref, i, j),
+        level,
+    )
 
 
 def context_of(prompt: list[int], tree: Tree, i: int, upto: int) -> list[int]:
@@ -78,8 +86,9 @@ def context_of(prompt: list[int], tree: Tree, i: int, upto: int) -> list[int]:
 
 
 @torch.inference_mode()
-def logit_gap(model, d: Difference, fork_id: Optional[int] = None, fork_bias: float = 0.0,
-              max_depth: Optional[int] = None) -> Optional[float]:
+def logit_gap(
+    model, d: Difference, fork_id: Optional[int] = None, fork_bias: float = 0.0, max_depth: Optional[int] = None
+) -> Optional[float]:
     """|logit(want) - logit(got)| of the target at the difference, the [Fork] offset included
     where it applies (None where one run had no token there: a different stop, not a
     different choice)."""

@@ -5,7 +5,7 @@ answer (recursively), then the branch's continuation, and so on. The control
 tokens ``[Fork]``/``[Child]`` and the children's EOS are dropped; the root's EOS
 stays (so plain AR output equals ``model.generate``'s new tokens exactly).
 
-Text conventions (as in the APAR training format of ``apar_spec.restructure``,
+Text conventions (as in the APAR training format of ``apar_spec.training.restructure``,
 where the parent keeps ``"1. Title:"`` and ``"\\n2. Title:"`` and the child keeps
 ``" details"``): when a model leaves them out, a child's text is separated from
 the title by one space, and a parent continuation that starts a new numbered
@@ -15,10 +15,11 @@ item starts on a new line.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
-from apar_spec.answer_tree import AnswerTree, ForkPoint
+from apar_spec.decoding.answer_tree import AnswerTree, ForkPoint
 
 _NEW_ITEM = re.compile(r"^\s*\d+[.)]")
 
@@ -36,14 +37,22 @@ class BranchInfo:
     finish: Optional[str]
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "parent": self.parent, "fork_index": self.fork_index, "token_ids": self.token_ids, "finish": self.finish}
+        return {
+            "id": self.id,
+            "parent": self.parent,
+            "fork_index": self.fork_index,
+            "token_ids": self.token_ids,
+            "finish": self.finish,
+        }
 
 
 def _children(branches: list[BranchInfo]) -> dict[tuple[int, int], BranchInfo]:
     return {(b.parent, b.fork_index): b for b in branches if b.parent is not None}
 
 
-def reading_order(branches: list[BranchInfo], fork_id: Optional[int], child_id: Optional[int], eos_ids: set[int]) -> list[int]:
+def reading_order(
+    branches: list[BranchInfo], fork_id: Optional[int], child_id: Optional[int], eos_ids: set[int]
+) -> list[int]:
     """Answer token ids in depth-first reading order (see module docstring)."""
     children = _children(branches)
 
@@ -74,7 +83,9 @@ def to_answer_tree(
     def build(b: BranchInfo) -> AnswerTree:
         ids = b.token_ids[1:] if (b.parent is not None and b.token_ids[:1] == [child_id]) else b.token_ids
         offset0 = len(b.token_ids) - len(ids)
-        text, forks, segment = "", [], []
+        text = ""
+        forks: list[ForkPoint] = []
+        segment: list[int] = []
         for i, tok in enumerate(ids):
             if tok == fork_id:
                 text += _continuation(decode(segment), after_fork=bool(forks))

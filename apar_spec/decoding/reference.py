@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
+from apar_spec.decoding.tokens import AparTokens
 from apar_spec.options import DecodeOptions
-from apar_spec.tokens import AparTokens
 
 
 @dataclass
@@ -129,7 +129,11 @@ def reference_decode(
             if apar is not None and tok == apar.fork_id and repeated(b.tokens[len(first) :]):
                 # a fork after a title this run already forked after: the branch ends, minus that segment
                 cut = len(b.tokens) - 1
-                while cut > len(first) and b.tokens[cut - 1] != apar.fork_id and b.tokens[cut - 1] not in apar.line_break_ids:
+                while (
+                    cut > len(first)
+                    and b.tokens[cut - 1] != apar.fork_id
+                    and b.tokens[cut - 1] not in apar.line_break_ids
+                ):
                     cut -= 1  # back over the segment's text
                 while cut > len(first) and b.tokens[cut - 1] in apar.line_break_ids:
                     cut -= 1  # and the line breaks before it
@@ -146,7 +150,9 @@ def reference_decode(
     return out
 
 
-def reference_budget(branches: dict[tuple[int, ...], RefBranch], budget: int, fork_id: Optional[int]) -> dict[tuple[int, ...], RefBranch]:
+def reference_budget(
+    branches: dict[tuple[int, ...], RefBranch], budget: int, fork_id: Optional[int]
+) -> dict[tuple[int, ...], RefBranch]:
     """The branches ``reference_decode`` wrote with no shared budget, cut as plain APAR's
     step loop cuts them under ``budget`` tokens over all branches.
 
@@ -156,9 +162,10 @@ def reference_budget(branches: dict[tuple[int, ...], RefBranch], budget: int, fo
     the child commits from the next step on. A branch cut short keeps its tokens as sampled
     (the finish rule never fired); children whose [Fork] was never committed do not exist.
     Written without the decoder's clock on purpose, to check it."""
-    order = [()]
-    first = {(): 0}  # step of each branch's first sampled token
-    done = {(): 0}  # tokens committed per branch
+    root: tuple[int, ...] = ()
+    order = [root]
+    first = {root: 0}  # step of each branch's first sampled token
+    done = {root: 0}  # tokens committed per branch
     left, t = budget, 0
     offset = {p: (1 if p else 0) for p in branches}  # a child's [Child] is forced, not sampled
     while left > 0:
@@ -178,7 +185,7 @@ def reference_budget(branches: dict[tuple[int, ...], RefBranch], budget: int, fo
                 order.append(child)
                 first[child], done[child] = t + 1, 0
         t += 1
-    out = {}
+    out: dict[tuple[int, ...], RefBranch] = {}
     for p in order:
         b = branches[p]
         n = offset[p] + done[p]

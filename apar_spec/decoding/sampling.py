@@ -194,10 +194,7 @@ def _check_shapes(
     if tuple(draft_lens.shape) != (n,):
         raise ValueError(f"draft_lens must be [n]={n}, got shape {tuple(draft_lens.shape)}")
     if target.dim() != 3 or tuple(target.shape[:2]) != (n, k + 1):
-        raise ValueError(
-            f"{target_name} must be [n, k+1, V] = [{n}, {k + 1}, V], "
-            f"got shape {tuple(target.shape)}"
-        )
+        raise ValueError(f"{target_name} must be [n, k+1, V] = [{n}, {k + 1}, V], got shape {tuple(target.shape)}")
 
 
 def _accepted_prefix(
@@ -257,8 +254,7 @@ def rejection_accept(
     vocab = target_probs.shape[-1]
     if draft_probs is not None and tuple(draft_probs.shape) != (n, k, vocab):
         raise ValueError(
-            f"draft_probs must be [n, k, V] = [{n}, {k}, {vocab}] or None, "
-            f"got shape {tuple(draft_probs.shape)}"
+            f"draft_probs must be [n, k, V] = [{n}, {k}, {vocab}] or None, got shape {tuple(draft_probs.shape)}"
         )
     rows = torch.arange(n, device=target_probs.device)  # [n]
     tokens = draft_tokens.clamp(min=0)  # [n, k]; -1 padding -> a valid index, masked later
@@ -269,9 +265,7 @@ def rejection_accept(
         q_draft = torch.ones_like(p_draft)  # [n, k] q(d_j) = 1
     else:
         q_draft = draft_probs.to(p_draft.dtype).gather(2, tokens[..., None]).squeeze(2)  # [n, k]
-    uniform = torch.rand(
-        (n, k), generator=generator, dtype=p_draft.dtype, device=p_draft.device
-    )  # [n, k] in [0, 1)
+    uniform = torch.rand((n, k), generator=generator, dtype=p_draft.dtype, device=p_draft.device)  # [n, k] in [0, 1)
     # u < p/q written without division: q == 0 cannot divide by zero, p == 0 always
     # rejects (u*q >= 0), and q == p > 0 always accepts (u < 1).
     accept = uniform * q_draft < p_draft  # [n, k]

@@ -24,12 +24,13 @@ exactly sampling from the target (DESIGN.md, "Trees inside branches").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
 
-from apar_spec.draft_tree import TreeShape
+from apar_spec.decoding.draft_tree import TreeShape
 
 
 @dataclass
@@ -115,3 +116,59 @@ class ServingSpeculator(Speculator, Protocol):
     def admit(self, indices: list[int]) -> None: ...
 
     def release(self, indices: list[int]) -> None: ...
+
+
+# ------------------------------------------------------------------- the draft catalog
+@dataclass(frozen=True)
+class DraftInfo:
+    """What the core may know of a named draft without importing ``drafts/``: its kind
+    ("model", "ngram", "heads", "union"), its weights (a draft LM's), and its measured
+    acceptance length at chain length ``acceptance_k`` (the cost model's prior)."""
+
+    name: str
+    kind: str
+    weights: Optional[str] = None
+    acceptance_length: Optional[float] = None
+    acceptance_k: Optional[int] = None
+
+
+@dataclass
+class DraftCatalog:
+    """Turns what a user passes as ``draft=`` into a speculator, and describes named drafts.
+
+    The core defines this hook and never imports its plugins (DESIGN.md, 'Layout'):
+    ``drafts/`` registers its registry here when it is imported, which the package
+    facade (``apar_spec/__init__.py``) does. ``resolve(draft, target, tokenizer)`` takes a
+    speculator object, a loaded model, a registry name or a path; ``describe(name)``
+    returns a ``DraftInfo`` or raises ``ValueError`` for an unknown name."""
+
+    resolve: Callable[[Any, Any, Any], Speculator]
+    describe: Callable[[str], DraftInfo]
+
+
+_CATALOG: list[DraftCatalog] = []
+
+
+def register_catalog(catalog: DraftCatalog) -> None:
+    """Install the draft catalog (the last registered wins; ``drafts/`` registers one)."""
+    _CATALOG.append(catalog)
+
+
+def catalog() -> DraftCatalog:
+    if not _CATALOG:
+        raise ValueError(
+            "no draft catalog is registered: `import apar_spec` (it loads apar_spec.drafts), "
+            "or pass a speculator object as draft"
+        )
+    return _CATALOG[-1]
+
+
+def resolve_draft(draft: Any, target, tokenizer) -> Speculator:
+    """A speculator for ``generate(draft=...)``: an object that already is one is used as it is."""
+    if hasattr(draft, "propose") and hasattr(draft, "observe"):
+        return draft
+    return catalog().resolve(draft, target, tokenizer)
+
+
+def describe_draft(name: str) -> DraftInfo:
+    return catalog().describe(name)

@@ -8,9 +8,9 @@ tokenizer never splits them and ``decode(skip_special_tokens=True)`` hides them.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 FORK_TOKEN = "[Fork]"
 CHILD_TOKEN = "[Child]"
@@ -39,7 +39,7 @@ class _VocabFacts:
     texts: tuple[str, ...]
 
 
-_FACTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _vocab_facts(tokenizer) -> _VocabFacts:

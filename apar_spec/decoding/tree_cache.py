@@ -24,9 +24,10 @@ of every layer; callers do it lazily (see ``DecodeOptions.compact_threshold``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -67,10 +68,13 @@ def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, s
     the groups into the query instead, no copy either), as does anything unusual (no mask,
     a position bias, softcapping, sinks).
     """
-    unusual = attention_mask is None or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sinks"))
+    unusual = attention_mask is None or any(
+        kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sinks")
+    )
     if unusual or query.shape[2] == 1 or getattr(module, "num_key_value_groups", 1) == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     out = torch.nn.functional.scaled_dot_product_attention(  # [batch, heads, q, head_dim]
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
     )
@@ -164,6 +168,12 @@ class TreeCache:
     @property
     def vis(self) -> torch.Tensor:
         return self._vis[:, : self._n, : self._n]  # [rows, slots, slots]
+
+    @property
+    def kv_layers(self) -> list[Any]:
+        """The cache's layers (``DynamicLayer``s, checked at construction: ``keys``/``values`` are
+        ``[rows, kv_heads, slots, head_dim]``)."""
+        return list(self.cache.layers)
 
     def _ensure_capacity(self, total: int) -> None:
         cap = self._vis.shape[1]
@@ -280,7 +290,7 @@ class TreeCache:
             index[i, : len(k)] = torch.tensor(k, dtype=torch.long)
             valid[i, : len(k)] = True
         index, valid = index.to(self.device), valid.to(self.device)
-        for layer in self.cache.layers:
+        for layer in self.kv_layers:
             if layer.keys is None or layer.keys.numel() == 0:
                 continue
             b, h, _, d = layer.keys.shape  # [rows, kv_heads, slots, head_dim]
@@ -305,7 +315,7 @@ class TreeCache:
         extra = n - self._n
         if extra <= 0:
             return
-        for layer in self.cache.layers:
+        for layer in self.kv_layers:
             if layer.keys is not None and layer.keys.dim() == 4:
                 pad = layer.keys.new_zeros(layer.keys.shape[0], layer.keys.shape[1], extra, layer.keys.shape[3])
                 layer.keys = torch.cat([layer.keys, pad], dim=2)
@@ -317,7 +327,7 @@ class TreeCache:
         self._n = n
 
     @torch.inference_mode()
-    def add_rows(self, other: "TreeCache") -> None:
+    def add_rows(self, other: TreeCache) -> None:
         """Append ``other``'s rows (requests prefilled in a cache of their own) to this batch.
 
         Why a merge and not a prefill in place: prefilling new prompts inside the running
@@ -331,7 +341,7 @@ class TreeCache:
         self._pad_slots(n)
         other._pad_slots(n)
         n_self, n_other = len(self.rows), len(other.rows)
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+        for mine, theirs in zip(self.kv_layers, other.kv_layers):
             a = mine.keys if mine.keys is not None and mine.keys.dim() == 4 else None
             b = theirs.keys if theirs.keys is not None and theirs.keys.dim() == 4 else None
             if a is None and b is None:
@@ -351,7 +361,9 @@ class TreeCache:
             if not mine.is_initialized:
                 mine.is_initialized, mine.device = True, like.device
         cap = max(self._vis.shape[1], other._vis.shape[1], 64)
-        vis = torch.zeros(n_self + n_other, cap, cap, dtype=torch.bool, device=self.device)  # [rows, capacity, capacity]
+        vis = torch.zeros(
+            n_self + n_other, cap, cap, dtype=torch.bool, device=self.device
+        )  # [rows, capacity, capacity]
         vis[:n_self, :n, :n] = self._vis[:, :n, :n]
         vis[n_self:, :n, :n] = other._vis[:, :n, :n]
         self._vis = vis
@@ -362,7 +374,7 @@ class TreeCache:
     def drop_rows(self, keep_rows: list[int]) -> None:
         """Forget finished requests: their rows leave the batch (and the cache)."""
         index = torch.tensor(keep_rows, dtype=torch.long, device=self.device)
-        for layer in self.cache.layers:
+        for layer in self.kv_layers:
             if layer.keys is not None and layer.keys.numel() > 0:
                 at = index.to(layer.keys.device)  # device_map may split layers over devices
                 layer.keys = layer.keys.index_select(0, at)

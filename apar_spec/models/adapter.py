@@ -19,7 +19,7 @@ Files in an adapter folder:
   of the base the adapter was trained on. Applying it to any other base is refused
   with a one-line error: a LoRA delta on the wrong weights gives plausible garbage;
 - ``router.json`` (optional): the fork router fitted on the adapted model's prompt states
-  (``apar_spec.router``), a decode default like ``fork_bias``.
+  (``apar_spec.models.router``), a decode default like ``fork_bias``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from apar_spec.options import FORK_BIAS_KEY, TRAINED_DEPTH_KEY, is_finite_number
-from apar_spec.router import ROUTER_FILE, ForkRouter, set_router
+from apar_spec.models.router import ROUTER_FILE, ForkRouter, set_router
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
 EMBEDDED = ("tiny-base", "tiny-apar", "tiny-draft")
-# Real models built on a base from a pip package (cached on first use; see apar_spec/smollm2.py).
+# Real models built on a base from a pip package (cached on first use; see apar_spec/models/smollm2.py).
 PACKAGED = ("smollm2", "smollm2-apar", "smollm2-draft")
 DTYPES = {
     "float32": torch.float32,
@@ -23,7 +23,7 @@ DTYPES = {
 
 
 def embedded_dir(name: str) -> Path:
-    return Path(__file__).parent / "models" / name
+    return Path(__file__).parent / name  # this module lives in the folder that holds the weights
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
@@ -53,7 +53,7 @@ def _load_adapter_folder(path: Path, dtype, device):
     """An adapter folder (``adapter.json``, as ``train_smollm2.py --out`` writes one) on its packaged base."""
     import json
 
-    from apar_spec import smollm2
+    from apar_spec.models import smollm2
 
     try:
         base = json.loads((path / "adapter.json").read_text(encoding="utf-8")).get("base")
@@ -96,7 +96,7 @@ def load(
 
     name = str(name_or_path)
     if name in PACKAGED:
-        from apar_spec import smollm2
+        from apar_spec.models import smollm2
 
         model, tokenizer = smollm2.load_named(name, dtype=resolve_dtype(dtype) or torch.float32)
         model.to(resolve_device(device))
@@ -110,7 +110,7 @@ def load(
     if name in EMBEDDED:
         path = embedded_dir(name)
         if not (path / "config.json").exists():
-            raise ValueError(f"embedded model '{name}' is missing from this install; rebuild it with experiments/train_embedded.py")
+            raise ValueError(f"embedded model '{name}' is missing from this install; rebuild it with experiments/build/train_embedded.py")
         torch_dtype = torch_dtype or torch.float32
         source, tok_source = str(path), str(path)
     elif path.is_file() and path.suffix == ".gguf":
@@ -138,9 +138,10 @@ def load(
                 f"or a model in the local Hugging Face cache (no downloads here).{hint}"
             ) from None
         raise ValueError(f"could not load model from '{name}': {str(err).splitlines()[0]}") from None
-    if "gguf_file" in kwargs and getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    quantizer: Any = getattr(model, "hf_quantizer", None)
+    if "gguf_file" in kwargs and quantizer is not None:
+        quantizer.remove_quantization_config(model)
     if device_map is None:
-        model.to(resolve_device(device))
+        model.to(resolve_device(device))  # type: ignore[arg-type]  # transformers' stub types .to() for the model class
     model.eval()
     return model, tokenizer

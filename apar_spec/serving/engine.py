@@ -43,11 +43,13 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from apar_spec.decoder import DecodeResult, Decoder, Request, canonical_ids, output_branches
-from apar_spec.options import MODES, DecodeOptions, model_decode_defaults
+from apar_spec.decoding.decoder import Decoder
+from apar_spec.decoding.state import DecodeResult, Request, canonical_ids, output_branches
+from apar_spec.options import DecodeOptions, check_mode, model_decode_defaults
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ class RequestHandle:
     max_new_tokens: int
     need: int  # projected peak live KV at admission (slots)
     on_event: Optional[Callable[[StreamEvent], None]] = None
-    events: "queue.Queue[StreamEvent]" = field(default_factory=queue.Queue)
+    events: queue.Queue[StreamEvent] = field(default_factory=queue.Queue)
     t_submit: float = 0.0
     t_admit: Optional[float] = None
     t_first_token: Optional[float] = None
@@ -178,11 +180,10 @@ class Engine:
         """``options``: ``DecodeOptions`` fields; ``max_new_tokens`` is the largest per-request
         budget and, unless ``max_branch_tokens`` is given, the per-branch cap."""
         from apar_spec.api import eos_ids_of
-        from apar_spec.tokens import find_apar_tokens
-        from apar_spec.tree_cache import check_supported
+        from apar_spec.decoding.tokens import find_apar_tokens
+        from apar_spec.decoding.tree_cache import check_supported
 
-        if mode not in MODES:
-            raise ValueError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
+        check_mode(mode)
         if kv_budget is not None and kv_budget < 1:
             raise ValueError(f"kv_budget must be >= 1 slot or None (got {kv_budget})")
         check_supported(model)
@@ -194,18 +195,21 @@ class Engine:
         self.apar = find_apar_tokens(tokenizer) if tokenizer is not None else None
         uses_apar = mode in ("apar", "apar+spec")
         if uses_apar and self.apar is None:
-            raise ValueError(f"the tokenizer has no [Fork]/[Child] tokens, so the model cannot run mode='{mode}'; use mode='ar'")
+            raise ValueError(
+                f"the tokenizer has no [Fork]/[Child] tokens, so the model cannot run mode='{mode}'; use mode='ar'"
+            )
         self.eos = eos_ids_of(model, tokenizer, opts.eos_token_id)
-        spec = None
+        spec: Optional[Any] = None  # a ServingSpeculator (admit/release hooks), checked below
         if mode in ("spec", "apar+spec"):
             if draft is None:
                 raise ValueError(f"mode='{mode}' needs a draft")
-            from apar_spec.drafts import resolve_speculator
-            from apar_spec.speculator import ServingSpeculator
+            from apar_spec.decoding.speculator import ServingSpeculator, resolve_draft
 
-            spec = resolve_speculator(draft, model, tokenizer)
+            spec = resolve_draft(draft, model, tokenizer)
             if not isinstance(spec, ServingSpeculator):
-                raise ValueError(f"speculator '{getattr(spec, 'name', spec)}' cannot serve: it has no admit/release hooks")
+                raise ValueError(
+                    f"speculator '{getattr(spec, 'name', spec)}' cannot serve: it has no admit/release hooks"
+                )
         self.spec = spec
         self.decoder = Decoder(model, opts, self.apar, fork_enabled=uses_apar, eos_ids=self.eos, speculator=spec)
         if spec is not None:
@@ -218,7 +222,7 @@ class Engine:
         self.draft_margin = (shape.size if shape is not None else chain_k) if spec else 0
         self.draft_margin += getattr(spec, "extra_draft_nodes", 0)
         self.stats = EngineStats()
-        self._tc = None
+        self._tc: Optional[Any] = None  # the running batch's TreeCache (None while idle)
         self._live: list[Request] = []
         self._handles: dict[int, RequestHandle] = {}  # running, by request index
         self._waiting: deque[RequestHandle] = deque()
@@ -250,14 +254,17 @@ class Engine:
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise RequestError(f"max_tokens must be a positive integer (got {m!r})")
         if m > self.opts.max_new_tokens:
-            raise RequestError(f"max_tokens={m} is more than this server allows ({self.opts.max_new_tokens}); ask for fewer")
+            raise RequestError(
+                f"max_tokens={m} is more than this server allows ({self.opts.max_new_tokens}); ask for fewer"
+            )
         vocab = self.decoder.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         if self.max_pos is not None and len(prompt_ids) >= self.max_pos:
             raise RequestError(
-                f"the prompt has {len(prompt_ids)} tokens, more than the model's context of {self.max_pos - 1}; shorten it"
+                f"the prompt has {len(prompt_ids)} tokens, more than the model's context of {self.max_pos - 1}; "
+                f"shorten it"
             )
         need = self.need_of(len(prompt_ids), m)
         if self.kv_budget is not None and need > self.kv_budget:
@@ -335,7 +342,7 @@ class Engine:
         while not self.idle:
             self.step()
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         """Run the loop in one worker thread (the HTTP side never blocks it)."""
         if self._thread is None:
             self._stop = False
@@ -437,7 +444,9 @@ class Engine:
                 n, final = settled[b.id]
                 if n > sent or (final and b.id not in h.closed):
                     parent = None if b.parent is None else ids[b.parent]
-                    deltas.append(BranchDelta(ids[b.id], parent, b.fork_index, b.tokens[sent:n], b.finish if final else None))
+                    deltas.append(
+                        BranchDelta(ids[b.id], parent, b.fork_index, b.tokens[sent:n], b.finish if final else None)
+                    )
                     n_total += n - sent - (1 if b.is_child and sent == 0 else 0)  # forced [Child] is not output
                     h.emitted[b.id] = n
                     if final:
@@ -471,7 +480,9 @@ class Engine:
             c.branch_steps += r.counters.branch_steps
             c.accept_plus_bonus += r.counters.accept_plus_bonus
             forwards = (self.spec.forwards if self.spec is not None else 0) - h.draft_forwards0
-            result = DecodeResult(r.prompt, output_branches(r.branches), r.counters, now - h.t_submit, forwards, r.p_list, r.forks_gated)
+            result = DecodeResult(
+                r.prompt, output_branches(r.branches), r.counters, now - h.t_submit, forwards, r.p_list, r.forks_gated
+            )
             h.generation = _to_generation(result, self.tokenizer, self.apar, self.eos)
             self._end(h, cancelled=h.cancelled, deltas=h.final_deltas)
         self.stats.running = len(self._live)
@@ -479,7 +490,9 @@ class Engine:
             self._tc = None
             self.stats.live_kv = 0
 
-    def _end(self, h: RequestHandle, cancelled: bool, deltas: Optional[list] = None, error: Optional[str] = None) -> None:
+    def _end(
+        self, h: RequestHandle, cancelled: bool, deltas: Optional[list] = None, error: Optional[str] = None
+    ) -> None:
         h.t_finish = time.perf_counter()
         h.error = error
         if error is not None:

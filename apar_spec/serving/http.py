@@ -39,14 +39,32 @@ MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt the context can hold
 _FIXED = ("temperature", "top_p")
 # Options we do not implement: a request that sets them to anything but a neutral value is refused.
 _UNSUPPORTED: dict[str, list] = {
-    "n": [1], "best_of": [1], "logprobs": [None, False], "top_logprobs": [None, 0], "echo": [False], "suffix": [None, ""],
-    "stop": [None, "", []], "presence_penalty": [0], "frequency_penalty": [0], "logit_bias": [None, {}],
-    "tools": [None, []], "tool_choice": [None, "none"], "functions": [None, []], "response_format": [None, {"type": "text"}],
+    "n": [1],
+    "best_of": [1],
+    "logprobs": [None, False],
+    "top_logprobs": [None, 0],
+    "echo": [False],
+    "suffix": [None, ""],
+    "stop": [None, "", []],
+    "presence_penalty": [0],
+    "frequency_penalty": [0],
+    "logit_bias": [None, {}],
+    "tools": [None, []],
+    "tool_choice": [None, "none"],
+    "functions": [None, []],
+    "response_format": [None, {"type": "text"}],
 }
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -61,7 +79,9 @@ class ServerCounters:
     http_errors: int = 0
 
 
-def create_app(engine: Engine, model_name: str, *, max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: Optional[int] = None) -> FastAPI:
+def create_app(
+    engine: Engine, model_name: str, *, max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: Optional[int] = None
+) -> FastAPI:
     """The FastAPI app over a running (``engine.start()``) engine."""
     app = FastAPI(title="apar-spec", docs_url=None, redoc_url=None, openapi_url=None)
     counters = ServerCounters()
@@ -79,7 +99,9 @@ def create_app(engine: Engine, model_name: str, *, max_body_bytes: int = MAX_BOD
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
         counters.http_errors += 1
-        return ApiError(err.status_code, str(err.detail), code="not_found" if err.status_code == 404 else None).response()
+        return ApiError(
+            err.status_code, str(err.detail), code="not_found" if err.status_code == 404 else None
+        ).response()
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, err: Exception):
@@ -95,7 +117,10 @@ def create_app(engine: Engine, model_name: str, *, max_body_bytes: int = MAX_BOD
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "apar-spec"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "apar-spec"}],
+        }
 
     @app.get("/metrics")
     async def metrics():
@@ -121,7 +146,11 @@ def create_app(engine: Engine, model_name: str, *, max_body_bytes: int = MAX_BOD
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
         try:
-            handle = engine.submit(ids, common["max_tokens"], on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+
+            def deliver(e: StreamEvent) -> None:
+                loop.call_soon_threadsafe(events.put_nowait, e)
+
+            handle = engine.submit(ids, common["max_tokens"], on_event=deliver)
         except RequestError as err:
             code = "context_length_exceeded" if "context" in str(err) else None
             raise ApiError(400, str(err), param="max_tokens" if "max_tokens" in str(err) else None, code=code) from None
@@ -152,8 +181,13 @@ def create_app(engine: Engine, model_name: str, *, max_body_bytes: int = MAX_BOD
         else:
             choice.update(text=g.text, logprobs=None)
         return {
-            "id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model_name, "choices": [choice], "usage": usage(g), "apar": apar_stats(handle, g, branches=True),
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [choice],
+            "usage": usage(g),
+            "apar": apar_stats(handle, g, branches=True),
         }
 
     async def sse(handle, events: asyncio.Queue, rid: str, chat: bool, include_usage: bool):
@@ -161,24 +195,37 @@ def create_app(engine: Engine, model_name: str, *, max_body_bytes: int = MAX_BOD
         obj = "chat.completion.chunk" if chat else "text_completion"
         finished = False
 
-        def chunk(delta: Optional[str], finish: Optional[str] = None, extra: Optional[dict] = None, choices: bool = True) -> str:
+        def chunk(
+            delta: Optional[str], finish: Optional[str] = None, extra: Optional[dict] = None, choices: bool = True
+        ) -> str:
             c: dict[str, Any] = {"index": 0, "finish_reason": finish}
             if chat:
                 c["delta"] = {} if delta is None else {"content": delta}
             else:
                 c.update(text=delta or "", logprobs=None)
-            out = {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": [c] if choices else []}
+            out = {
+                "id": rid,
+                "object": obj,
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [c] if choices else [],
+            }
             if extra:
                 out.update(extra)
             return f"data: {json.dumps(out)}\n\n"
 
         try:
             if chat:
-                yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': int(time.time()), 'model': model_name, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n"
+                first = {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
+                head = {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": [first]}
+                yield f"data: {json.dumps(head)}\n\n"
             while True:
                 event = await events.get()
                 delta = text.feed(event.deltas)
-                branches = [{"branch": d.branch, "parent": d.parent, "token_ids": d.tokens, "finish": d.finish} for d in event.deltas]
+                branches = [
+                    {"branch": d.branch, "parent": d.parent, "token_ids": d.tokens, "finish": d.finish}
+                    for d in event.deltas
+                ]
                 if event.finished:
                     finished = True
                     if event.error is not None:
@@ -255,7 +302,12 @@ def check_common(body: dict, engine: Engine, model_name: str, default_max: int) 
     if not isinstance(model, str):
         raise ApiError(400, f"'model' must be a string, got {type(model).__name__}", param="model")
     if model != model_name:
-        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{model_name}' (see /v1/models)", param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"the model '{model}' does not exist; this server serves '{model_name}' (see /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = default_max
@@ -264,7 +316,11 @@ def check_common(body: dict, engine: Engine, model_name: str, default_max: int) 
     elif max_tokens < 1:
         raise ApiError(400, f"'max_tokens' must be >= 1 (got {max_tokens})", param="max_tokens")
     elif max_tokens > engine.opts.max_new_tokens:
-        raise ApiError(400, f"'max_tokens' is {max_tokens}, more than this server allows ({engine.opts.max_new_tokens})", param="max_tokens")
+        raise ApiError(
+            400,
+            f"'max_tokens' is {max_tokens}, more than this server allows ({engine.opts.max_new_tokens})",
+            param="max_tokens",
+        )
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -276,7 +332,12 @@ def check_common(body: dict, engine: Engine, model_name: str, default_max: int) 
     for name, neutral in _UNSUPPORTED.items():
         value = body.get(name, neutral[0])
         if not _is_neutral(value, neutral):
-            raise ApiError(400, f"'{name}'={json.dumps(value)[:40]} is not supported by this server (only {json.dumps(neutral[0])})", param=name, code="unsupported")
+            raise ApiError(
+                400,
+                f"'{name}'={json.dumps(value)[:40]} is not supported by this server (only {json.dumps(neutral[0])})",
+                param=name,
+                code="unsupported",
+            )
     server = {"temperature": engine.opts.temperature, "top_p": engine.opts.top_p}
     for name in _FIXED:
         value = body.get(name)
@@ -286,8 +347,11 @@ def check_common(body: dict, engine: Engine, model_name: str, default_max: int) 
             raise ApiError(400, f"'{name}' must be a number, got {type(value).__name__}", param=name)
         if float(value) != float(server[name]):
             raise ApiError(
-                400, f"'{name}'={value} is not supported: this server decodes every request with {name}={server[name]} "
-                "(set at launch); leave it out or send that value", param=name, code="unsupported",
+                400,
+                f"'{name}'={value} is not supported: this server decodes every request with {name}={server[name]} "
+                "(set at launch); leave it out or send that value",
+                param=name,
+                code="unsupported",
             )
     return {"max_tokens": max_tokens, "stream": stream, "include_usage": bool(opts.get("include_usage", False))}
 
@@ -307,7 +371,12 @@ def prompt_ids(prompt, tokenizer) -> list[int]:
         if all(_is_int(t) for t in prompt):
             return list(prompt)
         if all(isinstance(t, (str, list)) for t in prompt):
-            raise ApiError(400, f"a batch of {len(prompt)} prompts is not supported; send one request per prompt", param="prompt", code="unsupported")
+            raise ApiError(
+                400,
+                f"a batch of {len(prompt)} prompts is not supported; send one request per prompt",
+                param="prompt",
+                code="unsupported",
+            )
     raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt")
 
 
@@ -319,9 +388,15 @@ def chat_ids(messages, tokenizer) -> list[int]:
     clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ApiError(400, f"messages[{i}] must be an object with string 'role' and 'content'", param=f"messages[{i}]")
+            raise ApiError(
+                400, f"messages[{i}] must be an object with string 'role' and 'content'", param=f"messages[{i}]"
+            )
         if m["role"] not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role '{m['role']}' is not supported (system, user, assistant)", param=f"messages[{i}].role")
+            raise ApiError(
+                400,
+                f"messages[{i}].role '{m['role']}' is not supported (system, user, assistant)",
+                param=f"messages[{i}].role",
+            )
         clean.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "user" and m["content"].strip() for m in clean):
         raise ApiError(400, "the prompt is empty: send at least one user message with content", param="messages")
@@ -329,7 +404,12 @@ def chat_ids(messages, tokenizer) -> list[int]:
         rendered = tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=False)
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
     if len(clean) != 1:
-        raise ApiError(400, "this model has no chat template, so only one user message is supported", param="messages", code="unsupported")
+        raise ApiError(
+            400,
+            "this model has no chat template, so only one user message is supported",
+            param="messages",
+            code="unsupported",
+        )
     return tokenizer(clean[0]["content"], add_special_tokens=True)["input_ids"]
 
 
@@ -346,9 +426,15 @@ def usage(g) -> dict:
 def apar_stats(handle, g, branches: bool = False) -> dict:
     s = g.stats
     out = {
-        "steps": s.target_steps, "num_branches": s.num_branches, "mean_acceptance_length": s.mean_acceptance_length,
-        "accepted": s.accepted, "drafted": s.drafted, "draft_forwards": s.draft_forwards, "peak_live_kv": s.peak_live_kv,
-        "critical_path": s.critical_path, "answer_tokens": len(g.token_ids),
+        "steps": s.target_steps,
+        "num_branches": s.num_branches,
+        "mean_acceptance_length": s.mean_acceptance_length,
+        "accepted": s.accepted,
+        "drafted": s.drafted,
+        "draft_forwards": s.draft_forwards,
+        "peak_live_kv": s.peak_live_kv,
+        "critical_path": s.critical_path,
+        "answer_tokens": len(g.token_ids),
         "queue_wait_s": (handle.t_admit - handle.t_submit) if handle.t_admit else None,
         "ttft_s": (handle.t_first_token - handle.t_submit) if handle.t_first_token else None,
         "e2e_s": (handle.t_finish - handle.t_submit) if handle.t_finish else None,
@@ -366,7 +452,12 @@ def prometheus_text(engine: Engine, counters: ServerCounters) -> str:
         ("kv_live_slots", "gauge", "logical live KV slots of the running requests (after the last step)", s.live_kv),
         ("kv_live_slots_peak", "gauge", "peak logical live KV slots since start", s.peak_live_kv),
         ("kv_budget_slots", "gauge", "KV budget in slots (0 = unlimited)", engine.kv_budget or 0),
-        ("acceptance_length_mean", "gauge", "mean accepted drafts + bonus per branch-step (finished requests)", s.mean_acceptance_length),
+        (
+            "acceptance_length_mean",
+            "gauge",
+            "mean accepted drafts + bonus per branch-step (finished requests)",
+            s.mean_acceptance_length,
+        ),
         ("output_tokens_per_second", "gauge", "committed tokens per second over the last 10 s", s.tokens_per_s()),
         ("output_tokens_total", "counter", "committed tokens", s.output_tokens),
         ("steps_total", "counter", "target forwards (prefills included)", s.steps),

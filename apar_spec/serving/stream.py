@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from apar_spec.reassemble import BranchInfo, to_answer_tree
+from apar_spec.decoding.reassemble import BranchInfo, to_answer_tree
 from apar_spec.serving.engine import BranchDelta
-
 
 HOLD = 8
 
@@ -66,7 +65,11 @@ class TextStream:
             return b.finish is not None
 
         walk(self.branches[0])
-        infos = [BranchInfo(i, b.parent, b.fork_index, cut[i], b.finish) for i, b in sorted(self.branches.items()) if i in cut]
+        infos = [
+            BranchInfo(i, b.parent, b.fork_index, cut[i], b.finish)
+            for i, b in sorted(self.branches.items())
+            if i in cut
+        ]
         return to_answer_tree(infos, self._decode, self.fork_id, self.child_id).reassemble()
 
     def _decode(self, ids: list[int]) -> str:

@@ -18,6 +18,9 @@ Held-out split: a prompt belongs to ``"heldout"`` iff a stable hash of its text
 falls in the held-out bucket (10%), so held-out prompts never occur in ``"train"``
 (answers to them still reuse the training fragments: the held-out set measures
 generalisation to new prompt combinations, not new vocabulary).
+
+The literal tables (topics, templates, fillers, no-fork pools) are package data in
+``corpus_data.json`` next to this module; the code here only draws from them.
 """
 
 from __future__ import annotations
@@ -60,196 +63,57 @@ class Topic:
     titles: tuple[str, ...]
 
 
-def _topic(key: str, name: str, goal: str, titles: str) -> Topic:
-    return Topic(key, name, goal, tuple(t.strip() for t in titles.split(",")))
+# The literal tables (topics and their item titles, sentence templates, slot fillers, the
+# no-fork pools) live in corpus_data.json next to this module; the code below only draws.
+DATA_FILE = Path(__file__).with_name("corpus_data.json")
+_DATA = json.loads(DATA_FILE.read_text(encoding="utf-8"))
 
 
-TOPICS: tuple[Topic, ...] = (
-    _topic("sleep", "better sleep", "sleep better", "Fixed bedtime, Dark room, Fewer screens, Less caffeine, Cool bedroom, Daily exercise, Light dinner, Calm routine, Morning sunlight, Short naps"),
-    _topic("cooking", "cooking at home", "cook more at home", "Weekly menu, Simple recipes, Sharp knives, Batch cooking, Fresh herbs, Clean workspace, Spice rack, Taste often, Prep ahead, Leftover plans"),
-    _topic("money", "saving money", "save money", "Monthly budget, Automatic transfers, Cheaper groceries, Fewer subscriptions, Emergency fund, Price comparison, Home meals, Waiting period, Used items, Clear goals"),
-    _topic("language", "learning a language", "learn a new language", "Daily practice, Flash cards, Native speakers, Simple books, Language apps, Short lessons, Speaking aloud, Song lyrics, Travel plans, Grammar basics"),
-    _topic("gardening", "gardening", "start a garden", "Good soil, Sunny spot, Regular watering, Native plants, Compost pile, Mulch layer, Raised beds, Pest checks, Seasonal planting, Garden journal"),
-    _topic("running", "running", "run farther", "Proper shoes, Slow start, Rest days, Steady pace, Warm up, Stretching, Interval training, Running partner, Hydration, Training log"),
-    _topic("python", "learning Python", "learn Python", "Small projects, Official tutorial, Daily coding, Reading code, Clear names, Unit tests, Debugging skills, Online forums, Standard library, Code reviews"),
-    _topic("exams", "studying for exams", "study for exams", "Study schedule, Active recall, Practice tests, Short breaks, Quiet place, Study group, Clear notes, Enough sleep, Past papers, Teaching others"),
-    _topic("productivity", "staying productive", "get more done", "Task list, Single tasking, Time blocks, Fewer meetings, Clear priorities, Phone away, Early start, Regular breaks, Weekly review, Simple tools"),
-    _topic("reading", "reading more books", "read more books", "Daily habit, Library card, Book club, Short books, Reading list, Audio books, Quiet corner, Phone limits, Reading goals, Varied genres"),
-    _topic("eating", "healthy eating", "eat healthier", "More vegetables, Whole grains, Less sugar, Water first, Smaller plates, Home cooking, Healthy snacks, Meal planning, Slow eating, Food labels"),
-    _topic("strength", "strength training", "get stronger", "Proper form, Progressive load, Compound lifts, Rest days, Enough protein, Training plan, Warm up, Good coach, Tracking progress, Full range"),
-    _topic("stress", "managing stress", "reduce stress", "Deep breathing, Daily walks, Clear boundaries, Talking openly, Regular sleep, Less news, Simple hobbies, Time outdoors, Gratitude notes, Gentle exercise"),
-    _topic("speaking", "public speaking", "speak well in public", "Clear structure, Practice aloud, Know your audience, Slow pace, Eye contact, Simple slides, Strong opening, Deep breaths, Short stories, Honest feedback"),
-    _topic("travel", "traveling on a budget", "travel on a budget", "Off season, Flexible dates, Cheap flights, Public transport, Local food, Light packing, Shared rooms, Free tours, Travel cards, Price alerts"),
-    _topic("essays", "writing better essays", "write better essays", "Clear thesis, Short outline, Simple words, Strong examples, Active voice, Careful editing, Reading aloud, Good sources, Topic sentences, Fresh eyes"),
-    _topic("home", "organizing your home", "organize your home", "Daily tidy, Clear surfaces, Storage boxes, Fewer things, Labels, Donation bag, Closet sort, Cleaning schedule, Entry station, Family rules"),
-    _topic("remote", "working from home", "work well from home", "Dedicated desk, Fixed hours, Good chair, Video calls, Clear updates, Lunch break, Natural light, Quiet space, Daily plan, End ritual"),
-    _topic("guitar", "learning guitar", "learn the guitar", "Basic chords, Daily practice, Tuned strings, Slow songs, Metronome, Finger exercises, Good teacher, Recording yourself, Strumming patterns, Simple scales"),
-    _topic("interviews", "job interviews", "do well in job interviews", "Company research, Practice answers, Clear examples, Smart questions, Early arrival, Neat clothes, Calm voice, Thank you note, Honest answers, Good posture"),
-    _topic("water", "drinking more water", "drink more water", "Water bottle, Phone reminders, Glass at meals, Fruit slices, Morning glass, Tracking app, Herbal tea, Juicy foods, Fewer sodas, Drink before exercise"),
-    _topic("photos", "taking better photos", "take better photos", "Good light, Rule of thirds, Steady hands, Clean lens, Simple background, Close subjects, Many shots, Eye level, Editing basics, Natural poses"),
-    _topic("friends", "making new friends", "make new friends", "Shared hobbies, Local clubs, Regular meetups, Open questions, Good listening, Small favors, Follow up, Volunteer work, Kind words, Patience"),
-    _topic("cycling", "cycling to work", "cycle to work", "Safe route, Good helmet, Bright lights, Bike lock, Rain gear, Basic repairs, Spare tube, Change of clothes, Steady pace, Bike check"),
-    _topic("meditation", "meditation", "start meditating", "Short sessions, Quiet place, Same time, Breath focus, Guided audio, Comfortable posture, Gentle attention, Body scan, Meditation journal, Patience"),
-    _topic("kids_reading", "teaching kids to read", "help kids learn to read", "Daily reading, Picture books, Letter sounds, Library visits, Reading aloud, Word games, Favorite stories, Praise effort, Quiet time, Bedtime books"),
-    _topic("houseplants", "caring for houseplants", "care for houseplants", "Right light, Careful watering, Good drainage, Humidity, Occasional feeding, Dust leaves, Bigger pots, Pest checks, Rotate pots, Right plants"),
-    _topic("mornings", "waking up early", "wake up early", "Earlier bedtime, Distant alarm, Morning plan, Bright light, Slow change, No snooze, Evening routine, Morning walk, Fixed schedule, Small rewards"),
-    _topic("math", "learning math", "get better at math", "Basic facts, Daily problems, Worked examples, Show steps, Ask questions, Real examples, Check answers, Math games, Spaced practice, Patient review"),
-    _topic("green", "living more sustainably", "live more sustainably", "Less plastic, Reusable bags, Public transport, Local food, Energy saving, Repair items, Less meat, Shorter showers, Second hand, Composting"),
-    _topic("swimming", "learning to swim", "learn to swim", "Shallow water, Floating first, Breath control, Kick practice, Good teacher, Swim goggles, Short sessions, Arm strokes, Calm mind, Regular lessons"),
-    _topic("dogs", "caring for a dog", "care for a dog", "Daily walks, Good food, Fresh water, Vet visits, Basic training, Play time, Regular grooming, Safe toys, Clear rules, Quiet bed"),
-)
+def _table(name: str) -> tuple:
+    """A table of the data file as a tuple (rows as tuples), like the literals it replaced."""
+    return tuple(tuple(row) if isinstance(row, list) else row for row in _DATA[name])
+
+
+TOPICS: tuple[Topic, ...] = tuple(Topic(t["key"], t["name"], t["goal"], tuple(t["titles"])) for t in _DATA["topics"])
 
 # ------------------------------------------------------------------ shared fragments
 
-_BENEFITS = (
-    "builds a steady routine", "saves time and energy", "keeps you focused on what matters",
-    "lowers stress", "gives you quick feedback", "makes progress easy to see",
-    "helps you stay consistent", "removes a common obstacle", "turns a big goal into small steps",
-    "keeps your motivation high",
-)
-_FREQUENCIES = ("every day", "three times a week", "each morning", "every evening", "on weekends", "twice a week")
-_DURATIONS = ("ten minutes", "twenty minutes", "half an hour", "one hour", "fifteen minutes")
-_PERIODS = ("a week", "two weeks", "a month", "a few days", "three weeks")
+_BENEFITS = _table("benefits")
+_FREQUENCIES = _table("frequencies")
+_DURATIONS = _table("durations")
+_PERIODS = _table("periods")
 
-# Detail sentence 1 ties the item to the goal; sentence 2 gives practical advice.
-_WHY_SENTENCES = (
-    "Focusing on {t} makes it easier to {goal}.",
-    "Working on {t} is worth it because it {benefit}.",
-    "Caring about {t} helps because it {benefit}.",
-    "People who care about {t} often find it easier to {goal}.",
-    "If you want to {goal}, start with {t}.",
-    "Paying attention to {t} {benefit}.",
-)
-_HOW_SENTENCES = (
-    "Try it {freq} for {dur} at first.",
-    "Start with about {dur} {freq} and add more once it feels easy.",
-    "Most people notice a difference within {period} if they stay consistent.",
-    "Write down what you did so you can see your progress after {period}.",
-    "Ask a friend to join you, since that makes it easier to keep going.",
-    "Doing it {freq} matters more than doing it perfectly.",
-    "Set a reminder so you remember to do it {freq}.",
-    "Keep it simple and give yourself {period} to build the habit.",
-)
+# Detail sentence 1 ties the item to the goal ({t}, {goal}, {benefit}); sentence 2 gives practical advice.
+_WHY_SENTENCES = _table("why_sentences")
+_HOW_SENTENCES = _table("how_sentences")
 
 # (prompt template, noun used by the intro line)
-_LIST_PROMPTS = (
-    ("Give {n} tips for {name}.", "tips"),
-    ("List {n} ways to {goal}.", "ways"),
-    ("What are {n} ways to {goal}?", "ways"),
-    ("Name {n} steps to {goal}.", "steps"),
-    ("Suggest {n} ideas for {name}.", "ideas"),
-    ("List {n} reasons to {goal}.", "reasons"),
-    ("Share {n} habits that help you {goal}.", "habits"),
-    ("What are {n} simple tips to {goal}?", "tips"),
-)
-_INTROS = (
-    "Here are {n} {noun} for {name}:",
-    "Here are {n} {noun} to help you {goal}:",
-    "Sure! Here are {n} {noun} that can help you {goal}:",
-    "Try these {n} {noun} to {goal}:",
-)
-_OUTROS = (
-    "Start with one or two of these and build from there.",
-    "Small changes add up over time, so be patient.",
-    "Pick the ones that fit your life and stay consistent.",
-    "You do not need to do everything at once.",
-    "Try them for a few weeks and see what works for you.",
-)
+_LIST_PROMPTS: tuple[tuple[str, str], ...] = _table("list_prompts")
+_INTROS = _table("intros")
+_OUTROS = _table("outros")
 
-_EXPLAIN_PROMPTS = (
-    "Explain how to {goal}.",
-    "Why does {name} matter?",
-    "Tell me about {name}.",
-    "How can I {goal}?",
-    "Describe a good approach to {name}.",
-    "What should I know about {name}?",
-)
-_OPENING_SENTENCES = (
-    "{Name} is easier than it looks when you focus on a few basics.",
-    "Many people want to {goal}, but they are not sure where to begin.",
-    "{Name} is a skill that anyone can build with time.",
-)
-_MIDDLE_SENTENCES = (
-    "Another important part is {t}.",
-    "Next, pay attention to {t}.",
-    "It also helps to think about {t}.",
-    "Do not overlook {t}.",
-    "A second key idea is {t}.",
-)
-_CLOSING_SENTENCES = (
-    "Finally, be patient with yourself.",
-    "In the end, small steps add up.",
-    "Finally, remember that progress takes time.",
-)
+_EXPLAIN_PROMPTS = _table("explain_prompts")
+_OPENING_SENTENCES = _table("opening_sentences")
+_MIDDLE_SENTENCES = _table("middle_sentences")
+_CLOSING_SENTENCES = _table("closing_sentences")
 
 # ------------------------------------------------------------------ no-fork pools
 
 _OPERATIONS: tuple[tuple[str, Callable[[int, int], int]], ...] = (
-    ("plus", lambda a, b: a + b), ("minus", lambda a, b: a - b), ("times", lambda a, b: a * b),
+    ("plus", lambda a, b: a + b),
+    ("minus", lambda a, b: a - b),
+    ("times", lambda a, b: a * b),
 )
-_ARITHMETIC_PROMPTS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "How much is {a} {op} {b}?", "Calculate {a} {op} {b}.")
-_ARITHMETIC_ANSWERS = ("{a} {op} {b} is {c}.", "{a} {op} {b} equals {c}.")
-_CAPITALS = (
-    ("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
-    ("Canada", "Ottawa"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Norway", "Oslo"),
-    ("Greece", "Athens"), ("Portugal", "Lisbon"), ("Ireland", "Dublin"), ("Poland", "Warsaw"),
-    ("Austria", "Vienna"), ("Chile", "Santiago"), ("Thailand", "Bangkok"), ("Sweden", "Stockholm"),
-    ("Finland", "Helsinki"), ("Argentina", "Buenos Aires"),
-)
-_FACTS = (
-    ("How many days are in a week?", "There are seven days in a week."),
-    ("How many months are in a year?", "There are twelve months in a year."),
-    ("How many minutes are in an hour?", "There are sixty minutes in an hour."),
-    ("How many legs does a spider have?", "A spider has eight legs."),
-    ("What color is the sky on a clear day?", "The sky is blue on a clear day."),
-    ("At what temperature does water boil at sea level?", "Water boils at 100 degrees Celsius at sea level."),
-    ("At what temperature does water freeze?", "Water freezes at 0 degrees Celsius."),
-    ("What is the largest planet in our solar system?", "Jupiter is the largest planet in our solar system."),
-    ("What planet do we live on?", "We live on Earth."),
-    ("How many continents are there?", "There are seven continents."),
-    ("What gas do plants take in from the air?", "Plants take in carbon dioxide from the air."),
-    ("How many sides does a triangle have?", "A triangle has three sides."),
-    ("How many hours are in a day?", "There are twenty four hours in a day."),
-    ("What is the opposite of hot?", "The opposite of hot is cold."),
-    ("Which animal is known as the king of the jungle?", "The lion is known as the king of the jungle."),
-    ("What do bees make?", "Bees make honey."),
-)
-_STRING_VARS = ("s", "text", "word", "name", "line")
-_LIST_VARS = ("xs", "nums", "items", "values")
-_CODE = (
-    ("How do I reverse the string {s} in Python?", "Use `{s}[::-1]`."),
-    ("How do I make the string {s} upper case in Python?", "Use `{s}.upper()`."),
-    ("How do I remove spaces around the string {s} in Python?", "Use `{s}.strip()`."),
-    ("How do I split the string {s} into words in Python?", "Use `{s}.split()`."),
-    ("How do I turn the string {s} into an integer in Python?", "Use `int({s})`."),
-    ("How do I get the length of the list {xs} in Python?", "Use `len({xs})`."),
-    ("How do I sort the list {xs} in Python?", "Use `sorted({xs})`."),
-    ("How do I sum the list {xs} in Python?", "Use `sum({xs})`."),
-    ("How do I get the last item of the list {xs} in Python?", "Use `{xs}[-1]`."),
-    ("How do I find the largest number in the list {xs} in Python?", "Use `max({xs})`."),
-)
-_DEFINITIONS = (
-    ("habit", "a habit is something you do regularly, often without thinking about it"),
-    ("budget", "a budget is a plan for how you will spend and save your money"),
-    ("recipe", "a recipe is a list of ingredients and steps for making a dish"),
-    ("compost", "compost is decayed plant and food waste that feeds the soil"),
-    ("vocabulary", "vocabulary is the set of words a person knows and uses"),
-    ("posture", "posture is the way you hold your body when you sit or stand"),
-    ("metronome", "a metronome is a device that clicks at a steady beat to help musicians keep time"),
-    ("thesis", "a thesis is the main claim that an essay argues for"),
-    ("mulch", "mulch is a layer of material spread over soil to keep in moisture"),
-    ("protein", "protein is a nutrient the body uses to build and repair muscle"),
-    ("deadline", "a deadline is the latest time by which a task must be done"),
-    ("variable", "a variable is a name that refers to a value in a program"),
-    ("function", "a function is a named block of code that performs a task"),
-    ("fraction", "a fraction is a number that represents part of a whole"),
-    ("password", "a password is a secret word or phrase used to prove who you are"),
-    ("calendar", "a calendar is a chart that shows the days, weeks and months of a year"),
-    ("interval", "an interval is a period of time between two events"),
-    ("grammar", "grammar is the set of rules for how words are put together in a language"),
-)
-_DEFINITION_PROMPTS = ("What does the word {w} mean?", "Define {w} in one sentence.", "What is meant by {w}?")
-_KEY_PROMPTS = ("In one sentence, what is the key to {name}?", "What is the single most important thing for {name}?")
+_ARITHMETIC_PROMPTS = _table("arithmetic_prompts")
+_ARITHMETIC_ANSWERS = _table("arithmetic_answers")
+_CAPITALS: tuple[tuple[str, str], ...] = _table("capitals")  # (country, capital)
+_FACTS: tuple[tuple[str, str], ...] = _table("facts")  # (question, answer)
+_STRING_VARS = _table("string_vars")
+_LIST_VARS = _table("list_vars")
+_CODE: tuple[tuple[str, str], ...] = _table("code")  # (question, answer) with {s} / {xs}
+_DEFINITIONS: tuple[tuple[str, str], ...] = _table("definitions")  # (word, meaning)
+_DEFINITION_PROMPTS = _table("definition_prompts")
+_KEY_PROMPTS = _table("key_prompts")
 
 
 def _cap(s: str) -> str:
@@ -324,7 +188,11 @@ def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
     if op == "minus" and b > a:
         a, b = b, a
     slots = {"a": a, "b": b, "op": op, "c": fn(a, b)}
-    return rng.choice(_ARITHMETIC_PROMPTS).format(**slots), rng.choice(_ARITHMETIC_ANSWERS).format(**slots), "arithmetic"
+    return (
+        rng.choice(_ARITHMETIC_PROMPTS).format(**slots),
+        rng.choice(_ARITHMETIC_ANSWERS).format(**slots),
+        "arithmetic",
+    )
 
 
 def _fact(rng: random.Random) -> tuple[str, str, str]:

@@ -41,7 +41,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apar_spec.answer_tree import AnswerTree, ForkPoint
+from apar_spec.decoding.answer_tree import AnswerTree, ForkPoint
+from apar_spec.decoding.fork_rules import title_key
 
 MIN_LIST_ITEMS = 3
 MIN_PARAGRAPHS = 3
@@ -55,7 +56,9 @@ _TITLE_IS_SENTENCE = re.compile(r"[.!?]\s")
 _FENCE = re.compile(r"[ \t]*(```|~~~)")
 # A sentence ends at . ! ? (plus closing quotes/brackets) followed by whitespace.
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s)")
-_ABBREVIATIONS = frozenset({"e.g", "i.e", "vs", "mr", "mrs", "ms", "dr", "prof", "st", "fig", "approx", "cf", "jr", "sr"})
+_ABBREVIATIONS = frozenset(
+    {"e.g", "i.e", "vs", "mr", "mrs", "ms", "dr", "prof", "st", "fig", "approx", "cf", "jr", "sr"}
+)
 
 
 @dataclass(frozen=True)
@@ -206,11 +209,7 @@ def _details_tree(details: str, depth_left: int) -> AnswerTree:
 
 def _is_prose(content: str) -> bool:
     """A line that can belong to a forkable paragraph: not a list item, heading, table row or code."""
-    return not (
-        _MARKER.match(content)
-        or content.lstrip().startswith(("#", "|"))
-        or content.startswith(("    ", "\t"))
-    )
+    return not (_MARKER.match(content) or content.lstrip().startswith(("#", "|")) or content.startswith(("    ", "\t")))
 
 
 def _first_sentence_end(text: str, start: int, end: int) -> int | None:
@@ -276,19 +275,6 @@ def _tree_from_spans(text: str, spans: list[_Span]) -> AnswerTree:
         pos = span.end
     parts.append(text[pos:])
     return AnswerTree("".join(parts), forks)
-
-
-_LEADER = re.compile(r"^(?:\d{1,3}[.)]|[-*+•#>]+)\s*")
-
-
-def title_key(text: str) -> str | None:
-    """What two list titles are compared by: the text without a leading item number or
-    bullet, markdown emphasis, a closing colon, case and extra spaces; None if no letter or
-    digit is left (nothing to compare). The decoder's ``repeated_title`` rule and
-    :func:`cut_repeated_items` read titles the same way."""
-    t = _LEADER.sub("", text.strip())
-    t = " ".join(t.replace("*", " ").replace("_", " ").split()).rstrip(":").strip().lower()
-    return t if any(ch.isalnum() for ch in t) else None
 
 
 def cut_repeated_items(answer: str) -> str:
@@ -433,7 +419,11 @@ def convert_file(
             except _BadRow as e:
                 report.bad_rows.append((line_number, str(e)))
                 continue
-            tree = restructure(answer, max_depth=max_depth, whole_lead=whole_lead) if flags.get("restructure", True) else AnswerTree(answer)
+            tree = (
+                restructure(answer, max_depth=max_depth, whole_lead=whole_lead)
+                if flags.get("restructure", True)
+                else AnswerTree(answer)
+            )
             structured = bool(tree.forks)
             row = {"prompt": prompt, "answer": answer, "structured": structured, "tree": tree.to_dict()}
             if flags.get("open_end"):

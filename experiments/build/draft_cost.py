@@ -7,7 +7,7 @@ Every draft decodes the same prompts with ``apar+spec`` (or ``spec``); each call
 ``propose`` is timed, and the table gives the median milliseconds per call, per
 drafted token, and the target's median step time for scale.
 
-    python experiments/draft_cost.py --target smollm2-apar \
+    python experiments/build/draft_cost.py --target smollm2-apar \
         --drafts smollm2-heads,smollm2-heads@8192,smollm2-draft,smollm2-draft@8192
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 class TimedSpeculator:
@@ -44,11 +44,21 @@ class TimedSpeculator:
         return proposal
 
 
-def measure(target: str, drafts: list[str], prompts: list[str], *, mode: str, k: int, max_new_tokens: int,
-            dtype: str, repeats: int) -> list[dict]:
-    import apar_spec
+def measure(
+    target: str,
+    drafts: list[str],
+    prompts: list[str],
+    *,
+    mode: str,
+    k: int,
+    max_new_tokens: int,
+    dtype: str,
+    repeats: int,
+) -> list[dict]:
     from apar_spec.drafts import resolve_speculator
     from apar_spec.experiments.models import Loaded, encode_prompt
+
+    import apar_spec
 
     model, tok = apar_spec.load(target, dtype=dtype)
     ids = [encode_prompt(Loaded(target, model, tok), p) for p in prompts]
@@ -59,19 +69,34 @@ def measure(target: str, drafts: list[str], prompts: list[str], *, mode: str, k:
             steps: list[float] = []
             last = [time.perf_counter()]
 
-            def on_step(live, tc):
+            def on_step(live, tc, steps=steps, last=last):  # bound now: runs within this iteration
                 now = time.perf_counter()
                 steps.append(now - last[0])
                 last[0] = now
 
             for p in ids:
                 last[0] = time.perf_counter()
-                apar_spec.generate(model, tok, [p], mode=mode, draft=spec, num_draft_tokens=k, max_new_tokens=max_new_tokens,
-                                   on_step=on_step)
+                apar_spec.generate(
+                    model,
+                    tok,
+                    [p],
+                    mode=mode,
+                    draft=spec,
+                    num_draft_tokens=k,
+                    max_new_tokens=max_new_tokens,
+                    on_step=on_step,
+                )
             if rep:
-                rows.append({"draft": name, "repeat": rep, "propose_ms": 1e3 * statistics.median(spec.calls),
-                             "per_drafted_ms": 1e3 * sum(spec.calls) / max(1, spec.drafted),
-                             "step_ms": 1e3 * statistics.median(steps), "calls": len(spec.calls)})
+                rows.append(
+                    {
+                        "draft": name,
+                        "repeat": rep,
+                        "propose_ms": 1e3 * statistics.median(spec.calls),
+                        "per_drafted_ms": 1e3 * sum(spec.calls) / max(1, spec.drafted),
+                        "step_ms": 1e3 * statistics.median(steps),
+                        "calls": len(spec.calls),
+                    }
+                )
     return rows
 
 
@@ -88,18 +113,35 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     prompts = ["How can I improve my time management skills?", "What are the benefits of regular exercise?"]
-    rows = measure(args.target, [d.strip() for d in args.drafts.split(",") if d.strip()], prompts, mode=args.mode,
-                   k=args.k, max_new_tokens=args.max_new_tokens, dtype=args.dtype, repeats=args.repeats)
+    rows = measure(
+        args.target,
+        [d.strip() for d in args.drafts.split(",") if d.strip()],
+        prompts,
+        mode=args.mode,
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype,
+        repeats=args.repeats,
+    )
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("draft", "propose ms (median)", "ms per drafted token", "target step ms (median)",
-                  title=f"{args.target}, {args.mode}, k={args.k}, {args.dtype}, {args.threads} threads, "
-                        f"median of {args.repeats} rounds", header_style="bold")
+    table = Table(
+        "draft",
+        "propose ms (median)",
+        "ms per drafted token",
+        "target step ms (median)",
+        title=f"{args.target}, {args.mode}, k={args.k}, {args.dtype}, {args.threads} threads, "
+        f"median of {args.repeats} rounds",
+        header_style="bold",
+    )
     table.columns[0].no_wrap = True  # draft names such as smollm2-heads@8192 stay whole
     for name in dict.fromkeys(r["draft"] for r in rows):
         mine = [r for r in rows if r["draft"] == name]
-        table.add_row(name, *(f"{statistics.median(r[key] for r in mine):.2f}" for key in ("propose_ms", "per_drafted_ms", "step_ms")))
+        table.add_row(
+            name,
+            *(f"{statistics.median(r[key] for r in mine):.2f}" for key in ("propose_ms", "per_drafted_ms", "step_ms")),
+        )
     Console().print(table)
 
 

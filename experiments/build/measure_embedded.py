@@ -1,6 +1,6 @@
 """Measure the embedded APAR model on held-out prompts (issue: embedded default models).
 
-    python -m apar_spec.experiments.measure_embedded --lists 200 --others 100 --speed 20
+    python -m apar_spec.experiments.build.measure_embedded --lists 200 --others 100 --speed 20
 
 Reports, in one run:
 - how often ``tiny-apar`` forks on held-out list prompts and on non-list prompts
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import apar_spec
-from apar_spec.corpus import make_corpus
+from apar_spec.training.corpus import make_corpus
 
 _ITEM = re.compile(r"^\s*(\d+)\.\s*([^:\n]*):?", re.M)
 
@@ -75,11 +75,15 @@ class Summary:
 
 def chat(tokenizer, prompt: str) -> str:
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
     return prompt
 
 
-def measure(lists: int, others: int, explains: int, speed: int, max_new_tokens: int, seed: int, batch_size: int) -> Summary:
+def measure(
+    lists: int, others: int, explains: int, speed: int, max_new_tokens: int, seed: int, batch_size: int
+) -> Summary:
     apar_model, apar_tok = apar_spec.load("tiny-apar")
     base_model, base_tok = apar_spec.load("tiny-base")
     s = Summary()
@@ -116,7 +120,13 @@ def measure(lists: int, others: int, explains: int, speed: int, max_new_tokens: 
     if speed:
         s.speed_prompts = speed
         timing = time_one_by_one(apar_model, apar_tok, base_model, base_tok, held_lists[:speed], max_new_tokens)
-        s.apar_tokens_per_s, s.base_ar_tokens_per_s, s.base_hf_tokens_per_s, s.apar_vs_base_ar_speedup, s.apar_vs_base_hf_speedup = timing
+        (
+            s.apar_tokens_per_s,
+            s.base_ar_tokens_per_s,
+            s.base_hf_tokens_per_s,
+            s.apar_vs_base_ar_speedup,
+            s.apar_vs_base_hf_speedup,
+        ) = timing
     return s
 
 
@@ -136,11 +146,17 @@ def time_one_by_one(apar_model, apar_tok, base_model, base_tok, exs, max_new_tok
         g = apar_spec.generate(model, tok, [chat(tok, prompt)], mode=mode, max_new_tokens=max_new_tokens)[0]
         return time.perf_counter() - t0, g.stats.tokens_generated
 
-    ours(apar_model, apar_tok, exs[0].prompt, "apar"), ours(base_model, base_tok, exs[0].prompt, "ar"), hf(exs[0].prompt)  # warm-up
+    (
+        ours(apar_model, apar_tok, exs[0].prompt, "apar"),
+        ours(base_model, base_tok, exs[0].prompt, "ar"),
+        hf(exs[0].prompt),
+    )  # warm-up
     for ex in exs:
-        for name, fn in (("apar", lambda: ours(apar_model, apar_tok, ex.prompt, "apar")),
-                         ("ar", lambda: ours(base_model, base_tok, ex.prompt, "ar")),
-                         ("hf", lambda: hf(ex.prompt))):
+        for name, fn in (
+            ("apar", lambda ex=ex: ours(apar_model, apar_tok, ex.prompt, "apar")),
+            ("ar", lambda ex=ex: ours(base_model, base_tok, ex.prompt, "ar")),
+            ("hf", lambda ex=ex: hf(ex.prompt)),
+        ):
             wall, n = fn()
             walls[name].append(wall)
             rates[name].append(n / wall)

@@ -1,6 +1,6 @@
 """Self-distilled answers: SmolLM2 answers our own training prompts, greedily, through our decoder.
 
-    python experiments/smollm2_data.py --out /work/smol_runs/answers.jsonl --threads 2
+    python experiments/build/smollm2_data.py --out /work/smol_runs/answers.jsonl --threads 2
 
 Why self-distillation (as Medusa's): the APAR model is fine-tuned on its base's own
 answers, restructured, so it learns *where* to fork without drifting from the base
@@ -23,16 +23,18 @@ from pathlib import Path
 import torch
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from apar_spec.experiments.smollm2_prompts import TrainPrompt, training_prompts
+from apar_spec.experiments.build.smollm2_prompts import TrainPrompt, training_prompts
 
 MAX_NEW_TOKENS = {"list": 320, "short": 128}
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:
     """The prompt as the instruct model expects it: its chat template, generation prompt added."""
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
@@ -87,23 +89,48 @@ def generate_answers(
     ids = {p.id: chat_ids(tokenizer, p.text) for p in todo}
     batches = _interleaved_batches(todo, batch_size)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    bar = Progress(TextColumn("[bold]answers[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress)
+    bar = Progress(
+        TextColumn("[bold]answers[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not progress,
+    )
     t0, tokens = time.perf_counter(), 0
     with bar, out.open("a", encoding="utf-8") as f:
         task = bar.add_task("gen", total=len(prompts), completed=len(prompts) - len(todo), rate="")
         for batch in batches:
             kind = batch[0].kind
             gens = apar_spec.generate(
-                model, tokenizer, [ids[p.id] for p in batch], mode="ar",
-                max_new_tokens=MAX_NEW_TOKENS[kind], batch_size=len(batch),
+                model,
+                tokenizer,
+                [ids[p.id] for p in batch],
+                mode="ar",
+                max_new_tokens=MAX_NEW_TOKENS[kind],
+                batch_size=len(batch),
             )
             for p, g in zip(batch, gens):
                 finish = g.branches[0].finish
-                row = {"id": p.id, "kind": p.kind, "style": p.style, "prompt": p.text, "answer": g.text.strip(),
-                       "tokens": len(g.token_ids), "finish": finish}
+                row = {
+                    "id": p.id,
+                    "kind": p.kind,
+                    "style": p.style,
+                    "prompt": p.text,
+                    "answer": g.text.strip(),
+                    "tokens": len(g.token_ids),
+                    "finish": finish,
+                }
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 tokens += len(g.token_ids)
             f.flush()
