@@ -17,7 +17,7 @@ from apar_spec.experiments.quality import run_quality
 from apar_spec.options import DecodeOptions
 
 from .errors import fail, handle_errors
-from .options import RepeatedTitle, default, model_option, with_groups
+from .options import ForkGate, RepeatedTitle, default, model_option, with_groups
 from .output import print_json, stdout_console
 from .progress import ensure_packaged_base
 
@@ -83,14 +83,7 @@ def quality(
         ),
     ] = None,
     repeated_title: RepeatedTitle = None,
-    fork_gate: Annotated[
-        Optional[float],
-        typer.Option(
-            "--fork-gate",
-            help="The fork router's threshold: a prompt it scores under it as wanting a list decodes without forks. "
-            "Default: the target's router's own (none: no gate); 0 turns it off.",
-        ),
-    ] = None,
+    fork_gate: ForkGate = None,
     control_dtype: Annotated[
         Optional[str],
         typer.Option(

@@ -22,7 +22,7 @@ from apar_spec.options import DecodeOptions, given
 from apar_spec.serving import Engine
 
 from .errors import fail, handle_errors
-from .options import MODEL_HELP, RepeatedTitle, check_mode, default, model_option, with_groups
+from .options import MODEL_HELP, ForkBias, ForkGate, RepeatedTitle, check_mode, default, model_option, with_groups
 from .output import stdout_console
 from .progress import ensure_packaged_base
 
@@ -68,23 +68,9 @@ def serve_command(
     served_name: Annotated[
         Optional[str], typer.Option("--served-model-name", help="Model name clients send (default: --model).")
     ] = None,
-    fork_bias: Annotated[
-        Optional[float],
-        typer.Option(
-            "--fork-bias",
-            help="Added to the [Fork] logit where a fork would spawn a child (more forks > 0 > fewer). Default: the "
-            "model's recorded one, else 0.",
-        ),
-    ] = None,
+    fork_bias: ForkBias = None,
     repeated_title: RepeatedTitle = None,
-    fork_gate: Annotated[
-        Optional[float],
-        typer.Option(
-            "--fork-gate",
-            help="The fork router's threshold: a prompt the model's router scores under it decodes without forks. "
-            "Default: the router's own (no router: no gate); 0 turns it off.",
-        ),
-    ] = None,
+    fork_gate: ForkGate = None,
     dtype: Dtype = None,
     device: Device = None,
     threads: Threads = None,
