@@ -21,6 +21,7 @@ import typer
 from .bench_cmds import bench, report, sweep
 from .costs import costs_app
 from .drafts_cmds import drafts_app
+from .export_cmd import export_command
 from .generate_cmd import generate
 from .heads import train_heads
 from .quality import quality
@@ -47,6 +48,7 @@ app.command("fit-router")(fit_router_command)
 app.command("serve")(serve_command)
 app.command("load-bench")(load_bench_command)
 app.command("quality")(quality)
+app.command("export")(export_command)
 
 
 def main() -> None:
