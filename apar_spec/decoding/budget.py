@@ -21,10 +21,12 @@ def apply_budget(r: Request) -> None:
     "budget", and a child whose [Fork] was cut is dropped from the answer. Branches
     that sample before the cut go on, so plain APAR's tokens are all sampled."""
     live = [b for b in r.branches if not b.dropped]
-    r.budget = max(0, r.limit - sum(b.sampled for b in live))
-    r.cutoff = clock.cutoff(live, r.limit)
-    if r.cutoff is None:
+    sampled = sum(b.sampled for b in live)
+    r.budget = max(0, r.limit - sampled)
+    if sampled < r.limit:  # the common case, every step until the budget binds: nothing to cut
+        r.cutoff = None
         return
+    r.cutoff = clock.cutoff(live, r.limit)
     for b in live:  # parents come before children
         if b.parent is not None:
             parent = r.branches[b.parent]

@@ -110,14 +110,14 @@ def canonical_list_order(ex: Example) -> Example:
     return replace(ex, answer="\n".join(lines))
 
 
-def base_config(vocab_size: int):
+def _llama_config(vocab_size: int, hidden: int, intermediate: int, layers: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=1024,
@@ -126,24 +126,14 @@ def base_config(vocab_size: int):
         eos_token_id=1,
         bos_token_id=None,
     )
+
+
+def base_config(vocab_size: int):
+    return _llama_config(vocab_size, hidden=256, intermediate=704, layers=4)
 
 
 def draft_config(vocab_size: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=320,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
+    return _llama_config(vocab_size, hidden=128, intermediate=320, layers=2)
 
 
 def non_embedding_parameters(model) -> int:
