@@ -34,8 +34,9 @@ import torch
 
 from apar_spec.decoding import budget as token_budget
 from apar_spec.decoding import clock
+from apar_spec.decoding.commit import Committer
 from apar_spec.decoding.draft_tree import TreeShape, chain, parse_tree, prune_tree
-from apar_spec.decoding.fork_rules import ForkRules, cut_to_last_line, open_segment_start
+from apar_spec.decoding.fork_rules import ForkRules
 from apar_spec.decoding.sampling import SamplingConfig, rejection_accept, sample, to_probs, tree_accept_path
 from apar_spec.decoding.speculator import BranchView, Outcome, Proposal, Speculator
 from apar_spec.decoding.state import Branch, DecodeResult, Request, output_branches
@@ -79,6 +80,7 @@ class Decoder:
         self.branch_cap = opts.max_branch_tokens or opts.max_new_tokens
         self.rules = ForkRules(opts, apar, fork_enabled, self.branch_cap)
         self.max_pos = getattr(model.config, "max_position_embeddings", None)
+        self.committer = Committer(self.rules, eos_ids, self.max_pos, draft_k=opts.num_draft_tokens)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         if isinstance(opts.tree, str) and opts.tree.strip() == "auto":
             raise ValueError(
@@ -382,65 +384,14 @@ class Decoder:
         return int(torch.multinomial(probs.float(), 1, generator=self.generator)[0])
 
     def commit_tokens(self, r: Request, b: Branch, new_tokens: list[int], fed_nodes: list[int]) -> None:
-        """Append tokens to a branch; spawn children at [Fork]; end at EOS or a cap.
-        The request's token budget is applied after the step (``apply_budget``)."""
+        """Append tokens to a branch; spawn children at [Fork]; end at EOS or a cap
+        (``commit.Committer``). The request's token budget is applied after the step
+        (``apply_budget``)."""
         b.nodes.extend(fed_nodes)
-        for tok in new_tokens:
-            b.tokens.append(tok)
-            b.sampled += 1
-            is_fork = self.apar is not None and tok == self.apar.fork_id
-            if is_fork and self.rules.ends_at_cap(b):
-                b.finish = "depth"
-                b.cut = cut_to_last_line(b.tokens, self.apar.line_break_ids, start=1)
-            elif is_fork and self.rules.repeats_title(b):
-                b.finish = "repeat"
-                start = open_segment_start(
-                    b.tokens, self.apar.line_break_ids, self.apar.fork_id, 1 if b.is_child else 0, len(b.tokens) - 1
-                )
-                b.cut = b.tokens[start:]
-                del b.tokens[start:]
-            elif is_fork:
-                self.spawn_child(r, b)
-            b.finish = b.finish or self.end_reason(r, b, tok)
-            if b.finish is not None:
-                b.active = False
-                break
+        self.committer.commit(r, b, new_tokens)
         # Accepted drafts after a cut (EOS/cap) are not the branch's: keep nodes consistent.
         del b.nodes[len(b.tokens) :]
         del b.logits[b.generated :]
-
-    def end_reason(self, r: Request, b: Branch, tok: int) -> Optional[str]:
-        """Why the branch ends at its newest token ``tok``, or None."""
-        if tok in self.eos_ids:
-            return "eos"
-        if b.generated >= self.branch_cap:
-            return "length"
-        if self.max_pos is not None and len(r.prompt) + self.depth(r, b, len(b.tokens)) >= self.max_pos:
-            return "context"
-        return None
-
-    def depth(self, r: Request, b: Branch, upto: int) -> int:
-        """Nodes between the prompt and ``b.tokens[upto - 1]`` (itself included): its position - prompt length + 1."""
-        if b.parent is None:
-            return upto
-        return self.depth(r, r.branches[b.parent], b.fork_index + 1) + upto
-
-    def spawn_child(self, r: Request, parent: Branch) -> None:
-        parent.forks += 1
-        base, order = clock.child_clock(parent, len(parent.tokens) - 1)
-        child = Branch(
-            base=base,
-            order=order,
-            id=len(r.branches),
-            parent=parent.id,
-            fork_index=len(parent.tokens) - 1,
-            level=parent.level + 1,
-            tokens=[self.apar.child_id],
-            k=self.opts.num_draft_tokens,
-            is_child=True,
-        )
-        r.branches.append(child)
-        r.queue.append(child.id)
 
     def settled(self, r: Request) -> dict[int, tuple[int, bool]]:
         """What a stream may send of each branch (``budget.settled``)."""

@@ -84,6 +84,7 @@ class StreamEvent:
     finished: bool = False
     generation: Any = None  # apar_spec.api.Generation, on the last event
     error: Optional[str] = None  # the engine failed this request (it keeps serving the others)
+    error_status: int = 500  # the HTTP status of that failure (502/503: an upstream's)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class RequestHandle:
     closed: set[int] = field(default_factory=set)  # branch ids whose finish was streamed
     draft_forwards0: int = 0
     final_deltas: list = field(default_factory=list)  # committed in the request's last step
+    upstream: Optional[dict] = None  # over an upstream (``upstream.py``): replica, child start latencies
 
     def deliver(self, event: StreamEvent) -> bool:
         """Hand an event to the client; False if its callback failed (e.g. its event loop
@@ -162,6 +164,50 @@ class EngineStats:
             return 0.0
         span = now - pts[0][0]
         return sum(n for _, n in pts[1:]) / span if span > 0 else 0.0
+
+
+def settled_deltas(r: Request, h: RequestHandle, done: dict[int, tuple[int, bool]]) -> tuple[list[BranchDelta], int]:
+    """What ``r``'s client has not been sent yet of its settled tokens (``done``:
+    ``budget.settled``; a stream never takes tokens back), numbered as results number
+    branches; marks it sent on ``h``. Returns the deltas and how many output tokens they
+    hold (a child's forced ``[Child]`` is not one)."""
+    ids = canonical_ids(r.branches)
+    deltas, n_total = [], 0
+    for b in r.branches:
+        if b.id not in done:
+            continue
+        sent = h.emitted.get(b.id, 0)
+        n, final = done[b.id]
+        if n > sent or (final and b.id not in h.closed):
+            parent = None if b.parent is None else ids[b.parent]
+            deltas.append(BranchDelta(ids[b.id], parent, b.fork_index, b.tokens[sent:n], b.finish if final else None))
+            n_total += n - sent - (1 if b.is_child and sent == 0 else 0)
+            h.emitted[b.id] = n
+            if final:
+                h.closed.add(b.id)
+    return deltas, n_total
+
+
+def check_request(
+    opts: DecodeOptions, prompt_ids: list[int], max_new_tokens: Optional[int], vocab: int, max_pos: Optional[int]
+) -> int:
+    """The checks every serving engine makes of a request before it runs (one home for
+    their messages); returns its max_new_tokens. Raises ``RequestError``."""
+    m = opts.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if not prompt_ids:
+        raise RequestError("the prompt is empty")
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise RequestError(f"max_tokens must be a positive integer (got {m!r})")
+    if m > opts.max_new_tokens:
+        raise RequestError(f"max_tokens={m} is more than this server allows ({opts.max_new_tokens}); ask for fewer")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab]
+    if bad:
+        raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+    if max_pos is not None and len(prompt_ids) >= max_pos:
+        raise RequestError(
+            f"the prompt has {len(prompt_ids)} tokens, more than the model's context of {max_pos - 1}; shorten it"
+        )
+    return m
 
 
 class Engine:
@@ -248,24 +294,7 @@ class Engine:
 
     def check(self, prompt_ids: list[int], max_new_tokens: Optional[int] = None) -> int:
         """Validate a request without submitting it; returns its max_new_tokens. Raises ``RequestError``."""
-        m = self.opts.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if not prompt_ids:
-            raise RequestError("the prompt is empty")
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise RequestError(f"max_tokens must be a positive integer (got {m!r})")
-        if m > self.opts.max_new_tokens:
-            raise RequestError(
-                f"max_tokens={m} is more than this server allows ({self.opts.max_new_tokens}); ask for fewer"
-            )
-        vocab = self.decoder.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-        if self.max_pos is not None and len(prompt_ids) >= self.max_pos:
-            raise RequestError(
-                f"the prompt has {len(prompt_ids)} tokens, more than the model's context of {self.max_pos - 1}; "
-                f"shorten it"
-            )
+        m = check_request(self.opts, prompt_ids, max_new_tokens, self.decoder.vocab_size, self.max_pos)
         need = self.need_of(len(prompt_ids), m)
         if self.kv_budget is not None and need > self.kv_budget:
             raise RequestError(
@@ -434,23 +463,8 @@ class Engine:
         n_total = 0
         for r in requests:
             h = self._handles[r.index]
-            deltas = []
-            settled = self.decoder.settled(r)  # a stream never takes tokens back
-            ids = canonical_ids(r.branches)  # streams number branches as results do
-            for b in r.branches:
-                if b.id not in settled:
-                    continue
-                sent = h.emitted.get(b.id, 0)
-                n, final = settled[b.id]
-                if n > sent or (final and b.id not in h.closed):
-                    parent = None if b.parent is None else ids[b.parent]
-                    deltas.append(
-                        BranchDelta(ids[b.id], parent, b.fork_index, b.tokens[sent:n], b.finish if final else None)
-                    )
-                    n_total += n - sent - (1 if b.is_child and sent == 0 else 0)  # forced [Child] is not output
-                    h.emitted[b.id] = n
-                    if final:
-                        h.closed.add(b.id)
+            deltas, n_new = settled_deltas(r, h, self.decoder.settled(r))
+            n_total += n_new
             if deltas and h.t_first_token is None:
                 h.t_first_token = now
             if r.done:

@@ -173,7 +173,7 @@ def create_app(
             engine.cancel(handle)
             raise
         if event.error is not None:
-            raise ApiError(500, event.error, kind="server_error")
+            raise ApiError(event.error_status, event.error, kind="server_error")
         g = event.generation
         choice = {"index": 0, "finish_reason": finish_reason(g)}
         if chat:
@@ -439,6 +439,8 @@ def apar_stats(handle, g, branches: bool = False) -> dict:
         "ttft_s": (handle.t_first_token - handle.t_submit) if handle.t_first_token else None,
         "e2e_s": (handle.t_finish - handle.t_submit) if handle.t_finish else None,
     }
+    if getattr(handle, "upstream", None) is not None:
+        out["upstream"] = handle.upstream
     if branches:
         out["branches"] = [b.to_dict() for b in g.branches]
     return out
