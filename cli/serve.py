@@ -68,6 +68,14 @@ def serve_command(
     served_name: Annotated[
         Optional[str], typer.Option("--served-model-name", help="Model name clients send (default: --model).")
     ] = None,
+    upstream: Annotated[
+        Optional[str],
+        typer.Option(
+            "--upstream",
+            help="Run APAR on OpenAI-compatible servers (vLLM) at URL[,URL...] serving an `apar-spec export` of "
+            "--model; several URLs are replicas (each request goes to the least loaded). Without it: our own engine.",
+        ),
+    ] = None,
     fork_bias: ForkBias = None,
     repeated_title: RepeatedTitle = None,
     fork_gate: ForkGate = None,
@@ -90,6 +98,14 @@ def serve_command(
     from .output import quiet_transformers
 
     check_mode(mode)
+    urls = [u.strip() for u in (upstream or "").split(",") if u.strip()]
+    if upstream is not None and not urls:
+        fail("--upstream needs at least one URL, e.g. http://127.0.0.1:8100")
+    for u in urls:
+        if not u.startswith(("http://", "https://")):
+            fail(f"--upstream URL '{u}' must start with http:// or https://")
+    if urls and (kv_budget is not None or draft):
+        fail("--kv-budget and --draft are our own engine's; with --upstream the upstream budgets KV and speculates")
     if draft and "spec" not in mode:
         fail(f"--draft is only used by --mode spec or apar+spec (got --mode {mode})")
     if not 0 < port < 65536:
@@ -104,6 +120,28 @@ def serve_command(
     draft_arg = None
     if "spec" in mode:
         draft_arg = resolve_draft(draft or default_draft(model), loaded, loaded, dtype=dtype, device=device).arg
+    if urls:
+        from apar_spec.serving.upstream import UpstreamEngine
+
+        with torch_threads(threads, str(loaded.model.device)):
+            up = UpstreamEngine(
+                loaded.model,
+                loaded.tokenizer,
+                urls,
+                mode=mode,
+                max_new_tokens=max_tokens,
+                temperature=temperature,
+                **decode,
+            ).start()
+            err = stdout_console(stderr=True)
+            err.print(
+                f"serving {served_name or model} ({mode}) on http://{host}:{port} over {', '.join(urls)}", markup=False
+            )
+            try:
+                serve_app(create_app(up, served_name or model), host, port)
+            finally:
+                up.stop()
+        return
     with torch_threads(threads, str(loaded.model.device)):
         engine = Engine(
             loaded.model,
@@ -133,10 +171,12 @@ def serve_command(
 @with_groups
 def load_bench_command(
     url: Annotated[
-        Optional[str],
+        Optional[list[str]],
         typer.Option(
             "--url",
-            help="A running `apar-spec serve` (e.g. http://127.0.0.1:8000): measure over HTTP. Default: in process.",
+            help="Measure running OpenAI-compatible servers over HTTP instead of in process: label=URL or URL, "
+            "repeatable (e.g. --url ar=http://127.0.0.1:8100 --url apar=http://127.0.0.1:8000 compares vLLM AR with "
+            "APAR through `serve --upstream` on the same prompts and arrivals).",
         ),
     ] = None,
     model: Annotated[
@@ -226,18 +266,21 @@ def load_bench_command(
         dtype=dtype,
         device=device,
         threads=threads,
-        url=url,
+        urls=tuple(url or ()),
         check_offline=check_offline,
         timeout_s=timeout,
     )
     if url:
+        from apar_spec.experiments.load_bench import parse_urls
+
+        parse_urls(url)  # a bad --url: one line before anything loads
         try:
             import httpx  # noqa: F401
         except ImportError:
             fail("--url needs httpx: pip install httpx")
     quiet_transformers()
-    if not url:  # a server elsewhere loads its own model
-        ensure_packaged_base(stdout_console(stderr=True), model, base, draft)
+    # a server elsewhere loads its own model; over --url only the HF generate marker's baseline loads here
+    ensure_packaged_base(stdout_console(stderr=True), model, base, None if url else draft)
     console = stdout_console()
     err = stdout_console(stderr=True)
     rows = load_bench(settings, progress=None if as_json else (lambda msg: err.print(msg, markup=False)))

@@ -64,7 +64,10 @@ class LoadSettings:
     dtype: Optional[str] = None
     device: Optional[str] = None
     threads: Optional[int] = None
-    url: Optional[str] = None  # a running `apar-spec serve`: measure through HTTP
+    # running OpenAI-compatible servers to measure through HTTP instead of in process, each
+    # "label=URL" or a bare URL (labelled by its position): vLLM itself, `apar-spec serve`
+    # (with or without --upstream); all on the same prompts and arrival schedule
+    urls: Sequence[str] = ()
     check_offline: bool = True
     timeout_s: float = 600.0  # per (mode, rate): a run that takes longer is an error, not a hang
 
@@ -82,6 +85,8 @@ class RequestRecord:
     ok: bool
     error: Optional[str] = None
     token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # the answer as streamed (over HTTP)
+    child_start_s: list[float] = field(default_factory=list)  # [Fork] -> child's first token (APAR over an upstream)
 
     @property
     def tpot_s(self) -> Optional[float]:
@@ -117,6 +122,7 @@ class LoadRow:
     lossless: Optional[float]  # share of requests whose output == offline (None: not checked)
     source: str  # "in-process" | url
     hf_generate_tok_s: Optional[float] = None
+    child_start_p50: Optional[float] = None  # s from a [Fork] to its child's first token (APAR over an upstream)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -194,6 +200,7 @@ def summarize(
         mean_branches=statistics.fmean([r.branches for r in ok]) if ok else 0.0,
         lossless=lossless,
         source=source,
+        child_start_p50=percentile([c for r in ok for c in r.child_start_s], 0.5),
     )
 
 
@@ -236,9 +243,41 @@ def run_in_process(
 
 
 # ------------------------------------------------------------------ over HTTP
+def parse_urls(items: Sequence[str]) -> list[tuple[str, str]]:
+    """``label=URL`` or bare URLs -> (label, url); a bad item is a one-line ValueError."""
+    out: list[tuple[str, str]] = []
+    for i, item in enumerate(items):
+        label, sep, url = item.partition("=")
+        if not sep:
+            label, url = f"url{i + 1}" if len(items) > 1 else "server", item
+        label, url = label.strip(), url.strip().rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"--url '{item}' is not a URL (give http://HOST:PORT or label=http://HOST:PORT)")
+        if not label or label in {x for x, _ in out}:
+            raise ValueError(f"--url labels must be distinct and non-empty (got '{label}')")
+        out.append((label, url))
+    return out
+
+
+def read_chunk(chunk: dict) -> tuple[str, int]:
+    """The answer text a standard OpenAI stream chunk carries (chat ``delta.content`` or
+    completion ``text``) and how many token ids it names (vLLM's ``token_ids``, else 0)."""
+    text, n = "", 0
+    for c in chunk.get("choices") or []:
+        delta = c.get("delta")
+        text += (delta.get("content") or "") if isinstance(delta, dict) else (c.get("text") or "")
+        n += len(c.get("token_ids") or [])
+    return text, n
+
+
 async def _one_http(
     client, url: str, model: str, pid: str, text: str, max_tokens: int, at: float, start: float
 ) -> RequestRecord:
+    """One streamed chat request. Read from the standard stream, so any OpenAI-compatible
+    server is measured alike: TTFT at the first chunk with answer text, tokens from
+    ``usage`` (``stream_options.include_usage``); our servers' ``apar`` fields, where
+    present, give the answer tokens in reading order (control tokens excluded), branches,
+    queue wait and child start latencies."""
     delay = start + at - time.perf_counter()
     if delay > 0:
         await asyncio.sleep(delay)
@@ -246,11 +285,13 @@ async def _one_http(
         "model": model,
         "messages": [{"role": "user", "content": text}],
         "max_tokens": max_tokens,
+        "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
     t0 = time.perf_counter()
-    ttft, final, usage_, error = None, None, None, None
+    ttft, final, usage_, error, finished = None, None, None, None, False
+    parts: list[str] = []
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
@@ -262,35 +303,41 @@ async def _one_http(
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
                         error = chunk["error"].get("message")
-                    if ttft is None and chunk.get("apar", {}).get("tokens"):
-                        ttft = time.perf_counter() - t0  # first committed token reached the client
+                    piece, _ = read_chunk(chunk)
+                    parts.append(piece)
+                    if ttft is None and (piece or chunk.get("apar", {}).get("tokens")):
+                        ttft = time.perf_counter() - t0  # first answer token reached the client
                     if chunk.get("usage"):
                         usage_ = chunk["usage"]
                     if chunk.get("choices") and chunk["choices"][0].get("finish_reason"):
-                        final = chunk.get("apar", {})
+                        finished = True
+                        final = chunk.get("apar")
     except Exception as err:  # a lost request is a result, not a crash of the bench
         error = f"{type(err).__name__}: {err}"
     e2e = time.perf_counter() - t0
-    ok = error is None and final is not None
+    ok = error is None and finished
+    generated = (usage_ or {}).get("completion_tokens", 0)
     return RequestRecord(
         prompt_id=pid,
         arrival_s=at,
         ttft_s=ttft,
         e2e_s=e2e,
         queue_wait_s=(final or {}).get("queue_wait_s"),
-        output_tokens=(final or {}).get("answer_tokens", 0),
-        generated_tokens=(usage_ or {}).get("completion_tokens", 0),
-        branches=(final or {}).get("num_branches", 0),
+        output_tokens=(final or {}).get("answer_tokens", generated),
+        generated_tokens=generated,
+        branches=(final or {}).get("num_branches", 1),
         ok=ok,
         error=error,
+        text="".join(parts),
+        child_start_s=((final or {}).get("upstream") or {}).get("child_start_s", []),
     )
 
 
 def run_http(
     url: str, texts: list[tuple[str, str]], arrivals: list[float], max_tokens: int, timeout_s: float
 ) -> tuple[list[RequestRecord], float, str, Optional[int], Optional[int]]:
-    """Stream every request through ``url``; also returns the server's model name, its peak
-    live KV since it started and its KV budget (from /metrics)."""
+    """Stream every request through ``url``; also returns the server's model name and, for
+    our own servers, their peak live KV since start and KV budget (from /metrics)."""
     import httpx
 
     url = url.rstrip("/")
@@ -309,15 +356,45 @@ def run_http(
                 )
             )
             duration = max((r.arrival_s + (r.e2e_s or 0.0)) for r in records)
-            metrics = (await client.get(f"{url}/metrics")).text
-            values = {
-                ln.split()[0]: float(ln.split()[1]) for ln in metrics.splitlines() if ln and not ln.startswith("#")
-            }
+            resp = await client.get(f"{url}/metrics")
+            values = {}
+            for ln in resp.text.splitlines() if resp.status_code == 200 else []:
+                parts = ln.split()
+                if len(parts) == 2 and not ln.startswith("#"):
+                    try:
+                        values[parts[0]] = float(parts[1])
+                    except ValueError:
+                        continue
             peak = values.get("apar_spec_kv_live_slots_peak")
             budget = values.get("apar_spec_kv_budget_slots")
             return list(records), duration, model, None if peak is None else int(peak), int(budget) if budget else None
 
     return asyncio.run(main())
+
+
+def run_urls(settings: LoadSettings, chosen: list, say) -> list[LoadRow]:
+    """Every (rate, URL): rates outside, URLs inside, the same prompts and arrivals for each.
+    The HF ``generate`` marker is measured here on the baseline model (``--model``'s base)."""
+    urls = parse_urls(settings.urls)
+    ms = load_models(settings.target, settings.base, [], dtype=settings.dtype, device=settings.device)
+    from .bench import torch_threads
+
+    with torch_threads(settings.threads, ms.device):
+        marker = hf_marker(ms.baseline, encode_prompt(ms.baseline, chosen[0].text))
+    say(f"HF generate on {ms.baseline.name}: {marker:.0f} tok/s (machine-state marker)")
+    texts = [(p.id, p.text) for p in chosen]
+    rows = []
+    for rate in settings.rates:
+        arrivals = arrival_times(len(texts), rate, settings.seed)
+        for label, url in urls:
+            say(f"{label} ({url}) rate={rate}")
+            records, duration, model, peak, budget = run_http(
+                url, texts, arrivals, settings.max_new_tokens, settings.timeout_s
+            )
+            row = summarize(label, model, rate, records, duration, peak, budget, url, None)
+            row.hf_generate_tok_s = marker
+            rows.append(row)
+    return rows
 
 
 # ------------------------------------------------------------------ driver
@@ -344,16 +421,8 @@ def load_bench(settings: LoadSettings, progress=None) -> list[LoadRow]:
     rng.shuffle(chosen)
     rows: list[LoadRow] = []
     say = progress or (lambda msg: None)
-    if settings.url:
-        texts = [(p.id, p.text) for p in chosen]
-        for rate in settings.rates:
-            say(f"{settings.url} rate={rate}")
-            arrivals = arrival_times(len(texts), rate, settings.seed)
-            records, duration, model, peak, budget = run_http(
-                settings.url, texts, arrivals, settings.max_new_tokens, settings.timeout_s
-            )
-            rows.append(summarize("server", model, rate, records, duration, peak, budget, settings.url, None))
-        return rows
+    if settings.urls:
+        return run_urls(settings, chosen, say)
 
     for mode in settings.modes:
         if mode not in LOAD_MODES and mode not in ("spec",):
@@ -507,6 +576,7 @@ TABLE_HEADERS = [
     "queue p50",
     "peak KV",
     "branches",
+    "child start",
     "lossless",
 ]
 
@@ -527,6 +597,7 @@ def table_body(rows: list[LoadRow]) -> list[list[str]]:
             _f(r.queue_wait_p50, "{:.2f}"),
             "-" if r.peak_live_kv is None else str(r.peak_live_kv),
             f"{r.mean_branches:.1f}",
+            _f(r.child_start_p50, "{:.3f}"),
             "-" if r.lossless is None else f"{100 * r.lossless:.0f}%",
         ]
         for r in rows

@@ -24,7 +24,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -32,6 +32,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from apar_spec.serving.engine import Engine, RequestError, StreamEvent
 from apar_spec.serving.stream import TextStream
+
+if TYPE_CHECKING:
+    from apar_spec.serving.upstream import UpstreamEngine
+
+    AnyEngine = Union[Engine, UpstreamEngine]
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any prompt the context can hold
 # Sampling knobs whose value is fixed for the whole server (one decode loop, one rule):
@@ -80,9 +85,14 @@ class ServerCounters:
 
 
 def create_app(
-    engine: Engine, model_name: str, *, max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: Optional[int] = None
+    engine: AnyEngine,
+    model_name: str,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    default_max_tokens: Optional[int] = None,
 ) -> FastAPI:
-    """The FastAPI app over a running (``engine.start()``) engine."""
+    """The FastAPI app over a running (``engine.start()``) engine: our own, or APAR over
+    OpenAI-compatible upstreams (``UpstreamEngine``); both take the same requests."""
     app = FastAPI(title="apar-spec", docs_url=None, redoc_url=None, openapi_url=None)
     counters = ServerCounters()
     created = int(time.time())
@@ -295,7 +305,7 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def check_common(body: dict, engine: Engine, model_name: str, default_max: int) -> dict:
+def check_common(body: dict, engine: AnyEngine, model_name: str, default_max: int) -> dict:
     model = body.get("model", _MISSING)
     if model is _MISSING:
         raise ApiError(400, "missing required field 'model'", param="model")
@@ -446,7 +456,7 @@ def apar_stats(handle, g, branches: bool = False) -> dict:
     return out
 
 
-def prometheus_text(engine: Engine, counters: ServerCounters) -> str:
+def prometheus_text(engine: AnyEngine, counters: ServerCounters) -> str:
     s = engine.stats
     rows = [
         ("requests_running", "gauge", "requests in the running batch", s.running),

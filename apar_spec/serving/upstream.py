@@ -58,7 +58,7 @@ from apar_spec.decoding.budget import apply_budget, settled
 from apar_spec.decoding.commit import Committer
 from apar_spec.decoding.fork_rules import ForkRules
 from apar_spec.decoding.state import Branch, DecodeResult, Request, output_branches
-from apar_spec.decoding.tokens import find_apar_tokens
+from apar_spec.decoding.tokens import FORK_TOKEN, find_apar_tokens
 from apar_spec.models.router import gate_of
 from apar_spec.options import DecodeOptions, model_decode_defaults
 from apar_spec.serving.engine import (
@@ -169,6 +169,7 @@ class UpstreamEngine:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.stats = EngineStats()
         self.child_starts: list[float] = []  # seconds from a [Fork] to its child's first token, all requests
+        self.banned_resubmits = 0  # streams cut at a [Fork] the rules ban, all requests
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._requests: dict[int, UpstreamRequest] = {}
@@ -275,7 +276,7 @@ class UpstreamEngine:
         if resp.status_code == 404:  # not vLLM: the first completion's logit_bias check is what is left
             return
         text = resp.json().get("prompt") if resp.status_code == 200 else None
-        fork = self.tokenizer.convert_ids_to_tokens(self.apar.fork_id)
+        fork = FORK_TOKEN
         if text is None or text.strip() != fork:
             seen = "outside its vocabulary" if text is None else repr(text)
             raise ValueError(
@@ -388,6 +389,7 @@ class UpstreamEngine:
             now = time.perf_counter()
             for tok in payload:
                 if self._banned(r, b, tok):
+                    self.banned_resubmits += 1
                     run.ban_next = min(2, run.ban_next + 1)
                     run.restarts += 1
                     if run.restarts > MAX_RESTARTS:
