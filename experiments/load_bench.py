@@ -24,19 +24,20 @@ Method (why each choice):
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import random
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from apar_spec.options import DecodeOptions
 
+from .load_http import parse_urls, run_http
+from .load_rows import LoadRow, RequestRecord, summarize
 from .models import DEFAULT_TARGET, default_draft, encode_prompt, load_models
 from .prompts import DEFAULT_SET, load_prompts
 
@@ -72,73 +73,6 @@ class LoadSettings:
     timeout_s: float = 600.0  # per (mode, rate): a run that takes longer is an error, not a hang
 
 
-@dataclass
-class RequestRecord:
-    prompt_id: str
-    arrival_s: float  # scheduled, from the run's start
-    ttft_s: Optional[float]
-    e2e_s: Optional[float]
-    queue_wait_s: Optional[float]
-    output_tokens: int  # answer tokens (reading order)
-    generated_tokens: int  # sampled tokens over all branches ([Fork], EOS included)
-    branches: int
-    ok: bool
-    error: Optional[str] = None
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""  # the answer as streamed (over HTTP)
-    child_start_s: list[float] = field(default_factory=list)  # [Fork] -> child's first token (APAR over an upstream)
-
-    @property
-    def tpot_s(self) -> Optional[float]:
-        if self.e2e_s is None or self.ttft_s is None or self.output_tokens < 2:
-            return None
-        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
-
-
-@dataclass
-class LoadRow:
-    """One (mode, rate) run: the summary row written to JSONL."""
-
-    mode: str
-    model: str
-    rate: float
-    num_requests: int
-    completed: int
-    failed: int
-    duration_s: float
-    request_throughput: float
-    output_throughput: float
-    ttft_p50: Optional[float]
-    ttft_p99: Optional[float]
-    tpot_p50: Optional[float]
-    e2e_p50: Optional[float]
-    e2e_p90: Optional[float]
-    e2e_p99: Optional[float]
-    queue_wait_p50: Optional[float]
-    queue_wait_p99: Optional[float]
-    peak_live_kv: Optional[int]
-    kv_budget: Optional[int]
-    mean_branches: float
-    lossless: Optional[float]  # share of requests whose output == offline (None: not checked)
-    source: str  # "in-process" | url
-    hf_generate_tok_s: Optional[float] = None
-    child_start_p50: Optional[float] = None  # s from a [Fork] to its child's first token (APAR over an upstream)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["rate"] = "inf" if math.isinf(self.rate) else self.rate
-        return d
-
-
-def percentile(xs: Sequence[Optional[float]], q: float) -> Optional[float]:
-    vals = sorted(x for x in xs if x is not None)
-    if not vals:
-        return None
-    pos = (len(vals) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
-
-
 def arrival_times(n: int, rate: float, seed: int) -> list[float]:
     """Poisson arrivals (seconds from start), or all at 0 for an infinite rate."""
     if n < 1:
@@ -171,37 +105,6 @@ def parse_rates(text: str) -> list[float]:
     if not out:
         raise ValueError("--rates is empty; give e.g. 1,2,4,inf")
     return out
-
-
-def summarize(
-    mode: str, model: str, rate: float, records: list[RequestRecord], duration: float, peak_kv, budget, source, lossless
-) -> LoadRow:
-    ok = [r for r in records if r.ok]
-    return LoadRow(
-        mode=mode,
-        model=model,
-        rate=rate,
-        num_requests=len(records),
-        completed=len(ok),
-        failed=len(records) - len(ok),
-        duration_s=duration,
-        request_throughput=len(ok) / duration if duration > 0 else 0.0,
-        output_throughput=sum(r.output_tokens for r in ok) / duration if duration > 0 else 0.0,
-        ttft_p50=percentile([r.ttft_s for r in ok], 0.5),
-        ttft_p99=percentile([r.ttft_s for r in ok], 0.99),
-        tpot_p50=percentile([r.tpot_s for r in ok], 0.5),
-        e2e_p50=percentile([r.e2e_s for r in ok], 0.5),
-        e2e_p90=percentile([r.e2e_s for r in ok], 0.9),
-        e2e_p99=percentile([r.e2e_s for r in ok], 0.99),
-        queue_wait_p50=percentile([r.queue_wait_s for r in ok], 0.5),
-        queue_wait_p99=percentile([r.queue_wait_s for r in ok], 0.99),
-        peak_live_kv=peak_kv,
-        kv_budget=budget,
-        mean_branches=statistics.fmean([r.branches for r in ok]) if ok else 0.0,
-        lossless=lossless,
-        source=source,
-        child_start_p50=percentile([c for r in ok for c in r.child_start_s], 0.5),
-    )
 
 
 # ------------------------------------------------------------------ in process
@@ -240,136 +143,6 @@ def run_in_process(
         )
     end = max(h.t_finish for _, _, h in handles)
     return records, end - start
-
-
-# ------------------------------------------------------------------ over HTTP
-def parse_urls(items: Sequence[str]) -> list[tuple[str, str]]:
-    """``label=URL`` or bare URLs -> (label, url); a bad item is a one-line ValueError."""
-    out: list[tuple[str, str]] = []
-    for i, item in enumerate(items):
-        label, sep, url = item.partition("=")
-        if not sep:
-            label, url = f"url{i + 1}" if len(items) > 1 else "server", item
-        label, url = label.strip(), url.strip().rstrip("/")
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"--url '{item}' is not a URL (give http://HOST:PORT or label=http://HOST:PORT)")
-        if not label or label in {x for x, _ in out}:
-            raise ValueError(f"--url labels must be distinct and non-empty (got '{label}')")
-        out.append((label, url))
-    return out
-
-
-def read_chunk(chunk: dict) -> tuple[str, int]:
-    """The answer text a standard OpenAI stream chunk carries (chat ``delta.content`` or
-    completion ``text``) and how many token ids it names (vLLM's ``token_ids``, else 0)."""
-    text, n = "", 0
-    for c in chunk.get("choices") or []:
-        delta = c.get("delta")
-        text += (delta.get("content") or "") if isinstance(delta, dict) else (c.get("text") or "")
-        n += len(c.get("token_ids") or [])
-    return text, n
-
-
-async def _one_http(
-    client, url: str, model: str, pid: str, text: str, max_tokens: int, at: float, start: float
-) -> RequestRecord:
-    """One streamed chat request. Read from the standard stream, so any OpenAI-compatible
-    server is measured alike: TTFT at the first chunk with answer text, tokens from
-    ``usage`` (``stream_options.include_usage``); our servers' ``apar`` fields, where
-    present, give the answer tokens in reading order (control tokens excluded), branches,
-    queue wait and child start latencies."""
-    delay = start + at - time.perf_counter()
-    if delay > 0:
-        await asyncio.sleep(delay)
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": text}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    ttft, final, usage_, error, finished = None, None, None, None, False
-    parts: list[str] = []
-    try:
-        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-            if r.status_code != 200:
-                error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-            else:
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        error = chunk["error"].get("message")
-                    piece, _ = read_chunk(chunk)
-                    parts.append(piece)
-                    if ttft is None and (piece or chunk.get("apar", {}).get("tokens")):
-                        ttft = time.perf_counter() - t0  # first answer token reached the client
-                    if chunk.get("usage"):
-                        usage_ = chunk["usage"]
-                    if chunk.get("choices") and chunk["choices"][0].get("finish_reason"):
-                        finished = True
-                        final = chunk.get("apar")
-    except Exception as err:  # a lost request is a result, not a crash of the bench
-        error = f"{type(err).__name__}: {err}"
-    e2e = time.perf_counter() - t0
-    ok = error is None and finished
-    generated = (usage_ or {}).get("completion_tokens", 0)
-    return RequestRecord(
-        prompt_id=pid,
-        arrival_s=at,
-        ttft_s=ttft,
-        e2e_s=e2e,
-        queue_wait_s=(final or {}).get("queue_wait_s"),
-        output_tokens=(final or {}).get("answer_tokens", generated),
-        generated_tokens=generated,
-        branches=(final or {}).get("num_branches", 1),
-        ok=ok,
-        error=error,
-        text="".join(parts),
-        child_start_s=((final or {}).get("upstream") or {}).get("child_start_s", []),
-    )
-
-
-def run_http(
-    url: str, texts: list[tuple[str, str]], arrivals: list[float], max_tokens: int, timeout_s: float
-) -> tuple[list[RequestRecord], float, str, Optional[int], Optional[int]]:
-    """Stream every request through ``url``; also returns the server's model name and, for
-    our own servers, their peak live KV since start and KV budget (from /metrics)."""
-    import httpx
-
-    url = url.rstrip("/")
-
-    async def main():
-        async with httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s), limits=httpx.Limits(max_connections=None)
-        ) as client:
-            models = (await client.get(f"{url}/v1/models")).json()["data"]
-            model = models[0]["id"]
-            start = time.perf_counter()
-            records = await asyncio.gather(
-                *(
-                    _one_http(client, url, model, pid, text, max_tokens, at, start)
-                    for (pid, text), at in zip(texts, arrivals)
-                )
-            )
-            duration = max((r.arrival_s + (r.e2e_s or 0.0)) for r in records)
-            resp = await client.get(f"{url}/metrics")
-            values = {}
-            for ln in resp.text.splitlines() if resp.status_code == 200 else []:
-                parts = ln.split()
-                if len(parts) == 2 and not ln.startswith("#"):
-                    try:
-                        values[parts[0]] = float(parts[1])
-                    except ValueError:
-                        continue
-            peak = values.get("apar_spec_kv_live_slots_peak")
-            budget = values.get("apar_spec_kv_budget_slots")
-            return list(records), duration, model, None if peak is None else int(peak), int(budget) if budget else None
-
-    return asyncio.run(main())
 
 
 def run_urls(settings: LoadSettings, chosen: list, say) -> list[LoadRow]:
@@ -576,7 +349,7 @@ TABLE_HEADERS = [
     "queue p50",
     "peak KV",
     "branches",
-    "child start",
+    "child start s (steps)",
     "lossless",
 ]
 
@@ -597,7 +370,7 @@ def table_body(rows: list[LoadRow]) -> list[list[str]]:
             _f(r.queue_wait_p50, "{:.2f}"),
             "-" if r.peak_live_kv is None else str(r.peak_live_kv),
             f"{r.mean_branches:.1f}",
-            _f(r.child_start_p50, "{:.3f}"),
+            "-" if r.child_start_p50 is None else f"{r.child_start_p50:.3f} ({_f(r.child_start_steps_p50, '{:.1f}')})",
             "-" if r.lossless is None else f"{100 * r.lossless:.0f}%",
         ]
         for r in rows

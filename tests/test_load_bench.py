@@ -8,17 +8,14 @@ import math
 import pytest
 from apar_spec.cli.app import app
 from apar_spec.experiments.load_bench import (
-    LoadRow,
     LoadSettings,
-    RequestRecord,
     arrival_times,
     goals,
     load_bench,
     parse_rates,
-    percentile,
-    summarize,
     terminal_chart,
 )
+from apar_spec.experiments.load_rows import LoadRow, RequestRecord, percentile, summarize
 from typer.testing import CliRunner
 
 runner = CliRunner()

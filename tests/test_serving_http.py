@@ -267,7 +267,9 @@ def test_bad_requests_during_load_lose_nothing(server):
 
 def test_load_bench_over_http(server):
     """load-bench --url: real streaming requests, TTFT measured at the client."""
-    from apar_spec.experiments.load_bench import arrival_times, run_http, summarize
+    from apar_spec.experiments.load_bench import arrival_times
+    from apar_spec.experiments.load_http import run_http
+    from apar_spec.experiments.load_rows import summarize
 
     client, engine = server
     texts = [(f"p{i}", f"w{10 + i} w{20 + i} w30") for i in range(4)]

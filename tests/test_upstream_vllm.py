@@ -85,6 +85,27 @@ def test_apar_over_vllm_equals_offline(tiny, prompts, max_new, options):
         assert eng.banned_resubmits > 0
 
 
+def test_the_fork_router_gates_over_vllm_as_offline(prompts):
+    """The router runs beside the root's stream; its verdict is awaited at the first [Fork]."""
+    import torch
+
+    model, tok = apar_spec.load("tiny-apar")  # a private copy: the router goes into its config
+    hidden = model.config.hidden_size
+    w = torch.randn(hidden, generator=torch.Generator().manual_seed(0)) / hidden**0.5
+    model.config.apar_fork_router = {"weight": w.tolist(), "bias": 0.0, "threshold": 0.5}
+    eng = UpstreamEngine(model, tok, [VLLM_URL], mode="apar", max_new_tokens=80, fork_bias=2.0).start()
+    try:
+        served = eng.generate(prompts, 80, timeout=TIMEOUT)
+    finally:
+        eng.stop()
+    offline = apar_spec.generate(model, tok, prompts, mode="apar", fork_bias=2.0, **eng.offline_options(80))
+    assert [shape(g) for g in served] == [shape(g) for g in offline]
+    assert [g.stats.p_list for g in served] == pytest.approx([g.stats.p_list for g in offline], abs=1e-5)
+    gated = [g.stats.p_list < 0.5 for g in offline]
+    assert any(gated) and not all(gated)  # both kinds of request ran
+    assert all(len(g.branches) == 1 for g, gate in zip(served, gated) if gate)
+
+
 def test_ar_over_vllm_equals_offline_ar(tiny, prompts):
     model, tok = tiny
     eng = started(tiny, mode="ar", max_new_tokens=60)

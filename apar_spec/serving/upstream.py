@@ -34,7 +34,9 @@ which is exact whatever order the streams' tokens arrive in, as under speculatio
   truncating before it), speculation modes (turn on vLLM's own speculators instead).
 - The fork router needs the prompt's last hidden state, which an OpenAI server does not
   return: the orchestrator runs the model's decoder over the prompt itself (one prefill
-  on its own CPU, off the event loop), only where the router gates requests.
+  on its own CPU, in a worker thread), only where the router gates requests. The root
+  streams meanwhile; its first ``[Fork]`` waits for the verdict, and a gated request's
+  ``[Fork]`` is a banned one (resubmitted), so the answer is exactly offline's.
 
 Costs are measured, not assumed: every request reports each child's start latency
 (``[Fork]`` arrival to the child's first token) and the root's median token interval.
@@ -115,6 +117,7 @@ class UpstreamRequest:
     replica: Replica
     runs: dict[int, BranchRun] = field(default_factory=dict)
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (branch id, generation, kind, payload)
+    router: Optional[asyncio.Future] = None  # the fork router's p(list), while it is being computed
 
 
 class UpstreamEngine:
@@ -339,10 +342,9 @@ class UpstreamEngine:
         self._requests[h.id] = u
         error: Optional[UpstreamError] = None
         try:
-            if self.gate is not None:
-                router, threshold = self.gate
-                r.p_list = await asyncio.get_running_loop().run_in_executor(None, self._p_list, router, r.prompt)
-                r.forks_gated = r.p_list < threshold
+            if self.gate is not None:  # off the critical path: the root streams while the router runs
+                router, _ = self.gate
+                u.router = asyncio.get_running_loop().run_in_executor(None, self._p_list, router, r.prompt)
             h.t_admit = time.perf_counter()
             self._start_branch(u, root, time.perf_counter())
             await self._coordinate(u)
@@ -364,56 +366,82 @@ class UpstreamEngine:
         return router.p_list(hidden[0, -1])  # of [hidden]
 
     async def _coordinate(self, u: UpstreamRequest) -> None:
-        """Apply every arriving token in one place, in arrival order (one request, one task)."""
+        """Apply every arriving token in one place, in arrival order (one request, one task).
+
+        What arrived while the last batch was applied is taken as one batch, and the token
+        budget and the stream's settling run once per batch: exact, because
+        ``apply_budget`` keeps plain APAR's tokens however far each branch got (as under
+        speculation), and cheaper when the streams outpace this loop."""
         r = u.r
         while not r.done:
-            bid, gen, kind, payload = await u.inbox.get()
-            if kind == "cancel":
-                for b in r.branches:
-                    if b.finish is None:
-                        b.finish, b.active = "cancelled", False
-                r.queue.clear()
-                break
-            b = r.branches[bid]
-            run = u.runs[bid]
-            if gen != run.generation or b.finish is not None:
-                continue  # a stale stream (resubmitted, or the branch already ended)
-            if kind == "error":
-                raise payload
-            if kind == "end":  # the stream ended but no rule ended the branch: go on from here
-                run.restarts += 1
-                if run.restarts > MAX_RESTARTS:
-                    raise UpstreamError(f"upstream ended branch {bid} early {MAX_RESTARTS} times; giving up")
-                self._resubmit(u, b, run)
-                continue
-            now = time.perf_counter()
-            for tok in payload:
-                if self._banned(r, b, tok):
-                    self.banned_resubmits += 1
-                    run.ban_next = min(2, run.ban_next + 1)
-                    run.restarts += 1
-                    if run.restarts > MAX_RESTARTS:
-                        raise UpstreamError(f"upstream kept sampling a banned token in branch {bid}")
-                    self._resubmit(u, b, run)
-                    break
-                run.ban_next = 0
-                if run.t_first is None:
-                    run.t_first = now
-                    if b.is_child:
-                        self.child_starts.append(now - run.t_start)
-                run.token_times.append(now)
-                self.committer.commit(r, b, [tok])
-                while r.queue:  # children start at once, on the same replica (prefix cache)
-                    child = r.branches[r.queue.popleft()]
-                    child.active = True
-                    self._start_branch(u, child, now)
-                if b.finish is not None:
-                    break
+            batch = [await u.inbox.get()]
+            while not u.inbox.empty():
+                batch.append(u.inbox.get_nowait())
+            for msg in batch:
+                if not await self._take(u, *msg):
+                    return await self._route(u)
             apply_budget(r)
             for other in r.branches:
                 if other.finish is not None:
                     self._stop_stream(u, other.id)
             self._emit(u)
+        await self._route(u)
+
+    async def _route(self, u: UpstreamRequest) -> None:
+        """Wait for the fork router's verdict (once per request); the first ``[Fork]``
+        waits for it, so a gated request never forks, exactly as offline."""
+        if u.router is not None:
+            u.r.p_list = await u.router
+            u.r.forks_gated = u.r.p_list < self.gate[1]
+            u.router = None
+
+    async def _take(self, u: UpstreamRequest, bid: int, gen: int, kind: str, payload) -> bool:
+        """Apply one stream message; False on a cancel."""
+        r = u.r
+        if kind == "cancel":
+            for b in r.branches:
+                if b.finish is None:
+                    b.finish, b.active = "cancelled", False
+            r.queue.clear()
+            return False
+        b = r.branches[bid]
+        run = u.runs[bid]
+        if gen != run.generation or b.finish is not None:
+            return True  # a stale stream (resubmitted, or the branch already ended)
+        if kind == "error":
+            raise payload
+        if kind == "end":  # the stream ended but no rule ended the branch: go on from here
+            run.restarts += 1
+            if run.restarts > MAX_RESTARTS:
+                raise UpstreamError(f"upstream ended branch {bid} early {MAX_RESTARTS} times; giving up")
+            self._resubmit(u, b, run)
+            return True
+        now = time.perf_counter()
+        for tok in payload:
+            if u.router is not None and self.apar is not None and tok == self.apar.fork_id:
+                await self._route(u)
+            if self._banned(r, b, tok):
+                self.banned_resubmits += 1
+                run.ban_next = min(2, run.ban_next + 1)
+                run.restarts += 1
+                if run.restarts > MAX_RESTARTS:
+                    raise UpstreamError(f"upstream kept sampling a banned token in branch {bid}")
+                self._resubmit(u, b, run)
+                break
+            run.ban_next = 0
+            if run.t_first is None:
+                run.t_first = now
+                if b.is_child:
+                    self.child_starts.append(now - run.t_start)
+            run.token_times.append(now)
+            self.committer.commit(r, b, [tok])
+            while r.queue:  # children start at once, on the same replica (prefix cache)
+                child = r.branches[r.queue.popleft()]
+                child.active = True
+                self._start_branch(u, child, now)
+            if b.finish is not None:
+                break
+        return True
 
     def _banned(self, r: Request, b: Branch, tok: int) -> bool:
         """Whether the fork rules ban ``tok`` at ``b``'s next position (``ForkRules.apply``'s rule)."""
