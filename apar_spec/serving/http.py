@@ -480,6 +480,8 @@ def prometheus_text(engine: AnyEngine, counters: ServerCounters) -> str:
         ("http_requests_total", "counter", "completion requests accepted", counters.http_requests),
         ("http_errors_total", "counter", "HTTP error responses", counters.http_errors),
     ]
+    if not getattr(engine, "reports_kv", True):  # an upstream holds the KV and reports it itself
+        rows = [row for row in rows if not row[0].startswith("kv_")]
     lines = []
     for name, kind, help_, value in rows:
         lines += [f"# HELP apar_spec_{name} {help_}", f"# TYPE apar_spec_{name} {kind}", f"apar_spec_{name} {value}"]

@@ -158,6 +158,7 @@ class UpstreamEngine:
             )
         self.model, self.tokenizer, self.mode, self.opts = model, tokenizer, mode, opts
         self.kv_budget = None  # the upstream budgets its own KV
+        self.reports_kv = False  # and reports it (vLLM's /metrics: vllm:kv_cache_usage_perc)
         self.apar = find_apar_tokens(tokenizer) if tokenizer is not None else None
         fork_enabled = mode == "apar"
         if fork_enabled and self.apar is None:
