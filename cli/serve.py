@@ -40,6 +40,13 @@ KvBudget = Annotated[
 ]
 
 
+def check_positive(**values: Optional[int]) -> None:
+    """Counts and budgets that make no sense (zero, negative) are one line before any model loads."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+
+
 @handle_errors
 @with_groups
 def serve_command(
@@ -110,6 +117,7 @@ def serve_command(
         fail(f"--draft is only used by --mode spec or apar+spec (got --mode {mode})")
     if not 0 < port < 65536:
         fail(f"--port must be in 1..65535 (got {port})")
+    check_positive(kv_budget=kv_budget, threads=threads, max_tokens=max_tokens)
     decode = given(
         fork_bias=fork_bias, repeated_title=repeated_title, fork_gate=fork_gate
     )  # absent: the model's own apply
@@ -241,12 +249,9 @@ def load_bench_command(
 
     from .output import quiet_transformers
 
-    if num_requests < 1:
-        fail(f"--num-requests must be >= 1 (got {num_requests})")
-    if max_new_tokens < 1:
-        fail(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
-    if kv_budget is not None and kv_budget < 1:
-        fail(f"--kv-budget must be >= 1 (got {kv_budget})")
+    check_positive(num_requests=num_requests, max_new_tokens=max_new_tokens, kv_budget=kv_budget, threads=threads)
+    if not timeout > 0:  # NaN too
+        fail(f"--timeout must be > 0 seconds (got {timeout})")
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     settings = LoadSettings(
         target=model,

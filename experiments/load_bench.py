@@ -161,11 +161,11 @@ def run_urls(settings: LoadSettings, chosen: list, say) -> list[LoadRow]:
         arrivals = arrival_times(len(texts), rate, settings.seed)
         for label, url in urls:
             say(f"{label} ({url}) rate={rate}")
-            records, duration, model, peak, budget = run_http(
+            records, duration, model, peak, budget, phys = run_http(
                 url, texts, arrivals, settings.max_new_tokens, settings.timeout_s
             )
             row = summarize(label, model, rate, records, duration, peak, budget, url, None)
-            row.hf_generate_tok_s = marker
+            row.hf_generate_tok_s, row.peak_physical_kv = marker, phys
             rows.append(row)
     return rows
 
@@ -259,6 +259,7 @@ def load_bench(settings: LoadSettings, progress=None) -> list[LoadRow]:
                     lossless,
                 )
                 row.hf_generate_tok_s = marker
+                row.peak_physical_kv = engine.stats.peak_physical_kv
                 if engine.stats.budget_violations:
                     raise RuntimeError(
                         f"live KV exceeded the budget in {engine.stats.budget_violations} step(s) ({mode}, rate {rate})"
@@ -348,6 +349,7 @@ TABLE_HEADERS = [
     "e2e p99",
     "queue p50",
     "peak KV",
+    "phys KV",
     "branches",
     "child start s (steps)",
     "lossless",
@@ -369,6 +371,7 @@ def table_body(rows: list[LoadRow]) -> list[list[str]]:
             _f(r.e2e_p99, "{:.2f}"),
             _f(r.queue_wait_p50, "{:.2f}"),
             "-" if r.peak_live_kv is None else str(r.peak_live_kv),
+            "-" if r.peak_physical_kv is None else str(r.peak_physical_kv),
             f"{r.mean_branches:.1f}",
             "-" if r.child_start_p50 is None else f"{r.child_start_p50:.3f} ({_f(r.child_start_steps_p50, '{:.1f}')})",
             "-" if r.lossless is None else f"{100 * r.lossless:.0f}%",

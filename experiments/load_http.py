@@ -106,9 +106,9 @@ async def _one_http(
 
 def run_http(
     url: str, texts: list[tuple[str, str]], arrivals: list[float], max_tokens: int, timeout_s: float
-) -> tuple[list[RequestRecord], float, str, Optional[int], Optional[int]]:
+) -> tuple[list[RequestRecord], float, str, Optional[int], Optional[int], Optional[int]]:
     """Stream every request through ``url``; also returns the server's model name and, for
-    our own servers, their peak live KV since start and KV budget (from /metrics)."""
+    our own servers, their peak live KV since start, KV budget and peak physical KV (from /metrics)."""
     import httpx
 
     url = url.rstrip("/")
@@ -138,6 +138,14 @@ def run_http(
                         continue
             peak = values.get("apar_spec_kv_live_slots_peak")
             budget = values.get("apar_spec_kv_budget_slots")
-            return list(records), duration, model, None if peak is None else int(peak), int(budget) if budget else None
+            phys = values.get("apar_spec_kv_physical_slots_peak")
+            return (
+                list(records),
+                duration,
+                model,
+                None if peak is None else int(peak),
+                int(budget) if budget else None,
+                None if phys is None else int(phys),
+            )
 
     return asyncio.run(main())

@@ -61,6 +61,9 @@ class LoadRow:
     lossless: Optional[float]  # share of requests whose output == offline (None: not checked)
     source: str  # "in-process" | url
     hf_generate_tok_s: Optional[float] = None
+    # slots the engine's cache tensors held at peak (padding and dead slots included): what
+    # memory really held, beside the logical ``peak_live_kv`` (None: a server that does not say)
+    peak_physical_kv: Optional[int] = None
     child_start_p50: Optional[float] = None  # s from a [Fork] to its child's first token (APAR over an upstream)
     child_start_steps_p50: Optional[float] = None  # the same in engine steps (÷ its request's root token interval)
 

@@ -105,8 +105,23 @@ def test_cli_json_and_input_errors(tmp_path):
         (["-n", "0"], "--num-requests"),
         (["--kv-budget", "0"], "--kv-budget"),
         (["--modes", "beam"], "beam"),
+        (["--rates", "nan"], "--rates"),
+        (["--rates", "-1"], "--rates"),
+        (["--threads", "0"], "--threads"),
+        (["--timeout", "nan"], "--timeout"),
+        (["--url", "localhost:8000"], "not a URL"),
+        (["--url", "a=http://x:1", "--url", "a=http://y:2"], "distinct"),
     ):
         res = runner.invoke(app, ["load-bench", *args])
+        assert res.exit_code == 2 and res.stderr.startswith("Error: ") and fragment in res.stderr, (args, res.output)
+    for args, fragment in (
+        (["--kv-budget", "-5"], "--kv-budget"),
+        (["--threads", "0"], "--threads"),
+        (["--upstream", ","], "--upstream"),
+        (["--upstream", "localhost:8100"], "http://"),
+        (["--upstream", "http://127.0.0.1:9", "--kv-budget", "100"], "--kv-budget"),
+    ):
+        res = runner.invoke(app, ["serve", *args])
         assert res.exit_code == 2 and res.stderr.startswith("Error: ") and fragment in res.stderr, (args, res.output)
     res = runner.invoke(app, ["serve", "--mode", "beam"])
     assert res.exit_code == 2 and "unknown mode" in res.stderr

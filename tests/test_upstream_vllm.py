@@ -85,6 +85,22 @@ def test_apar_over_vllm_equals_offline(tiny, prompts, max_new, options):
         assert eng.banned_resubmits > 0
 
 
+def test_without_logit_bias_every_ban_is_checked_and_resubmitted(tiny, prompts):
+    """The path an upstream that refuses logit_bias takes (vLLM under its own speculative
+    decoding): no static bans; a banned [Fork] is cut and redrawn with allowed_token_ids."""
+    model, tok = tiny
+    options = {"max_forks_per_branch": 1, "max_depth": 1}
+    eng = started(tiny, mode="apar", max_new_tokens=120, **options)
+    eng.replicas[0].logit_bias = False
+    try:
+        served = eng.generate(prompts, 120, timeout=TIMEOUT)
+    finally:
+        eng.stop()
+    offline = apar_spec.generate(model, tok, prompts, mode="apar", **eng.offline_options(120), **options)
+    assert [shape(g) for g in served] == [shape(g) for g in offline]
+    assert eng.banned_resubmits > 0
+
+
 def test_the_fork_router_gates_over_vllm_as_offline(prompts):
     """The router runs beside the root's stream; its verdict is awaited at the first [Fork]."""
     import torch

@@ -148,6 +148,10 @@ class EngineStats:
     live_kv: int = 0  # logical live KV of the running requests after the last step
     peak_live_kv: int = 0
     peak_step_kv: int = 0  # live before a step + every node fed in it (drafts included)
+    # physical KV: slots the cache tensors hold (rows x the longest row, padding and dead slots
+    # included), after each step; what memory really holds, beside the logical live KV
+    physical_kv: int = 0
+    peak_physical_kv: int = 0
     running: int = 0
     queued: int = 0
     budget_violations: int = 0  # steps whose logical live KV exceeded the budget (must stay 0)
@@ -452,6 +456,8 @@ class Engine:
         s.live_kv = sum(r.counters.live_kv[-1] for r in self._live)
         s.peak_live_kv = max(s.peak_live_kv, s.live_kv)
         s.peak_step_kv = max(s.peak_step_kv, live_before + fed)
+        s.physical_kv = len(self._tc.rows) * self._tc.num_slots if self._tc is not None else 0
+        s.peak_physical_kv = max(s.peak_physical_kv, s.physical_kv)
         if self.kv_budget is not None and s.live_kv > self.kv_budget:
             s.budget_violations += 1
             log.error("live KV %d exceeds the budget %d", s.live_kv, self.kv_budget)
@@ -503,6 +509,7 @@ class Engine:
         if not self._live:
             self._tc = None
             self.stats.live_kv = 0
+            self.stats.physical_kv = 0
 
     def _end(
         self, h: RequestHandle, cancelled: bool, deltas: Optional[list] = None, error: Optional[str] = None

@@ -463,6 +463,13 @@ def prometheus_text(engine: AnyEngine, counters: ServerCounters) -> str:
         ("requests_waiting", "gauge", "requests queued for KV budget", s.queued),
         ("kv_live_slots", "gauge", "logical live KV slots of the running requests (after the last step)", s.live_kv),
         ("kv_live_slots_peak", "gauge", "peak logical live KV slots since start", s.peak_live_kv),
+        (
+            "kv_physical_slots",
+            "gauge",
+            "KV slots the cache tensors hold (padding included), after the last step",
+            s.physical_kv,
+        ),
+        ("kv_physical_slots_peak", "gauge", "peak physical KV slots since start", s.peak_physical_kv),
         ("kv_budget_slots", "gauge", "KV budget in slots (0 = unlimited)", engine.kv_budget or 0),
         (
             "acceptance_length_mean",

@@ -29,6 +29,10 @@ which is exact whatever order the streams' tokens arrive in, as under speculatio
   distribution), it needs nothing installed inside vLLM (a plugin would have to import
   this package in vLLM's environment, whose transformers pin differs), and the rule
   rarely fires: a model trained on APAR seldom asks to fork where it may not.
+- An upstream that refuses ``logit_bias`` (vLLM does while its own speculative decoding is
+  on) gets no static bans: every banned token is caught by the check and resubmitted for
+  one token with ``allowed_token_ids``; a ``fork_bias`` other than 0 cannot be honoured
+  there and is refused at startup.
 - A rule that cannot be honoured upstream is refused at construction: a user
   ``logits_processor``, ``top_p``/``top_k`` truncation (truncating after the ban is not
   truncating before it), speculation modes (turn on vLLM's own speculators instead).
@@ -95,6 +99,8 @@ class Replica:
     max_model_len: Optional[int] = None
     inflight: int = 0  # our requests running on it (routing: least loaded)
     client: Any = None  # httpx.AsyncClient, made on the orchestrator's loop
+    # whether it takes ``logit_bias`` (vLLM refuses it while its own speculative decoding is on)
+    logit_bias: bool = True
 
 
 @dataclass
@@ -275,6 +281,18 @@ class UpstreamEngine:
             raise ValueError(f"upstream {rep.url} does not return token ids (return_token_ids); use vLLM >= 0.10.2")
         if self.apar is None:
             return
+        body["logit_bias"] = {str(self.apar.child_id): BAN}
+        resp = await rep.client.post("/v1/completions", json=body, timeout=60)
+        if resp.status_code == 400 and "logit_bias" in resp.text:
+            rep.logit_bias = False  # every ban by check and an exact one-token resubmit instead
+            if self.opts.fork_bias:
+                raise ValueError(
+                    f"upstream {rep.url} does not take logit_bias (vLLM refuses it under its own speculative "
+                    f"decoding), so fork_bias={self.opts.fork_bias:g} cannot be honoured there; serve with "
+                    "--fork-bias 0 or run vLLM without --speculative-config"
+                )
+        elif resp.status_code != 200:
+            raise ValueError(f"upstream {rep.url} refused logit_bias ({resp.status_code}: {resp.text[:120]})")
         ask = {"model": rep.model_id, "tokens": [self.apar.fork_id]}
         resp = await rep.client.post("/detokenize", json=ask, timeout=30)
         if resp.status_code == 404:  # not vLLM: the first completion's logit_bias check is what is left
@@ -341,6 +359,8 @@ class UpstreamEngine:
         r = Request(h.id, 0, list(h.prompt_ids), [], [root], limit=h.max_new_tokens, budget=h.max_new_tokens)
         u = UpstreamRequest(h, r, rep)
         self._requests[h.id] = u
+        if h.cancelled:  # cancelled before this coroutine ran
+            u.inbox.put_nowait((-1, 0, "cancel", None))
         error: Optional[UpstreamError] = None
         try:
             if self.gate is not None:  # off the critical path: the root streams while the router runs
@@ -495,7 +515,12 @@ class UpstreamEngine:
         }
         if self.opts.temperature > 0 and self.opts.seed is not None:
             body["seed"] = self.opts.seed + 1000 * r.index + b.id
-        if apar is not None:
+        if apar is not None and not u.replica.logit_bias:  # no static bans: check, then an exact ban
+            if ban_next:
+                body["max_tokens"] = 1
+                banned = (apar.fork_id, apar.child_id)
+                body["allowed_token_ids"] = [t for t in range(self.vocab_size) if t not in banned]
+        elif apar is not None:
             bias[str(apar.child_id)] = BAN
             spawns = b.level < self.opts.max_depth
             never = not self.rules.fork_enabled or r.forks_gated or b.forks >= self.opts.max_forks_per_branch
