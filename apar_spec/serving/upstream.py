@@ -64,7 +64,7 @@ from apar_spec.decoding.budget import apply_budget, settled
 from apar_spec.decoding.commit import Committer
 from apar_spec.decoding.fork_rules import ForkRules
 from apar_spec.decoding.state import Branch, DecodeResult, Request, output_branches
-from apar_spec.decoding.tokens import FORK_TOKEN, find_apar_tokens
+from apar_spec.decoding.tokens import find_apar_tokens
 from apar_spec.models.router import gate_of
 from apar_spec.options import DecodeOptions, model_decode_defaults
 from apar_spec.serving.engine import (
@@ -75,32 +75,12 @@ from apar_spec.serving.engine import (
     check_request,
     settled_deltas,
 )
+from apar_spec.serving.replicas import BAN, Replica, UpstreamError, connect
 
 log = logging.getLogger(__name__)
 
 UPSTREAM_MODES = ("ar", "apar")
-BAN = -100.0  # the strongest logit_bias OpenAI servers accept (vLLM clamps to [-100, 100])
-CONNECT_TIMEOUT_S = 5.0
 MAX_RESTARTS = 64  # per branch: resubmits after a banned [Fork] or an early end (a bound, never reached in practice)
-
-
-class UpstreamError(RuntimeError):
-    """The upstream failed a request (down, died, refused): an HTTP 502/503 to our client."""
-
-    def __init__(self, message: str, status: int = 502):
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class Replica:
-    url: str
-    model_id: str = ""
-    max_model_len: Optional[int] = None
-    inflight: int = 0  # our requests running on it (routing: least loaded)
-    client: Any = None  # httpx.AsyncClient, made on the orchestrator's loop
-    # whether it takes ``logit_bias`` (vLLM refuses it while its own speculative decoding is on)
-    logit_bias: bool = True
 
 
 @dataclass
@@ -243,68 +223,8 @@ class UpstreamEngine:
         return self._thread is not None and self._thread.is_alive()
 
     async def _connect(self) -> None:
-        import httpx
-
         for rep in self.replicas:
-            rep.client = httpx.AsyncClient(
-                base_url=rep.url,
-                headers=self.headers,
-                timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            )
-            try:
-                resp = await rep.client.get("/v1/models", timeout=10)
-            except httpx.HTTPError as err:
-                msg = f"upstream {rep.url} is not reachable ({type(err).__name__}); start it first"
-                raise ValueError(msg) from None
-            if resp.status_code != 200:
-                raise ValueError(f"upstream {rep.url}/v1/models answered {resp.status_code}; is it OpenAI-compatible?")
-            data = resp.json().get("data") or []
-            if not data:
-                raise ValueError(f"upstream {rep.url} serves no model")
-            rep.model_id = data[0]["id"]
-            rep.max_model_len = data[0].get("max_model_len")
-            await self._probe(rep)
-
-    async def _probe(self, rep: Replica) -> None:
-        """The upstream takes id prompts, streams ids, and its vocabulary has our control tokens."""
-        probe_ids = [self.apar.fork_id, self.apar.child_id] if self.apar is not None else [0]
-        body = {"model": rep.model_id, "prompt": probe_ids, "max_tokens": 1, "temperature": 0, "return_token_ids": True}
-        resp = await rep.client.post("/v1/completions", json=body, timeout=60)
-        if resp.status_code != 200:
-            raise ValueError(
-                f"upstream {rep.url} refused a token-id prompt ({resp.status_code}: {resp.text[:120]}); "
-                "serve the model with vLLM's OpenAI server"
-            )
-        choice = (resp.json().get("choices") or [{}])[0]
-        if "token_ids" not in choice or choice["token_ids"] is None:
-            raise ValueError(f"upstream {rep.url} does not return token ids (return_token_ids); use vLLM >= 0.10.2")
-        if self.apar is None:
-            return
-        body["logit_bias"] = {str(self.apar.child_id): BAN}
-        resp = await rep.client.post("/v1/completions", json=body, timeout=60)
-        if resp.status_code == 400 and "logit_bias" in resp.text:
-            rep.logit_bias = False  # every ban by check and an exact one-token resubmit instead
-            if self.opts.fork_bias:
-                raise ValueError(
-                    f"upstream {rep.url} does not take logit_bias (vLLM refuses it under its own speculative "
-                    f"decoding), so fork_bias={self.opts.fork_bias:g} cannot be honoured there; serve with "
-                    "--fork-bias 0 or run vLLM without --speculative-config"
-                )
-        elif resp.status_code != 200:
-            raise ValueError(f"upstream {rep.url} refused logit_bias ({resp.status_code}: {resp.text[:120]})")
-        ask = {"model": rep.model_id, "tokens": [self.apar.fork_id]}
-        resp = await rep.client.post("/detokenize", json=ask, timeout=30)
-        if resp.status_code == 404:  # not vLLM: the first completion's logit_bias check is what is left
-            return
-        text = resp.json().get("prompt") if resp.status_code == 200 else None
-        fork = FORK_TOKEN
-        if text is None or text.strip() != fork:
-            seen = "outside its vocabulary" if text is None else repr(text)
-            raise ValueError(
-                f"upstream {rep.url} serves '{rep.model_id}', whose token {self.apar.fork_id} is {seen}, "
-                f"not {fork}: serve an `apar-spec export` of this model there"
-            )
+            await connect(rep, self.headers, self.apar, self.opts.fork_bias)
 
     # ------------------------------------------------------------ clients
     def check(self, prompt_ids: list[int], max_new_tokens: Optional[int] = None) -> int:
