@@ -309,3 +309,46 @@ def test_load_bench_reads_vllm_and_our_face_from_standard_streams(tiny, tmp_path
         assert r.output_throughput > 0 and r.ttft_p50 is not None and r.ttft_p50 > 0
         assert r.hf_generate_tok_s and r.hf_generate_tok_s > 0
     assert rows[1].mean_branches > 1
+
+
+def test_the_serve_command_runs_apar_over_vllm(tmp_path):
+    """`apar-spec serve --upstream URL --model tiny-apar` as a user starts it (a real process)."""
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "apar_spec.cli", "serve", "--upstream", VLLM_URL, "--model", "tiny-apar"]
+    opts = ["--port", str(port), "--max-tokens", "900", "--fork-bias", "3"]
+    proc = subprocess.Popen([*cmd, *opts], stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"model": "tiny-apar", "messages": [{"role": "user", "content": "List 3 ways to relax."}]}
+        r = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 48}, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["choices"][0]["message"]["content"] and out["apar"]["upstream"]["replica"] == VLLM_URL
+        # a streaming client that goes away: every upstream branch of its request is aborted
+        long = {"model": "tiny-apar", "prompt": "Question: List 8 ways to relax.\nAnswer:", "max_tokens": 900}
+        with httpx.stream("POST", f"{url}/v1/completions", json={**long, "stream": True}, timeout=TIMEOUT) as resp:
+            for i, _ in enumerate(resp.iter_lines()):
+                if i >= 4 and vllm_running() >= 1:
+                    break
+        deadline = time.time() + 15
+        while vllm_running() > 0 and time.time() < deadline:
+            time.sleep(0.1)
+        assert vllm_running() == 0
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert "apar_spec_requests_cancelled_total 1" in metrics
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "over " + VLLM_URL in err
