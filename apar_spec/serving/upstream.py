@@ -53,6 +53,7 @@ import logging
 import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -80,6 +81,7 @@ from apar_spec.serving.replicas import BAN, Replica, UpstreamError, connect
 log = logging.getLogger(__name__)
 
 UPSTREAM_MODES = ("ar", "apar")
+CHILD_STARTS_KEPT = 4096  # a long-running server keeps a window, not every start since launch
 MAX_RESTARTS = 64  # per branch: resubmits after a banned [Fork] or an early end (a bound, never reached in practice)
 
 
@@ -93,7 +95,7 @@ class BranchRun:
     restarts: int = 0
     t_start: float = 0.0  # the [Fork] arrived (children) or the request started (root)
     t_first: Optional[float] = None
-    token_times: list[float] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # arrival of each token (the root only)
 
 
 @dataclass
@@ -158,7 +160,8 @@ class UpstreamEngine:
         self.replicas = [Replica(u.rstrip("/")) for u in urls]
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.stats = EngineStats()
-        self.child_starts: list[float] = []  # seconds from a [Fork] to its child's first token, all requests
+        # seconds from a [Fork] to its child's first token, the latest CHILD_STARTS_KEPT of all requests
+        self.child_starts: deque[float] = deque(maxlen=CHILD_STARTS_KEPT)
         self.banned_resubmits = 0  # streams cut at a [Fork] the rules ban, all requests
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
@@ -374,7 +377,8 @@ class UpstreamEngine:
                 run.t_first = now
                 if b.is_child:
                     self.child_starts.append(now - run.t_start)
-            run.token_times.append(now)
+            if bid == 0:  # the root's token interval is the request's step time
+                run.token_times.append(now)
             self.committer.commit(r, b, [tok])
             while r.queue:  # children start at once, on the same replica (prefix cache)
                 child = r.branches[r.queue.popleft()]
@@ -421,7 +425,6 @@ class UpstreamEngine:
         room = self.branch_cap - b.generated
         if u.replica.max_model_len:
             room = min(room, u.replica.max_model_len - len(context))
-        bias: dict[str, float] = {}
         body: dict[str, Any] = {
             "model": u.replica.model_id,
             "prompt": context,
@@ -435,13 +438,16 @@ class UpstreamEngine:
         }
         if self.opts.temperature > 0 and self.opts.seed is not None:
             body["seed"] = self.opts.seed + 1000 * r.index + b.id
-        if apar is not None and not u.replica.logit_bias:  # no static bans: check, then an exact ban
-            if ban_next:
-                body["max_tokens"] = 1
-                banned = (apar.fork_id, apar.child_id)
-                body["allowed_token_ids"] = [t for t in range(self.vocab_size) if t not in banned]
-        elif apar is not None:
-            bias[str(apar.child_id)] = BAN
+        if apar is None:
+            return body
+        if ban_next:  # the one token after a banned [Fork]: banned, then streamed on from there
+            body["max_tokens"] = 1
+        # -100 was not enough, or the upstream takes no logit_bias: an exact ban
+        if ban_next >= 2 or (ban_next and not u.replica.logit_bias):
+            banned = (apar.fork_id, apar.child_id)
+            body["allowed_token_ids"] = [t for t in range(self.vocab_size) if t not in banned]
+        if u.replica.logit_bias:  # without it: no static bans, every ban by check
+            bias = {str(apar.child_id): BAN}
             spawns = b.level < self.opts.max_depth
             never = not self.rules.fork_enabled or r.forks_gated or b.forks >= self.opts.max_forks_per_branch
             never = never or (not spawns and not self.rules.ends_at_cap(b))
@@ -449,11 +455,6 @@ class UpstreamEngine:
                 bias[str(apar.fork_id)] = BAN
             elif spawns and self.opts.fork_bias:
                 bias[str(apar.fork_id)] = float(self.opts.fork_bias)
-            if ban_next:
-                body["max_tokens"] = 1
-            if ban_next >= 2:  # -100 was not enough: an exact ban
-                banned = (apar.fork_id, apar.child_id)
-                body["allowed_token_ids"] = [t for t in range(self.vocab_size) if t not in banned]
             body["logit_bias"] = bias
         return body
 
