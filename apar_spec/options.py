@@ -33,6 +33,7 @@ def given(**options) -> dict:
 
 DEPTH_CAP_POLICIES = ("end", "mask")  # DecodeOptions.depth_cap
 REPEATED_TITLE_POLICIES = ("end", "keep")  # DecodeOptions.repeated_title
+KV_LAYOUTS = ("paged", "padded")  # DecodeOptions.kv_layout
 
 # (context token ids incl. the node's own token, logits [vocab]) -> logits [vocab].
 # Must depend only on the branch's own context (DESIGN.md: outputs must not depend on scheduling).
@@ -111,6 +112,10 @@ class DecodeOptions:
     adaptive_draft: bool = False  # per branch: k += 2 after a fully accepted draft, k -= 1 otherwise
     max_draft_tokens: int = 16  # ceiling for adaptive k
     compact_threshold: float = 0.25  # drop dead KV slots once they exceed this share of the cache (0 = every step)
+    # How the target's KV is held (apar_spec.decoding.paged_cache): "paged" packs every row's new
+    # nodes into one forward over a slot pool (no padding); "padded" is the plain reference layout
+    # (one row per request, every row as wide as the longest). Never changes tokens.
+    kv_layout: str = "paged"
     logits_processor: Optional[LogitsProcessor] = None
     eos_token_id: Optional[int | list[int]] = None  # None = from the model's generation config / tokenizer
 
@@ -147,6 +152,8 @@ class DecodeOptions:
             raise ValueError(
                 f"fork_gate must be a number in [0, 1] or None (got {self.fork_gate!r}); 0 turns the router off"
             )
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {', '.join(KV_LAYOUTS)} (got {self.kv_layout!r})")
         if not 0.0 <= self.compact_threshold <= 1.0:
             raise ValueError(f"compact_threshold must be in [0, 1] (got {self.compact_threshold})")
 

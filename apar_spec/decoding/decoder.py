@@ -37,6 +37,7 @@ from apar_spec.decoding import clock
 from apar_spec.decoding.commit import Committer
 from apar_spec.decoding.draft_tree import TreeShape, chain, parse_tree, prune_tree
 from apar_spec.decoding.fork_rules import ForkRules
+from apar_spec.decoding.paged_cache import new_cache
 from apar_spec.decoding.sampling import SamplingConfig, rejection_accept, sample, to_probs, tree_accept_path
 from apar_spec.decoding.speculator import BranchView, Outcome, Proposal, Speculator
 from apar_spec.decoding.state import Branch, DecodeResult, Request, output_branches
@@ -157,7 +158,7 @@ class Decoder:
         ``indices``: the requests' stable ids (default 0..n-1); ``budgets``: per-request
         token budgets (default ``max_new_tokens``). The serving engine passes both and
         merges the returned cache into its running batch (``TreeCache.add_rows``)."""
-        tc = TreeCache(self.model, len(prompts), gqa_attention=True)
+        tc = new_cache(self.model, len(prompts), self.opts.kv_layout, gqa_attention=True)
         requests = []
         for row, prompt in enumerate(prompts):
             nodes = tc.add_chain(row, prompt, -1)
@@ -170,7 +171,7 @@ class Decoder:
         for r in requests:
             if self.gate is not None:  # route the prompt before its first token is chosen
                 router, threshold = self.gate
-                r.p_list = router.p_list(result.hidden[r.row, result.column[r.row][r.prompt_nodes[-1]]])  # of [hidden]
+                r.p_list = router.p_list(result.hidden[result.at(r.row, r.prompt_nodes[-1])])  # of [hidden]
                 r.forks_gated = r.p_list < threshold
             r.counters.target_steps += 1
             r.counters.attended_keys += len(r.prompt) * (len(r.prompt) + 1) // 2
@@ -180,7 +181,7 @@ class Decoder:
             processed = self.rules.apply(self.requests_by_index, [view], [root], [[]], [[]], logits[None])[0]  # [1, V]
             token = self.choose(processed)
             if result.hidden is not None and self.wants_hidden:
-                root.hidden = result.hidden[r.row, result.column[r.row][r.prompt_nodes[-1]]].clone()  # [hidden]
+                root.hidden = result.hidden[result.at(r.row, r.prompt_nodes[-1])].clone()  # [hidden]
             if self.record_logits:
                 root.logits.append(logits[0])
             self.commit_tokens(r, root, [token], fed_nodes=[])
@@ -318,7 +319,7 @@ class Decoder:
         cols = torch.zeros(n, n_max, dtype=torch.long)
         for i, (v, nodes) in enumerate(zip(views, fed)):
             row = by_index[v.request].row
-            rows[i] = row
+            rows[i] = 0 if result.packed else row
             cols[i, : len(nodes)] = torch.tensor([result.column[row][m] for m in nodes])
         rows, cols = rows.to(device), cols.to(device)
         raw = result.logits[rows, cols]  # [branches, n_max, V]
@@ -431,6 +432,5 @@ class Decoder:
         counts = [(len(r.prompt) if not r.done else 0) + sum(need) for r, need in zip(live, needs)]
         for r, n in zip(live, counts):
             r.counters.live_kv.append(n)
-        garbage = tc.num_slots - max(counts, default=0)
-        if garbage > 0 and garbage >= self.opts.compact_threshold * tc.num_slots:
+        if tc.compaction_due(counts, self.opts.compact_threshold):
             tc.compact([self.live_nodes(r, need) for r, need in zip(live, needs)])

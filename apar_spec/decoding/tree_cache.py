@@ -53,6 +53,19 @@ def check_supported(model) -> None:
         )
 
 
+def full_attention_cache(model) -> DynamicCache:
+    """The model's own ``DynamicCache``, refused unless every layer is plain full attention:
+    a sliding-window layer crops keys, which would break slot indexing (both layouts)."""
+    cache = DynamicCache(config=model.config)
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        kinds = sorted({type(layer).__name__ for layer in cache.layers})
+        raise UnsupportedModelError(
+            f"cache layers {kinds} are not plain full-attention layers; the tree decoder "
+            "needs them (for a sliding-window model set config.sliding_window=None if the context fits)"
+        )
+    return cache
+
+
 # ----------------------------------------------------------------- attention
 GQA_ATTENTION = "apar_sdpa_gqa"
 
@@ -129,15 +142,25 @@ class ForwardResult:
     column: list[dict[int, int]]  # per row: node -> column in ``logits``
     attended_keys: list[int]  # per row: sum over its real new nodes of the slots each one attends to
     hidden: Optional[torch.Tensor] = None  # [rows, new_nodes_max, hidden] final hidden states (only if asked)
+    # True for a packed forward (``PagedTreeCache``): ``logits`` is ``[1, N, vocab]`` and ``column``
+    # holds packed positions, so every row's nodes live in batch entry 0
+    packed: bool = False
+
+    def at(self, row: int, node: int) -> tuple[int, int]:
+        """Where ``node`` of ``row`` sits in ``logits``/``hidden``: (batch entry, position)."""
+        return (0 if self.packed else row), self.column[row][node]
 
     def of(self, row: int, nodes: list[int]) -> torch.Tensor:
         """Logits of ``nodes`` of ``row``: ``[len(nodes), vocab]``."""
         cols = [self.column[row][n] for n in nodes]
-        return self.logits[row, cols]
+        return self.logits[0 if self.packed else row, cols]
 
 
 class TreeCache:
-    """KV cache of one model for ``num_rows`` token trees (one per request)."""
+    """KV cache of one model for ``num_rows`` token trees (one per request), padded: the plain
+    reference layout (``PagedTreeCache`` in ``paged_cache.py`` is the one without padding)."""
+
+    packed = False
 
     def __init__(self, model, num_rows: int, gqa_attention: bool = False):
         """``gqa_attention``: run multi-token forwards through ``sdpa_gqa_attention`` where it
@@ -147,14 +170,7 @@ class TreeCache:
         self.model = model
         self.device = model.device
         self.rows = [_Row() for _ in range(num_rows)]
-        self.cache = DynamicCache(config=model.config)
-        if not all(type(layer) is DynamicLayer for layer in self.cache.layers):
-            # A sliding-window layer crops keys, which would break slot indexing.
-            kinds = sorted({type(layer).__name__ for layer in self.cache.layers})
-            raise UnsupportedModelError(
-                f"cache layers {kinds} are not plain full-attention layers; the tree decoder "
-                "needs them (for a sliding-window model set config.sliding_window=None if the context fits)"
-            )
+        self.cache = full_attention_cache(model)
         self._vis = torch.zeros(num_rows, 64, 64, dtype=torch.bool, device=self.device)  # [rows, capacity, capacity]
         self._n = 0  # slots in use (the same for every row; short rows hold padding)
         self.forwards = 0
@@ -164,6 +180,21 @@ class TreeCache:
     @property
     def num_slots(self) -> int:
         return self._n
+
+    @property
+    def physical_slots(self) -> int:
+        """What the cache tensors hold: every row as wide as the longest (padding, dead slots)."""
+        return len(self.rows) * self._n
+
+    def held_by(self, row: int) -> int:
+        """Slots of ``row`` that hold a node (its share of the padding is not counted)."""
+        return sum(n >= 0 for n in self.rows[row].slot_node)
+
+    def compaction_due(self, live_counts: list[int], threshold: float) -> bool:
+        """Compact when the slots no row needs reach ``threshold`` of the slot axis (a
+        compaction gathers the whole cache, so it waits for enough garbage)."""
+        garbage = self._n - max(live_counts, default=0)
+        return garbage > 0 and garbage >= threshold * self._n
 
     @property
     def vis(self) -> torch.Tensor:

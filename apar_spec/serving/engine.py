@@ -27,13 +27,16 @@ at ``submit``. APAR's projections shrink as finished branches free their KV, whi
 is how it fits more requests in the same budget (the paper's mechanism); AR's stay
 at ``prompt + max_tokens`` until the request ends.
 
-Reported KV is *logical* live KV (slots some live branch can see: what a paged
-allocator would hold), counted exactly after every step. The physical
-``TreeCache`` is padded to the longest row and compacted lazily; that padding is an
-implementation detail of running many trees on plain HF caches. Transient draft
-nodes (fed and rejected within one step) are covered by the ``k`` per tip of the
-projection for the tips that exist; children spawned later draft too, which the
-projection does not reserve: ``peak_step_kv`` reports the measured peak with them.
+Reported KV is *logical* live KV (slots some live branch can see), counted exactly
+after every step, beside *physical* KV: the slots the cache tensors hold. The running
+batch lives in a ``PagedTreeCache`` (``decoding/paged_cache.py``): one slot pool, dead
+slots freed as soon as they pass 1/16 of the held ones, so physical stays near logical
+(the padded reference layout, ``kv_layout='padded'``, holds rows x the longest row).
+Projections start from the slots a request's row really holds (live plus dead slots
+not yet freed), so admission budgets what memory holds. Transient draft nodes (fed and
+rejected within one step) are covered by the ``k`` per tip of the projection for the
+tips that exist; children spawned later draft too, which the projection does not
+reserve: ``peak_step_kv`` reports the measured peak with them.
 """
 
 from __future__ import annotations
@@ -148,8 +151,8 @@ class EngineStats:
     live_kv: int = 0  # logical live KV of the running requests after the last step
     peak_live_kv: int = 0
     peak_step_kv: int = 0  # live before a step + every node fed in it (drafts included)
-    # physical KV: slots the cache tensors hold (rows x the longest row, padding and dead slots
-    # included), after each step; what memory really holds, beside the logical live KV
+    # physical KV: slots the cache tensors hold (the paged pool's capacity; rows x the longest row
+    # in the padded layout), after each step; what memory really holds, beside the logical live KV
     physical_kv: int = 0
     peak_physical_kv: int = 0
     running: int = 0
@@ -412,6 +415,8 @@ class Engine:
     def _projection(self, r: Request) -> int:
         tips = sum(b.active for b in r.branches) + len(r.queue)
         live = r.counters.live_kv[-1] if r.counters.live_kv else len(r.prompt)
+        if self._tc is not None:  # what its row really holds (dead slots not yet freed too)
+            live = max(live, self._tc.held_by(r.row))
         return live + tips * (1 + self.draft_margin) + r.budget
 
     def _admit(self) -> None:
@@ -456,7 +461,7 @@ class Engine:
         s.live_kv = sum(r.counters.live_kv[-1] for r in self._live)
         s.peak_live_kv = max(s.peak_live_kv, s.live_kv)
         s.peak_step_kv = max(s.peak_step_kv, live_before + fed)
-        s.physical_kv = len(self._tc.rows) * self._tc.num_slots if self._tc is not None else 0
+        s.physical_kv = self._tc.physical_slots if self._tc is not None else 0
         s.peak_physical_kv = max(s.peak_physical_kv, s.physical_kv)
         if self.kv_budget is not None and s.live_kv > self.kv_budget:
             s.budget_violations += 1
