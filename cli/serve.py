@@ -40,6 +40,16 @@ KvBudget = Annotated[
 ]
 
 
+LoadAdaptive = Annotated[
+    bool,
+    typer.Option(
+        "--load-adaptive/--fixed-k",
+        help="Spec modes: before each step the cost model picks the draft tokens per branch that pay at the "
+        "current batch, down to none (costs measured once per model and cached). --fixed-k drafts k every step.",
+    ),
+]
+
+
 def check_positive(**values: Optional[int]) -> None:
     """Counts and budgets that make no sense (zero, negative) are one line before any model loads."""
     for name, value in values.items():
@@ -86,6 +96,7 @@ def serve_command(
     fork_bias: ForkBias = None,
     repeated_title: RepeatedTitle = None,
     fork_gate: ForkGate = None,
+    load_adaptive: LoadAdaptive = default(LoadSettings, "load_adaptive"),
     dtype: Dtype = None,
     device: Device = None,
     threads: Threads = None,
@@ -151,6 +162,22 @@ def serve_command(
                 up.stop()
         return
     with torch_threads(threads, str(loaded.model.device)):
+        err = stdout_console(stderr=True)
+        planner = None
+        if load_adaptive and "spec" in mode:
+            from apar_spec.costs.planning import planner_for
+            from apar_spec.decoding.draft_tree import chain
+            from apar_spec.decoding.speculator import resolve_draft as resolve_speculator
+
+            spec = resolve_speculator(draft_arg, loaded.model, loaded.tokenizer)
+            planner = planner_for(
+                loaded.model,
+                spec,
+                chain(k),
+                draft_name=draft or default_draft(model),
+                tokenizer=loaded.tokenizer,
+                say=lambda msg: err.print(msg, markup=False),
+            )
         engine = Engine(
             loaded.model,
             loaded.tokenizer,
@@ -160,10 +187,10 @@ def serve_command(
             max_new_tokens=max_tokens,
             num_draft_tokens=k,
             temperature=temperature,
+            load_adaptive=planner or False,
             **decode,
         ).start()
         app = create_app(engine, served_name or model)
-        err = stdout_console(stderr=True)
         err.print(
             f"serving {served_name or model} ({mode}) on http://{host}:{port}  kv budget: {kv_budget or 'unlimited'} "
             f"slots",
@@ -243,6 +270,7 @@ def load_bench_command(
         LoadSettings, "timeout_s"
     ),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows instead of tables.")] = False,
+    load_adaptive: LoadAdaptive = default(LoadSettings, "load_adaptive"),
 ) -> None:
     """Serve N requests with Poisson arrivals at several rates; AR vs APAR vs APAR+spec under one KV budget."""
     from apar_spec.experiments.load_bench import goals, load_bench, parse_rates, plot_png, write_rows
@@ -273,6 +301,7 @@ def load_bench_command(
         threads=threads,
         urls=tuple(url or ()),
         check_offline=check_offline,
+        load_adaptive=load_adaptive,
         timeout_s=timeout,
     )
     if url:

@@ -169,6 +169,18 @@ class DraftModelSpeculator:
         out_probs = [torch.stack(p) if p else None for p in probs] if not sampling.greedy else [None] * n
         return Proposal(tokens, out_probs, parents)
 
+    @torch.inference_mode()
+    def catch_up(self, views: list[BranchView]) -> None:
+        """A step without drafts (load-adaptive speculation): feed every branch's committed tokens
+        in one draft pass, so the mirror stays level with the tree (a child's parent is always
+        there) and drafting can resume at any later step."""
+        self.drafted = {(v.request, v.branch): {} for v in views}
+        for v in views:
+            self._catch_up(v)
+        if any(row.scheduled for row in self.tc.rows):
+            self.tc.forward(head=self.head)
+            self._forwards += 1
+
     def _fit_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft logits ``[..., V_draft]`` over the target's vocabulary width (embedding padding may differ).
 

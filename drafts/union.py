@@ -131,6 +131,14 @@ class UnionSpeculator:
             self._sources.append(sources)
         return out
 
+    def catch_up(self, views: list[BranchView]) -> None:
+        """A step without drafts (load-adaptive speculation): parts that mirror the tree catch up."""
+        self._sources = []
+        for i, part in enumerate(self.parts):
+            catch_up = getattr(part, "catch_up", None)
+            if catch_up is not None:
+                catch_up(self._views(i, views))
+
     def observe(self, outcome: Outcome) -> None:
         """Each part sees the accepted path as far as it drafted it, in its own indices."""
         paths = outcome.paths or [list(range(a)) for a in outcome.accepted]

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from apar_spec.decoding.draft_tree import chain
 from apar_spec.options import DecodeOptions
 
 from .load_http import parse_urls, run_http
@@ -70,6 +71,9 @@ class LoadSettings:
     # (with or without --upstream); all on the same prompts and arrival schedule
     urls: Sequence[str] = ()
     check_offline: bool = True
+    # spec modes: before each step the cost model picks the draft nodes per branch that pay at the
+    # current batch, down to none (apar_spec/costs/planning.py); False drafts k at every step
+    load_adaptive: bool = True
     timeout_s: float = 600.0  # per (mode, rate): a run that takes longer is an error, not a hang
 
 
@@ -224,14 +228,29 @@ def load_bench(settings: LoadSettings, progress=None) -> list[LoadRow]:
                     offline[pid] = generate(loaded.model, loaded.tokenizer, [p_ids], mode=mode, draft=draft, **opts)[
                         0
                     ].token_ids
-            setups[mode] = (loaded, ids, draft, opts, offline)
+            planner = None
+            if settings.load_adaptive and "spec" in mode:
+                from apar_spec.costs.planning import planner_for
+                from apar_spec.decoding.speculator import resolve_draft as resolve_speculator
+
+                spec = resolve_speculator(draft, loaded.model, loaded.tokenizer)
+                planner = planner_for(
+                    loaded.model, spec, chain(settings.k), draft_name=ms.draft.name, tokenizer=loaded.tokenizer, say=say
+                )
+            setups[mode] = (loaded, ids, draft, opts, offline, planner)
         # rates outside, modes inside: a drift of the machine's state hits every mode alike
         for rate in settings.rates:
             for mode in settings.modes:
-                loaded, ids, draft, opts, offline = setups[mode]
+                loaded, ids, draft, opts, offline, planner = setups[mode]
                 say(f"{mode} on {loaded.name}, rate={rate}")
                 engine = Engine(
-                    loaded.model, loaded.tokenizer, mode=mode, draft=draft, kv_budget=settings.kv_budget, **opts
+                    loaded.model,
+                    loaded.tokenizer,
+                    mode=mode,
+                    draft=draft,
+                    kv_budget=settings.kv_budget,
+                    load_adaptive=planner.fresh() if planner is not None else False,
+                    **opts,
                 )
                 # warm-up (allocation, first-call costs) outside the timed run
                 engine.submit(ids[0][1], 4)
@@ -260,6 +279,8 @@ def load_bench(settings: LoadSettings, progress=None) -> list[LoadRow]:
                 )
                 row.hf_generate_tok_s = marker
                 row.peak_physical_kv = engine.stats.peak_physical_kv
+                if planner is not None:
+                    row.draft_allowance = {str(k): n for k, n in sorted(engine.stats.draft_allowance.items())}
                 if engine.stats.budget_violations:
                     raise RuntimeError(
                         f"live KV exceeded the budget in {engine.stats.budget_violations} step(s) ({mode}, rate {rate})"
@@ -351,9 +372,18 @@ TABLE_HEADERS = [
     "peak KV",
     "phys KV",
     "branches",
+    "drafts/step",
     "child start s (steps)",
     "lossless",
 ]
+
+
+def allowance_text(hist: Optional[dict[str, int]]) -> str:
+    """A load-adaptive run's histogram as ``drafts:share`` of its steps, e.g. ``0:62% 4:38%``."""
+    if not hist:
+        return "-"
+    total = sum(hist.values())
+    return " ".join(f"{k}:{100 * n / total:.0f}%" for k, n in sorted(hist.items(), key=lambda kv: int(kv[0])))
 
 
 def table_body(rows: list[LoadRow]) -> list[list[str]]:
@@ -373,6 +403,7 @@ def table_body(rows: list[LoadRow]) -> list[list[str]]:
             "-" if r.peak_live_kv is None else str(r.peak_live_kv),
             "-" if r.peak_physical_kv is None else str(r.peak_physical_kv),
             f"{r.mean_branches:.1f}",
+            allowance_text(r.draft_allowance),
             "-" if r.child_start_p50 is None else f"{r.child_start_p50:.3f} ({_f(r.child_start_steps_p50, '{:.1f}')})",
             "-" if r.lossless is None else f"{100 * r.lossless:.0f}%",
         ]

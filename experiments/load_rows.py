@@ -66,6 +66,8 @@ class LoadRow:
     peak_physical_kv: Optional[int] = None
     child_start_p50: Optional[float] = None  # s from a [Fork] to its child's first token (APAR over an upstream)
     child_start_steps_p50: Optional[float] = None  # the same in engine steps (÷ its request's root token interval)
+    # load-adaptive speculation: draft nodes per branch the cost model chose -> decode steps (None: not planned)
+    draft_allowance: Optional[dict[str, int]] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)

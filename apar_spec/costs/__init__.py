@@ -54,10 +54,18 @@ Three parts, each testable alone (``cache``: keys, files and the measured costs;
    the costs from the cache; the speculative run's steps and every second are
    predicted.
 
+   - ``batch``: seconds of one packed pass of R requests feeding n new nodes each
+     (R in :data:`BATCH_ROWS`, n in :data:`BATCH_NEW`, :data:`BATCH_CONTEXT` slots each):
+     what a loaded step costs, read by load-adaptive speculation.
+
 3. **Choose** (:func:`choose_tree`, :func:`choose_k`, :func:`resolve_auto`):
    the candidate with the highest predicted tokens per second among chains
    1..16, full ``topk:WxD`` trees and greedily grown trees (add the node with
    the highest path probability, one at a time, scoring every size: EAGLE-2).
+
+4. **Plan each step** (``planning``: :class:`StepPlanner`, :func:`planner_for`): under
+   load, the draft nodes per branch that pay at the current batch (down to none),
+   from the batch table and the acceptance the steps observe.
 """
 
 from __future__ import annotations
@@ -66,6 +74,9 @@ from __future__ import annotations
 from apar_spec.costs.cache import (  # noqa: F401
     _SHAPE_KEYS,
     APAR_BRANCHES_GUESS,
+    BATCH_CONTEXT,
+    BATCH_NEW,
+    BATCH_ROWS,
     CACHE_VERSION,
     DEFAULT_ALPHA,
     DEFAULT_CONTEXTS,
@@ -108,8 +119,10 @@ from apar_spec.costs.measuring import (  # noqa: F401
     ensure_switch,
     get_costs,
     measure,
+    measure_batch,
     measure_forward,
     measure_heads,
     measure_switch,
     robust_time,
 )
+from apar_spec.costs.planning import StepPlanner, cost_kind_of, planner_for  # noqa: F401

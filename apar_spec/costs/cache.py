@@ -20,7 +20,12 @@ HEAD_ROWS = (1, 2, 4, 8, 16)  # hidden states the heads read per step (one per l
 DEFAULT_HEADS = 4
 # cache lengths measured (interpolated between): a short prompt, and a prompt plus a few hundred tokens
 DEFAULT_CONTEXTS = (64, 512)
-CACHE_VERSION = 1
+# Packed forwards of ``rows`` requests feeding ``new`` nodes each over BATCH_CONTEXT slots: what a
+# loaded step costs at a batch size (``ModelCosts.batch``, read by load-adaptive speculation)
+BATCH_ROWS = (1, 2, 4, 8, 16, 32)
+BATCH_NEW = (1, 2, 3, 5, 9)
+BATCH_CONTEXT = 256
+CACHE_VERSION = 2  # 2: passes measured on the paged layout (the decoder's), plus the batch table
 KINDS = ("model", "ngram", "heads")
 # Live branches per step assumed by "auto" in apar+spec before anything is decoded (the
 # embedded APAR answers measured 1.6-3.4; more branches make long drafts costlier).
@@ -118,6 +123,8 @@ class ModelCosts:
     name: str
     key: CostKey
     forward: dict[int, dict[int, float]]  # cache length -> (new nodes in the pass -> seconds), one row
+    # requests in the pass -> (new nodes per request -> seconds), BATCH_CONTEXT slots each; empty = unmeasured
+    batch: dict[int, dict[int, float]] = field(default_factory=dict)
     overhead: Overhead = field(default_factory=Overhead)
     heads: dict[int, float] = field(default_factory=dict)  # rows read -> seconds for all heads (stand-in)
     num_heads: int = DEFAULT_HEADS
@@ -148,6 +155,19 @@ class ModelCosts:
         a, b = _interp(self.forward[lo], n), _interp(self.forward[hi], n)
         return max(min(a, b) * 0.5, a + (b - a) * (context - lo) / (hi - lo))
 
+    def batch_cost(self, rows: float, per_row: float) -> float:
+        """Seconds of one packed pass of ``rows`` requests feeding ``per_row`` new nodes each:
+        piecewise linear in both between the measured points (linear past the largest). Without a
+        batch table, the one-row curve at ``rows * per_row`` nodes (what the pass feeds)."""
+        if not self.batch:
+            return self.forward_cost(rows * per_row)
+        counts = sorted(self.batch)
+        if len(counts) == 1 or rows <= counts[0]:
+            return _interp(self.batch[counts[0]], per_row) * (rows / counts[0] if rows < counts[0] else 1.0)
+        lo, hi = next(((a, b) for a, b in zip(counts, counts[1:]) if rows <= b), (counts[-2], counts[-1]))
+        a, b = _interp(self.batch[lo], per_row), _interp(self.batch[hi], per_row)
+        return max(0.0, a + (b - a) * (rows - lo) / (hi - lo))
+
     def heads_cost(self, rows: float) -> float:
         if not self.heads:
             raise CostCacheError(
@@ -159,6 +179,7 @@ class ModelCosts:
         d = dataclasses.asdict(self)
         d["forward"] = {str(c): {str(k): v for k, v in t.items()} for c, t in self.forward.items()}
         d["heads"] = {str(k): v for k, v in self.heads.items()}
+        d["batch"] = {str(r): {str(k): v for k, v in t.items()} for r, t in self.batch.items()}
         d["version"] = CACHE_VERSION
         return d
 
@@ -177,6 +198,7 @@ class ModelCosts:
             name=str(d["name"]),
             key=CostKey(**d["key"]),
             forward=forward,
+            batch={int(r): {int(k): float(v) for k, v in t.items()} for r, t in d.get("batch", {}).items()},
             overhead=Overhead(**d.get("overhead", {})),
             heads={int(k): float(v) for k, v in d.get("heads", {}).items()},
             num_heads=int(d.get("num_heads", DEFAULT_HEADS)),

@@ -12,6 +12,9 @@ from typing import Any, Optional
 import torch
 
 from apar_spec.costs.cache import (
+    BATCH_CONTEXT,
+    BATCH_NEW,
+    BATCH_ROWS,
     DEFAULT_CONTEXTS,
     DEFAULT_HEADS,
     HEAD_ROWS,
@@ -142,11 +145,14 @@ class _ForwardBench:
     a pass with ``n`` new chained nodes per row is timed, then dropped again (``compact``)."""
 
     def __init__(self, model, context: int, rows: int, gen: torch.Generator, target: bool = True):
-        from apar_spec.decoding.tree_cache import TreeCache
+        from apar_spec.decoding.paged_cache import new_cache
+        from apar_spec.options import DecodeOptions
 
         self.model, self.rows, self.gen = model, rows, gen
         self.vocab = model.config.vocab_size
-        self.tc = TreeCache(model, rows, gqa_attention=target)  # the attention the decoder gives it
+        # the layout and attention the decoder gives a target (a draft model keeps the padded one)
+        layout = DecodeOptions.kv_layout if target else "padded"
+        self.tc = new_cache(model, rows, layout, gqa_attention=target)
         self.prefix = [self.tc.add_chain(r, self._ids(context), -1) for r in range(rows)]
         with torch.inference_mode():
             self.tc.forward()
@@ -166,6 +172,25 @@ class _ForwardBench:
         elapsed = time.perf_counter() - t0
         self.tc.compact(self.live)  # back to the context only (not timed)
         return elapsed
+
+
+def measure_batch(
+    model,
+    rows: Sequence[int],
+    gen: torch.Generator,
+    repeats: int,
+    progress: Optional[Say] = None,
+    label: str = "model",
+) -> dict[int, dict[int, float]]:
+    """Packed passes of ``rows`` requests x ``BATCH_NEW`` new nodes each over ``BATCH_CONTEXT``
+    slots: the cost of a loaded step, by batch size (``ModelCosts.batch``). The largest pass
+    feeds hundreds of nodes, so it takes fewer rounds than the one-row curve (at most 5)."""
+    max_pos = getattr(model.config, "max_position_embeddings", None) or 4096
+    context = max(8, min(BATCH_CONTEXT, max_pos - max(BATCH_NEW) - 8))
+    benches = {r: _ForwardBench(model, context, r, gen) for r in rows}
+    jobs: dict = {("batch", r, n): (lambda b=benches[r], n=n: b.time(n)) for r in rows for n in BATCH_NEW}
+    t = _timed_rounds(jobs, min(repeats, 5), 1, progress, f"{label} passes by batch size")
+    return {r: {n: t[("batch", r, n)] for n in BATCH_NEW} for r in rows}
 
 
 def _sync(device) -> None:
@@ -388,6 +413,8 @@ def measure(
     with_heads: bool = True,
     with_overhead: bool = True,
     overhead_steps: int = 8,
+    with_batch: bool = True,
+    batch_rows: Sequence[int] = BATCH_ROWS,
     tokenizer=None,
     progress: Optional[Say] = None,
 ) -> ModelCosts:
@@ -428,6 +455,7 @@ def measure(
         heads = (
             measure_heads(model, repeats=repeats, warmup=warmup, progress=progress, label=label) if with_heads else {}
         )
+        batch = measure_batch(model, batch_rows, gen, repeats, progress, label) if with_batch else {}
     finally:
         torch.set_num_threads(previous)
     import transformers
@@ -436,6 +464,7 @@ def measure(
         name=name or getattr(model.config, "_name_or_path", "") or "model",
         key=key,
         forward=fwd,
+        batch=batch,
         overhead=over,
         heads=heads,
         repeats=repeats,

@@ -39,7 +39,7 @@ from apar_spec.decoding.draft_tree import TreeShape, chain, parse_tree, prune_tr
 from apar_spec.decoding.fork_rules import ForkRules
 from apar_spec.decoding.paged_cache import new_cache
 from apar_spec.decoding.sampling import SamplingConfig, rejection_accept, sample, to_probs, tree_accept_path
-from apar_spec.decoding.speculator import BranchView, Outcome, Proposal, Speculator
+from apar_spec.decoding.speculator import BranchView, Outcome, Proposal, Speculator, StepPlanner
 from apar_spec.decoding.state import Branch, DecodeResult, Request, output_branches
 from apar_spec.decoding.tokens import AparTokens
 from apar_spec.decoding.tree_cache import TreeCache
@@ -62,9 +62,14 @@ class Decoder:
         speculator: Optional[Speculator] = None,
         record_logits: bool = False,
         on_step: Optional[Callable[[list[Request], TreeCache], None]] = None,
+        planner: Optional[StepPlanner] = None,
     ):
         """``record_logits`` keeps, per branch, the raw target logits that predicted each
-        sampled token (for equality tests); ``on_step`` is called after every step."""
+        sampled token (for equality tests); ``on_step`` is called after every step.
+        ``planner``: load-adaptive speculation (``costs/planning.py``): before each step it
+        says how many draft nodes per branch pay at the current batch, 0 = none."""
+        self.planner = planner if speculator is not None else None
+        self.last_allowance: Optional[int] = None  # the planner's choice at the last step
         self.model = model
         self.record_logits = record_logits
         self.on_step = on_step
@@ -125,12 +130,21 @@ class Decoder:
         ``run`` loops it over a fixed batch; the serving engine calls it between
         admitting and retiring requests (continuous batching)."""
         self.activate(live)
-        views = self.views(live)
-        proposal = self.propose(views)
+        allowance = self.last_allowance = self.plan(live)
+        views = self.views(live, allowance)
+        if allowance == 0:  # drafting does not pay at this load: a plain step
+            catch_up = getattr(self.spec, "catch_up", None)  # a draft LM keeps its cache level with the tree
+            if catch_up is not None:
+                catch_up(views)
+            proposal = Proposal([[] for _ in views], [None for _ in views], [[] for _ in views])
+        else:
+            proposal = self.propose(views, allowance)
         fed, result = self.verify(tc, live, views, proposal)
         paths = self.accept_and_commit(live, views, proposal, fed, result)
         if self.spec is not None:
             self.spec.observe(self.outcome(live, views, paths))
+        if self.planner is not None and allowance:
+            self.planner.observe(proposal.parents, paths)
         for r in live:
             token_budget.apply_budget(r)
         self.collect_garbage(tc, live)
@@ -199,23 +213,40 @@ class Decoder:
                 r.branches[r.queue.popleft()].active = True
                 n_active += 1
 
-    def views(self, live: list[Request]) -> list[BranchView]:
+    def plan(self, live: list[Request]) -> Optional[int]:
+        """Draft nodes per branch for this step from the planner (None: no planner, the shape as asked)."""
+        if self.planner is None:
+            return None
+        rows = sum(any(b.active for b in r.branches) for r in live)
+        branches = sum(b.active for r in live for b in r.branches)
+        return self.planner.allowance(rows, branches)
+
+    def views(self, live: list[Request], allowance: Optional[int] = None) -> list[BranchView]:
         out = []
         for r in live:
             for b in r.branches:
                 if b.active:
                     ctx = r.context(b) if self.spec is not None else []
                     shape = self.shape_of(b)
+                    if allowance:  # the planner's prefix of it (shallowest, likeliest nodes)
+                        shape = shape.prefix(allowance) or shape
                     out.append(
                         BranchView(r.index, b.id, b.parent, b.fork_index, b.tokens, ctx, shape.depth, shape, b.hidden)
                     )
         return out
 
+    @property
+    def widest_shape(self) -> TreeShape:
+        """The most one branch drafts in a step: the tree asked, else the longest chain."""
+        if self.shape is not None:
+            return self.shape
+        return chain(self.opts.max_draft_tokens if self.opts.adaptive_draft else self.opts.num_draft_tokens)
+
     def shape_of(self, b: Branch) -> TreeShape:
         """The draft tree asked of branch ``b``: the option's shape, else a chain of its k."""
         return self.shape if self.shape is not None else chain(max(1, b.k))
 
-    def propose(self, views: list[BranchView]) -> Proposal:
+    def propose(self, views: list[BranchView], allowance: Optional[int] = None) -> Proposal:
         """The speculator's drafts, normalised: explicit parent lists, nodes no deeper than
         asked (or than the speculator's own ``max_draft_depth``, when it has one) or than
         the branch's own cap allows (those tokens could not be kept)."""
@@ -233,6 +264,8 @@ class Decoder:
             if r.cutoff is not None:  # tokens after the budget's cut would be cut again
                 room = min(room, max(0, r.cutoff[0] - clock.next_time(r.branches[v.branch])))
             tokens, parents = prune_tree(raw.tokens[i], raw.parents_of(i), min(max(v.k, deeper), room), self.spec.name)
+            if allowance is not None:  # a prefix in layout order is still a tree
+                tokens, parents = tokens[:allowance], parents[:allowance]
             p = probs[i]
             if p is not None:
                 if any(q != j - 1 for j, q in enumerate(parents)):

@@ -69,6 +69,15 @@ class TreeShape:
         """Largest rank + 1 used at ``depth``: how many candidates the speculator must rank there."""
         return max((r + 1 for r, d in zip(self.ranks, self.depths) if d == depth), default=0)
 
+    def prefix(self, n: int) -> TreeShape | None:
+        """The first ``n`` nodes in layout order (still a tree: parents come first; the
+        shallowest, likeliest nodes); None for ``n <= 0``."""
+        if n <= 0:
+            return None
+        if n >= self.size:
+            return self
+        return layout([list(p) for p in self.paths[:n]])
+
     def describe(self) -> str:
         """Short text form: ``chain:K`` for chains, else ``tree:N nodes/D deep``."""
         if self.is_chain:

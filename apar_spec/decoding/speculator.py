@@ -103,6 +103,19 @@ class Speculator(Protocol):
         ...
 
 
+class StepPlanner(Protocol):
+    """Load-adaptive speculation (the cost model's ``costs.planning.StepPlanner``): before each
+    step, how many draft nodes per branch to verify at the current batch; 0 = a plain step.
+
+    On a step without drafts the decoder calls the speculator's optional ``catch_up(views)``
+    instead of ``propose``: a speculator that mirrors the token tree (a draft LM) feeds the
+    committed tokens there, so it can resume whenever drafting pays again."""
+
+    def allowance(self, rows: int, branches: int) -> int: ...
+
+    def observe(self, parents: list[list[int]], paths: list[list[int]]) -> None: ...
+
+
 @runtime_checkable
 class ServingSpeculator(Speculator, Protocol):
     """A speculator the serving engine can use: requests join and leave between steps.

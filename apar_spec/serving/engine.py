@@ -45,7 +45,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -158,6 +158,8 @@ class EngineStats:
     running: int = 0
     queued: int = 0
     budget_violations: int = 0  # steps whose logical live KV exceeded the budget (must stay 0)
+    # load-adaptive speculation: draft nodes per branch chosen for a step -> steps (empty without a planner)
+    draft_allowance: Counter = field(default_factory=Counter)
     recent: deque = field(default_factory=lambda: deque(maxlen=256))  # (time, tokens) per step
 
     @property
@@ -228,10 +230,17 @@ class Engine:
         mode: str = "apar",
         draft: Any = None,
         kv_budget: Optional[int] = None,
+        load_adaptive: Any = False,
         **options: Any,
     ):
         """``options``: ``DecodeOptions`` fields; ``max_new_tokens`` is the largest per-request
-        budget and, unless ``max_branch_tokens`` is given, the per-branch cap."""
+        budget and, unless ``max_branch_tokens`` is given, the per-branch cap.
+
+        ``load_adaptive`` (spec modes): before each step the cost model picks how many draft
+        nodes per branch pay at the current batch, down to none (``costs/planning.py``).
+        ``True`` builds the planner from the cached costs (measured once when missing: a
+        minute or two for a real model); a ``StepPlanner`` is used as given; ``False`` drafts
+        the shape asked at every step. Never changes greedy tokens."""
         from apar_spec.api import eos_ids_of
         from apar_spec.decoding.tokens import find_apar_tokens
         from apar_spec.decoding.tree_cache import check_supported
@@ -265,6 +274,19 @@ class Engine:
                 )
         self.spec = spec
         self.decoder = Decoder(model, opts, self.apar, fork_enabled=uses_apar, eos_ids=self.eos, speculator=spec)
+        if spec is not None and load_adaptive is not False and load_adaptive is not None:
+            planner = load_adaptive
+            if load_adaptive is True:
+                from apar_spec.costs.planning import planner_for
+
+                planner = planner_for(
+                    model,
+                    spec,
+                    self.decoder.widest_shape,
+                    draft_name=draft if isinstance(draft, str) else None,
+                    tokenizer=tokenizer,
+                )
+            self.decoder.planner = planner
         if spec is not None:
             spec.reset(0, vocab_size=self.decoder.vocab_size, generator=self.decoder.generator)
         self.max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -367,6 +389,8 @@ class Engine:
         fed0 = sum(r.counters.branch_steps + r.counters.drafted for r in self._live)
         self.decoder.step(self._tc, self._live)
         self.stats.steps += 1
+        if self.decoder.last_allowance is not None:
+            self.stats.draft_allowance[self.decoder.last_allowance] += 1
         fed = sum(r.counters.branch_steps + r.counters.drafted for r in self._live) - fed0  # tips + drafts fed
         self._account(before, fed)
         self._emit(self._live)

@@ -492,6 +492,11 @@ def prometheus_text(engine: AnyEngine, counters: ServerCounters) -> str:
     lines = []
     for name, kind, help_, value in rows:
         lines += [f"# HELP apar_spec_{name} {help_}", f"# TYPE apar_spec_{name} {kind}", f"apar_spec_{name} {value}"]
+    allowance = getattr(s, "draft_allowance", None)
+    if allowance:  # load-adaptive speculation: one series per draft length chosen
+        name = "apar_spec_draft_allowance_steps_total"
+        lines += [f"# HELP {name} decode steps by draft nodes per branch chosen", f"# TYPE {name} counter"]
+        lines += [f'{name}{{drafts="{k}"}} {n}' for k, n in sorted(allowance.items())]
     return "\n".join(lines) + "\n"
 
 
