@@ -54,7 +54,7 @@ from typing import Any, Optional
 import torch
 from transformers import AttentionInterface
 
-from apar_spec.decoding.tree_cache import ForwardResult, _Row, check_supported, full_attention_cache
+from apar_spec.decoding.tree_cache import ForwardResult, NodeScheduler, _Row, check_supported, full_attention_cache
 
 PAGED_ATTENTION = "apar_paged_tree"
 
@@ -172,7 +172,7 @@ class _PagedRow(_Row):
     vis: Optional[torch.Tensor] = None  # [capacity, capacity] bool, local slots; vis[s, t]: s sees t
 
 
-class PagedTreeCache:
+class PagedTreeCache(NodeScheduler):
     """KV cache of one model for ``num_rows`` token trees (one per request), paged (module docstring).
 
     The same interface as ``TreeCache`` (``add``, ``add_chain``, ``forward``, ``compact``,
@@ -222,25 +222,7 @@ class PagedTreeCache:
         garbage = held - sum(live_counts)
         return garbage > 0 and garbage >= min(threshold, PAGED_COMPACT_SHARE) * held
 
-    # ----------------------------------------------------------------- nodes
-    def add(self, row: int, token: int, parent: int) -> int:
-        """Schedule a node (token under ``parent``; -1 = first prompt token) for the next forward."""
-        r = self.rows[row]
-        node = len(r.parent)
-        r.parent.append(parent)
-        r.pos.append(0 if parent < 0 else r.pos[parent] + 1)
-        r.slot_of.append(-1)
-        r.scheduled.append((node, token))
-        return node
-
-    def add_chain(self, row: int, tokens: list[int], parent: int) -> list[int]:
-        """Schedule a chain of nodes, each under the previous one."""
-        nodes = []
-        for t in tokens:
-            parent = self.add(row, t, parent)
-            nodes.append(parent)
-        return nodes
-
+    # ----------------------------------------------------------------- slots
     def _alloc(self, n: int) -> list[int]:
         """``n`` pool slots: freed ones first, then never-used ones (growing the pool if needed)."""
         take = min(n, len(self.free))

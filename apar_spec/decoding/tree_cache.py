@@ -134,6 +134,32 @@ class _Row:
     scheduled: list[tuple[int, int]] = field(default_factory=list)  # (node, token) for the next forward
 
 
+class NodeScheduler:
+    """Scheduling nodes on rows of ``_Row`` bookkeeping: what both cache layouts share
+    (``TreeCache`` here, ``PagedTreeCache`` in ``paged_cache.py``); node ids never depend on
+    the layout."""
+
+    rows: list[Any]
+
+    def add(self, row: int, token: int, parent: int) -> int:
+        """Schedule a node (token under ``parent``; -1 = first prompt token) for the next forward."""
+        r = self.rows[row]
+        node = len(r.parent)
+        r.parent.append(parent)
+        r.pos.append(0 if parent < 0 else r.pos[parent] + 1)
+        r.slot_of.append(-1)
+        r.scheduled.append((node, token))
+        return node
+
+    def add_chain(self, row: int, tokens: list[int], parent: int) -> list[int]:
+        """Schedule a chain of nodes, each under the previous one."""
+        nodes = []
+        for t in tokens:
+            parent = self.add(row, t, parent)
+            nodes.append(parent)
+        return nodes
+
+
 @dataclass
 class ForwardResult:
     """Logits of the nodes computed by one forward, addressed by (row, node)."""
@@ -156,7 +182,7 @@ class ForwardResult:
         return self.logits[0 if self.packed else row, cols]
 
 
-class TreeCache:
+class TreeCache(NodeScheduler):
     """KV cache of one model for ``num_rows`` token trees (one per request), padded: the plain
     reference layout (``PagedTreeCache`` in ``paged_cache.py`` is the one without padding)."""
 
@@ -214,24 +240,6 @@ class TreeCache:
         grown = torch.zeros(len(self.rows), new_cap, new_cap, dtype=torch.bool, device=self.device)
         grown[:, : self._n, : self._n] = self.vis
         self._vis = grown
-
-    def add(self, row: int, token: int, parent: int) -> int:
-        """Schedule a node (token under ``parent``; -1 = first prompt token) for the next forward."""
-        r = self.rows[row]
-        node = len(r.parent)
-        r.parent.append(parent)
-        r.pos.append(0 if parent < 0 else r.pos[parent] + 1)
-        r.slot_of.append(-1)
-        r.scheduled.append((node, token))
-        return node
-
-    def add_chain(self, row: int, tokens: list[int], parent: int) -> list[int]:
-        """Schedule a chain of nodes, each under the previous one."""
-        nodes = []
-        for t in tokens:
-            parent = self.add(row, t, parent)
-            nodes.append(parent)
-        return nodes
 
     # --------------------------------------------------------------- forward
     @torch.inference_mode()
