@@ -152,3 +152,14 @@ def test_engine_builds_its_planner_from_measured_costs():
     assert h.result(0).token_ids and sum(engine.stats.draft_allowance.values()) > 0
     plain = Engine(MODEL, TOK, mode="apar", max_new_tokens=20, load_adaptive=True)
     assert plain.decoder.planner is None  # nothing to plan without a speculator
+
+
+def test_batch_costs_interpolate_and_survive_the_cost_file():
+    c = _costs({4: {1: 0.04, 9: 0.12}, 8: {1: 0.06, 9: 0.2}})
+    assert c.batch_cost(4, 5) == pytest.approx(0.08)  # halfway between 1 and 9 new nodes
+    assert c.batch_cost(6, 1) == pytest.approx(0.05)  # halfway between 4 and 8 requests
+    assert c.batch_cost(16, 1) == pytest.approx(0.10)  # linear past the largest batch measured
+    assert c.batch_cost(2, 1) == pytest.approx(0.02)  # below the smallest: in proportion
+    assert ModelCosts.from_dict(c.to_dict()).batch == c.batch
+    no_table = _costs({})
+    assert no_table.batch_cost(4, 2) == pytest.approx(no_table.forward_cost(8))  # the one-row curve at 8 nodes
