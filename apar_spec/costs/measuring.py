@@ -144,15 +144,13 @@ class _ForwardBench:
     """A ``TreeCache`` of ``rows`` rows holding ``context`` random prompt tokens each, on which
     a pass with ``n`` new chained nodes per row is timed, then dropped again (``compact``)."""
 
-    def __init__(self, model, context: int, rows: int, gen: torch.Generator, target: bool = True):
+    def __init__(self, model, context: int, rows: int, gen: torch.Generator, target: bool = True, layout: str = "auto"):
         from apar_spec.decoding.paged_cache import new_cache
-        from apar_spec.options import DecodeOptions
 
         self.model, self.rows, self.gen = model, rows, gen
         self.vocab = model.config.vocab_size
         # the layout and attention the decoder gives a target (a draft model keeps the padded one)
-        layout = DecodeOptions.kv_layout if target else "padded"
-        self.tc = new_cache(model, rows, layout, gqa_attention=target)
+        self.tc = new_cache(model, rows, layout if target else "padded", gqa_attention=target)
         self.prefix = [self.tc.add_chain(r, self._ids(context), -1) for r in range(rows)]
         with torch.inference_mode():
             self.tc.forward()
@@ -187,7 +185,7 @@ def measure_batch(
     feeds hundreds of nodes, so it takes fewer rounds than the one-row curve (at most 5)."""
     max_pos = getattr(model.config, "max_position_embeddings", None) or 4096
     context = max(8, min(BATCH_CONTEXT, max_pos - max(BATCH_NEW) - 8))
-    benches = {r: _ForwardBench(model, context, r, gen) for r in rows}
+    benches = {r: _ForwardBench(model, context, r, gen, layout="paged") for r in rows}  # the engine's layout
     jobs: dict = {("batch", r, n): (lambda b=benches[r], n=n: b.time(n)) for r in rows for n in BATCH_NEW}
     t = _timed_rounds(jobs, min(repeats, 5), 1, progress, f"{label} passes by batch size")
     return {r: {n: t[("batch", r, n)] for n in BATCH_NEW} for r in rows}

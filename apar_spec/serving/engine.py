@@ -252,6 +252,8 @@ class Engine:
         opts = DecodeOptions.build(**{**model_decode_defaults(model), **options})
         if opts.max_branch_tokens is None:
             opts.max_branch_tokens = opts.max_new_tokens
+        if opts.kv_layout == "auto":  # rows join and leave the running batch: the paged layout
+            opts.kv_layout = "paged"
         self.model, self.tokenizer, self.mode, self.opts = model, tokenizer, mode, opts
         self.kv_budget = kv_budget
         self.apar = find_apar_tokens(tokenizer) if tokenizer is not None else None
