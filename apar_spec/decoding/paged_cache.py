@@ -257,7 +257,6 @@ class PagedTreeCache(NodeScheduler):
         # ancestors and itself (a small [s, s] block: a chain's is triangular)
         anchor: list[int] = []  # per new node: local slot of its nearest cached ancestor, -1 for none
         new_parent: list[int] = []  # per new node: index of its parent among the new nodes, -1 if cached
-        chain = True
         for j, (node, _) in enumerate(r.scheduled):
             parent = r.parent[node]
             local = r.slot_of[parent] if parent >= 0 else -1
@@ -269,7 +268,6 @@ class PagedTreeCache(NodeScheduler):
             else:
                 new_parent.append(-1)
                 anchor.append(local)
-            chain = chain and new_parent[-1] == j - 1 if j else chain
             r.slot_of[node] = base + j
         if base:
             has = [a >= 0 for a in anchor]
@@ -279,7 +277,7 @@ class PagedTreeCache(NodeScheduler):
                 if not all(has):
                     old &= torch.tensor(has, dtype=torch.bool, device=self.device)[:, None]
                 vis[base:total, :base] = old
-        if chain and all(p == j - 1 for j, p in enumerate(new_parent) if j):
+        if all(p == j - 1 for j, p in enumerate(new_parent) if j):  # a chain (a prompt, a pending token + drafts)
             block = torch.ones(s, s, dtype=torch.bool, device=self.device).tril_()
         else:
             sees: list[int] = []  # bitmask of new nodes each new node sees
