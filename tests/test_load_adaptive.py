@@ -163,3 +163,30 @@ def test_batch_costs_interpolate_and_survive_the_cost_file():
     assert ModelCosts.from_dict(c.to_dict()).batch == c.batch
     no_table = _costs({})
     assert no_table.batch_cost(4, 2) == pytest.approx(no_table.forward_cost(8))  # the one-row curve at 8 nodes
+
+
+class FullPlanner(RandomPlanner):
+    def allowance(self, rows: int, branches: int) -> int:
+        self.seen.append(self.size)
+        return self.size
+
+
+def test_the_full_allowance_drafts_exactly_what_no_planner_drafts():
+    """A union drafts past the shape (its n-gram chain): when drafting pays in full, nothing is cut."""
+    proc, prompts = fork_processor(), [[1, 9, 10, 11, 9, 10], [1, 20, 21, 20, 21]]
+    drafted = {}
+    for planned in (False, True):
+        engine = Engine(
+            MODEL,
+            TOK,
+            mode="apar+spec",
+            draft=_spec("union"),
+            max_new_tokens=30,
+            tree="topk:2x2",
+            logits_processor=proc,
+            load_adaptive=FullPlanner(parse_tree("topk:2x2").size, 0) if planned else False,
+        )
+        handles = [engine.submit(p, 30) for p in prompts]
+        engine.run_until_idle()
+        drafted[planned] = [(h.result(0).token_ids, h.result(0).stats.drafted) for h in handles]
+    assert drafted[True] == drafted[False]

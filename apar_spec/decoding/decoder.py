@@ -131,14 +131,16 @@ class Decoder:
         admitting and retiring requests (continuous batching)."""
         self.activate(live)
         allowance = self.last_allowance = self.plan(live)
-        views = self.views(live, allowance)
+        # the planner's full allowance cuts nothing (a union's extra chains stay whole)
+        cut = None if allowance is None or allowance >= self.widest_shape.size else allowance
+        views = self.views(live, cut)
         if allowance == 0:  # drafting does not pay at this load: a plain step
             catch_up = getattr(self.spec, "catch_up", None)  # a draft LM keeps its cache level with the tree
             if catch_up is not None:
                 catch_up(views)
             proposal = Proposal([[] for _ in views], [None for _ in views], [[] for _ in views])
         else:
-            proposal = self.propose(views, allowance)
+            proposal = self.propose(views, cut)
         fed, result = self.verify(tc, live, views, proposal)
         paths = self.accept_and_commit(live, views, proposal, fed, result)
         if self.spec is not None:
