@@ -100,28 +100,24 @@ def test_cli_json_and_input_errors(tmp_path):
     doc = json.loads(res.stdout)
     assert doc["rows"][0]["completed"] == 2 and doc["rows"][0]["rate"] == "inf"
     assert len(out.read_text().splitlines()) == 1
-    for args, fragment in (
-        (["--rates", "0"], "--rates"),
-        (["-n", "0"], "--num-requests"),
-        (["--kv-budget", "0"], "--kv-budget"),
-        (["--modes", "beam"], "beam"),
-        (["--rates", "nan"], "--rates"),
-        (["--rates", "-1"], "--rates"),
-        (["--threads", "0"], "--threads"),
-        (["--timeout", "nan"], "--timeout"),
-        (["--url", "localhost:8000"], "not a URL"),
-        (["--url", "a=http://x:1", "--url", "a=http://y:2"], "distinct"),
+    for command, args, fragment in (
+        ("load-bench", ["--rates", "0"], "--rates"),
+        ("load-bench", ["-n", "0"], "--num-requests"),
+        ("load-bench", ["--kv-budget", "0"], "--kv-budget"),
+        ("load-bench", ["--modes", "beam"], "beam"),
+        ("load-bench", ["--rates", "nan"], "--rates"),
+        ("load-bench", ["--rates", "-1"], "--rates"),
+        ("load-bench", ["--threads", "0"], "--threads"),
+        ("load-bench", ["--timeout", "nan"], "--timeout"),
+        ("load-bench", ["--url", "localhost:8000"], "not a URL"),
+        ("load-bench", ["--url", "a=http://x:1", "--url", "a=http://y:2"], "distinct"),
+        ("serve", ["--kv-budget", "-5"], "--kv-budget"),
+        ("serve", ["--threads", "0"], "--threads"),
+        ("serve", ["--upstream", ","], "--upstream"),
+        ("serve", ["--upstream", "localhost:8100"], "http://"),
+        ("serve", ["--upstream", "http://127.0.0.1:9", "--kv-budget", "100"], "--kv-budget"),
     ):
-        res = runner.invoke(app, ["load-bench", *args])
-        assert res.exit_code == 2 and res.stderr.startswith("Error: ") and fragment in res.stderr, (args, res.output)
-    for args, fragment in (
-        (["--kv-budget", "-5"], "--kv-budget"),
-        (["--threads", "0"], "--threads"),
-        (["--upstream", ","], "--upstream"),
-        (["--upstream", "localhost:8100"], "http://"),
-        (["--upstream", "http://127.0.0.1:9", "--kv-budget", "100"], "--kv-budget"),
-    ):
-        res = runner.invoke(app, ["serve", *args])
+        res = runner.invoke(app, [command, *args])
         assert res.exit_code == 2 and res.stderr.startswith("Error: ") and fragment in res.stderr, (args, res.output)
     res = runner.invoke(app, ["serve", "--mode", "beam"])
     assert res.exit_code == 2 and "unknown mode" in res.stderr

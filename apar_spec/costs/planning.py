@@ -42,11 +42,6 @@ PRIOR_WEIGHT = 16.0
 REFRESH_EVERY = 64
 
 
-def prefix_shape(shape: TreeShape, n: int) -> Optional[TreeShape]:
-    """``shape.prefix(n)``: the first ``n`` nodes in layout order; None for 0."""
-    return shape.prefix(n)
-
-
 @dataclass
 class StepPlanner:
     """Chooses, per step, how many draft nodes each branch may verify (see the module docstring).
@@ -93,7 +88,7 @@ class StepPlanner:
 
     def cost(self, rows: int, branches: int, n: int, profile: Profile) -> float:
         """Seconds of a step where each of ``branches`` branches (in ``rows`` requests) verifies ``n`` drafts."""
-        shape = prefix_shape(self.shape, n)
+        shape = self.shape.prefix(n)
         per_row = branches * (1 + n) / max(rows, 1)
         total = self.target.batch_cost(rows, per_row) + self.target.overhead(branches, branches * n)
         if shape is not None:
@@ -112,7 +107,7 @@ class StepPlanner:
         profile = self.profile()
         best, best_rate = 0, 0.0
         for n in range(self.shape.size + 1):
-            shape = prefix_shape(self.shape, n)
+            shape = self.shape.prefix(n)
             tokens = branches * ((expected_accepted(shape, profile) if shape is not None else 0.0) + 1.0)
             rate = tokens / self.cost(rows, branches, n, profile)
             if rate > best_rate * (1 + 1e-9):  # ties: the smaller allowance

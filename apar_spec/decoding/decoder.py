@@ -93,6 +93,10 @@ class Decoder:
                 "tree='auto' must be resolved by the cost model before decoding; give a shape such as 'topk:2x3'"
             )
         self.shape: Optional[TreeShape] = None if opts.tree is None else parse_tree(opts.tree)
+        # the most one branch drafts in a step: the tree asked, else the longest chain
+        self.widest_shape: TreeShape = self.shape or chain(
+            opts.max_draft_tokens if opts.adaptive_draft else opts.num_draft_tokens
+        )
         self.wants_hidden = bool(getattr(speculator, "needs_hidden", False))
         # (router, threshold) where prompts are routed, else None (DecodeOptions.fork_gate)
         self.gate = gate_of(model, opts.fork_gate) if self.fork_enabled else None
@@ -225,24 +229,20 @@ class Decoder:
 
     def views(self, live: list[Request], allowance: Optional[int] = None) -> list[BranchView]:
         out = []
+        cut: dict[TreeShape, TreeShape] = {}  # shape -> the planner's prefix of it, built once a step
         for r in live:
             for b in r.branches:
                 if b.active:
                     ctx = r.context(b) if self.spec is not None else []
                     shape = self.shape_of(b)
                     if allowance:  # the planner's prefix of it (shallowest, likeliest nodes)
-                        shape = shape.prefix(allowance) or shape
+                        if shape not in cut:
+                            cut[shape] = shape.prefix(allowance) or shape
+                        shape = cut[shape]
                     out.append(
                         BranchView(r.index, b.id, b.parent, b.fork_index, b.tokens, ctx, shape.depth, shape, b.hidden)
                     )
         return out
-
-    @property
-    def widest_shape(self) -> TreeShape:
-        """The most one branch drafts in a step: the tree asked, else the longest chain."""
-        if self.shape is not None:
-            return self.shape
-        return chain(self.opts.max_draft_tokens if self.opts.adaptive_draft else self.opts.num_draft_tokens)
 
     def shape_of(self, b: Branch) -> TreeShape:
         """The draft tree asked of branch ``b``: the option's shape, else a chain of its k."""
@@ -354,7 +354,7 @@ class Decoder:
         cols = torch.zeros(n, n_max, dtype=torch.long)
         for i, (v, nodes) in enumerate(zip(views, fed)):
             row = by_index[v.request].row
-            rows[i] = 0 if result.packed else row
+            rows[i] = result.entry(row)
             cols[i, : len(nodes)] = torch.tensor([result.column[row][m] for m in nodes])
         rows, cols = rows.to(device), cols.to(device)
         raw = result.logits[rows, cols]  # [branches, n_max, V]

@@ -411,10 +411,6 @@ class PagedTreeCache(NodeScheduler):
         return ForwardResult(logits, column, attended, states, packed=True)
 
     # --------------------------------------------------------------- garbage
-    def garbage(self, live: list[set[int]]) -> int:
-        """Held slots that hold no live node (what a compaction frees)."""
-        return self.held_slots - sum(len(nodes) for nodes in live)
-
     @torch.inference_mode()
     def compact(self, live: list[set[int]]) -> None:
         """Keep only the slots of ``live[row]`` nodes; the others go back to the pool.

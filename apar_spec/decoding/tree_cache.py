@@ -172,14 +172,18 @@ class ForwardResult:
     # holds packed positions, so every row's nodes live in batch entry 0
     packed: bool = False
 
+    def entry(self, row: int) -> int:
+        """The batch entry of ``logits``/``hidden`` that holds ``row``'s nodes."""
+        return 0 if self.packed else row
+
     def at(self, row: int, node: int) -> tuple[int, int]:
         """Where ``node`` of ``row`` sits in ``logits``/``hidden``: (batch entry, position)."""
-        return (0 if self.packed else row), self.column[row][node]
+        return self.entry(row), self.column[row][node]
 
     def of(self, row: int, nodes: list[int]) -> torch.Tensor:
         """Logits of ``nodes`` of ``row``: ``[len(nodes), vocab]``."""
         cols = [self.column[row][n] for n in nodes]
-        return self.logits[0 if self.packed else row, cols]
+        return self.logits[self.entry(row), cols]
 
 
 class TreeCache(NodeScheduler):
